@@ -1,0 +1,40 @@
+"""What the pruning callbacks did during a fit, kept on the model so other callbacks can read it.
+
+Paddle's callbacks do not see each other; the sensitivity and pruning callbacks publish here and
+PruneVisualDL (or a user) reads from here. Plain data only.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, List, Optional
+
+from ..plan import PrunePlan
+from ..sensitivity import SensitivityResult
+
+_ATTR = "_prune_history"
+
+
+@dataclass(frozen=True)
+class PruneEvent:
+    """One pruning step: at the end of `epoch`'s training, `plan` was applied aiming at `target`."""
+
+    epoch: int
+    step: int
+    target: float
+    plan: PrunePlan
+
+
+@dataclass
+class PruneHistory:
+    sensitivity: Optional[SensitivityResult] = None
+    sensitivity_epoch: Optional[int] = None
+    events: List[PruneEvent] = field(default_factory=list)
+
+
+def history_of(model: Any) -> PruneHistory:
+    """The PruneHistory attached to a paddle.Model (created empty on first use)."""
+    hist = getattr(model, _ATTR, None)
+    if hist is None:
+        hist = PruneHistory()
+        setattr(model, _ATTR, hist)
+    return hist

@@ -1,0 +1,124 @@
+"""Plain-data records of a pruning step: which channels each group kept, and what it cost.
+
+A plan is produced by the pruner and consumed by the optimizer rebuild, the loggers and `io`.
+It never holds a reference to a live network, so it can be saved as JSON and re-applied.
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, Mapping, Tuple
+
+PLAN_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class GroupPlan:
+    """What one coupled-channel group keeps.
+
+    Args:
+        name: the group's name (layer path of its leading conv).
+        channels: channel count of the group before this step.
+        kept: indices (in the group's channel order) that stay.
+        removed: indices that go.
+    """
+
+    name: str
+    channels: int
+    kept: Tuple[int, ...]
+    removed: Tuple[int, ...]
+
+    @property
+    def ratio(self) -> float:
+        return len(self.removed) / self.channels if self.channels else 0.0
+
+
+@dataclass(frozen=True)
+class PrunePlan:
+    """The record of one pruning step over a network.
+
+    `param_slices` maps a parameter's structured name (its `state_dict` key) to the kept
+    indices per axis; the optimizer rebuild uses it to slice optimizer state the same way.
+    """
+
+    groups: Tuple[GroupPlan, ...]
+    flops_before: int
+    flops_after: int
+    params_before: int
+    params_after: int
+    input_shape: Tuple[int, ...]
+    criterion: str = "l1"
+    param_slices: Mapping[str, Mapping[int, Tuple[int, ...]]] = field(default_factory=dict)
+
+    @property
+    def pruned_flops(self) -> float:
+        """Share of FLOPs removed by this step (PaddleSlim's `plan.pruned_flops`)."""
+        return 1.0 - self.flops_after / self.flops_before if self.flops_before else 0.0
+
+    @property
+    def pruned_params(self) -> float:
+        return 1.0 - self.params_after / self.params_before if self.params_before else 0.0
+
+    @property
+    def ratios(self) -> Dict[str, float]:
+        return {g.name: g.ratio for g in self.groups}
+
+    def to_dict(self) -> Dict[str, Any]:
+        d = asdict(self)
+        d["format"] = PLAN_FORMAT
+        d["param_slices"] = {
+            k: {str(ax): list(idx) for ax, idx in v.items()} for k, v in self.param_slices.items()
+        }
+        return d
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> "PrunePlan":
+        if d.get("format") != PLAN_FORMAT:
+            raise ValueError(
+                f"unsupported plan format {d.get('format')!r} (this version reads {PLAN_FORMAT})"
+            )
+        groups = tuple(
+            GroupPlan(g["name"], int(g["channels"]), tuple(g["kept"]), tuple(g["removed"]))
+            for g in d["groups"]
+        )
+        slices = {
+            k: {int(ax): tuple(idx) for ax, idx in v.items()}
+            for k, v in d.get("param_slices", {}).items()
+        }
+        return cls(
+            groups=groups,
+            flops_before=int(d["flops_before"]),
+            flops_after=int(d["flops_after"]),
+            params_before=int(d["params_before"]),
+            params_after=int(d["params_after"]),
+            input_shape=tuple(d["input_shape"]),
+            criterion=d.get("criterion", "l1"),
+            param_slices=slices,
+        )
+
+    def save(self, path: str) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str) -> "PrunePlan":
+        with open(path, encoding="utf-8") as f:
+            return cls.from_dict(json.load(f))
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Write JSON to `path` through a temp file and a rename, so a kill never leaves half a file."""
+    directory = os.path.dirname(os.path.abspath(path))
+    os.makedirs(directory, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-", suffix=".json", dir=directory)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
