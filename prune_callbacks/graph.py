@@ -1,0 +1,883 @@
+"""Trace a paddle.nn.Layer into groups of coupled channels.
+
+We read the PIR program that `paddle.jit.to_static` builds (every op with its attributes and static
+shapes) and follow "channel ids" through it: each producer (conv, linear) mints one id per output
+channel; every op says how ids flow from its inputs to its outputs (an op handler registry).
+Residual adds union ids, concats lay them side by side, reshapes move them. Anything an op handler
+does not understand blocks the ids it touches, so their groups are never pruned. This module only
+reads the network; it never changes a parameter.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import paddle
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Channel ids: each value carries an int array of its (batch-1) shape, compressed so that axes
+# along which the ids are constant have size 1. Ids are joined by a union-find.
+# ---------------------------------------------------------------------------------------------
+
+
+class _UnionFind:
+    def __init__(self) -> None:
+        self.parent: List[int] = []
+
+    def fresh(self, n: int) -> np.ndarray:
+        start = len(self.parent)
+        self.parent.extend(range(start, start + n))
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def find(self, i: int) -> int:
+        parent = self.parent
+        root = i
+        while parent[root] != root:
+            root = parent[root]
+        while parent[i] != root:
+            parent[i], i = root, parent[i]
+        return root
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
+        for x, y in pairs.T.tolist():
+            rx, ry = self.find(x), self.find(y)
+            if rx != ry:
+                # keep the smaller id as root so class order follows program order
+                if rx < ry:
+                    self.parent[ry] = rx
+                else:
+                    self.parent[rx] = ry
+
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        flat = [self.find(i) for i in ids.ravel().tolist()]
+        return np.asarray(flat, dtype=np.int64).reshape(ids.shape)
+
+
+def _compress(ids: np.ndarray) -> np.ndarray:
+    """Shrink every axis along which `ids` is constant to size 1."""
+    for ax in range(ids.ndim):
+        if ids.shape[ax] > 1:
+            first = np.take(ids, [0], axis=ax)
+            if np.array_equal(np.broadcast_to(first, ids.shape), ids):
+                ids = first
+    return ids
+
+
+def _expand(ids: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    return np.ascontiguousarray(np.broadcast_to(ids, tuple(shape)))
+
+
+@dataclass
+class _Val:
+    """What the tracer knows about one PIR value."""
+
+    shape: Tuple[int, ...] = ()
+    ids: Optional[np.ndarray] = None  # compressed channel ids, same ndim as shape
+    param: Optional[str] = None  # paddle parameter name when the value is a parameter
+    const: Any = None  # python value of a constant (full, full_int_array)
+    items: Optional[List["_Val"]] = None  # builtin.combine / split vectors
+    split_axis: Optional[int] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Records the tracer leaves behind
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class MemberRec:
+    """A parameter slice whose index i along `axis` carries channel id `ids[i]`.
+
+    For grouped convolutions (`blocks > 1`, axis 1 of the weight) `ids` has shape
+    [blocks, in_per_block]: row k lists the input channels seen by output block k.
+    """
+
+    param: str  # paddle parameter name
+    axis: int
+    ids: np.ndarray
+    role: str  # "out" (producer), "in" (consumer), "norm" (per-channel affine), "pass" (depthwise)
+    blocks: int = 1
+
+
+@dataclass
+class SourceRec:
+    """Fresh ids minted by one op (a producer layer, the input, or an op we cannot follow)."""
+
+    ids: np.ndarray
+    param: Optional[str]  # the producing weight, None for the input or unknown ops
+    blocked: Optional[str] = None  # reason, when these channels must never be pruned
+
+
+@dataclass
+class MacRec:
+    """One conv/linear op for FLOPs counting: MACs = out * in_per_group * kernel * spatial."""
+
+    param: str
+    out_ids: np.ndarray  # ids of output channels (1-D)
+    in_ids: np.ndarray  # ids of input channels (1-D, or [blocks, per_block] for grouped)
+    kernel: int
+    spatial: int
+    kind: str  # "dense", "grouped", "depthwise"
+
+
+class TraceState:
+    """Mutable state the op handlers work on."""
+
+    def __init__(self) -> None:
+        self.uf = _UnionFind()
+        self.vals: Dict[str, _Val] = {}
+        self.members: List[MemberRec] = []
+        self.sources: List[SourceRec] = []
+        self.blocks: List[Tuple[np.ndarray, str]] = []
+        self.macs: List[MacRec] = []
+        self.partitions: List[np.ndarray] = []  # [blocks, per_block] id arrays to split equally
+        self.param_elems: Dict[str, np.ndarray] = {}  # param name -> element ids (full shape)
+        self.unknown_ops: Dict[str, int] = {}
+        self.param_shapes: Dict[str, Tuple[int, ...]] = {}
+
+    # -- helpers for handlers -----------------------------------------------------------------
+    def fresh(self, n: int) -> np.ndarray:
+        return self.uf.fresh(n)
+
+    def block(self, ids: Optional[np.ndarray], reason: str) -> None:
+        if ids is not None and ids.size:
+            self.blocks.append((np.unique(ids), reason))
+
+    def ids_of(self, v: _Val) -> Optional[np.ndarray]:
+        """Channel ids of a value; a parameter gets one id per element, minted on first use."""
+        if v.ids is None and v.param is not None:
+            if v.param not in self.param_elems:
+                n = int(np.prod(v.shape)) if v.shape else 1
+                self.param_elems[v.param] = self.fresh(n).reshape(v.shape)
+            v.ids = _compress(self.param_elems[v.param])
+        return v.ids
+
+    def channel_ids(self, v: _Val, axis: int) -> Optional[np.ndarray]:
+        """1-D ids along `axis` if they are constant along every other axis, else None."""
+        ids = self.ids_of(v)
+        if ids is None:
+            return None
+        other = [ax for ax in range(ids.ndim) if ax != axis]
+        if any(ids.shape[ax] != 1 for ax in other):
+            return None
+        return _expand(ids.reshape(-1), (v.shape[axis],)).copy()
+
+
+OpHandler = Callable[[TraceState, Any, List[_Val], List[_Val]], None]
+_OP_HANDLERS: Dict[str, OpHandler] = {}
+
+
+def register_op(*names: str) -> Callable[[OpHandler], OpHandler]:
+    """Register how channel ids flow through PIR ops named `names` (without the `pd_op.` prefix).
+
+    A handler gets the trace state, the op, its input values and its output values (fill in
+    `out.ids`). Examples:
+        >>> @register_op("my_pointwise_op")
+        ... def _(state, op, ins, outs):
+        ...     outs[0].ids = state.ids_of(ins[0])
+    """
+
+    def deco(fn: OpHandler) -> OpHandler:
+        for n in names:
+            _OP_HANDLERS[n] = fn
+        return fn
+
+    return deco
+
+
+def _op_key(name: str) -> str:
+    short = name.split(".", 1)[1] if name.startswith(("pd_op.", "builtin.")) else name
+    if name.startswith("builtin."):
+        return "builtin." + short
+    return short[:-1] if short.endswith("_") and short[:-1] in _OP_HANDLERS else short
+
+
+# ---------------------------------------------------------------------------------------------
+# Op handlers
+# ---------------------------------------------------------------------------------------------
+
+_POINTWISE = (
+    "relu relu6 sigmoid hardswish hardsigmoid swish silu gelu tanh leaky_relu elu selu mish "
+    "softplus dropout scale cast assign clip abs exp sqrt square pow floor ceil round sign "
+    "hard_tanh hardtanh celu logsigmoid tanh_shrink softsign thresholded_relu relu_ "
+    "batch_norm_stats_placeholder"
+).split()
+
+
+@register_op(*_POINTWISE)
+def _pointwise(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    outs[0].ids = state.ids_of(ins[0])
+
+
+@register_op("full", "full_int_array", "full_like", "shape", "shape64", "arange", "assign_value",
+             "zeros_like", "ones_like", "builtin.constant")
+def _constant(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    attrs = op.attrs()
+    for o in outs:
+        o.const = attrs.get("value")
+
+
+@register_op("data")
+def _data(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    out = outs[0]
+    if len(out.shape) >= 2:
+        ids = state.fresh(out.shape[1]).reshape((1, -1) + (1,) * (len(out.shape) - 2))
+    else:
+        ids = state.fresh(1).reshape((1,) * len(out.shape))
+    out.ids = ids
+    state.sources.append(SourceRec(ids.ravel(), None, blocked="input channels are never pruned"))
+
+
+@register_op("builtin.combine")
+def _combine(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    outs[0].items = list(ins)
+
+
+def _channel_axis(op: Any, ndim: int) -> int:
+    fmt = op.attrs().get("data_format", "NCHW")
+    return ndim - 1 if fmt in ("NHWC", "NDHWC", "NLC") else 1
+
+
+@register_op("conv2d", "depthwise_conv2d")
+def _conv(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    x, w, out = ins[0], ins[1], outs[0]
+    if w.param is None:
+        _unknown(state, op, ins, outs, why="conv2d with a non-parameter filter")
+        return
+    ax = _channel_axis(op, len(x.shape))
+    groups = int(op.attrs().get("groups", 1))
+    c_in, c_out = x.shape[ax], out.shape[ax]
+    in_ids = state.channel_ids(x, ax)
+    kernel = int(np.prod(w.shape[2:]))
+    spatial = int(np.prod([s for i, s in enumerate(out.shape) if i not in (0, ax)]))
+    shape = [1] * len(out.shape)
+    shape[ax] = c_out
+    if in_ids is None:
+        state.block(state.ids_of(x), f"conv input {w.param} mixes channels across positions")
+        in_ids = state.fresh(c_in)
+        state.sources.append(SourceRec(in_ids, None, blocked="unknown channel layout"))
+    if groups == 1:
+        out_ids = state.fresh(c_out)
+        state.sources.append(SourceRec(out_ids, w.param))
+        state.members.append(MemberRec(w.param, 0, out_ids, "out"))
+        state.members.append(MemberRec(w.param, 1, in_ids, "in"))
+        state.macs.append(MacRec(w.param, out_ids, in_ids, kernel, spatial, "dense"))
+    elif groups == c_in and c_out % c_in == 0:
+        mult = c_out // c_in
+        out_ids = np.repeat(in_ids, mult)
+        state.members.append(MemberRec(w.param, 0, out_ids, "pass"))
+        state.macs.append(MacRec(w.param, out_ids, in_ids[:1], kernel, spatial, "depthwise"))
+    else:
+        out_ids = state.fresh(c_out)
+        state.sources.append(SourceRec(out_ids, w.param))
+        blocks_in = in_ids.reshape(groups, c_in // groups)
+        state.members.append(MemberRec(w.param, 0, out_ids, "out"))
+        state.members.append(MemberRec(w.param, 1, blocks_in, "in", blocks=groups))
+        state.partitions.append(blocks_in)
+        state.partitions.append(out_ids.reshape(groups, c_out // groups))
+        state.macs.append(MacRec(w.param, out_ids, blocks_in, kernel, spatial, "grouped"))
+    out.ids = out_ids.reshape(shape)
+
+
+@register_op("batch_norm", "batch_norm_", "sync_batch_norm", "sync_batch_norm_", "instance_norm")
+def _norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    x = ins[0]
+    ax = _channel_axis(op, len(x.shape))
+    ids = state.channel_ids(x, ax)
+    params = [v.param for v in ins[1:] if v.param is not None]
+    if ids is None:
+        _unknown(state, op, ins, outs, why="normalisation over a mixed channel layout")
+        return
+    for p in params:
+        state.members.append(MemberRec(p, 0, ids, "norm"))
+    outs[0].ids = state.ids_of(x)
+
+
+@register_op("matmul")
+def _matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    x, w, out = ins[0], ins[1], outs[0]
+    attrs = op.attrs()
+    if w.param is None or attrs.get("transpose_x", False) or len(w.shape) != 2:
+        _unknown(state, op, ins, outs, why="matmul of two activations")
+        return
+    in_axis = 1 if attrs.get("transpose_y", False) else 0
+    xi = state.ids_of(x)
+    if xi is None:
+        outs[0].ids = None
+        return
+    # ids along the last axis; constant along leading (batch/sequence) axes
+    if any(s != 1 for s in xi.shape[:-1]):
+        _unknown(state, op, ins, outs, why="linear input whose features vary across rows")
+        return
+    in_ids = _expand(xi.reshape(-1), (x.shape[-1],)).copy()
+    out_ids = state.fresh(out.shape[-1])
+    state.sources.append(SourceRec(out_ids, w.param))
+    state.members.append(MemberRec(w.param, 1 - in_axis, out_ids, "out"))
+    state.members.append(MemberRec(w.param, in_axis, in_ids, "in"))
+    rows = int(np.prod(out.shape[:-1]))
+    state.macs.append(MacRec(w.param, out_ids, in_ids, 1, rows, "dense"))
+    out.ids = out_ids.reshape((1,) * (len(out.shape) - 1) + (-1,))
+
+
+_ELEMENTWISE = "add subtract multiply divide maximum minimum elementwise_pow".split()
+
+
+@register_op(*_ELEMENTWISE)
+def _elementwise(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    out = outs[0]
+    nd = len(out.shape)
+    operands = []
+    for v in ins:
+        ids = state.ids_of(v)
+        if ids is None:
+            continue
+        pad = nd - ids.ndim
+        real = (1,) * pad + tuple(v.shape)
+        operands.append((ids.reshape((1,) * pad + ids.shape), real))
+    if not operands:
+        out.ids = None
+        return
+    # An operand of real size 1 along an axis is shared by every channel there: no coupling.
+    main_ids, main_real = max(operands, key=lambda t: int(np.prod(t[1])))
+    for ids, real in operands:
+        if ids is main_ids:
+            continue
+        main_spread = [ax for ax in range(nd) if main_real[ax] == 1 and real[ax] > 1]
+        other_spread = [ax for ax in range(nd) if real[ax] == 1 and main_real[ax] > 1]
+        if any(ids.shape[ax] > 1 for ax in main_spread):
+            _unknown(state, op, ins, outs, why="broadcast mixing channel axes")
+            return
+        if any(main_ids.shape[ax] > 1 for ax in other_spread):
+            continue  # one value shared across channels (a scalar gate, a spatial map)
+        joint = tuple(max(a, b) for a, b in zip(ids.shape, main_ids.shape))
+        state.uf.union_arrays(_expand(ids, joint), _expand(main_ids, joint))
+    out.ids = main_ids
+
+
+def _reshape_like(state: TraceState, x: _Val, out: _Val, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+    ids = state.ids_of(x)
+    if ids is None:
+        out.ids = None
+        return
+    full = _expand(ids, x.shape)
+    out.ids = _compress(fn(full).reshape(out.shape))
+
+
+_SHAPE_COMPUTED = ("forward code usually computes these sizes from the input's shape, so they "
+                   "would not follow a pruned channel count")
+
+
+def _varying_axes(ids: Optional[np.ndarray]) -> int:
+    return 0 if ids is None else sum(1 for s in ids.shape if s > 1)
+
+
+@register_op("reshape", "flatten", "squeeze", "unsqueeze", "view_shape")
+def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    _reshape_like(state, ins[0], outs[0], lambda a: a)
+    before, after = state.ids_of(ins[0]), outs[0].ids
+    if _varying_axes(after) > _varying_axes(before):  # a channel axis split in two (a shuffle)
+        state.block(before, f"reshape splits a channel axis; {_SHAPE_COMPUTED}")
+    target = ins[1].const if len(ins) > 1 else None
+    if _op_key(op.name()) == "reshape" and after is not None:
+        literal = target is None or any(
+            after.shape[ax] > 1 and target[ax] not in (-1, 0) for ax in range(len(target)))
+        if literal:  # a channel count written into the code (e.g. reshape(x, [-1, 2048]))
+            state.block(before, "reshape to a fixed channel count")
+
+
+@register_op("transpose")
+def _transpose(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    perm = list(op.attrs()["perm"])
+    _reshape_like(state, ins[0], outs[0], lambda a: np.transpose(a, perm))
+
+
+@register_op("pool2d", "max_pool2d_with_index", "lp_pool2d")
+def _pool(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    x = ins[0]
+    ax = _channel_axis(op, len(x.shape))
+    ids = state.ids_of(x)
+    if ids is not None and any(ids.shape[i] != 1 for i in range(ids.ndim) if i != ax):
+        _unknown(state, op, ins, outs, why="pooling over a mixed channel layout")
+        return
+    for o in outs:
+        o.ids = ids
+
+
+@register_op("mean", "sum", "max", "min", "amax", "amin", "logsumexp", "prod")
+def _reduce(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    x, out = ins[0], outs[0]
+    ids = state.ids_of(x)
+    if ids is None:
+        out.ids = None
+        return
+    axes = ins[1].const if len(ins) > 1 and ins[1].const is not None else op.attrs().get("axis", [])
+    axes = [axes] if isinstance(axes, int) else list(axes or range(len(x.shape)))
+    axes = sorted({a % len(x.shape) for a in axes})
+    if any(ids.shape[a] > 1 for a in axes):
+        _unknown(state, op, ins, outs, why="reduction across channels")
+        return
+    keep = [i for i in range(len(x.shape)) if i not in axes]
+    out.ids = ids if len(out.shape) == len(x.shape) else ids.reshape([ids.shape[i] for i in keep])
+
+
+@register_op("softmax", "log_softmax", "cumsum")
+def _axis_mixing(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    ids = state.ids_of(ins[0])
+    axis = op.attrs().get("axis", -1) % max(len(ins[0].shape), 1)
+    if ids is not None and ids.shape[axis] > 1:
+        _unknown(state, op, ins, outs, why=f"{_op_key(op.name())} across channels")
+        return
+    outs[0].ids = ids
+
+
+@register_op("concat")
+def _concat(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    parts, out = ins[0].items or [], outs[0]
+    axis = int(np.asarray(ins[1].const).ravel()[0]) % len(out.shape)
+    pieces = []
+    for p in parts:
+        ids = state.ids_of(p)
+        if ids is None:  # a constant slab: its channels belong to nobody and stay
+            ids = state.fresh(p.shape[axis]).reshape(
+                [p.shape[axis] if i == axis else 1 for i in range(len(p.shape))])
+            state.sources.append(SourceRec(ids.ravel(), None, blocked="constant input to concat"))
+        shape = list(out.shape)
+        shape[axis] = p.shape[axis]
+        pieces.append(_expand(ids, shape))
+    out.ids = _compress(np.concatenate(pieces, axis=axis))
+
+
+@register_op("split", "split_with_num")
+def _split(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    axis_val = ins[-1].const if ins[-1].const is not None else op.attrs().get("axis", 0)
+    axis = int(np.asarray(axis_val).ravel()[0]) % len(ins[0].shape)
+    outs[0].items = [ins[0]]
+    outs[0].split_axis = axis
+    ids = state.ids_of(ins[0])
+    if ids is not None and ids.shape[axis] > 1:
+        state.block(ids, f"split along channels; {_SHAPE_COMPUTED}")
+
+
+@register_op("builtin.split")
+def _unpack(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    src = ins[0]
+    if src.split_axis is None or not src.items:
+        if src.items and len(src.items) == len(outs):  # split of a combine: pass items through
+            for o, it in zip(outs, src.items):
+                o.ids = state.ids_of(it)
+            return
+        _unknown(state, op, ins, outs, why="unpacking an unknown vector")
+        return
+    x, axis = src.items[0], src.split_axis
+    ids = state.ids_of(x)
+    start = 0
+    for o in outs:
+        n = o.shape[axis]
+        if ids is not None:
+            o.ids = _compress(np.take(_expand(ids, [s if i == axis else ids.shape[i]
+                                                      for i, s in enumerate(x.shape)]),
+                                      range(start, start + n), axis=axis))
+        start += n
+
+
+@register_op("slice")
+def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    x, out = ins[0], outs[0]
+    attrs = op.attrs()
+    starts = ins[1].const if len(ins) > 1 else attrs.get("starts")
+    ends = ins[2].const if len(ins) > 2 else attrs.get("ends")
+    ids = state.ids_of(x)
+    if ids is None:
+        out.ids = None
+        return
+    if starts is None or ends is None or attrs.get("decrease_axis"):
+        _unknown(state, op, ins, outs, why="slice with dynamic bounds")
+        return
+    full = _expand(ids, x.shape)
+    index = [slice(None)] * len(x.shape)
+    for a, s, e in zip(attrs["axes"], starts, ends):
+        index[a] = slice(int(s), int(e))
+    out.ids = _compress(full[tuple(index)].reshape(out.shape))
+
+
+def _unknown(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val], why: str = "") -> None:
+    name = op.name()
+    state.unknown_ops[name] = state.unknown_ops.get(name, 0) + 1
+    reason = f"op {name} is not supported" + (f" ({why})" if why else "")
+    for v in ins:
+        for item in (v.items or [v]):
+            state.block(state.ids_of(item) if item.param is None else None, reason)
+    for o in outs:
+        if o.shape:
+            n = o.shape[1] if len(o.shape) >= 2 else o.shape[0]
+            shape = [1] * len(o.shape)
+            shape[1 if len(o.shape) >= 2 else 0] = n
+            o.ids = state.fresh(n).reshape(shape)
+            state.sources.append(SourceRec(o.ids.ravel(), None, blocked=reason))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a trace
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape_of(value: Any) -> Tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in value.shape)
+    except Exception:  # vectors have no shape
+        return ()
+
+
+def build_program(net: paddle.nn.Layer, input_shape: Sequence[int]) -> Tuple[Any, List[Any]]:
+    """The PIR main program of `net` for one input of `input_shape`, and its output values.
+
+    `paddle.jit.to_static` replaces `net.forward` in place; we undo that before returning.
+    """
+    from paddle.static import InputSpec
+
+    had_forward = "forward" in net.__dict__
+    old_forward = net.__dict__.get("forward")
+    was_training = net.training
+    net.eval()
+    try:
+        static = paddle.jit.to_static(
+            net, input_spec=[InputSpec(list(input_shape), "float32", "x")], full_graph=True
+        )
+        concrete = static.forward.concrete_program
+        return concrete.main_program, list(concrete.outputs)
+    finally:
+        if had_forward:
+            net.__dict__["forward"] = old_forward
+        else:
+            net.__dict__.pop("forward", None)
+        if was_training:
+            net.train()
+
+
+def run_trace(program: Any, outputs: Sequence[Any]) -> TraceState:
+    """Walk the program's ops in order, letting each op handler move channel ids."""
+    state = TraceState()
+    for op in program.global_block().ops:
+        name = op.name()
+        ins = []
+        for operand in op.operands():
+            src = operand.source()
+            if not src.initialized():  # an absent optional input
+                ins.append(_Val())
+                continue
+            ins.append(state.vals.get(src.id) or _Val(shape=_shape_of(src)))
+        outs = []
+        for res in op.results():
+            v = _Val(shape=_shape_of(res))
+            state.vals[res.id] = v
+            outs.append(v)
+        if name == "builtin.parameter":
+            pname = op.attrs()["parameter_name"]
+            outs[0].param = pname
+            state.param_shapes[pname] = outs[0].shape
+            continue
+        handler = _OP_HANDLERS.get(_op_key(name))
+        if handler is None:
+            _unknown(state, op, ins, outs)
+        else:
+            handler(state, op, ins, outs)
+    for out in outputs:
+        v = state.vals.get(out.id)
+        if v is not None:
+            state.block(state.ids_of(v), "network output is never pruned")
+    if state.unknown_ops:
+        ops = ", ".join(f"{k} (x{v})" for k, v in sorted(state.unknown_ops.items()))
+        warnings.warn(
+            f"channels touching these ops are left unpruned: {ops}. Register a handler with "
+            "prune_callbacks.graph.register_op to prune through them.",
+            stacklevel=3,
+        )
+    return state
+
+
+# ---------------------------------------------------------------------------------------------
+# From ids to groups
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParamAxis:
+    """How the positions along one axis of one parameter map to group channels.
+
+    `group[i]` is the index of the group that position i belongs to (-1: never pruned) and
+    `channel[i]` its channel index inside that group. For a grouped conv's input axis both
+    arrays have shape [blocks, per_block].
+    """
+
+    key: str  # structured name (state_dict key)
+    axis: int
+    group: np.ndarray
+    channel: np.ndarray
+    role: str
+
+    @property
+    def blocks(self) -> int:
+        return self.group.shape[0] if self.group.ndim == 2 else 1
+
+
+@dataclass
+class Group:
+    """A set of coupled channels that must be removed together, index by index."""
+
+    name: str
+    param_name: str  # Paddle name of the leading weight (PaddleSlim style), "" if none
+    channels: int
+    prunable: bool
+    reason: str = ""
+    layers: Tuple[str, ...] = ()
+    members: Tuple[Tuple[str, int], ...] = ()  # (param key, axis)
+    partition: Optional[np.ndarray] = None  # block label per channel (-1: free)
+    producers: Tuple[Tuple[str, int], ...] = ()  # (param key, out axis) of layers minting it
+    norms: Tuple[str, ...] = ()  # keys of per-channel norm scales (BatchNorm weight)
+
+    def __repr__(self) -> str:
+        state = "prunable" if self.prunable else f"unprunable: {self.reason}"
+        return f"Group({self.name!r}, channels={self.channels}, {state})"
+
+
+@dataclass
+class _Mac:
+    kind: str
+    kernel_spatial: int
+    blocks: int
+    out: Tuple[Dict[int, int], int]  # positions per group, positions never pruned
+    inp: Tuple[Dict[int, int], int]
+
+
+class ChannelGraph:
+    """Coupled channel groups of a network, read from its PIR program.
+
+    Args:
+        net: the network (left unchanged).
+        input_shape: one input's shape, batch first, e.g. [1, 3, 32, 32].
+        supports_layer: tells whether surgery knows a layer; channels of parameters in other
+            layers are left unpruned.
+    """
+
+    def __init__(self, net: paddle.nn.Layer, input_shape: Sequence[int],
+                 supports_layer: Callable[[paddle.nn.Layer], bool] = lambda layer: True) -> None:
+        program, outputs = build_program(net, input_shape)
+        state = run_trace(program, outputs)
+        self.input_shape = tuple(int(s) for s in input_shape)
+        self._owner: Dict[str, Tuple[str, str, paddle.nn.Layer]] = {}  # pname -> key, path, layer
+        for path, layer in net.named_sublayers(include_self=True):
+            for attr, p in layer.named_parameters(include_sublayers=False):
+                key = f"{path}.{attr}" if path else attr
+                self._owner[p.name] = (key, path, layer)
+        self._build(state, supports_layer)
+
+    # -- construction ----------------------------------------------------------------------
+    def _build(self, st: TraceState, supports_layer: Callable[[paddle.nn.Layer], bool]) -> None:
+        uf = st.uf
+        blocked: Dict[int, str] = {}
+        self._add_param_element_members(st, blocked)
+
+        def roots(a: np.ndarray) -> np.ndarray:
+            return uf.roots(a)
+
+        # group-level union: all channels one op mints belong to one group
+        guf: Dict[int, int] = {}
+
+        def gfind(x: int) -> int:
+            guf.setdefault(x, x)
+            while guf[x] != x:
+                guf[x] = guf[guf[x]]
+                x = guf[x]
+            return x
+
+        src_roots = []
+        for src in st.sources:
+            r = roots(src.ids)
+            src_roots.append(r)
+            first = gfind(int(r[0]))
+            for x in r.tolist():
+                gx = gfind(x)
+                if gx != first:
+                    guf[max(gx, first)] = min(gx, first)
+                    first = min(gx, first)
+            if src.blocked:
+                for x in r.tolist():
+                    blocked.setdefault(x, src.blocked)
+        for ids, reason in st.blocks:
+            for x in roots(ids).tolist():
+                blocked.setdefault(x, reason)
+
+        # order groups by their first source, channels by that source's order
+        order: Dict[int, List[int]] = {}
+        lead: Dict[int, Optional[str]] = {}
+        for src, r in zip(st.sources, src_roots):
+            g = gfind(int(r[0]))
+            chans = order.setdefault(g, [])
+            seen = set(chans)
+            for x in r.tolist():
+                if x not in seen:
+                    chans.append(x)
+                    seen.add(x)
+            if lead.get(g) is None and src.param is not None:
+                lead[g] = src.param
+        gids = sorted(order, key=lambda g: g)
+        gindex = {g: i for i, g in enumerate(gids)}
+        chan_of = {}
+        for g in gids:
+            for j, x in enumerate(order[g]):
+                chan_of[x] = (gindex[g], j)
+
+        def locate(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+            r = roots(ids)
+            grp = np.full(r.shape, -1, dtype=np.int64)
+            ch = np.full(r.shape, -1, dtype=np.int64)
+            for idx, x in np.ndenumerate(r):
+                if x in chan_of:
+                    grp[idx], ch[idx] = chan_of[x]
+            return grp, ch
+
+        reasons: Dict[int, str] = {}
+        for x, why in blocked.items():
+            if x in chan_of:
+                reasons.setdefault(chan_of[x][0], why)
+
+        # parameter axes
+        self.param_axes: Dict[Tuple[str, int], ParamAxis] = {}
+        members: Dict[int, List[Tuple[str, int]]] = {i: [] for i in range(len(gids))}
+        layers: Dict[int, List[str]] = {i: [] for i in range(len(gids))}
+        producers: Dict[int, List[Tuple[str, int]]] = {i: [] for i in range(len(gids))}
+        norms: Dict[int, List[str]] = {i: [] for i in range(len(gids))}
+        for m in st.members:
+            if m.param not in self._owner:
+                continue
+            key, path, layer = self._owner[m.param]
+            grp, ch = locate(m.ids)
+            pa = ParamAxis(key, m.axis, grp, ch, m.role)
+            prev = self.param_axes.get((key, m.axis))
+            touched = set(grp[grp >= 0].ravel().tolist())
+            if prev is not None and not (np.array_equal(prev.group, grp)
+                                         and np.array_equal(prev.channel, ch)):
+                for gi in touched | set(prev.group[prev.group >= 0].ravel().tolist()):
+                    reasons.setdefault(gi, f"parameter {key} is used with different channels")
+                continue
+            self.param_axes[(key, m.axis)] = pa
+            if not supports_layer(layer):
+                for gi in touched:
+                    reasons.setdefault(
+                        gi, f"layer {path or '<root>'} ({type(layer).__name__}) has no registered "
+                            "surgery; see prune_callbacks.surgery.register_layer")
+            for gi in touched:
+                if (key, m.axis) not in members[gi]:
+                    members[gi].append((key, m.axis))
+                if path not in layers[gi]:
+                    layers[gi].append(path)
+                if m.role == "out" and (key, m.axis) not in producers[gi]:
+                    producers[gi].append((key, m.axis))
+                if m.role == "norm" and key.endswith("weight") and key not in norms[gi]:
+                    norms[gi].append(key)
+
+        # grouped convolutions: each block of a group must lose the same number of channels
+        partitions: Dict[int, np.ndarray] = {}
+        for part in st.partitions:
+            grp, ch = locate(part)
+            gi_set = set(grp.ravel().tolist())
+            if len(gi_set) != 1 or -1 in gi_set or len(set(ch.ravel().tolist())) != ch.size:
+                for gi in gi_set - {-1}:
+                    reasons.setdefault(gi, "grouped convolution spans several channel groups")
+                continue
+            gi = gi_set.pop()
+            labels = np.full(len(order[gids[gi]]), -1, dtype=np.int64)
+            for k in range(ch.shape[0]):
+                labels[ch[k]] = k
+            if gi in partitions and not _same_partition(partitions[gi], labels):
+                reasons.setdefault(gi, "grouped convolutions disagree on channel blocks")
+            partitions[gi] = labels
+
+        self.groups: List[Group] = []
+        for i, g in enumerate(gids):
+            pname = lead.get(g) or ""
+            if pname and pname in self._owner:
+                name = self._owner[pname][1] or "<root>"
+            else:
+                name = f"<unnamed:{i}>"
+                reasons.setdefault(i, "no conv or linear layer produces these channels")
+            self.groups.append(Group(
+                name=name, param_name=pname, channels=len(order[g]),
+                prunable=i not in reasons, reason=reasons.get(i, ""),
+                layers=tuple(layers[i]), members=tuple(members[i]),
+                partition=partitions.get(i), producers=tuple(producers[i]), norms=tuple(norms[i]),
+            ))
+        self._macs = [self._mac(m, locate) for m in st.macs if m.param in self._owner]
+
+    def _add_param_element_members(self, st: TraceState, blocked: Dict[int, str]) -> None:
+        """Parameters used by generic ops (a conv bias add, a learnable scale) become members."""
+        for pname, elems in st.param_elems.items():
+            r = st.uf.roots(elems)
+            varying = [ax for ax in range(r.ndim) if _compress(r).shape[ax] > 1]
+            if len(varying) == 1:
+                ax = varying[0]
+                line = np.moveaxis(r, ax, 0).reshape(r.shape[ax], -1)[:, 0]
+                st.members.append(MemberRec(pname, ax, line, "norm"))
+            elif len(varying) > 1:
+                for x in np.unique(r).tolist():
+                    blocked.setdefault(x, f"parameter {pname} couples channels on several axes")
+
+    def _mac(self, m: MacRec, locate: Callable) -> _Mac:
+        def census(ids: np.ndarray) -> Tuple[Dict[int, int], int]:
+            grp, _ = locate(ids)
+            counts: Dict[int, int] = {}
+            fixed = 0
+            for gi in grp.ravel().tolist():
+                if gi < 0:
+                    fixed += 1
+                else:
+                    counts[gi] = counts.get(gi, 0) + 1
+            return counts, fixed
+
+        blocks = m.in_ids.shape[0] if m.in_ids.ndim == 2 else 1
+        return _Mac(m.kind, m.kernel * m.spatial, blocks, census(m.out_ids), census(m.in_ids))
+
+    # -- queries -------------------------------------------------------------------------
+    def flops(self, kept: Optional[Dict[int, int]] = None) -> int:
+        """Multiply-accumulates of convs and linears when group i keeps `kept[i]` channels.
+
+        Exact when each channel of a group occupies the same number of positions in a layer
+        (true for every layer we have seen: flatten repeats each channel H*W times).
+        """
+        kept = kept or {}
+
+        def count(c: Tuple[Dict[int, int], int]) -> float:
+            counts, fixed = c
+            total = float(fixed)
+            for gi, n in counts.items():
+                g = self.groups[gi]
+                total += n * (kept.get(gi, g.channels) / g.channels)
+            return total
+
+        total = 0
+        for mac in self._macs:
+            out = round(count(mac.out))
+            if mac.kind == "depthwise":
+                inp = 1
+            elif mac.kind == "grouped":
+                inp = round(count(mac.inp)) // mac.blocks
+            else:
+                inp = round(count(mac.inp))
+            total += out * inp * mac.kernel_spatial
+        return int(total)
+
+
+def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
+    mapping: Dict[int, int] = {}
+    for x, y in zip(a.tolist(), b.tolist()):
+        if (x < 0) != (y < 0):
+            return False
+        if x >= 0 and mapping.setdefault(x, y) != y:
+            return False
+    return True

@@ -1,0 +1,296 @@
+"""FilterPruner: the engine's front door. Traces a network, scores channels, masks or prunes them.
+
+It ties the graph (which channels are coupled), importance (which to drop) and surgery (how to
+drop them) together. It never swaps optimizers or talks to paddle.Model; callbacks do that.
+"""
+from __future__ import annotations
+
+import difflib
+import logging
+import math
+from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+from .flops import count_flops, count_params
+from .graph import ChannelGraph, Group
+from .importance import Criterion, get_criterion
+from .plan import GroupPlan, PrunePlan
+from .surgery import Mask, apply_slices, supports_layer
+
+logger = logging.getLogger(__name__)
+
+Kept = Dict[int, np.ndarray]  # group index -> sorted kept channel indices
+
+
+def _validate_shape(input_shape: Any) -> Tuple[int, ...]:
+    if isinstance(input_shape, (str, bytes)) or not isinstance(input_shape, Sequence):
+        raise TypeError(
+            f"input_shape must be a list of ints such as [1, 3, 32, 32], got {input_shape!r}")
+    if len(input_shape) < 2 or not all(isinstance(s, (int, np.integer)) and s > 0
+                                       for s in input_shape):
+        raise ValueError(
+            f"input_shape must hold positive ints, batch first, such as [1, 3, 32, 32]; "
+            f"got {list(input_shape)!r}")
+    return tuple(int(s) for s in input_shape)
+
+
+class FilterPruner:
+    """Structured filter pruning of any Paddle CNN.
+
+    Args:
+        net: the network to prune (a `paddle.nn.Layer`, or a `paddle.DataParallel` around one).
+        input_shape: the shape of one input, batch first, e.g. [1, 3, 32, 32].
+        criterion: channel importance: "l1" (default), "l2", "fpgm", "bn_scale", "random", or a
+            registered name (see `prune_callbacks.importance.register_criterion`).
+
+    Raises:
+        TypeError: `net` is not a Layer or `input_shape` not a list of ints.
+        ValueError: `input_shape` does not fit the network, or an unknown criterion.
+
+    Examples:
+        >>> pruner = FilterPruner(net, [1, 3, 32, 32])
+        >>> [g.name for g in pruner.groups if g.prunable]
+        >>> plan = pruner.prune({"conv1.0": 0.3})
+        >>> plan.pruned_flops
+    """
+
+    def __init__(self, net: nn.Layer, input_shape: Sequence[int] = (1, 3, 32, 32),
+                 criterion: Union[str, Criterion] = "l1") -> None:
+        if isinstance(net, paddle.DataParallel):
+            net = net._layers
+        if not isinstance(net, nn.Layer):
+            raise TypeError(f"net must be a paddle.nn.Layer, got {type(net).__name__}")
+        self.net = net
+        self.input_shape = _validate_shape(input_shape)
+        self.criterion = get_criterion(criterion)
+        self._graph: Optional[ChannelGraph] = None
+        self._trace()
+        self._sensitivity = None
+
+    # -- graph ----------------------------------------------------------------------------
+    def _trace(self) -> ChannelGraph:
+        try:  # an eager pass first: it checks the input shape with paddle's own messages
+            count_flops(self.net, self.input_shape)
+        except (ValueError, RuntimeError) as e:  # paddle reports shape errors as these
+            first = str(e).strip().splitlines()
+            detail = next((ln for ln in reversed(first) if "Error" in ln or "Invalid" in ln),
+                          first[-1] if first else "")
+            raise ValueError(
+                f"input_shape {list(self.input_shape)} does not fit the network: {detail.strip()} "
+                "-- pass the shape of one input batch, e.g. [1, 3, 32, 32]") from e
+        self._graph = ChannelGraph(self.net, self.input_shape, supports_layer)
+        return self._graph
+
+    @property
+    def graph(self) -> ChannelGraph:
+        return self._graph if self._graph is not None else self._trace()
+
+    @property
+    def groups(self) -> List[Group]:
+        """Every group of coupled channels, prunable or not, in network order."""
+        return self.graph.groups
+
+    @property
+    def prunable_groups(self) -> List[Group]:
+        return [g for g in self.groups if g.prunable]
+
+    def group_index(self, name: str) -> int:
+        """Index of the group called `name` (a layer path, or a Paddle parameter name such as
+        `conv2d_26.w_0` of any layer producing the group's channels).
+
+        Raises:
+            ValueError: no such group; close matches are suggested.
+        """
+        if not isinstance(name, str):
+            raise TypeError(f"group names are strings, got {name!r}")
+        aliases = self._aliases()
+        if name in aliases:
+            return aliases[name]
+        close = difflib.get_close_matches(name, list(aliases), n=3, cutoff=0.6)
+        hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        raise ValueError(
+            f"unknown group {name!r}{hint} (see FilterPruner.groups for the names)")
+
+    def _aliases(self) -> Dict[str, int]:
+        out: Dict[str, int] = {}
+        graph = self.graph
+        by_key = {key: pname for pname, (key, _, _) in graph._owner.items()}
+        for i, g in enumerate(graph.groups):
+            out.setdefault(g.name, i)
+            if g.param_name:
+                out.setdefault(g.param_name, i)
+            for key, _ in g.producers:
+                out.setdefault(key.rpartition(".")[0], i)
+                if key in by_key:
+                    out.setdefault(by_key[key], i)
+        return out
+
+    # -- selection ------------------------------------------------------------------------
+    def importance(self, group: Union[str, int]) -> np.ndarray:
+        """Score of each channel of a group (higher = more important)."""
+        gi = group if isinstance(group, int) else self.group_index(group)
+        g = self.groups[gi]
+        params = dict(self.net.named_parameters())
+        pa_map = self.graph.param_axes
+        sources = g.producers
+        if self.criterion.source == "norm":
+            sources = tuple((k, 0) for k in g.norms)
+            if not sources:
+                logger.warning("group %s has no normalisation scale; %s falls back to l1",
+                               g.name, self.criterion.name)
+                return self._score(g, gi, g.producers, params, pa_map, get_criterion("l1"))
+        return self._score(g, gi, sources, params, pa_map, self.criterion)
+
+    @staticmethod
+    def _score(g: Group, gi: int, sources: Iterable[Tuple[str, int]], params: Dict[str, Any],
+               pa_map: Dict[Tuple[str, int], Any], crit: Criterion) -> np.ndarray:
+        scores = np.zeros(g.channels, dtype=np.float64)
+        for key, axis in sources:
+            pa = pa_map[(key, axis)]
+            s = crit.score(params[key].numpy(), axis)
+            sel = pa.group.ravel() == gi
+            np.add.at(scores, pa.channel.ravel()[sel], s[sel])
+        return scores
+
+    def select(self, ratios: Mapping[str, float], round_to: int = 1) -> Kept:
+        """Channels each named group keeps when it loses `ratio` of its least important ones.
+
+        Rounding: floor(ratio * channels) go, at least one stays, and with `round_to=N` the kept
+        count is rounded up to a multiple of N. Groups feeding grouped convolutions lose the same
+        number of channels in every block (round_to does not apply to them).
+        """
+        if not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+        if not isinstance(ratios, Mapping):
+            raise TypeError(f"ratios must map group names to floats, got {type(ratios).__name__}")
+        kept: Kept = {}
+        for name, ratio in ratios.items():
+            gi = self.group_index(name)
+            g = self.groups[gi]
+            if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+                raise ValueError(f"ratio for {name!r} must be in [0, 1), got {ratio!r}")
+            if not g.prunable:
+                raise ValueError(f"group {g.name!r} cannot be pruned: {g.reason}")
+            kept[gi] = self._keep(g, self.importance(gi), float(ratio), round_to)
+        return kept
+
+    @staticmethod
+    def _keep(g: Group, scores: np.ndarray, ratio: float, round_to: int) -> np.ndarray:
+        def keep_in(idx: np.ndarray, rounding: int) -> np.ndarray:
+            n = len(idx)
+            n_keep = n - int(math.floor(ratio * n + 1e-9))
+            if rounding > 1:
+                n_keep = min(n, int(math.ceil(n_keep / rounding) * rounding))
+            n_keep = max(1, n_keep)
+            order = np.argsort(-scores[idx], kind="stable")
+            return idx[order[:n_keep]]
+
+        if g.partition is None:
+            return np.sort(keep_in(np.arange(g.channels), round_to))
+        parts = [keep_in(np.flatnonzero(g.partition == b), 1)
+                 for b in np.unique(g.partition)]
+        return np.sort(np.concatenate(parts))
+
+    def slices(self, kept: Kept) -> Tuple[Dict[str, Dict[int, Any]], Dict[str, Dict[int, Any]]]:
+        """Per parameter and axis, the indices kept and the indices removed."""
+        keep_sl: Dict[str, Dict[int, Any]] = {}
+        drop_sl: Dict[str, Dict[int, Any]] = {}
+        masks = {}
+        for gi, k in kept.items():
+            m = np.zeros(self.groups[gi].channels, dtype=bool)
+            m[k] = True
+            masks[gi] = m
+        for (key, axis), pa in self.graph.param_axes.items():
+            hit = [gi for gi in masks if np.any(pa.group == gi)]
+            if not hit:
+                continue
+            keep = np.ones(pa.group.shape, dtype=bool)
+            for gi in hit:
+                sel = pa.group == gi
+                keep[sel] = masks[gi][pa.channel[sel]]
+            if keep.all():
+                continue
+            if keep.ndim == 2:
+                keep_sl.setdefault(key, {})[axis] = [np.flatnonzero(r).tolist() for r in keep]
+                drop_sl.setdefault(key, {})[axis] = [np.flatnonzero(~r).tolist() for r in keep]
+            else:
+                keep_sl.setdefault(key, {})[axis] = np.flatnonzero(keep).tolist()
+                drop_sl.setdefault(key, {})[axis] = np.flatnonzero(~keep).tolist()
+        return keep_sl, drop_sl
+
+    # -- actions --------------------------------------------------------------------------
+    def mask(self, ratios: Mapping[str, float], round_to: int = 1) -> Mask:
+        """Zero the channels `prune(ratios)` would remove, at every coupled layer; reversible.
+
+        Use as a context manager (`with pruner.mask({...}): ...`) or call `.restore()`.
+        """
+        _, drop = self.slices(self.select(ratios, round_to))
+        return Mask(self.net, drop)
+
+    def prune(self, ratios: Mapping[str, float], round_to: int = 1) -> PrunePlan:
+        """Physically remove the least important `ratio` of the channels of each named group.
+
+        Returns:
+            The PrunePlan: kept/removed channels per group, FLOPs and params before and after.
+
+        Raises:
+            ValueError: unknown group (close matches suggested), ratio outside [0, 1), or a
+                group that cannot be pruned.
+        """
+        kept = self.select(ratios, round_to)
+        return self.apply(kept)
+
+    def apply(self, kept: Kept) -> PrunePlan:
+        """Prune to an explicit selection (group index -> kept channels)."""
+        groups = self.groups
+        flops_before = count_flops(self.net, self.input_shape)
+        params_before = count_params(self.net)
+        keep_sl, _ = self.slices(kept)
+        gplans = []
+        for gi, k in sorted(kept.items()):
+            g = groups[gi]
+            removed = sorted(set(range(g.channels)) - set(int(i) for i in k))
+            gplans.append(GroupPlan(g.name, g.channels, tuple(int(i) for i in k), tuple(removed)))
+        apply_slices(self.net, keep_sl)
+        self._graph = None  # channel layout changed: trace again on next use
+        plan = PrunePlan(
+            groups=tuple(gplans), flops_before=flops_before,
+            flops_after=count_flops(self.net, self.input_shape),
+            params_before=params_before, params_after=count_params(self.net),
+            input_shape=self.input_shape, criterion=self.criterion.name,
+            param_slices={k: {ax: tuple(map(_tuplify, v)) if _nested(v) else tuple(v)
+                              for ax, v in axes.items()} for k, axes in keep_sl.items()},
+        )
+        logger.info("pruned %d groups: FLOPs %d -> %d (-%.2f%%)", len(gplans), plan.flops_before,
+                    plan.flops_after, 100 * plan.pruned_flops)
+        return plan
+
+    def apply_plan(self, plan: PrunePlan) -> PrunePlan:
+        """Re-apply a saved plan (by group name) to this network, e.g. a freshly built copy."""
+        kept: Kept = {}
+        for gp in plan.groups:
+            gi = self.group_index(gp.name)
+            g = self.groups[gi]
+            if g.channels != gp.channels:
+                raise ValueError(
+                    f"plan was made for {gp.channels} channels in group {gp.name!r}, but this "
+                    f"network has {g.channels}; apply plans in the order they were made")
+            kept[gi] = np.asarray(gp.kept, dtype=np.int64)
+        return self.apply(kept)
+
+    # -- FLOPs ---------------------------------------------------------------------------
+    def flops(self, ratios: Optional[Mapping[str, float]] = None, round_to: int = 1) -> int:
+        """MACs the network would have after `prune(ratios)`, computed without pruning."""
+        counts = {gi: len(k) for gi, k in self.select(ratios or {}, round_to).items()}
+        return self.graph.flops(counts)
+
+
+def _nested(v: Any) -> bool:
+    return len(v) > 0 and isinstance(v[0], (list, tuple))
+
+
+def _tuplify(v: Any) -> Any:
+    return tuple(v)

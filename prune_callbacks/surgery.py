@@ -1,0 +1,178 @@
+"""Shrink parameters in place and keep each layer's attributes true to its new shapes.
+
+A registry maps layer types to a function that re-reads sizes from the (already sliced)
+parameters. Parameters keep their identity (optimizers and hooks still point at them); no
+backup copy is ever left in the network or its state_dict.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Mapping, Sequence, Tuple, Type, Union
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+logger = logging.getLogger(__name__)
+
+# axis -> kept indices; for a grouped conv's input axis, one list of kept indices per block
+AxisSlice = Union[Sequence[int], Sequence[Sequence[int]]]
+ParamSlices = Mapping[str, Mapping[int, AxisSlice]]
+
+LayerSync = Callable[[nn.Layer, Dict[str, Tuple[int, ...]]], None]
+_LAYER_SYNC: Dict[Type[nn.Layer], LayerSync] = {}
+
+
+def register_layer(*types: Type[nn.Layer]) -> Callable[[LayerSync], LayerSync]:
+    """Register how a layer type updates its attributes after its parameters were sliced.
+
+    The function receives the layer and `{attr: old_shape}` for each parameter that changed.
+
+    Examples:
+        >>> @register_layer(MyScale)
+        ... def _(layer, old_shapes):
+        ...     layer.num_channels = layer.scale.shape[0]
+    """
+
+    def deco(fn: LayerSync) -> LayerSync:
+        for t in types:
+            _LAYER_SYNC[t] = fn
+        return fn
+
+    return deco
+
+
+def layer_sync(layer: nn.Layer) -> LayerSync | None:
+    for cls in type(layer).__mro__:
+        if cls in _LAYER_SYNC:
+            return _LAYER_SYNC[cls]
+    return None
+
+
+def supports_layer(layer: nn.Layer) -> bool:
+    return layer_sync(layer) is not None
+
+
+@register_layer(nn.Conv2D)
+def _sync_conv(layer: nn.Layer, old: Dict[str, Tuple[int, ...]]) -> None:
+    w = layer.weight.shape
+    old_w = old.get("weight", tuple(w))
+    depthwise = layer._groups > 1 and layer._groups == layer._in_channels
+    if depthwise:
+        mult = old_w[0] // layer._in_channels
+        layer._in_channels = w[0] // mult
+        layer._groups = layer._in_channels
+    else:
+        layer._in_channels = w[1] * layer._groups
+    layer._out_channels = w[0]
+
+
+@register_layer(nn.layer.norm._BatchNormBase, nn.BatchNorm, nn.layer.norm._InstanceNormBase)
+def _sync_norm(layer: nn.Layer, old: Dict[str, Tuple[int, ...]]) -> None:
+    n = None
+    for name in ("weight", "_mean", "bias", "scale"):
+        p = getattr(layer, name, None)
+        if p is not None:
+            n = p.shape[0]
+            break
+    if n is not None:
+        for attr in ("_num_features", "_num_channels"):
+            if hasattr(layer, attr):
+                setattr(layer, attr, n)
+
+
+@register_layer(nn.Linear)
+def _sync_linear(layer: nn.Layer, old: Dict[str, Tuple[int, ...]]) -> None:
+    pass  # Linear reads its sizes from weight.shape (repr, summary, reload)
+
+
+def slice_array(arr: np.ndarray, axes: Mapping[int, AxisSlice]) -> np.ndarray:
+    """Keep `axes[a]` along each axis a. A per-block slice (a list of lists on axis 1 of a grouped
+    conv weight) picks, for each block of rows along axis 0, its own columns. Per-block slices are
+    applied first, while axis 0 still has its original rows.
+    """
+    out = arr
+    for ax, idx in sorted(axes.items(), key=lambda kv: 0 if _is_blockwise(kv[1]) else 1):
+        if _is_blockwise(idx):
+            blocks = len(idx)
+            rows = np.split(out, blocks, axis=0)
+            out = np.concatenate([np.take(r, list(k), axis=ax) for r, k in zip(rows, idx)], axis=0)
+        else:
+            out = np.take(out, np.asarray(list(idx), dtype=np.int64), axis=ax)
+    return out
+
+
+def _is_blockwise(idx: AxisSlice) -> bool:
+    return len(idx) > 0 and isinstance(idx[0], (list, tuple, np.ndarray))
+
+
+def _set(p: paddle.Tensor, value: np.ndarray) -> None:
+    place = p.place
+    if place.is_gpu_place():
+        target = paddle.CUDAPlace(place.gpu_device_id())
+    else:
+        target = paddle.CPUPlace()
+    p.get_tensor().set(np.ascontiguousarray(value.astype(p.numpy().dtype, copy=False)), target)
+
+
+def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
+    """Slice the parameters named in `slices` (state_dict keys) and sync their layers."""
+    layers = dict(net.named_sublayers(include_self=True))
+    touched: Dict[str, Dict[str, Tuple[int, ...]]] = {}
+    params = dict(net.named_parameters())
+    for key, axes in slices.items():
+        if key not in params:
+            raise KeyError(f"no parameter {key!r} in the network")
+        p = params[key]
+        old_shape = tuple(p.shape)
+        new = slice_array(p.numpy(), axes)
+        _set(p, new)
+        path, _, attr = key.rpartition(".")
+        touched.setdefault(path, {})[attr] = old_shape
+    for path, old in touched.items():
+        layer = layers[path]
+        sync = layer_sync(layer)
+        if sync is None:
+            raise TypeError(
+                f"layer {path!r} ({type(layer).__name__}) has no registered surgery: register "
+                "one with prune_callbacks.surgery.register_layer")
+        sync(layer, old)
+
+
+class Mask:
+    """Zeroed parameter slices that can be undone bit for bit."""
+
+    def __init__(self, net: nn.Layer, removed: ParamSlices) -> None:
+        params = dict(net.named_parameters())
+        self._saved: Dict[str, Tuple[paddle.Tensor, np.ndarray]] = {}
+        for key, axes in removed.items():
+            p = params[key]
+            arr = p.numpy()
+            self._saved[key] = (p, arr.copy())
+            masked = arr.copy()
+            for ax, idx in axes.items():
+                if _is_blockwise(idx):
+                    rows = masked.shape[0] // len(idx)
+                    for k, cols in enumerate(idx):
+                        sel = [slice(None)] * masked.ndim
+                        sel[0] = slice(k * rows, (k + 1) * rows)
+                        sub = masked[tuple(sel)]
+                        index = [slice(None)] * sub.ndim
+                        index[ax] = list(cols)
+                        sub[tuple(index)] = 0
+                else:
+                    index = [slice(None)] * masked.ndim
+                    index[ax] = list(idx)
+                    masked[tuple(index)] = 0
+            p.set_value(masked)
+
+    def restore(self) -> None:
+        for p, arr in self._saved.values():
+            p.set_value(arr)
+        self._saved.clear()
+
+    def __enter__(self) -> "Mask":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.restore()
