@@ -425,9 +425,6 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         ValueError / omegaconf errors: a bad config, before anything is trained.
     """
     cfg = validate_config(cfg)
-    # Imported here so a bad config is reported without loading the pruning engine.
-    from prune_callbacks import FilterPruneCallback, PruneVisualDL, SensitivityCallback, export, save_pruned
-
     t, p, d, cb = cfg.trainer, cfg.prune, cfg.data, cfg.callbacks
     out = resolve_output_dir(cfg)
     at_epoch = p.at_epoch if p.at_epoch is not None else t.epochs_before - 1
@@ -439,6 +436,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
     val_ds = subset(instantiate(d.val), d.val_samples, seed=t.seed)
     net = _instantiate_model(cfg)
     optimizer = instantiate(cfg.optim)(parameters=net.parameters())
+    # Imported once the config has proven buildable, so config errors never wait on the engine.
+    from prune_callbacks import FilterPruneCallback, PruneVisualDL, SensitivityCallback, export, save_pruned
+
     size = int(d.image_size)
     input_spec = [paddle.static.InputSpec([None, 3, size, size], "float32", "image")]
     model = paddle.Model(net, inputs=input_spec, labels=[paddle.static.InputSpec([None, 1], "int64", "label")])
