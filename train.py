@@ -103,9 +103,9 @@ class CallbacksConf:
 
 @dataclass
 class TrainerConf:
-    epochs_before: int = 4
-    epochs_after: int = 3
-    batch_size: int = 64
+    epochs_before: int = 2
+    epochs_after: int = 2
+    batch_size: int = 32
     eval_batch_size: int = 256
     seed: int = 0
     device: str = "cpu"
@@ -198,7 +198,7 @@ def _check_optim(optim: DictConfig) -> None:
     lr = optim.get("learning_rate")
     _check(
         isinstance(lr, (int, float)) and not isinstance(lr, bool) and lr > 0,
-        f"optim.learning_rate={lr!r} must be a positive number, e.g. 0.05",
+        f"optim.learning_rate={lr!r} must be a positive number, e.g. 0.02",
     )
 
 
