@@ -88,7 +88,7 @@ class PruneConf:
     skip: List[str] = field(default_factory=list)
     ratios: List[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     round_to: int = 1
-    sensitivity_samples: Optional[int] = 256
+    sensitivity_samples: Optional[int] = 64
     sensitivity_file: Optional[str] = None
     max_loss: Optional[float] = None
 
@@ -104,7 +104,7 @@ class CallbacksConf:
 @dataclass
 class TrainerConf:
     epochs_before: int = 2
-    epochs_after: int = 2
+    epochs_after: int = 1
     batch_size: int = 32
     eval_batch_size: int = 256
     seed: int = 0

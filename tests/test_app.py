@@ -193,7 +193,7 @@ def test_unknown_strategy_lists_the_strategies() -> None:
         (["prune.ratios=[0.5,1.2]"], r"prune\.ratios contains 1\.2: every ratio must be in \(0, 1\)"),
         (["prune.ratios=[]"], r"prune\.ratios is empty"),
         (["prune.steps=0"], r"prune\.steps=0 must be >= 1"),
-        (["prune.at_epoch=4"], r"prune\.at_epoch=4 must be in \[0, 3\]"),
+        (["prune.at_epoch=3"], r"prune\.at_epoch=3 must be in \[0, 2\]"),
         (["trainer.epochs_before=0"], r"trainer\.epochs_before=0 must be >= 1"),
         (["trainer.batch_size=0"], r"trainer\.batch_size=0 must be >= 1"),
         (["trainer.device=tpu"], r"trainer\.device='tpu' is not one of cpu, gpu, gpu:N"),
