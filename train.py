@@ -16,6 +16,7 @@ import math
 import os
 import random
 import re
+import sys
 import time
 from dataclasses import dataclass, field
 from enum import Enum
@@ -217,7 +218,10 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         ConfigError (a ValueError): a value out of range, an unknown name or an unknown key
             added with `+`; the message names the key, the value and what is allowed.
     """
-    typed = OmegaConf.merge(OmegaConf.structured(Config), cfg)
+    # Through a plain container: `cfg` may be typed by another copy of this module's schema
+    # (train.py imported both as __main__ and as `train`), which OmegaConf would refuse to merge.
+    raw = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True) if OmegaConf.is_config(cfg) else cfg
+    typed = OmegaConf.merge(OmegaConf.structured(Config), raw)
     OmegaConf.set_struct(typed, True)
     _check_known_keys(typed, Config, "")
     for key, schema in (("data", DataConf), ("prune", PruneConf), ("callbacks", CallbacksConf),
@@ -683,6 +687,11 @@ def format_sweep(path: str) -> str:
             return f"{float(value):.0f}"
         return value
 
+    # show only the overrides that differ between jobs (the swept ones)
+    tokens = [r.get("override", "").split() for r in rows]
+    shared = set.intersection(*(set(t) for t in tokens)) if len(tokens) > 1 else set()
+    for r, t in zip(rows, tokens):
+        r["override"] = " ".join(x for x in t if x not in shared)
     body = [[h for _, h in cols]] + [[cell(k, r.get(k, "")) for k, _ in cols] for r in rows]
     widths = [max(len(b[i]) for b in body) for i in range(len(cols))]
     lines = ["  ".join(c.ljust(w) for c, w in zip(b, widths)).rstrip() for b in body]
@@ -710,4 +719,7 @@ def main(cfg: DictConfig) -> None:
 
 
 if __name__ == "__main__":
+    # hydra.callbacks imports `train.MultirunResultsTable`: let that import find this module
+    # instead of running the file a second time (which would re-register the schema).
+    sys.modules.setdefault("train", sys.modules[__name__])
     main()

@@ -334,6 +334,20 @@ def test_evaluate_net_restores_mode_and_counts_all_samples() -> None:
     assert not net.training
 
 
+def test_sweep_table_shows_only_the_swept_overrides(tmp_path: Path) -> None:
+    path = tmp_path / "results.csv"
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=train_app.SWEEP_COLUMNS)
+        writer.writeheader()
+        for job, flops in ((1, 0.5), (0, 0.3)):
+            writer.writerow({"job": job, "override": f"prune.flops={flops} trainer.epochs_after=1",
+                             "flops_reduction": flops, "top1_finetuned": 0.9, "time_total_s": 12.3})
+    lines = train_app.format_sweep(str(path)).splitlines()
+    assert lines[2].split()[:4] == ["0", "prune.flops=0.3", "30.0%", "-"]
+    assert lines[3].split()[:3] == ["1", "prune.flops=0.5", "50.0%"]
+    assert "epochs_after" not in "\n".join(lines)
+
+
 # ------------------------------------------------------------------ the app, for real
 
 
