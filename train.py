@@ -20,7 +20,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from enum import Enum
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import hydra
 import numpy as np
@@ -147,7 +147,7 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(message)
 
 
-def _check_known_keys(node: DictConfig, schema: type, prefix: str) -> None:
+def _check_known_keys(node: Mapping[str, Any], schema: type, prefix: str) -> None:
     """Reject keys a dataclass does not declare: Hydra's `+key=value` can slip them past the schema."""
     allowed = [f.name for f in dataclasses.fields(schema)]
     for key in node:
@@ -221,12 +221,14 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     # Through a plain container: `cfg` may be typed by another copy of this module's schema
     # (train.py imported both as __main__ and as `train`), which OmegaConf would refuse to merge.
     raw = OmegaConf.to_container(cfg, resolve=False, enum_to_str=True) if OmegaConf.is_config(cfg) else cfg
-    typed = OmegaConf.merge(OmegaConf.structured(Config), raw)
-    OmegaConf.set_struct(typed, True)
-    _check_known_keys(typed, Config, "")
+    # Unknown keys first, with the allowed ones listed (OmegaConf's merge would only name the key).
+    _check_known_keys(raw, Config, "")
     for key, schema in (("data", DataConf), ("prune", PruneConf), ("callbacks", CallbacksConf),
                         ("trainer", TrainerConf)):
-        _check_known_keys(typed[key], schema, key + ".")
+        if isinstance(raw.get(key), Mapping):
+            _check_known_keys(raw[key], schema, key + ".")
+    typed = OmegaConf.merge(OmegaConf.structured(Config), raw)
+    OmegaConf.set_struct(typed, True)
     t, p, d = typed.trainer, typed.prune, typed.data
 
     _check(
