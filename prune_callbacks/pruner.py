@@ -8,6 +8,7 @@ from __future__ import annotations
 import difflib
 import logging
 import math
+import os
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
@@ -18,6 +19,8 @@ from .flops import count_flops, count_params
 from .graph import ChannelGraph, Group
 from .importance import Criterion, get_criterion
 from .plan import GroupPlan, PrunePlan
+from .planning import plan_ratios
+from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
 from .surgery import Mask, apply_slices, supports_layer
 
 logger = logging.getLogger(__name__)
@@ -280,6 +283,75 @@ class FilterPruner:
                     f"network has {g.channels}; apply plans in the order they were made")
             kept[gi] = np.asarray(gp.kept, dtype=np.int64)
         return self.apply(kept)
+
+    # -- sensitivity and planning ----------------------------------------------------------
+    def sensitivity(self, eval_fn: Any, ratios: Sequence[float] = DEFAULT_RATIOS,
+                    path: Optional[str] = None, skip: Sequence[str] = (),
+                    max_loss: Optional[float] = None, metric: Optional[Callable] = None,
+                    batch_size: int = 64, num_samples: Optional[int] = None,
+                    cache: bool = True) -> SensitivityResult:
+        """Sensitivity of every prunable group (see `prune_callbacks.sensitivity.analyse`).
+
+        Args:
+            eval_fn: `eval_fn() -> float` (higher is better), or a dataset of (input, label)
+                samples evaluated with `metric` (default top-1 accuracy), batched by the engine,
+                which then replays each group's unaffected prefix from a cache.
+            ratios, path, skip, max_loss, cache: see `analyse`.
+            metric: `metric(logits, labels) -> (correct, count)` for a dataset.
+            batch_size, num_samples: batching of a dataset.
+        """
+        if callable(eval_fn) and not hasattr(eval_fn, "__getitem__"):
+            evaluate: Any = eval_fn
+        elif isinstance(eval_fn, EvalData):
+            evaluate = eval_fn
+        elif hasattr(eval_fn, "__getitem__") and hasattr(eval_fn, "__len__"):
+            evaluate = EvalData(eval_fn, metric or top1_metric, batch_size, num_samples)
+        else:
+            raise TypeError(
+                "eval_fn must be a callable returning a float, or a dataset of (input, label) "
+                f"samples; got {type(eval_fn).__name__}")
+        result = analyse(self, evaluate, ratios, path, skip, max_loss, cache)
+        self._sensitivity = result
+        return result
+
+    def sensitive(self, eval_func: Optional[Callable[[], float]] = None,
+                  sen_file: Optional[str] = None, pruned_params: Optional[Sequence[str]] = None,
+                  skip_vars: Sequence[str] = ()) -> Dict[str, Dict[float, float]]:
+        """PaddleSlim's `sensitive()`: with no arguments, the last analysis as
+        `{group: {ratio: loss}}`; with `eval_func`, run (or resume from `sen_file`) the analysis."""
+        if eval_func is None:
+            if self._sensitivity is None and sen_file and os.path.exists(sen_file):
+                self._sensitivity = SensitivityResult.load(sen_file)
+            return self._sensitivity.curves() if self._sensitivity is not None else {}
+        skip = list(skip_vars)
+        if pruned_params is not None:
+            keep = {self.group_index(p) for p in pruned_params}
+            skip += [g.name for i, g in enumerate(self.groups) if g.prunable and i not in keep]
+        return self.sensitivity(eval_func, path=sen_file, skip=skip).curves()
+
+    def prune_to_flops(self, target: float, sensitivities: Optional[SensitivityResult] = None,
+                       skip: Sequence[str] = (), strategy: str = "sensitivity",
+                       round_to: int = 1) -> PrunePlan:
+        """Prune so that the network loses `target` of its FLOPs (see `planning.plan_ratios`).
+
+        Args:
+            target: share of FLOPs to remove, in (0, 1).
+            sensitivities: a SensitivityResult (or a path to its JSON); defaults to the last
+                analysis run by this pruner. Needed for strategy "sensitivity".
+            skip: groups left untouched.
+            strategy: "sensitivity" (less sensitive groups lose more) or "uniform".
+            round_to: keep channel counts multiples of this.
+        """
+        sens = sensitivities if sensitivities is not None else self._sensitivity
+        if isinstance(sens, (str, os.PathLike)):
+            sens = SensitivityResult.load(str(sens))
+        kept = plan_ratios(self, target, sens, skip, strategy, round_to)
+        return self.apply(kept)
+
+    def sensitive_prune(self, pruned_flops: float, skip_vars: Sequence[str] = (),
+                        align: Optional[int] = None) -> PrunePlan:
+        """PaddleSlim's `sensitive_prune(0.4, skip_vars=[...])`, on the last analysis."""
+        return self.prune_to_flops(pruned_flops, skip=skip_vars, round_to=align or 1)
 
     # -- FLOPs ---------------------------------------------------------------------------
     def flops(self, ratios: Optional[Mapping[str, float]] = None, round_to: int = 1) -> int:
