@@ -9,7 +9,9 @@ import json
 import logging
 import math
 import os
+import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -18,6 +20,7 @@ import paddle
 import paddle.nn as nn
 
 from .plan import write_json_atomic
+from .surgery import Mask
 
 logger = logging.getLogger(__name__)
 
@@ -82,14 +85,20 @@ class EvalData:
             batches; default top-1 accuracy.
         batch_size: evaluation batch size.
         num_samples: use only the first `num_samples` samples (all when None).
+        workers: threads evaluating batches in parallel (default: CPU cores, at most 4).
     """
 
     dataset: Any
     metric: Metric = top1_metric
     batch_size: int = 64
     num_samples: Optional[int] = None
+    workers: Optional[int] = None
 
     def __post_init__(self) -> None:
+        if self.workers is None:
+            self.workers = _default_workers()
+        if not isinstance(self.workers, int) or self.workers < 1:
+            raise ValueError(f"workers must be a positive int or None, got {self.workers!r}")
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
         if self.num_samples is not None and (not isinstance(self.num_samples, int)
@@ -123,9 +132,48 @@ class EvalData:
 
 
 # ---------------------------------------------------------------------------------------------
-# Prefix caching: layers that finish before a group's first layer runs give the same outputs
-# for every ratio of that group, so we replay them from a cache.
+# Replaying what a group cannot change
+#
+# While one group is masked, a layer call gives its baseline output when its input does not
+# depend on the group (every call that ends before the group's first layer runs, and parallel
+# branches), and gives its baseline output with the group's removed channels zeroed when it is
+# one of the group's producers or per-channel layers (conv filters, BatchNorm, depthwise conv)
+# that runs before the first layer mixing the group's channels (a consumer conv or Linear). So
+# for each ratio only the network from that first consumer on is computed; the rest is replayed
+# from one baseline pass. The results are bit-for-bit those of the masked network.
 # ---------------------------------------------------------------------------------------------
+
+_OUT_AXIS: Dict[type, Callable[[nn.Layer], int]] = {}
+
+
+def register_output_axis(*types: type) -> Callable:
+    """Register where a layer type puts its output channels (so its output can be masked).
+
+    Examples:
+        >>> @register_output_axis(MyConv)
+        ... def _(layer): return 1
+    """
+    def deco(fn: Callable[[nn.Layer], int]) -> Callable[[nn.Layer], int]:
+        for t in types:
+            _OUT_AXIS[t] = fn
+        return fn
+    return deco
+
+
+def _output_axis(layer: nn.Layer) -> Optional[int]:
+    for cls in type(layer).__mro__:
+        if cls in _OUT_AXIS:
+            return _OUT_AXIS[cls](layer)
+    return None
+
+
+def _data_format_axis(layer: nn.Layer) -> int:
+    return -1 if str(getattr(layer, "_data_format", "NCHW")).endswith("C") else 1
+
+
+register_output_axis(nn.Conv1D, nn.Conv2D, nn.Conv3D, nn.layer.norm._BatchNormBase, nn.BatchNorm,
+                     nn.layer.norm._InstanceNormBase)(_data_format_axis)
+register_output_axis(nn.Linear)(lambda layer: -1)
 
 
 @dataclass
@@ -135,10 +183,12 @@ class _Call:
     start: int  # event counters
     end: int = -1
     parent: Optional[int] = None  # position of the enclosing call in the call list
+    leaf: bool = False
+    mb: float = 0.0  # output size for the recorded batch
 
 
 class _CallRecorder:
-    """Records the order of sublayer calls in one forward pass."""
+    """Records the order (and output sizes) of sublayer calls in one forward pass."""
 
     def __init__(self, net: nn.Layer) -> None:
         self.net = net
@@ -150,21 +200,25 @@ class _CallRecorder:
         clock = [0]
         hooks = []
 
-        def pre(path: str) -> Callable:
+        def pre(path: str, leaf: bool) -> Callable:
             def fn(layer: nn.Layer, inputs: Any) -> None:
                 clock[0] += 1
                 self.calls.append(_Call(path, counts.get(path, 0), clock[0],
-                                        parent=stack[-1] if stack else None))
+                                        parent=stack[-1] if stack else None, leaf=leaf))
                 counts[path] = counts.get(path, 0) + 1
                 stack.append(len(self.calls) - 1)
             return fn
 
         def post(layer: nn.Layer, inputs: Any, output: Any) -> None:
             clock[0] += 1
-            self.calls[stack.pop()].end = clock[0]
+            call = self.calls[stack.pop()]
+            call.end = clock[0]
+            if isinstance(output, paddle.Tensor):
+                call.mb = output.numel().item() * output.element_size() / 2**20
 
         for path, layer in self.net.named_sublayers():
-            hooks.append(layer.register_forward_pre_hook(pre(path)))
+            leaf = not layer.sublayers()
+            hooks.append(layer.register_forward_pre_hook(pre(path, leaf)))
             hooks.append(layer.register_forward_post_hook(post))
         try:
             with paddle.no_grad():
@@ -187,40 +241,93 @@ def _prefix_calls(calls: List[_Call], layers: Sequence[str]) -> List[int]:
     return [i for i in sorted(done) if calls[i].parent not in done]
 
 
-class _Replay:
-    """Temporarily replaces chosen layer calls by cached outputs during a forward pass."""
+@dataclass
+class _GroupReplay:
+    """What one group replays: call index -> None (baseline) or (output axis, member key)."""
 
-    def __init__(self, net: nn.Layer, calls: List[_Call], chosen: Sequence[int]) -> None:
+    calls: Dict[int, Optional[Tuple[int, Tuple[str, int]]]]
+
+    @property
+    def needed(self) -> set:
+        return set(self.calls)
+
+
+def _group_replay(calls: List[_Call], net: nn.Layer, gi: int, group: Any,
+                  param_axes: Mapping[Tuple[str, int], Any], region: bool) -> _GroupReplay:
+    """Calls to replay for group `gi`: its prefix, then (with `region`) the leaf calls up to
+    the first layer that mixes the group's channels."""
+    prefix = _prefix_calls(calls, group.layers)
+    out: Dict[int, Optional[Tuple[int, Tuple[str, int]]]] = {i: None for i in prefix}
+    if not region or not prefix and not group.layers:
+        return _GroupReplay(out)
+    layers = dict(net.named_sublayers())
+    roles: Dict[str, List[Tuple[str, Tuple[str, int]]]] = {}
+    for (key, axis), pa in param_axes.items():
+        if np.any(pa.group == gi):
+            roles.setdefault(key.rpartition(".")[0], []).append((pa.role, (key, axis)))
+    first = next((c.start for c in calls if c.path in roles), None)
+    if first is None:
+        return _GroupReplay(out)
+    inside = set(prefix)
+    for i, c in enumerate(calls):
+        if c.start < first:
+            continue
+        member = roles.get(c.path)
+        if member is not None:
+            if any(role == "in" for role, _ in member):
+                break  # the first layer mixing the group's channels: live from here on
+            axis = _output_axis(layers[c.path]) if c.leaf else None
+            if axis is None:
+                break  # a member whose output we cannot mask: stop replaying here
+            out[i] = (axis, member[0][1])
+        elif c.leaf and not _nested_in(calls, i, inside) and _has_params(layers[c.path]):
+            out[i] = None  # a parallel branch: its input does not depend on the group
+    return _GroupReplay(out)
+
+
+def _nested_in(calls: List[_Call], i: int, chosen: set) -> bool:
+    p = calls[i].parent
+    while p is not None:
+        if p in chosen:
+            return True
+        p = calls[p].parent
+    return False
+
+
+def _has_params(layer: nn.Layer) -> bool:
+    return bool(layer.parameters(include_sublayers=False))
+
+
+class _Replay:
+    """Replaces chosen layer calls by cached (and possibly masked) outputs, per thread."""
+
+    def __init__(self, net: nn.Layer, calls: List[_Call], chosen: Mapping[int, Any],
+                 local: threading.local) -> None:
         self.layers = dict(net.named_sublayers())
         self.calls = calls
-        self.chosen = set(chosen)
-        skipped = set()
-        for i, c in enumerate(calls):  # calls nested in a chosen call will not happen
-            p = c.parent
-            while p is not None:
-                if p in self.chosen:
-                    skipped.add(i)
-                    break
-                p = calls[p].parent
+        self.chosen = dict(chosen)
+        self.local = local
+        skipped = {i for i in range(len(calls)) if _nested_in(calls, i, set(self.chosen))}
         self.live: Dict[str, List[int]] = {}
         for i, c in enumerate(calls):
             if i not in skipped:
                 self.live.setdefault(c.path, []).append(i)
         self.paths = sorted({calls[i].path for i in self.chosen})
 
-    def install(self, cached: Callable[[str, int], Any]) -> None:
+    def install(self, cached: Callable[[int], Any]) -> None:
         for path in self.paths:
             layer = self.layers[path]
             original = type(layer).forward.__get__(layer)
             live = self.live[path]
-            counter = [0]
+            local = self.local
 
-            def forward(*args: Any, _p=path, _o=original, _live=live, _c=counter, **kw: Any) -> Any:
-                k = _c[0]
-                _c[0] += 1
+            def forward(*args: Any, _p=path, _o=original, _live=live, **kw: Any) -> Any:
+                counts = local.counts
+                k = counts.get(_p, 0)
+                counts[_p] = k + 1
                 call = _live[k] if k < len(_live) else None
                 if call is not None and call in self.chosen:
-                    return cached(_p, self.calls[call].index)
+                    return cached(call)
                 return _o(*args, **kw)
 
             layer.__dict__["forward"] = forward
@@ -230,24 +337,12 @@ class _Replay:
             self.layers[path].__dict__.pop("forward", None)
 
 
-def _capture(net: nn.Layer, calls: List[_Call], wanted: set) -> Tuple[List[Any], Dict]:
-    """Post-hooks storing the outputs of the wanted calls (indices into `calls`) of one pass."""
-    layers = dict(net.named_sublayers())
-    keys = {(calls[i].path, calls[i].index) for i in wanted}
-    box: Dict[Tuple[str, int], Any] = {}
-    counts: Dict[str, int] = {}
-
-    def make(path: str) -> Callable:
-        def post(layer: nn.Layer, inputs: Any, output: Any) -> None:
-            k = counts.get(path, 0)
-            counts[path] = k + 1
-            if (path, k) in keys:
-                box[(path, k)] = output
-        return post
-
-    hooks = [layers[p].register_forward_post_hook(make(p)) for p in {k[0] for k in keys}]
-    box["__counts__"] = counts  # type: ignore[index]
-    return hooks, box
+def _default_workers() -> int:
+    try:
+        n = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        n = os.cpu_count() or 1
+    return max(1, min(n, 4))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -340,7 +435,7 @@ def analyse(pruner: Any, evaluate: Union[Callable[[], float], EvalData],
     net = pruner.net
     training = net.training
     net.eval()
-    runner = _Runner(net, evaluate, cache, [g for _, g in groups])
+    runner = _Runner(net, evaluate, cache, groups, pruner.graph.param_axes)
     try:
         if data["baseline"] is None or runner.cache:
             metric = float(runner.baseline())  # also fills the prefix cache
@@ -364,8 +459,9 @@ def analyse(pruner: Any, evaluate: Union[Callable[[], float], EvalData],
                     if _stopped(pts, max_loss):
                         pts[_key(r)] = None
                     else:
-                        with pruner.mask({g.name: r}):
-                            metric = runner.run()
+                        _, drop = pruner.slices(pruner.select({g.name: r}))
+                        with Mask(net, drop):
+                            metric = runner.run(drop)
                         runner.after_point()
                         pts[_key(r)] = (baseline - metric) / baseline
                     done += 1
@@ -407,97 +503,155 @@ def _save(path: Optional[str], data: Dict[str, Any]) -> None:
 
 
 class _Runner:
-    """Evaluates the network, replaying a group's unaffected prefix from a cache when it can.
+    """Evaluates the network on `EvalData` batches, in worker threads, replaying from a cache.
 
-    The baseline pass stores, per batch, the outputs of every layer call that some group can
-    replay (up to `cache_mb`); a group whose calls were not stored captures them during its
-    first ratio instead. Either way each ratio runs only the rest of the network.
+    The baseline pass stores, per batch, the outputs of every call some group replays (prefix
+    and region, see `_group_replay`) when they fit in `cache_mb`; otherwise each group replays
+    only its prefix, which it captures during its first ratio. Paddle's kernels release the
+    GIL, so batches run in parallel threads on a multi-core CPU.
     """
 
     def __init__(self, net: nn.Layer, evaluate: Union[Callable[[], float], EvalData],
-                 cache: bool, groups: Sequence[Any] = (), cache_mb: float = 2048) -> None:
+                 cache: bool, groups: Sequence[Tuple[int, Any]] = (),
+                 param_axes: Optional[Mapping[Tuple[str, int], Any]] = None,
+                 cache_mb: float = 2048) -> None:
         self.net = net
         self.evaluate = evaluate
         self.cache = cache and isinstance(evaluate, EvalData)
+        self.local = threading.local()
+        self.layers = dict(net.named_sublayers())
         self.calls: List[_Call] = []
-        self.prefix: Dict[str, List[int]] = {}
-        self.store: Dict[Tuple[int, str, int], Any] = {}
+        self.plans: Dict[str, _GroupReplay] = {}
+        self.store: Dict[Tuple[int, int], Any] = {}
+        self.shared: set = set()  # calls stored by the baseline pass, kept for every group
         self.replay: Optional[_Replay] = None
+        self.plan: Optional[_GroupReplay] = None
         self.pending: set = set()
-        self.cache_mb = cache_mb
-        self._group_keys: List[Tuple[int, str, int]] = []
-        self._arm: Optional[List[int]] = None
-        if self.cache:
-            self.calls = _CallRecorder(net).record(evaluate.batches[0][0])
-            self.prefix = {g.name: _prefix_calls(self.calls, g.layers) for g in groups}
+        self._arm = False
+        if not self.cache:
+            return
+        ev = evaluate
+        self.calls = _CallRecorder(net).record(ev.batches[0][0])
+        full = {g.name: _group_replay(self.calls, net, gi, g, param_axes or {}, region=True)
+                for gi, g in groups}
+        need = set().union(*(p.needed for p in full.values())) if full else set()
+        scale = ev.size / len(ev.batches[0][1])
+        mb = sum(self.calls[i].mb for i in need) * scale
+        if mb <= cache_mb:
+            self.plans, self.shared = full, need
+        else:
+            logger.info("replay cache would take %.0f MB (> %.0f MB): each group replays only "
+                        "its prefix", mb, cache_mb)
+            self.plans = {g.name: _group_replay(self.calls, net, gi, g, {}, region=False)
+                          for gi, g in groups}
 
     def baseline(self) -> float:
-        wanted = set().union(*self.prefix.values()) if self.prefix else set()
-        return self._score(capture=wanted, budget=True)
+        return self._score(capture=self.shared)
 
-    def run(self) -> float:
-        return self._score(capture=self.pending)
+    def run(self, drop: Optional[Mapping[str, Mapping[int, Any]]] = None) -> float:
+        """Score the (masked) network; `drop` names the zeroed channels, to mask replays."""
+        return self._score(capture=self.pending, drop=drop or {})
 
-    def _score(self, capture: set = frozenset(), budget: bool = False) -> float:
+    def _score(self, capture: set = frozenset(), drop: Mapping = {}) -> float:
         if not isinstance(self.evaluate, EvalData):
             return float(self.evaluate())
-        outs, used = [], 0.0
-        with paddle.no_grad():
-            for b, (x, _) in enumerate(self.evaluate.batches):
-                hooks, box = _capture(self.net, self.calls, capture) if capture else ([], {})
-                if self.replay is not None:
-                    self.replay.install(lambda p, k, _b=b: self.store[(_b, p, k)])
-                try:
-                    y = self.net(x)
-                finally:
-                    if self.replay is not None:
-                        self.replay.uninstall()
-                    for h in hooks:
-                        h.remove()
-                for key, out in box.items():
-                    if key != "__counts__":
-                        self.store[(b,) + key] = out
-                        if not budget:
-                            self._group_keys.append((b,) + key)
-                        used += out.numel().item() * 4 / 2**20 if budget else 0.0
-                if budget and used * len(self.evaluate.batches) / (b + 1) > self.cache_mb:
-                    logger.info("prefix cache would exceed %.0f MB; groups capture their own",
-                                self.cache_mb)
-                    self.store.clear()
-                    capture, budget = set(), False
-                y = y[0] if isinstance(y, (tuple, list)) else y
-                outs.append(y.numpy())
+        ev = self.evaluate
+        local = self.local
+        hooks = self._capture_hooks(capture) if capture else []
+        if self.replay is not None:
+            keep = self._keep_vectors(drop)
+            self.replay.install(lambda i: self._cached(i, keep))
+        outs: List[Any] = [None] * len(ev.batches)
+
+        def work(b: int) -> None:
+            local.batch, local.counts, local.seen = b, {}, {}
+            with paddle.no_grad():
+                y = self.net(ev.batches[b][0])
+            y = y[0] if isinstance(y, (tuple, list)) else y
+            outs[b] = y.numpy()
+
+        try:
+            with paddle.no_grad():
+                workers = min(ev.workers, len(ev.batches))
+                if workers > 1:
+                    with ThreadPoolExecutor(workers) as pool:
+                        list(pool.map(work, range(len(ev.batches))))
+                else:
+                    for b in range(len(ev.batches)):
+                        work(b)
+        finally:
+            if self.replay is not None:
+                self.replay.uninstall()
+            for h in hooks:
+                h.remove()
         self.pending = set()
-        return self.evaluate.score(outs)
+        return ev.score(outs)
+
+    def _capture_hooks(self, capture: set) -> List[Any]:
+        by_path: Dict[str, Dict[int, int]] = {}
+        for i in capture:
+            by_path.setdefault(self.calls[i].path, {})[self.calls[i].index] = i
+        local = self.local
+
+        def make(path: str, index: Dict[int, int]) -> Callable:
+            def post(layer: nn.Layer, inputs: Any, output: Any) -> None:
+                k = local.seen.get(path, 0)
+                local.seen[path] = k + 1
+                if k in index:
+                    self.store[(local.batch, index[k])] = output
+            return post
+
+        return [self.layers[p].register_forward_post_hook(make(p, idx))
+                for p, idx in by_path.items()]
+
+    def _keep_vectors(self, drop: Mapping[str, Mapping[int, Any]]) -> Dict[int, paddle.Tensor]:
+        """Per masked replay call, a 0/1 tensor shaped to broadcast along its channel axis."""
+        keep: Dict[int, paddle.Tensor] = {}
+        for i, spec in (self.plan.calls.items() if self.plan else ()):
+            if spec is None:
+                continue
+            axis, (key, pax) = spec
+            removed = drop.get(key, {}).get(pax)
+            if not removed:
+                continue
+            ref = self.store[(0, i)]
+            vec = np.ones(ref.shape[axis], dtype=np.float32)
+            vec[np.asarray(removed, dtype=np.int64)] = 0.0
+            shape = [1] * ref.ndim
+            shape[axis] = -1
+            keep[i] = paddle.to_tensor(vec.reshape(shape)).astype(ref.dtype)
+        return keep
+
+    def _cached(self, i: int, keep: Mapping[int, paddle.Tensor]) -> Any:
+        out = self.store[(self.local.batch, i)]
+        return out * keep[i] if i in keep else out
 
     def for_group(self, group: Any) -> "_Runner":
         self._group = group
         return self
 
     def __enter__(self) -> "_Runner":
-        chosen = self.prefix.get(self._group.name, [])
-        if not chosen:
+        plan = self.plans.get(self._group.name)
+        if not plan or not plan.calls:
             return self
-        batches = range(len(self.evaluate.batches))
-        have = all((b, self.calls[i].path, self.calls[i].index) in self.store
-                   for b in batches for i in chosen)
-        if have:
-            self.replay = _Replay(self.net, self.calls, chosen)
-        else:  # the first ratio runs in full and fills the cache for the others
-            self.pending = set(chosen)
-            self._arm = chosen
+        self.plan = plan
+        if plan.needed <= self.shared:
+            self.replay = _Replay(self.net, self.calls, plan.calls, self.local)
+        else:  # the first ratio runs in full and captures the prefix for the others
+            self.pending = plan.needed
+            self._arm = True
         return self
 
     def after_point(self) -> None:
         """Once the first ratio has filled the cache, later ratios replay it."""
-        if self.replay is None and self._arm:
-            self.replay = _Replay(self.net, self.calls, self._arm)
-            self._arm = None
+        if self.replay is None and self._arm and self.plan is not None:
+            self.replay = _Replay(self.net, self.calls, self.plan.calls, self.local)
+            self._arm = False
 
     def __exit__(self, *exc: object) -> None:
         self.replay = None
-        self._arm = None
+        self.plan = None
+        self._arm = False
         self.pending = set()
-        for key in self._group_keys:  # keep the shared baseline cache, drop the group's own
-            self.store.pop(key, None)
-        self._group_keys = []
+        for key in [k for k in self.store if k[1] not in self.shared]:
+            del self.store[key]  # keep the shared baseline cache, drop the group's own
