@@ -9,7 +9,10 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
+import numpy as np
 import paddle
+
+from .surgery import AxisSlice, ParamSlices, slice_array
 
 logger = logging.getLogger(__name__)
 
@@ -77,8 +80,39 @@ def _copy_group(group: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _slices_by_name(net: paddle.nn.Layer, param_slices: Mapping[str, Mapping[int, Sequence[int]]]
-                    ) -> dict[str, tuple[list[int], dict[int, list[int]]]]:
+def _is_blockwise(idx: AxisSlice) -> bool:
+    return len(idx) > 0 and isinstance(idx[0], (Sequence, np.ndarray))
+
+
+def _kept_count(idx: AxisSlice) -> int:
+    """Size an axis has after keeping ``idx`` (per block for a grouped conv's input axis)."""
+    return len(idx[0]) if _is_blockwise(idx) else len(idx)
+
+
+def _largest(idx: AxisSlice) -> int:
+    return max(max(block) for block in idx) if _is_blockwise(idx) else max(idx)
+
+
+def _normalise(key: str, axis: int, idx: AxisSlice, shape: list[int]) -> AxisSlice:
+    """Checks one axis slice against the already shrunk parameter; returns it as plain int lists."""
+    if _is_blockwise(idx):
+        blocks = [[int(i) for i in block] for block in idx]
+        if axis == 0:
+            raise ValueError(f"{key}: per-block kept indices are only valid on a grouped conv's input axis, "
+                             f"not on axis 0")
+        if any(len(b) != shape[axis] for b in blocks) or min(min(b) for b in blocks) < 0:
+            raise ValueError(f"{key}: per-block kept indices on axis {axis} must keep {shape[axis]} valid "
+                             f"indices in each of the {len(blocks)} blocks (the parameter now has shape "
+                             f"{shape}); slice the parameters before rebuilding the optimizer")
+        return blocks
+    if len(idx) == 0 or len(idx) != shape[axis] or min(idx) < 0:
+        raise ValueError(f"{key}: {len(idx)} kept indices on axis {axis} but the parameter now has "
+                         f"shape {shape}; slice the parameters before rebuilding the optimizer")
+    return [int(i) for i in idx]
+
+
+def _slices_by_name(net: paddle.nn.Layer, param_slices: ParamSlices
+                    ) -> dict[str, tuple[list[int], dict[int, AxisSlice]]]:
     """Maps each sliced parameter's ``param.name`` to (its new shape, {axis: kept indices})."""
     params = dict(net.named_parameters())
     out = {}
@@ -87,32 +121,38 @@ def _slices_by_name(net: paddle.nn.Layer, param_slices: Mapping[str, Mapping[int
             raise ValueError(f"param_slices names {key!r}, which is not a parameter of the network; "
                              f"valid names are {sorted(params)}")
         param = params[key]
+        shape = list(param.shape)
+        checked = {}
         for axis, idx in axes.items():
-            if not 0 <= axis < len(param.shape):
-                raise ValueError(f"{key}: axis {axis} is out of range for shape {param.shape}")
-            if len(idx) == 0 or len(idx) != param.shape[axis] or min(idx) < 0:
-                raise ValueError(f"{key}: {len(idx)} kept indices on axis {axis} but the parameter now has "
-                                 f"shape {param.shape}; slice the parameters before rebuilding the optimizer")
-        out[param.name] = (list(param.shape), {int(a): [int(i) for i in idx] for a, idx in axes.items()})
+            if not 0 <= int(axis) < len(shape):
+                raise ValueError(f"{key}: axis {axis} is out of range for shape {shape}")
+            checked[int(axis)] = _normalise(key, int(axis), idx, shape)
+        out[param.name] = (shape, checked)
     return out
 
 
 @paddle.no_grad()
-def _slice_state(tensor: paddle.Tensor, new_shape: list[int], axes: Mapping[int, list[int]]) -> paddle.Tensor:
+def _slice_state(tensor: paddle.Tensor, new_shape: list[int], axes: Mapping[int, AxisSlice]) -> paddle.Tensor:
     """A copy of ``tensor``, sliced like its parameter if it has the parameter's old shape."""
     shape = list(tensor.shape)
     # same rank and same size on the untouched axes: this is state of the parameter's (old) shape
     same_frame = len(shape) == len(new_shape) and all(
         shape[a] == n for a, n in enumerate(new_shape) if a not in axes)
-    param_shaped = same_frame and all(shape[a] > max(idx) for a, idx in axes.items())
+    param_shaped = same_frame and all(
+        shape[a] > _largest(idx) and (not _is_blockwise(idx) or shape[0] % len(idx) == 0)
+        for a, idx in axes.items())
     if same_frame and not param_shaped and tensor.numel() > 1:  # numel 1: a counter such as beta1_pow
         raise ValueError(f"optimizer state {tensor.name} of shape {shape} cannot be sliced by {dict(axes)}: "
                          f"kept indices must lie within the parameter's original size")
     out = tensor.clone()
-    if param_shaped:
-        for axis, idx in axes.items():
-            if shape[axis] != len(idx):
-                out = paddle.index_select(out, paddle.to_tensor(idx, dtype="int64", place=out.place), axis)
+    # an axis that already has the kept size was sliced before (or loses nothing)
+    todo = {a: idx for a, idx in axes.items() if shape[a] != _kept_count(idx)} if param_shaped else {}
+    if todo:
+        # Slice a grid of flat positions with surgery's own helper, then gather: the state is cut exactly
+        # as its parameter was (per-block slices included) and keeps its dtype and place.
+        picked = slice_array(np.arange(int(np.prod(shape)), dtype=np.int64).reshape(shape), todo)
+        flat_idx = paddle.to_tensor(picked.ravel(), dtype="int64", place=out.place)
+        out = paddle.gather(out.flatten(), flat_idx).reshape(list(picked.shape))
     out.name = tensor.name  # keep names so a checkpoint of the new optimizer loads in a fresh process
     out.persistable = True
     out.stop_gradient = True
@@ -120,7 +160,7 @@ def _slice_state(tensor: paddle.Tensor, new_shape: list[int], axes: Mapping[int,
 
 
 def rebuild_optimizer(optimizer: paddle.optimizer.Optimizer, net: paddle.nn.Layer,
-                      param_slices: Mapping[str, Mapping[int, Sequence[int]]]) -> paddle.optimizer.Optimizer:
+                      param_slices: ParamSlices) -> paddle.optimizer.Optimizer:
     """Builds a new optimizer of the same class over the already shrunk parameters of ``net``.
 
     The new optimizer drives exactly the parameter objects (and parameter groups) of the old one,
@@ -132,7 +172,8 @@ def rebuild_optimizer(optimizer: paddle.optimizer.Optimizer, net: paddle.nn.Laye
         optimizer: The optimizer that trained the network before pruning. It is not modified.
         net: The pruned network; used to resolve the structured names in ``param_slices``.
         param_slices: ``{structured parameter name: {axis: kept indices in the original index
-            space}}``; parameters not named are unchanged.
+            space}}`` (``PrunePlan.param_slices``); on a grouped conv's input axis, one list of kept
+            indices per block. Parameters not named are unchanged.
 
     Returns:
         The new optimizer.

@@ -9,6 +9,7 @@ import paddle
 import pytest
 
 from prune_callbacks.optim import rebuild_optimizer, register_optimizer
+from prune_callbacks.surgery import slice_array
 
 KEEP = [0, 2, 3, 5]  # of 6 hidden channels; 1 and 4 are pruned
 DROP = [1, 4]
@@ -267,3 +268,69 @@ def test_fp32_master_weights_are_sliced_not_recast_from_low_precision() -> None:
     np.testing.assert_array_equal(new._master_weights[net[2].weight.name].numpy()[:, 0],
                                   opt._master_weights[net[2].weight.name].numpy()[KEEP, 0])
     np.testing.assert_array_equal(old_master.numpy(), fine)  # the old optimizer is left alone
+
+
+def _grouped_cnn(groups: int) -> paddle.nn.Layer:
+    # The middle conv is grouped (not depthwise): pruning its input channels gives its weight a per-block
+    # slice on axis 1, one list of kept in-block indices per group.
+    return paddle.nn.Sequential(
+        paddle.nn.Conv2D(2, 8, 3, padding=1, bias_attr=False), paddle.nn.BatchNorm2D(8), paddle.nn.ReLU(),
+        paddle.nn.Conv2D(8, 8, 3, padding=1, groups=groups, bias_attr=False), paddle.nn.BatchNorm2D(8),
+        paddle.nn.ReLU(), paddle.nn.Conv2D(8, 3, 3))
+
+
+@pytest.mark.parametrize("groups", [2, 4])
+@pytest.mark.parametrize("ratios", [{"0": 0.5}, {"0": 0.5, "3": 0.5}], ids=["in", "in+out"])
+def test_grouped_conv_per_block_slices_carry_momentum_state(groups: int, ratios: dict) -> None:
+    from prune_callbacks import FilterPruner
+    from prune_callbacks.surgery import Mask
+
+    net_a, opt_a, net_b, opt_b = _twins(lambda: _grouped_cnn(groups), _momentum, "cnn")
+    w = net_b[3].weight
+    old_velocity = opt_b._accumulators["velocity"][w.name].numpy()
+    assert np.abs(old_velocity).min() > 0  # real state, so a wrong slice cannot pass by accident
+
+    plan = FilterPruner(net_b, [1, 2, 5, 5]).prune(ratios)
+    blocks = plan.param_slices["3.weight"][1]
+    assert len(blocks) == groups and all(len(b) == 8 // groups // 2 for b in blocks)  # half of each block
+    new = rebuild_optimizer(opt_b, net_b, plan.param_slices)
+
+    # independent expectation: each block of output rows keeps its own input columns
+    rows = old_velocity.shape[0] // groups
+    expected = np.concatenate([old_velocity[b * rows:(b + 1) * rows][:, list(cols)]
+                               for b, cols in enumerate(blocks)])
+    if 0 in plan.param_slices["3.weight"]:
+        expected = expected[list(plan.param_slices["3.weight"][0])]
+    velocity = new._accumulators["velocity"][w.name]
+    assert velocity.shape == w.shape == list(expected.shape)
+    np.testing.assert_array_equal(velocity.numpy(), expected)
+
+    # and the pruned net keeps stepping exactly like its masked twin
+    pruner_a = FilterPruner(net_a, [1, 2, 5, 5])
+    _, removed = pruner_a.slices({pruner_a.group_index(g.name): np.asarray(g.kept) for g in plan.groups})
+    for s in range(3, 5):
+        Mask(net_a, removed)  # (re-)zero the pruned channels; never restored
+        _step(net_a, opt_a, _batch("cnn", s))
+        _step(net_b, new, _batch("cnn", s))
+        params_b = dict(net_b.named_parameters())
+        for name, param_a in net_a.named_parameters():
+            np.testing.assert_allclose(params_b[name].numpy(),
+                                       slice_array(param_a.numpy(), plan.param_slices.get(name, {})),
+                                       rtol=1e-5, atol=1e-6, err_msg=f"groups={groups} step {s}: {name}")
+
+
+def test_bad_per_block_slices_raise_value_errors() -> None:
+    net = _grouped_cnn(2)
+    opt = _momentum(net)
+    _step(net, opt, _batch("cnn", 0))
+    _set(net, "3.weight", net[3].weight.numpy()[:, [0, 2]])  # each block keeps 2 of its 4 inputs
+    with pytest.raises(ValueError, match=r"3.weight: per-block kept indices on axis 1 must keep 2"):
+        rebuild_optimizer(opt, net, {"3.weight": {1: [[0, 2], [1]]}})
+    with pytest.raises(ValueError, match="only valid on a grouped conv's input axis"):
+        rebuild_optimizer(opt, net, {"3.weight": {0: [[0, 2], [1, 3]]}})
+    with pytest.raises(ValueError, match="within the parameter's original size"):
+        rebuild_optimizer(opt, net, {"3.weight": {1: [[0, 2], [1, 7]]}})
+    new = rebuild_optimizer(opt, net, {"3.weight": {1: [[0, 2], [1, 3]]}})
+    old = opt._accumulators["velocity"][net[3].weight.name].numpy()
+    np.testing.assert_array_equal(new._accumulators["velocity"][net[3].weight.name].numpy(),
+                                  np.concatenate([old[:4][:, [0, 2]], old[4:][:, [1, 3]]]))
