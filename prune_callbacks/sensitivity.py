@@ -432,22 +432,22 @@ def analyse(pruner: Any, evaluate: Union[Callable[[], float], EvalData],
                 "ratios": list(ratios), "input_shape": list(pruner.input_shape), "data": describe,
                 "groups": channels, "baseline": None, "losses": {}}
 
+    todo = [(gi, g) for gi, g in groups
+            if len(data["losses"].get(g.name, {})) < len(ratios)
+            and not _stopped(data["losses"].get(g.name, {}), max_loss)]
     net = pruner.net
     training = net.training
     net.eval()
-    runner = _Runner(net, evaluate, cache, groups, pruner.graph.param_axes)
     try:
-        if data["baseline"] is None or runner.cache:
-            metric = float(runner.baseline())  # also fills the prefix cache
+        runner = _Runner(net, evaluate, cache and bool(todo), groups, pruner.graph.param_axes)
+        if data["baseline"] is None or (runner.cache and todo):
+            metric = float(runner.baseline())  # also fills the replay cache
             if data["baseline"] is None:
                 data["baseline"] = metric
                 _save(path, data)
         baseline = data["baseline"]
         if baseline == 0:
             raise ValueError("the baseline metric is 0: sensitivity (relative loss) is undefined")
-        todo = [(gi, g) for gi, g in groups
-                if len(data["losses"].get(g.name, {})) < len(ratios)
-                and not _stopped(data["losses"].get(g.name, {}), max_loss)]
         total = sum(len(ratios) - len(data["losses"].get(g.name, {})) for _, g in todo)
         done, t0 = 0, time.perf_counter()
         for n, (gi, g) in enumerate(todo, 1):

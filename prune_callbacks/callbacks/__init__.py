@@ -1,0 +1,8 @@
+"""paddle.Model.fit callbacks: sensitivity at an epoch, pruning to a FLOPs target, VisualDL."""
+from .history import PruneEvent, PruneHistory, history_of
+from .prune import FilterPruneCallback
+from .sensitivity import SensitivityCallback
+from .visualdl import PruneVisualDL
+
+__all__ = ["SensitivityCallback", "FilterPruneCallback", "PruneVisualDL", "PruneHistory",
+           "PruneEvent", "history_of"]

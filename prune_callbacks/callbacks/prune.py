@@ -1,0 +1,205 @@
+"""FilterPruneCallback: prune to a FLOPs target inside `fit`, rebuild the optimizer, go on."""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Union
+
+import numpy as np
+import paddle
+
+from ..importance import get_criterion
+from ..optim import rebuild_optimizer
+from ..plan import PrunePlan
+from ..planning import STRATEGIES, plan_ratios
+from ..pruner import FilterPruner
+from ..sensitivity import SensitivityResult
+from ._common import check_epoch, check_names, infer_input_shape
+from .history import PruneEvent, history_of
+from .sensitivity import SensitivityCallback
+
+logger = logging.getLogger(__name__)
+
+SensitivitySource = Union[SensitivityCallback, SensitivityResult, str, "os.PathLike[str]", None]
+
+
+class FilterPruneCallback(paddle.callbacks.Callback):
+    """Prune the lowest-importance filters to remove a share of FLOPs, in the middle of `fit`.
+
+    At the end of epoch `at_epoch`'s training (before fit evaluates that epoch, so the printed
+    evaluation shows the pruned network) it plans per-group ratios, prunes the network in place,
+    rebuilds the model's optimizer over the new parameters (same class, hyper-parameters,
+    LRScheduler object and sliced state), and training continues in the same `fit` call.
+    With `steps=k` the target is reached gradually: at epochs at_epoch .. at_epoch+k-1 each
+    group's kept channel count moves 1/k of the way to the final plan, which is made once, on
+    the first step.
+
+    Args:
+        flops: share of FLOPs (multiply-accumulates, see `count_flops`) to remove, in (0, 1).
+        at_epoch: 0-based epoch at whose end pruning (its first step) happens.
+        criterion: channel importance: "l1", "l2", "fpgm", "bn_scale", "random" or registered.
+        skip: groups (layer paths or Paddle parameter names such as "conv2d_26.w_0") kept whole.
+        sensitivity: where the per-group sensitivity curves come from, for strategy
+            "sensitivity": a SensitivityCallback in the same fit, a SensitivityResult, or the
+            path of a saved analysis.
+        strategy: "sensitivity" (less sensitive groups lose more, PaddleSlim's rule) or
+            "uniform" (the same ratio everywhere).
+        round_to: keep channel counts multiples of this.
+        steps: number of epochs over which the target is reached.
+        input_shape: one input's shape, batch first; default: from the model's input spec.
+
+    Attributes:
+        plans: the PrunePlan of each step, in order (also in `history_of(model).events`).
+
+    Examples:
+        >>> model.fit(train_ds, val_ds, epochs=6, callbacks=[
+        ...     FilterPruneCallback(flops=0.4, at_epoch=2, strategy="uniform")])
+    """
+
+    def __init__(self, flops: float = 0.4, at_epoch: int = 0, criterion: str = "l1",
+                 skip: Sequence[str] = (), sensitivity: SensitivitySource = None,
+                 strategy: str = "sensitivity", round_to: int = 1, steps: int = 1,
+                 input_shape: Optional[Sequence[int]] = None) -> None:
+        super().__init__()
+        if isinstance(flops, bool) or not isinstance(flops, (int, float)) \
+                or not 0.0 < float(flops) < 1.0:
+            raise ValueError(f"flops must be the share of FLOPs to remove, in (0, 1) such as 0.4; "
+                             f"got {flops!r}")
+        self.flops = float(flops)
+        self.at_epoch = check_epoch("at_epoch", at_epoch)
+        get_criterion(criterion)
+        self.criterion = criterion
+        self.skip = check_names("skip", skip)
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+        self.strategy = strategy
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+        self.round_to = round_to
+        if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+            raise ValueError(f"steps must be an int >= 1 (epochs to reach the target), got {steps!r}")
+        self.steps = steps
+        if strategy == "sensitivity":
+            if sensitivity is None:
+                raise ValueError(
+                    "strategy='sensitivity' needs sensitivity=<SensitivityCallback | "
+                    "SensitivityResult | path of a saved analysis>; or use strategy='uniform'")
+            if not isinstance(sensitivity, (SensitivityCallback, SensitivityResult, str,
+                                            os.PathLike)):
+                raise TypeError("sensitivity must be a SensitivityCallback, a SensitivityResult "
+                                f"or a file path; got {type(sensitivity).__name__}")
+        self.sensitivity = sensitivity
+        self.input_shape = list(input_shape) if input_shape is not None else None
+        self.plans: List[PrunePlan] = []
+        self._final: Optional[Dict[str, tuple]] = None  # group -> (channels at step 1, final kept)
+        self._pruner: Optional[FilterPruner] = None
+
+    @property
+    def epochs(self) -> List[int]:
+        """The epochs at whose end a pruning step happens."""
+        return list(range(self.at_epoch, self.at_epoch + self.steps))
+
+    # -- fit hooks --------------------------------------------------------------------------
+    def on_train_begin(self, logs: Optional[Dict] = None) -> None:
+        epochs = (self.params or {}).get("epochs")
+        last = self.epochs[-1]
+        if epochs is not None and last >= epochs and not self.plans:
+            raise ValueError(
+                f"FilterPruneCallback(at_epoch={self.at_epoch}, steps={self.steps}) prunes at the "
+                f"end of epoch {last}, but fit has {epochs} epochs (0..{epochs - 1}); lower "
+                f"at_epoch/steps or fit longer")
+        if self.model._optimizer is None:
+            raise ValueError("the model has no optimizer: call model.prepare(optimizer, loss, ...) "
+                             "before fit")
+        sens = self.sensitivity
+        if isinstance(sens, SensitivityCallback) and sens.at_epoch > self.at_epoch:
+            raise ValueError(
+                f"the SensitivityCallback runs at epoch {sens.at_epoch}, after pruning at epoch "
+                f"{self.at_epoch}: give it at_epoch <= {self.at_epoch}")
+        if isinstance(sens, (str, os.PathLike)) and not os.path.exists(sens):
+            raise ValueError(f"sensitivity file {os.fspath(sens)!r} does not exist: run a "
+                             "SensitivityCallback (or pruner.sensitivity(..., path=...)) first, "
+                             "or pass the callback itself")
+        if not self.plans:  # trace now: a bad input shape or skip name fails before training
+            self._pruner = self._new_pruner()
+            for name in self.skip:
+                self._pruner.group_index(name)
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict] = None) -> None:
+        if epoch in self.epochs and len(self.plans) == self.epochs.index(epoch):
+            self.prune_now(epoch)
+
+    # -- work ---------------------------------------------------------------------------------
+    def prune_now(self, epoch: Optional[int] = None) -> PrunePlan:
+        """Run the next pruning step on `self.model` now (fit calls this for you)."""
+        step = len(self.plans) + 1
+        pruner = self._pruner or self._new_pruner()
+        self._pruner = None
+        net = self.model.network
+        if step == 1:
+            kept = plan_ratios(pruner, self.flops, self._sensitivities(epoch), self.skip,
+                               self.strategy, self.round_to)
+            groups = pruner.groups
+            self._final = {groups[gi].name: (groups[gi].channels, len(k))
+                           for gi, k in kept.items()}
+        if self.steps == 1:
+            plan = pruner.apply(kept)
+        else:
+            plan = pruner.prune(self._step_ratios(pruner, step))
+        self._after_surgery(net, plan)
+        target = self.flops * step / self.steps
+        self.plans.append(plan)
+        history_of(self.model).events.append(PruneEvent(epoch if epoch is not None else -1, step,
+                                                        target, plan))
+        total = 1.0 - plan.flops_after / self.plans[0].flops_before
+        logger.info("pruning step %d/%d at epoch %s: FLOPs %d -> %d, %.2f%% removed in all "
+                    "(target %.2f%%)", step, self.steps, epoch, plan.flops_before,
+                    plan.flops_after, 100 * total, 100 * target)
+        return plan
+
+    def _step_ratios(self, pruner: FilterPruner, step: int) -> Dict[str, float]:
+        ratios = {}
+        for g in pruner.groups:
+            if g.name not in self._final:
+                continue
+            start, final = self._final[g.name]
+            want = start - int(round((start - final) * step / self.steps))
+            if step == self.steps:
+                want = final
+            if want < g.channels:
+                ratios[g.name] = (g.channels - want) / g.channels
+        return ratios
+
+    def _after_surgery(self, net: paddle.nn.Layer, plan: PrunePlan) -> None:
+        for p in net.parameters():  # gradients of the old shapes must not be accumulated into
+            p.clear_gradient(False)
+        self.model._optimizer = rebuild_optimizer(self.model._optimizer, net, plan.param_slices)
+        try:
+            from ..io import record_plan
+        except ImportError:  # pragma: no cover - io is part of the package
+            return
+        record_plan(net, plan)
+
+    def _sensitivities(self, epoch: Optional[int]) -> Optional[SensitivityResult]:
+        if self.strategy != "sensitivity":
+            return None
+        sens = self.sensitivity
+        if isinstance(sens, SensitivityCallback):
+            if sens.result is None:  # same epoch, listed after us: run it now
+                sens.set_model(self.model)
+                sens.run(epoch)
+            return sens.result
+        if isinstance(sens, (str, os.PathLike)):
+            sens = SensitivityResult.load(os.fspath(sens))
+        hist = history_of(self.model)
+        if hist.sensitivity is None:  # let PruneVisualDL show the curves the plan came from
+            hist.sensitivity, hist.sensitivity_epoch = sens, epoch
+        return sens
+
+    def _new_pruner(self) -> FilterPruner:
+        ds = None
+        if isinstance(self.sensitivity, SensitivityCallback):
+            ds = self.sensitivity._dataset
+        shape = self.input_shape or infer_input_shape(self.model, ds)
+        return FilterPruner(self.model.network, shape, self.criterion)

@@ -1,0 +1,124 @@
+"""SensitivityCallback: run the sensitivity analysis at the end of a chosen epoch of `fit`."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any, Callable, Dict, Optional, Sequence, Union
+
+import paddle
+
+from ..importance import get_criterion
+from ..pruner import FilterPruner
+from ..sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, _check_ratios, top1_metric
+from ._common import check_epoch, check_names, infer_input_shape
+from .history import history_of
+
+logger = logging.getLogger(__name__)
+
+
+class SensitivityCallback(paddle.callbacks.Callback):
+    """Measure each prunable group's sensitivity at the end of epoch `at_epoch`'s training.
+
+    It runs after that epoch's training and before fit's evaluation of it, leaves the network's
+    train/eval mode, its weights and the model's metrics as they were, and publishes the result
+    (`self.result`, and `history_of(model).sensitivity`) for `FilterPruneCallback` and
+    `PruneVisualDL`. With `path`, every point is saved as it is measured; a complete analysis
+    in `path` that matches the network is reused without evaluating anything.
+
+    Args:
+        eval_data: a dataset of (input, label) samples (batched by the engine, which can then
+            replay unchanged layers from a cache) or `eval_fn() -> float`, higher is better.
+        at_epoch: 0-based epoch at whose end the analysis runs.
+        ratios: pruning ratios to try per group, each in (0, 1).
+        path: JSON file for the results (resumed if it exists); None keeps them in memory.
+        num_samples: evaluate on the first `num_samples` samples only (datasets).
+        batch_size: evaluation batch size (datasets).
+        metric: `metric(logits, labels) -> (correct, count)` per batch (datasets); top-1
+            accuracy by default.
+        skip: groups (layer paths or parameter names) not to analyse.
+        max_loss: stop a group's curve once its loss exceeds this (skipped points stay empty).
+        criterion: channel importance used to choose which channels go ("l1", "l2", ...).
+        input_shape: one input's shape, batch first; default: from the model's input spec,
+            else from the first sample of `eval_data`.
+        workers: threads evaluating batches in parallel (default: CPU cores, at most 4).
+
+    Examples:
+        >>> sens = SensitivityCallback(val_ds, at_epoch=1, path="sen.json", num_samples=512)
+        >>> model.fit(train_ds, epochs=3, callbacks=[
+        ...     sens, FilterPruneCallback(flops=0.4, at_epoch=1, sensitivity=sens)])
+    """
+
+    def __init__(self, eval_data: Any, at_epoch: int = 0,
+                 ratios: Sequence[float] = DEFAULT_RATIOS, path: Optional[str] = None,
+                 num_samples: Optional[int] = None, batch_size: int = 64,
+                 metric: Optional[Callable] = None, skip: Sequence[str] = (),
+                 max_loss: Optional[float] = None, criterion: str = "l1",
+                 input_shape: Optional[Sequence[int]] = None,
+                 workers: Optional[int] = None) -> None:
+        super().__init__()
+        is_dataset = hasattr(eval_data, "__getitem__") and hasattr(eval_data, "__len__")
+        if not is_dataset and not callable(eval_data):
+            raise TypeError(
+                "eval_data must be a dataset of (input, label) samples or a callable "
+                f"eval_fn() -> float; got {type(eval_data).__name__}")
+        if is_dataset and len(eval_data) == 0:
+            raise ValueError("eval_data is empty: pass a dataset with at least one sample")
+        self.at_epoch = check_epoch("at_epoch", at_epoch)
+        self.ratios = _check_ratios(ratios)
+        if path is not None and not isinstance(path, (str, os.PathLike)):
+            raise TypeError(f"path must be a file path or None, got {type(path).__name__}")
+        self.path = os.fspath(path) if path is not None else None
+        if max_loss is not None and not isinstance(max_loss, (int, float)):
+            raise TypeError(f"max_loss must be a number or None, got {max_loss!r}")
+        get_criterion(criterion)  # unknown criterion: fail now, not epochs later
+        self.criterion = criterion
+        self.skip = check_names("skip", skip)
+        self.max_loss = max_loss
+        self.input_shape = list(input_shape) if input_shape is not None else None
+        self.eval_fn: Optional[Callable[[], float]] = None
+        self.eval_data: Optional[EvalData] = None
+        self._dataset = eval_data if is_dataset else None
+        if is_dataset:
+            self.eval_data = EvalData(eval_data, metric or top1_metric, batch_size, num_samples,
+                                      workers)
+        else:
+            self.eval_fn = eval_data
+        self.result: Optional[SensitivityResult] = None
+        self.ran_at: Optional[int] = None
+
+    # -- fit hooks --------------------------------------------------------------------------
+    def on_train_begin(self, logs: Optional[Dict] = None) -> None:
+        epochs = (self.params or {}).get("epochs")
+        if epochs is not None and self.at_epoch >= epochs:
+            raise ValueError(
+                f"SensitivityCallback(at_epoch={self.at_epoch}) never runs: fit has {epochs} "
+                f"epochs (0..{epochs - 1}); lower at_epoch or fit longer")
+        pruner = self._pruner()  # checks input_shape and skip names before any training
+        for name in self.skip:
+            pruner.group_index(name)
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict] = None) -> None:
+        if epoch == self.at_epoch:
+            self.run(epoch)
+
+    # -- work ---------------------------------------------------------------------------------
+    def run(self, epoch: Optional[int] = None) -> SensitivityResult:
+        """Run (or resume, or reuse) the analysis now; called by fit, or by a pruning callback
+        that needs the result in the same epoch before this callback's turn came."""
+        if self.result is not None and self.ran_at == epoch:
+            return self.result
+        pruner = self._pruner()
+        evaluate = self.eval_data if self.eval_data is not None else self.eval_fn
+        logger.info("sensitivity analysis at the end of epoch %s (%d prunable groups, ratios %s)",
+                    epoch, len(pruner.prunable_groups), list(self.ratios))
+        self.result = pruner.sensitivity(evaluate, ratios=self.ratios, path=self.path,
+                                         skip=self.skip, max_loss=self.max_loss)
+        self.ran_at = epoch
+        if self.model is not None:
+            hist = history_of(self.model)
+            hist.sensitivity, hist.sensitivity_epoch = self.result, epoch
+        return self.result
+
+    def _pruner(self) -> FilterPruner:
+        shape = self.input_shape or infer_input_shape(self.model, self._dataset)
+        return FilterPruner(self.model.network, shape, self.criterion)
