@@ -1,0 +1,359 @@
+"""Sensitivity analysis and FLOPs-target planning: exact losses, resume, file errors, targets."""
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any, Dict, List
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import pytest
+from paddle.vision import models
+
+from prune_callbacks import EvalData, FilterPruner, SensitivityResult, count_flops
+from prune_callbacks.planning import plan_ratios
+from prune_callbacks.sensitivity import top1_metric
+
+
+class TinyNet(nn.Layer):
+    """Plain convs, a depthwise conv, a residual add and a classifier: every group kind."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Sequential(nn.Conv2D(3, 12, 3, padding=1), nn.BatchNorm2D(12), nn.ReLU())
+        self.dw = nn.Sequential(nn.Conv2D(12, 12, 3, padding=1, groups=12), nn.BatchNorm2D(12),
+                                nn.ReLU())
+        self.c2 = nn.Sequential(nn.Conv2D(12, 16, 3, stride=2, padding=1), nn.BatchNorm2D(16))
+        self.c3 = nn.Sequential(nn.Conv2D(16, 16, 3, padding=1), nn.BatchNorm2D(16))
+        self.pool = nn.AdaptiveAvgPool2D(1)
+        self.fc = nn.Linear(16, 5)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        y = self.c2(self.dw(self.c1(x)))
+        y = nn.functional.relu(y + self.c3(nn.functional.relu(y)))
+        return self.fc(paddle.flatten(self.pool(y), 1))
+
+
+class ArrayDS(paddle.io.Dataset):
+    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
+        self.x, self.y = x, y
+
+    def __len__(self) -> int:
+        return len(self.x)
+
+    def __getitem__(self, i: int) -> Any:
+        return self.x[i], self.y[i]
+
+
+def labelled(net: nn.Layer, n: int, shape: List[int], noise: float = 0.3, seed: int = 0) -> ArrayDS:
+    """Inputs labelled by the network itself, with some labels flipped: a baseline well above 0."""
+    rng = np.random.RandomState(seed)
+    x = rng.randn(n, *shape).astype("float32")
+    net.eval()
+    with paddle.no_grad():
+        y = net(paddle.to_tensor(x)).numpy().argmax(1)
+    flip = rng.rand(n) < noise
+    y[flip] = rng.randint(0, 5, flip.sum())
+    return ArrayDS(x, y.reshape(-1, 1).astype("int64"))
+
+
+@pytest.fixture()
+def tiny() -> Any:
+    paddle.seed(3)
+    net = TinyNet()
+    net.eval()
+    return net, labelled(net, 48, [3, 12, 12])
+
+
+RATIOS = (0.25, 0.5, 0.75)
+
+
+def naive_losses(net: nn.Layer, ds: ArrayDS, ratios: Any) -> Dict[str, Dict[float, float]]:
+    """The reference: physically prune a copy, evaluate everything, for every group and ratio."""
+    def top1(n: nn.Layer) -> float:
+        n.eval()
+        with paddle.no_grad():
+            logits = n(paddle.to_tensor(ds.x)).numpy()
+        c, t = top1_metric(logits, ds.y)
+        return c / t
+
+    base = top1(net)
+    out: Dict[str, Dict[float, float]] = {}
+    for g in FilterPruner(net, [1, *ds.x.shape[1:]]).prunable_groups:
+        for r in ratios:
+            twin = copy.deepcopy(net)
+            FilterPruner(twin, [1, *ds.x.shape[1:]]).prune({g.name: r})
+            out.setdefault(g.name, {})[r] = (base - top1(twin)) / base
+    return out
+
+
+def state(net: nn.Layer) -> Dict[str, np.ndarray]:
+    return {k: v.numpy().copy() for k, v in net.state_dict().items()}
+
+
+def test_losses_equal_naive_prune_and_evaluate(tiny: Any) -> None:
+    net, ds = tiny
+    ref = naive_losses(net, ds, RATIOS)
+    for cache in (True, False):
+        res = FilterPruner(net, [1, 3, 12, 12]).sensitivity(ds, ratios=RATIOS, cache=cache,
+                                                           batch_size=16)
+        assert set(res.losses) == set(ref)
+        for g in ref:
+            for r in RATIOS:
+                assert res.losses[g][r] == pytest.approx(ref[g][r], abs=1e-6), (g, r, cache)
+    # not a trivial reference: some groups do lose accuracy
+    assert max(l for pts in ref.values() for l in pts.values()) > 0.05
+
+
+@pytest.mark.parametrize("name,kwargs,hw", [
+    ("mobilenet_v1", {"scale": 0.25}, 32),
+    ("mobilenet_v3_small", {"scale": 0.5}, 32),
+    ("resnet18", {}, 32),
+])
+def test_replay_cache_is_bit_identical_on_zoo(name: str, kwargs: Dict, hw: int) -> None:
+    """Replaying prefixes and masked producers gives exactly the masked network's numbers."""
+    paddle.seed(0)
+    net = getattr(models, name)(num_classes=10, **kwargs)
+    ds = labelled(net, 24, [3, hw, hw], noise=0.0)
+    pruner = FilterPruner(net, [1, 3, hw, hw])
+    fast = pruner.sensitivity(EvalData(ds, batch_size=8, workers=2), ratios=(0.5, 0.9))
+    slow = pruner.sensitivity(EvalData(ds, batch_size=8, workers=1), ratios=(0.5, 0.9),
+                              cache=False)
+    assert fast.losses == slow.losses
+    assert any(l != 0 for pts in fast.losses.values() for l in pts.values())
+
+
+def test_weights_buffers_and_mode_unchanged(tiny: Any) -> None:
+    net, ds = tiny
+    net.train()
+    before = state(net)
+    FilterPruner(net, [1, 3, 12, 12]).sensitivity(ds, ratios=RATIOS)
+    after = state(net)
+    assert before.keys() == after.keys()
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+    assert net.training
+
+
+def test_eval_fn_and_file_format(tiny: Any, tmp_path: Path) -> None:
+    net, ds = tiny
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+    calls = []
+
+    def eval_fn() -> float:
+        calls.append(1)
+        with paddle.no_grad():
+            logits = net(paddle.to_tensor(ds.x)).numpy()
+        c, t = top1_metric(logits, ds.y)
+        return c / t
+
+    path = tmp_path / "sen.json"
+    res = pruner.sensitivity(eval_fn, ratios=RATIOS, path=str(path))
+    groups = pruner.prunable_groups
+    assert len(calls) == 1 + len(groups) * len(RATIOS)  # the baseline is evaluated once
+    data = json.loads(path.read_text())
+    assert data["format"] == "prune_callbacks.sensitivity/1"
+    assert data["criterion"] == "l1" and data["ratios"] == list(RATIOS)
+    assert data["groups"] == {g.name: g.channels for g in groups}
+    assert data["baseline"] == res.baseline
+    loaded = SensitivityResult.load(str(path))
+    assert loaded.losses == res.losses and loaded.complete
+    assert not list(tmp_path.glob("*.tmp*"))  # atomic writes leave no temp file behind
+
+
+def test_resume_after_kill_evaluates_only_missing_points(tiny: Any, tmp_path: Path) -> None:
+    net, ds = tiny
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+    full = pruner.sensitivity(ds, ratios=RATIOS)
+    path = str(tmp_path / "sen.json")
+    total = len(pruner.prunable_groups) * len(RATIOS)
+
+    calls = []
+
+    def dying(limit: int):
+        def fn() -> float:
+            if len(calls) == limit:
+                raise KeyboardInterrupt  # a kill in the middle of a point
+            calls.append(1)
+            with paddle.no_grad():
+                logits = net(paddle.to_tensor(ds.x)).numpy()
+            return top1_metric(logits, ds.y)[0] / len(ds)
+        return fn
+
+    with pytest.raises(KeyboardInterrupt):
+        pruner.sensitivity(dying(6), ratios=RATIOS, path=path)
+    saved = json.loads(Path(path).read_text())
+    done = sum(len(p) for p in saved["losses"].values())
+    assert done == 5  # baseline + 5 points finished; the 6th call was killed
+    calls.clear()
+    res = pruner.sensitivity(dying(10**6), ratios=RATIOS, path=path)
+    assert len(calls) == total - done  # no baseline, no finished point evaluated again
+    for g in full.losses:
+        for r in RATIOS:
+            assert res.losses[g][r] == pytest.approx(full.losses[g][r], abs=1e-9)
+    calls.clear()
+    pruner.sensitivity(dying(0), ratios=RATIOS, path=path)  # complete: nothing is evaluated
+
+
+def test_file_errors(tiny: Any, tmp_path: Path) -> None:
+    net, ds = tiny
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+    path = tmp_path / "sen.json"
+    pruner.sensitivity(ds, ratios=RATIOS, path=str(path))
+    good = path.read_text()
+
+    with pytest.raises(ValueError, match="criterion 'l1', not 'l2'"):
+        FilterPruner(net, [1, 3, 12, 12], criterion="l2").sensitivity(ds, ratios=RATIOS,
+                                                                      path=str(path))
+    with pytest.raises(ValueError, match="ratios .* start afresh"):
+        pruner.sensitivity(ds, ratios=(0.5,), path=str(path))
+    with pytest.raises(ValueError, match="other data"):
+        pruner.sensitivity(ArrayDS(ds.x[:20], ds.y[:20]), ratios=RATIOS, path=str(path))
+
+    other = TinyNet()
+    FilterPruner(other, [1, 3, 12, 12]).prune({"c1.0": 0.5})
+    with pytest.raises(ValueError, match="different network: group 'c1.0' had 12 channels"):
+        FilterPruner(other, [1, 3, 12, 12]).sensitivity(ds, ratios=RATIOS, path=str(path))
+
+    path.write_text(good[: len(good) // 2])
+    with pytest.raises(ValueError, match="corrupt.*left untouched"):
+        pruner.sensitivity(ds, ratios=RATIOS, path=str(path))
+    assert path.read_text() == good[: len(good) // 2]  # never overwritten silently
+
+    path.write_text(json.dumps({"format": "paddleslim", "x": 1}))
+    with pytest.raises(ValueError, match="not a sensitivity file of this version"):
+        pruner.sensitivity(ds, ratios=RATIOS, path=str(path))
+
+
+def test_bad_arguments(tiny: Any) -> None:
+    net, ds = tiny
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+    with pytest.raises(ValueError, match=r"ratios must be numbers in \(0, 1\)"):
+        pruner.sensitivity(ds, ratios=(0.5, 1.0))
+    with pytest.raises(TypeError, match="callable returning a float, or a dataset"):
+        pruner.sensitivity(42)
+    with pytest.raises(ValueError, match="no group named|unknown group|did you mean"):
+        pruner.sensitivity(ds, ratios=RATIOS, skip=["c1.O"])
+    with pytest.raises(ValueError, match="batch_size"):
+        EvalData(ds, batch_size=0)
+
+
+def test_max_loss_stops_a_curve_without_inventing_points(tiny: Any) -> None:
+    net, ds = tiny
+    ratios = (0.2, 0.4, 0.6, 0.8)
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+    full = pruner.sensitivity(ds, ratios=ratios)
+    cut = pruner.sensitivity(ds, ratios=ratios, max_loss=0.05)
+    stopped = 0
+    for g, pts in full.losses.items():
+        seen_over = False
+        for r in ratios:
+            if seen_over:
+                assert cut.losses[g][r] is None
+                stopped += 1
+            else:
+                assert cut.losses[g][r] == full.losses[g][r]
+                seen_over = full.losses[g][r] > 0.05
+    assert stopped > 0
+    assert all(None not in c.values() for c in cut.curves().values())
+
+
+def test_progress_log(tiny: Any, caplog: Any) -> None:
+    net, ds = tiny
+    with caplog.at_level(logging.INFO, logger="prune_callbacks.sensitivity"):
+        FilterPruner(net, [1, 3, 12, 12]).sensitivity(ds, ratios=RATIOS)
+    lines = [r.getMessage() for r in caplog.records if "points done" in r.getMessage()]
+    n = len(FilterPruner(net, [1, 3, 12, 12]).prunable_groups)
+    assert len(lines) == n
+    assert "ETA" in lines[0] and f"{n * len(RATIOS)}" in lines[0] and "0 left" in lines[-1]
+
+
+# ---------------------------------------------------------------------------------------------
+# Planning
+# ---------------------------------------------------------------------------------------------
+
+
+def fake_sensitivity(pruner: FilterPruner, seed: int = 0) -> SensitivityResult:
+    """Monotone curves of different steepness per group (planning needs no evaluation)."""
+    rng = np.random.RandomState(seed)
+    ratios = tuple(round(0.1 * i, 1) for i in range(1, 10))
+    res = SensitivityResult(baseline=0.9, ratios=ratios)
+    for g in pruner.prunable_groups:
+        k = rng.uniform(0.05, 2.0)
+        res.losses[g.name] = {r: float(k * r ** 2) for r in ratios}
+        res.channels[g.name] = g.channels
+    return res
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v1", "resnet18", "vgg16"])
+def test_targets_met_within_half_a_point(name: str) -> None:
+    paddle.seed(0)
+    net = getattr(models, name)(num_classes=10)
+    pruner = FilterPruner(net, [1, 3, 32, 32])
+    sens = fake_sensitivity(pruner)
+    base = pruner.graph.flops({})
+    for target in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
+        for strategy in ("sensitivity", "uniform"):
+            kept = plan_ratios(pruner, target, sens, strategy=strategy)
+            achieved = 1 - pruner.graph.flops({g: len(k) for g, k in kept.items()}) / base
+            assert abs(achieved - target) <= 0.005, (name, target, strategy, achieved)
+    # the analytic figure is what the pruned network really has
+    before = count_flops(net, [1, 3, 32, 32])
+    plan = pruner.prune_to_flops(0.4, sensitivities=sens)
+    assert plan.flops_before == before
+    assert plan.flops_after == count_flops(net, [1, 3, 32, 32])
+    assert abs(plan.pruned_flops - 0.4) <= 0.005
+
+
+def test_planning_prefers_insensitive_groups_and_is_deterministic() -> None:
+    paddle.seed(0)
+    net = models.mobilenet_v1(num_classes=10, scale=0.5)
+    pruner = FilterPruner(net, [1, 3, 32, 32])
+    sens = fake_sensitivity(pruner, seed=1)
+    a = plan_ratios(pruner, 0.4, sens)
+    b = plan_ratios(pruner, 0.4, sens)
+    assert {k: v.tolist() for k, v in a.items()} == {k: v.tolist() for k, v in b.items()}
+    groups = pruner.groups
+    steep = {groups[g].name: sens.losses[groups[g].name][0.5] for g in a}
+    removed = {groups[g].name: 1 - len(k) / groups[g].channels for g, k in a.items()}
+    flat = min(steep, key=steep.get)
+    sharp = max(steep, key=steep.get)
+    assert removed.get(flat, 0) > removed.get(sharp, 0)
+
+
+def test_unreachable_and_bad_targets() -> None:
+    net = models.mobilenet_v1(num_classes=10, scale=0.25)
+    pruner = FilterPruner(net, [1, 3, 32, 32])
+    sens = fake_sensitivity(pruner)
+    skip = [g.name for g in pruner.prunable_groups][2:]
+    with pytest.raises(ValueError, match=r"cannot be reached: the largest reachable .* is 0\.\d+"):
+        pruner.prune_to_flops(0.95, sensitivities=sens, skip=skip)
+    for bad in (-0.1, 0.0, 1.0, 1.5):
+        with pytest.raises(ValueError, match=r"in \(0, 1\)"):
+            pruner.prune_to_flops(bad, sensitivities=sens)
+    with pytest.raises(ValueError, match="needs sensitivities"):
+        FilterPruner(net, [1, 3, 32, 32]).prune_to_flops(0.4)
+
+
+def test_paddleslim_aliases(tiny: Any, tmp_path: Path) -> None:
+    """A script written from PaddleSlim's tutorial runs with its imports changed."""
+    net, ds = tiny
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+
+    def test() -> float:
+        with paddle.no_grad():
+            logits = net(paddle.to_tensor(ds.x)).numpy()
+        return top1_metric(logits, ds.y)[0] / len(ds)
+
+    sen_file = str(tmp_path / "sensitivities_0.data")
+    sens = pruner.sensitive(eval_func=test, sen_file=sen_file)
+    assert pruner.sensitive() == sens
+    assert set(sens) == {g.name for g in pruner.prunable_groups}
+    assert all(set(v) == set(round(0.1 * i, 1) for i in range(1, 10)) for v in sens.values())
+    skip = pruner.groups[pruner.group_index("c1.0")].param_name
+    plan = pruner.sensitive_prune(0.3, skip_vars=[skip])
+    assert 0.295 <= plan.pruned_flops <= 0.305
+    assert "c1.0" not in {g.name for g in plan.groups if g.removed}
