@@ -1,0 +1,490 @@
+"""Save a pruned network with the plans that shaped it, load it into a freshly built one, export it.
+
+A checkpoint is paddle's own files (`.pdparams`, `.pdopt`) plus `<prefix>.prune.json`, the ordered
+plans; loading rebuilds the shapes by re-applying those plans. Never pickle layers or plans.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, Union
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+from .plan import PrunePlan, write_json_atomic
+
+logger = logging.getLogger(__name__)
+
+PLANS_SUFFIX = ".prune.json"
+"""Suffix of the plan file written beside ``<prefix>.pdparams``."""
+PLANS_FORMAT = 1
+_PRODUCER = "prune_callbacks.io"
+_PLANS_ATTR = "_prune_plans"  # a plain list in the layer's __dict__: never a parameter or buffer
+_SAVES_PLANS = "_prune_callbacks_saves_plans"  # marks a model.save that already writes the plan file
+_EXPORT_SUFFIXES = (".json", ".pdmodel", ".pdiparams", ".pdiparams.info")
+_KNOWN_SUFFIXES = (PLANS_SUFFIX, ".pdparams", ".pdopt")
+
+Target = Union[paddle.Model, nn.Layer]
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+# -- which plans shaped a network ----------------------------------------------------------------
+def _unwrap(target: Any, what: str = "model_or_net") -> tuple[paddle.Model | None, nn.Layer]:
+    if isinstance(target, paddle.Model):
+        net = target.network
+        model: paddle.Model | None = target
+    elif isinstance(target, nn.Layer):
+        net, model = target, None
+    else:
+        raise TypeError(f"{what} must be a paddle.Model or a paddle.nn.Layer, got {type(target).__name__}")
+    if isinstance(net, paddle.DataParallel):
+        net = net._layers
+    return model, net
+
+
+def record_plan(model_or_net: Target, plan: PrunePlan) -> None:
+    """Remember that ``plan`` was applied to a network, so that saving it also saves the plan.
+
+    Call it right after every pruning step, in the order the plans were made. The plans live in a
+    plain list attribute of the network (``_prune_plans``), outside its parameters and state_dict.
+    Recording the same plan object twice is a no-op. Given a ``paddle.Model``, it records on
+    ``model.network`` and calls :func:`track_plans`, so that ``model.save`` and Paddle's
+    ``ModelCheckpoint`` write ``<prefix>.prune.json`` from then on.
+
+    Args:
+        model_or_net: the pruned ``paddle.Model`` or ``paddle.nn.Layer``.
+        plan: the plan returned by ``FilterPruner.prune`` (or ``apply``, ``prune_to_flops``, ...).
+
+    Raises:
+        TypeError: ``model_or_net`` is neither a Model nor a Layer, or ``plan`` is not a PrunePlan.
+
+    Examples:
+        >>> plan = FilterPruner(model.network, [1, 3, 32, 32]).prune({"conv1": 0.5})
+        >>> record_plan(model, plan)
+    """
+    if not isinstance(plan, PrunePlan):
+        raise TypeError(f"plan must be a PrunePlan, got {type(plan).__name__}")
+    model, net = _unwrap(model_or_net)
+    plans = net.__dict__.setdefault(_PLANS_ATTR, [])  # via __dict__: Layer.__setattr__ is not involved
+    if not any(p is plan for p in plans):
+        plans.append(plan)
+    if model is not None:
+        track_plans(model)
+
+
+def recorded_plans(model_or_net: Target) -> list[PrunePlan]:
+    """The plans applied to a network, oldest first.
+
+    For a ``paddle.Model``: the plans recorded on ``model.network``, then any plan of the model's
+    ``PruneHistory`` events that was not recorded there (so a callback that only publishes to the
+    history is saved too).
+    """
+    model, net = _unwrap(model_or_net)
+    plans = list(net.__dict__.get(_PLANS_ATTR, ()))
+    if model is not None:
+        from .callbacks.history import history_of  # lazy: the callbacks import this module
+
+        for event in history_of(model).events:
+            if not any(p is event.plan or p == event.plan for p in plans):
+                plans.append(event.plan)
+    return plans
+
+
+def track_plans(model: paddle.Model) -> None:
+    """Make every ``model.save(prefix)`` of this model instance also write ``<prefix>.prune.json``.
+
+    Paddle's ``ModelCheckpoint`` saves through ``model.save``, so its checkpoints (``<dir>/<epoch>``
+    and ``<dir>/final``) get a plan file too. Only this instance's ``save`` is wrapped, once; an
+    inference save (``training=False``) writes no plan file. Call it before training to give
+    checkpoints made before the first pruning step an (empty) plan file as well.
+
+    Raises:
+        TypeError: ``model`` is not a paddle.Model.
+    """
+    if not isinstance(model, paddle.Model):
+        raise TypeError(f"track_plans needs a paddle.Model, got {type(model).__name__}")
+    if getattr(model.save, _SAVES_PLANS, False):
+        return
+    original = model.save
+
+    @functools.wraps(original)
+    def save(path: str, training: bool = True) -> None:
+        original(path, training)
+        if training and paddle.distributed.ParallelEnv().local_rank == 0:  # as paddle.Model.save
+            _write_plans(os.fspath(path), model.network, recorded_plans(model))
+
+    setattr(save, _SAVES_PLANS, True)
+    model.save = save
+
+
+# -- saving ------------------------------------------------------------------------------------
+def _prefix(path: Any, arg: str) -> str:
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"{arg} must be a str or os.PathLike file prefix such as 'ckpt/final', "
+                        f"got {type(path).__name__}")
+    path = os.fspath(path)
+    for suffix in _KNOWN_SUFFIXES:
+        if path.endswith(suffix):
+            path = path[: -len(suffix)]
+            break
+    if not path or path.endswith(("/", os.sep)) or os.path.isdir(path):
+        raise ValueError(f"{arg} must be a file prefix such as 'ckpt/final' (files 'ckpt/final.pdparams' "
+                         f"and so on are written beside it), got {path!r}")
+    return path
+
+
+def _header(net: nn.Layer, plans: Sequence[PrunePlan]) -> dict[str, Any]:
+    return {
+        "format": PLANS_FORMAT,
+        "producer": _PRODUCER,
+        "network": type(net).__name__,
+        # each parameter's unique name at save time: lets the optimizer state be matched again
+        "param_names": {key: p.name for key, p in net.named_parameters()},
+        "plans": [p.to_dict() for p in plans],
+    }
+
+
+def _write_plans(prefix: str, net: nn.Layer, plans: Sequence[PrunePlan]) -> str:
+    path = prefix + PLANS_SUFFIX
+    write_json_atomic(path, _header(net, plans))
+    logger.info("wrote %d pruning plan(s) to %s", len(plans), path)
+    return path
+
+
+def _as_plans(plans: Any) -> list[PrunePlan]:
+    if isinstance(plans, (PrunePlan, dict, str, bytes)) or not isinstance(plans, Sequence):
+        raise TypeError(f"plans must be a list of PrunePlan in the order they were applied, "
+                        f"got {type(plans).__name__}")
+    out = []
+    for i, p in enumerate(plans):
+        if isinstance(p, dict):
+            p = PrunePlan.from_dict(p)
+        if not isinstance(p, PrunePlan):
+            raise TypeError(f"plans[{i}] must be a PrunePlan (or its to_dict()), got {type(p).__name__}")
+        out.append(p)
+    return out
+
+
+def save_pruned(model_or_net: Target, path_prefix: PathLike,
+                plans: Sequence[PrunePlan] | None = None) -> list[str]:
+    """Save a (pruned) network's weights and the plans that shaped it.
+
+    Writes ``<prefix>.pdparams`` (the state_dict, as ``paddle.save``), for a ``paddle.Model`` also
+    ``<prefix>.pdopt`` (exactly as ``model.save(prefix)``), and ``<prefix>.prune.json``: a
+    format-versioned header with the plans as dicts, oldest first, written atomically.
+    :func:`load_pruned` reads them back into a freshly built network.
+
+    Args:
+        model_or_net: a ``paddle.Model`` or a ``paddle.nn.Layer``.
+        path_prefix: file prefix such as ``"ckpt/pruned"`` (a ``.pdparams`` suffix is dropped).
+        plans: the plans applied to the network, oldest first. Default: :func:`recorded_plans`
+            (those recorded with :func:`record_plan`, plus a Model's PruneHistory). A network
+            with no plans is saved as unpruned (an empty list).
+
+    Returns:
+        The paths written (nothing on a Model's non-zero local rank, as ``model.save``).
+
+    Raises:
+        TypeError: not a Model or Layer, a bad path type, or ``plans`` not a list of PrunePlan.
+        ValueError: ``path_prefix`` is empty or a directory.
+
+    Examples:
+        >>> save_pruned(model, "ckpt/pruned")       # ckpt/pruned.pdparams, .pdopt, .prune.json
+        >>> net = load_pruned(build_net(), "ckpt/pruned")
+    """
+    model, net = _unwrap(model_or_net)
+    prefix = _prefix(path_prefix, "path_prefix")
+    plans = recorded_plans(model_or_net) if plans is None else _as_plans(plans)
+    if not plans:
+        logger.info("no pruning plans recorded for %s: saving it as an unpruned network", type(net).__name__)
+    directory = os.path.dirname(prefix)
+    if directory:
+        os.makedirs(directory, exist_ok=True)
+    if model is not None:
+        if paddle.distributed.ParallelEnv().local_rank != 0:
+            return []
+        type(model).save(model, prefix)  # not the instance's plan-writing save: `plans` are written below
+        written = [prefix + s for s in (".pdparams", ".pdopt", ".pdscaler") if os.path.exists(prefix + s)]
+    else:
+        paddle.save(net.state_dict(), prefix + ".pdparams")
+        written = [prefix + ".pdparams"]
+    return written + [_write_plans(prefix, net, plans)]
+
+
+# -- loading -----------------------------------------------------------------------------------
+def read_plans(path: PathLike) -> list[PrunePlan]:
+    """The plans stored beside a checkpoint (``path``: its prefix, ``.pdparams`` or ``.prune.json``)."""
+    return list(_read_header(_prefix(path, "path"))["plans"])
+
+
+def _read_header(prefix: str) -> dict[str, Any]:
+    path = prefix + PLANS_SUFFIX
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"no plan file {path!r}: the checkpoint {prefix!r} was not made by "
+            f"prune_callbacks.io.save_pruned, nor by model.save / ModelCheckpoint on a model the prune "
+            f"callbacks (or record_plan / track_plans) had seen. If it holds an unpruned network, load it "
+            f"with model.load({prefix!r}) or net.set_state_dict(paddle.load({prefix + '.pdparams'!r})).")
+    try:
+        with open(path, encoding="utf-8") as f:
+            header = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"plan file {path!r} is not valid JSON ({e}); it is damaged") from e
+    if not isinstance(header, dict) or header.get("producer") != _PRODUCER or "plans" not in header:
+        raise ValueError(f"{path!r} is not a plan file written by {_PRODUCER}")
+    if header.get("format") != PLANS_FORMAT:
+        raise ValueError(f"plan file {path!r} has format {header.get('format')!r}; this version of "
+                         f"prune_callbacks reads format {PLANS_FORMAT}")
+    try:
+        header["plans"] = [PrunePlan.from_dict(d) for d in header["plans"]]
+    except (KeyError, TypeError, ValueError) as e:
+        raise ValueError(f"plan file {path!r} holds a damaged plan: {e!r}") from e
+    return header
+
+
+def _same_plan(a: PrunePlan, b: PrunePlan) -> bool:
+    # through JSON: an in-memory plan and its reloaded copy differ only in tuple vs list
+    return json.loads(json.dumps(a.to_dict())) == json.loads(json.dumps(b.to_dict()))
+
+
+def _plans_to_apply(net: nn.Layer, plans: list[PrunePlan], where: str) -> list[PrunePlan]:
+    done = net.__dict__.get(_PLANS_ATTR, [])
+    if len(done) <= len(plans) and all(_same_plan(a, b) for a, b in zip(done, plans)):
+        return plans[len(done):]
+    raise ValueError(
+        f"the network was already pruned by {len(done)} plan(s) that do not begin the {len(plans)} "
+        f"plan(s) of {where}; load into a freshly built network")
+
+
+def _check_keys(net: nn.Layer, state: dict[str, Any], where: str, network: str | None) -> None:
+    own = net.state_dict()
+    missing = sorted(set(own) - set(state))
+    unexpected = sorted(set(state) - set(own))
+    if missing or unexpected:
+        made_by = f" (it was saved from a {network})" if network else ""
+        raise ValueError(
+            f"{where}{made_by} does not match {type(net).__name__}: missing keys {missing[:8]}"
+            f"{' ...' if len(missing) > 8 else ''}, unexpected keys {unexpected[:8]}"
+            f"{' ...' if len(unexpected) > 8 else ''}. Build the network with the same architecture and "
+            f"arguments as the saved one.")
+
+
+def _check_shapes(net: nn.Layer, state: dict[str, Any], where: str, n_plans: int) -> None:
+    bad = [(k, list(state[k].shape), list(v.shape)) for k, v in net.state_dict().items()
+           if list(state[k].shape) != list(v.shape)]
+    if bad:
+        lines = "; ".join(f"{k}: checkpoint {a}, network {b}" for k, a, b in bad[:8])
+        raise ValueError(
+            f"{len(bad)} tensor(s) of {where} do not fit the network after re-applying its {n_plans} "
+            f"plan(s): {lines}{' ...' if len(bad) > 8 else ''}. The plans saved with the weights must be "
+            f"all the plans that pruned the network: record every pruning step with "
+            f"prune_callbacks.io.record_plan(model_or_net, plan) (or pass plans=[...] to save_pruned), "
+            f"and load into a network built like the saved one.")
+
+
+def _rename_state(saved: dict[str, Any], rename: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
+    """Optimizer state keyed by this process's parameter names instead of the saving process's."""
+    olds = sorted(rename, key=len, reverse=True)  # longest first: 'fc_1.w_0' before 'fc_1.w'
+    out: dict[str, Any] = {}
+    unmatched = []
+    for key, value in saved.items():
+        if key == "LR_Scheduler":
+            out[key] = value
+        elif key == "master_weights":
+            out[key] = {rename.get(k, k): v for k, v in value.items()}
+        else:
+            old = next((o for o in olds if key.startswith(o + "_")), None)
+            if old is None:
+                unmatched.append(key)
+                out[key] = value
+            else:
+                out[rename[old] + key[len(old):]] = value
+    return out, unmatched
+
+
+def _load_optimizer(model: paddle.Model, net: nn.Layer, prefix: str, header: dict[str, Any],
+                    state: dict[str, Any]) -> bool:
+    opt_path = prefix + ".pdopt"
+    if not os.path.exists(opt_path):
+        return False
+    if model._optimizer is None:
+        logger.info("%s not loaded: the model has no optimizer yet (model.prepare(optimizer, ...) before "
+                    "load_pruned resumes its state)", opt_path)
+        return False
+    old_names = header.get("param_names") or {k: v.name for k, v in state.items()}
+    rename = {old_names[k]: p.name for k, p in net.named_parameters() if k in old_names}
+    saved, unmatched = _rename_state(paddle.load(opt_path), rename)
+    if unmatched:
+        logger.warning("%d optimizer tensors of %s belong to no parameter of the network: %s",
+                       len(unmatched), opt_path, unmatched[:5])
+    try:
+        model._optimizer.set_state_dict(saved)
+    except (AssertionError, KeyError, ValueError) as e:
+        raise ValueError(
+            f"the optimizer state in {opt_path!r} does not fit the model's "
+            f"{type(model._optimizer).__name__} ({e}); prepare the model with the optimizer (and LR "
+            f"scheduler) it was trained with, or pass optimizer=False to start the optimizer afresh") from e
+    return True
+
+
+def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True) -> nn.Layer:
+    """Load a checkpoint of a pruned network into a freshly built, unpruned copy of it.
+
+    Reads ``<prefix>.prune.json``, re-applies its plans in order with a ``FilterPruner`` (at each
+    plan's ``input_shape``), then loads ``<prefix>.pdparams`` after checking that every key is there
+    with a matching shape. The loaded plans are recorded on the network (see :func:`record_plan`),
+    so saving it again keeps them. A checkpoint with an empty plan list just loads.
+
+    Given a ``paddle.Model``, the plans are applied to ``model.network``; ``model.save`` is made to
+    write plan files (:func:`track_plans`); and if ``<prefix>.pdopt`` exists and the model was
+    prepared with an optimizer, its state (accumulators of the kept channels, LR scheduler) is
+    loaded too, matched to the parameters by their structured names, so ``model.fit`` resumes
+    where it stopped. The optimizer must not have stepped yet: its parameters are shrunk in place
+    (same objects), so it needs no rebuild. A model with no optimizer gets only the weights.
+
+    Args:
+        model_or_net: a freshly built ``paddle.nn.Layer`` or ``paddle.Model`` of the saved
+            architecture. A network already pruned by the first plans of the file gets the rest.
+        path: the checkpoint prefix, or its ``.pdparams`` / ``.prune.json`` file.
+        optimizer: for a Model, whether to load ``<prefix>.pdopt``.
+
+    Returns:
+        The pruned, loaded network (``model.network`` for a Model).
+
+    Raises:
+        TypeError: not a Model or Layer, or ``path`` not a str or PathLike.
+        ValueError: a bad path; a plan that does not fit the network (the message names the plan
+            and the group); keys or shapes that do not match after re-applying the plans; optimizer
+            state that does not fit the model's optimizer. The network may be partly pruned when a
+            plan or the weights do not fit: build it afresh before trying again.
+        FileNotFoundError: no ``.pdparams``, or no plan file (a checkpoint not made by
+            ``save_pruned`` or a plan-tracking ``model.save``).
+
+    Examples:
+        >>> model = paddle.Model(build_net(), inputs, labels)
+        >>> model.prepare(optimizer_over(model.parameters()), loss, metrics)
+        >>> load_pruned(model, "checkpoints/3")
+        >>> model.fit(train_ds, epochs=2)     # continues with the pruned network and its state
+    """
+    from .pruner import FilterPruner  # lazy: the pruner may record plans through this module
+
+    model, net = _unwrap(model_or_net)
+    prefix = _prefix(path, "path")
+    params_path = prefix + ".pdparams"
+    if not os.path.exists(params_path):
+        raise FileNotFoundError(f"no weights at {params_path!r}: pass the prefix given to save_pruned or "
+                                f"model.save (e.g. 'checkpoints/final'), or its .pdparams file")
+    header = _read_header(prefix)
+    plans: list[PrunePlan] = header["plans"]
+    where = prefix + PLANS_SUFFIX
+    state = paddle.load(params_path)
+    _check_keys(net, state, params_path, header.get("network"))
+    todo = _plans_to_apply(net, plans, where)
+    opt = model._optimizer if model is not None and optimizer else None
+    if todo and opt is not None and opt._accumulators:
+        raise ValueError("the model's optimizer has already stepped on the unpruned network; call "
+                         "load_pruned on a freshly prepared model (before fit)")
+
+    pruner = None
+    first = len(plans) - len(todo)
+    for i, plan in enumerate(todo, start=first + 1):
+        try:
+            if pruner is None or pruner.input_shape != tuple(plan.input_shape):
+                pruner = FilterPruner(net, plan.input_shape)
+            applied = pruner.apply_plan(plan)
+        except (ValueError, KeyError) as e:
+            raise ValueError(f"plan {i} of {len(plans)} in {where!r} does not fit this "
+                             f"{type(net).__name__} (saved from a {header.get('network')}): {e}") from e
+        # record the plan as saved (its criterion included), in place of the pruner's own record if any
+        done = net.__dict__.setdefault(_PLANS_ATTR, [])
+        if done and done[-1] is applied:
+            done[-1] = plan
+        else:
+            record_plan(net, plan)
+    _check_shapes(net, state, params_path, len(plans))
+    net.set_state_dict(state)
+
+    opt_loaded = False
+    if model is not None:
+        track_plans(model)
+        if optimizer:
+            opt_loaded = _load_optimizer(model, net, prefix, header, state)
+    logger.info("loaded %s: %d plan(s) re-applied, %d tensors%s", prefix, len(todo), len(state),
+                ", optimizer state" if opt_loaded else "")
+    return net
+
+
+# -- export ------------------------------------------------------------------------------------
+def _input_specs(input_spec: Any, net: nn.Layer) -> list[paddle.static.InputSpec]:
+    if input_spec is None:
+        plans = net.__dict__.get(_PLANS_ATTR, [])
+        if not plans:
+            raise ValueError("input_spec is required for a network with no recorded plans, e.g. "
+                             "[None, 3, 32, 32] or [paddle.static.InputSpec([None, 3, 32, 32], 'float32')]")
+        return [paddle.static.InputSpec([None, *plans[-1].input_shape[1:]], "float32")]
+    if isinstance(input_spec, paddle.static.InputSpec):
+        return [input_spec]
+    if not isinstance(input_spec, (list, tuple)) or not input_spec:
+        raise TypeError(f"input_spec must be a shape such as [None, 3, 32, 32], a list of shapes or a list "
+                        f"of paddle.static.InputSpec, got {input_spec!r}")
+
+    def is_dim(d: Any) -> bool:
+        return d is None or (isinstance(d, (int, np.integer)) and not isinstance(d, bool) and (d > 0 or d == -1))
+
+    if all(is_dim(d) for d in input_spec):
+        shapes = [input_spec]
+    elif all(isinstance(s, paddle.static.InputSpec) for s in input_spec):
+        return list(input_spec)
+    elif all(isinstance(s, (list, tuple)) and s and all(is_dim(d) for d in s) for s in input_spec):
+        shapes = list(input_spec)
+    else:
+        raise ValueError(f"input_spec {input_spec!r} is not a shape (positive ints, None or -1), a list of "
+                         f"shapes, or a list of paddle.static.InputSpec")
+    return [paddle.static.InputSpec(list(s), "float32") for s in shapes]
+
+
+def export(net: Target, path_prefix: PathLike, input_spec: Any = None) -> list[str]:
+    """Save the (pruned) network for inference with ``paddle.jit.save``, traced in eval mode.
+
+    The train/eval mode of every sublayer is restored afterwards. Load the result with
+    ``paddle.jit.load(prefix)`` or ``paddle.inference.Config(prefix + ".json", prefix + ".pdiparams")``
+    (``.pdmodel`` instead of ``.json`` when PIR is off).
+
+    Args:
+        net: a ``paddle.nn.Layer`` (or a ``paddle.Model``: its network).
+        path_prefix: file prefix of the exported files.
+        input_spec: the input shape (``[None, 3, 32, 32]``, ``None`` for a free batch size), a list
+            of shapes for several inputs, or a list of ``paddle.static.InputSpec``. Default: the
+            input shape of the last recorded plan with a free batch size.
+
+    Returns:
+        The paths written.
+
+    Raises:
+        TypeError: not a Layer or Model, a bad path or a bad ``input_spec`` type.
+        ValueError: a bad path or shape, or no ``input_spec`` and no recorded plan.
+
+    Examples:
+        >>> export(net, "inference/pruned", [None, 3, 32, 32])
+        >>> loaded = paddle.jit.load("inference/pruned")
+    """
+    _, layer = _unwrap(net, "net")
+    prefix = _prefix(path_prefix, "path_prefix")
+    specs = _input_specs(input_spec, layer)
+    before = {p: os.stat(p).st_mtime_ns for p in (prefix + s for s in _EXPORT_SUFFIXES) if os.path.exists(p)}
+    modes = [(sub, sub.training) for sub in layer.sublayers(include_self=True)]
+    layer.eval()
+    try:
+        paddle.jit.save(layer, prefix, input_spec=specs)
+    finally:
+        for sub, training in modes:
+            sub.training = training
+    written = [p for p in (prefix + s for s in _EXPORT_SUFFIXES)
+               if os.path.exists(p) and before.get(p) != os.stat(p).st_mtime_ns]
+    logger.info("exported %s for inference: %s", type(layer).__name__, written)
+    return written
