@@ -4,6 +4,7 @@ from .callbacks import (FilterPruneCallback, PruneEvent, PruneHistory, PruneVisu
 from .flops import count_flops, count_params
 from .graph import Group
 from .importance import register_criterion
+from .io import export, load_pruned, read_plans, record_plan, save_pruned, track_plans
 from .optim import rebuild_optimizer
 from .plan import GroupPlan, PrunePlan
 from .pruner import FilterPruner
@@ -14,5 +15,6 @@ __all__ = [
     "FilterPruner", "PrunePlan", "GroupPlan", "Group", "SensitivityResult", "EvalData",
     "count_flops", "count_params", "register_criterion", "register_layer", "rebuild_optimizer",
     "SensitivityCallback", "FilterPruneCallback", "PruneVisualDL", "PruneHistory", "PruneEvent",
-    "history_of",
+    "history_of", "save_pruned", "load_pruned", "export", "record_plan", "track_plans",
+    "read_plans",
 ]

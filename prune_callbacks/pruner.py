@@ -18,6 +18,7 @@ import paddle.nn as nn
 from .flops import count_flops, count_params
 from .graph import ChannelGraph, Group
 from .importance import Criterion, get_criterion
+from .io import record_plan
 from .plan import GroupPlan, PrunePlan
 from .planning import plan_ratios
 from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
@@ -267,6 +268,7 @@ class FilterPruner:
             param_slices={k: {ax: tuple(map(_tuplify, v)) if _nested(v) else tuple(v)
                               for ax, v in axes.items()} for k, axes in keep_sl.items()},
         )
+        record_plan(self.net, plan)  # save_pruned(net, ...) finds it there
         logger.info("pruned %d groups: FLOPs %d -> %d (-%.2f%%)", len(gplans), plan.flops_before,
                     plan.flops_after, 100 * plan.pruned_flops)
         return plan

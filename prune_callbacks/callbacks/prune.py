@@ -10,6 +10,7 @@ import numpy as np
 import paddle
 
 from ..importance import get_criterion
+from ..io import record_plan, track_plans
 from ..optim import rebuild_optimizer
 from ..plan import PrunePlan
 from ..planning import STRATEGIES, plan_ratios
@@ -109,6 +110,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                 f"FilterPruneCallback(at_epoch={self.at_epoch}, steps={self.steps}) prunes at the "
                 f"end of epoch {last}, but fit has {epochs} epochs (0..{epochs - 1}); lower "
                 f"at_epoch/steps or fit longer")
+        track_plans(self.model)  # checkpoints saved before pruning reload with load_pruned too
         if self.model._optimizer is None:
             raise ValueError("the model has no optimizer: call model.prepare(optimizer, loss, ...) "
                              "before fit")
@@ -175,11 +177,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         for p in net.parameters():  # gradients of the old shapes must not be accumulated into
             p.clear_gradient(False)
         self.model._optimizer = rebuild_optimizer(self.model._optimizer, net, plan.param_slices)
-        try:
-            from ..io import record_plan
-        except ImportError:  # pragma: no cover - io is part of the package
-            return
-        record_plan(net, plan)
+        record_plan(self.model, plan)  # model.save / ModelCheckpoint now write the plans too
 
     def _sensitivities(self, epoch: Optional[int]) -> Optional[SensitivityResult]:
         if self.strategy != "sensitivity":
