@@ -48,7 +48,7 @@ def count_flops(net: nn.Layer, input_shape: Sequence[int]) -> int:
     """Multiply-accumulates of one forward pass on an input of `input_shape` (batch included).
 
     Args:
-        net: the network; its train/eval mode is restored afterwards.
+        net: the network; the train/eval mode of each layer is restored afterwards.
         input_shape: e.g. [1, 3, 224, 224]; the count is per batch of that size.
 
     Returns:
@@ -66,7 +66,7 @@ def count_flops(net: nn.Layer, input_shape: Sequence[int]) -> int:
     for layer in net.sublayers(include_self=True):
         if _mac_fn(layer) is not None:
             hooks.append(layer.register_forward_post_hook(hook))
-    training = net.training
+    modes = [(layer, layer.training) for layer in net.sublayers(include_self=True)]
     net.eval()
     try:
         with paddle.no_grad():
@@ -74,8 +74,8 @@ def count_flops(net: nn.Layer, input_shape: Sequence[int]) -> int:
     finally:
         for h in hooks:
             h.remove()
-        if training:
-            net.train()
+        for layer, training in modes:  # per layer: a frozen BN inside a training net stays so
+            layer.training = training
     return total[0]
 
 

@@ -9,10 +9,12 @@ reads the network; it never changes a parameter.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
+import traceback
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -26,37 +28,66 @@ logger = logging.getLogger(__name__)
 
 
 class _UnionFind:
+    """Ids are minted in program order; unions are recorded and resolved in one vectorised pass
+    (handlers never need roots while the trace runs). A class's root is its smallest id, so
+    classes sort in program order."""
+
     def __init__(self) -> None:
-        self.parent: List[int] = []
+        self.size = 0
+        self._pairs: List[Tuple[np.ndarray, np.ndarray]] = []
+        self._root: Optional[np.ndarray] = None
 
     def fresh(self, n: int) -> np.ndarray:
-        start = len(self.parent)
-        self.parent.extend(range(start, start + n))
+        start = self.size
+        self.size += n
         return np.arange(start, start + n, dtype=np.int64)
 
-    def find(self, i: int) -> int:
-        parent = self.parent
-        root = i
-        while parent[root] != root:
-            root = parent[root]
-        while parent[i] != root:
-            parent[i], i = root, parent[i]
-        return root
-
     def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
-        pairs = np.unique(np.stack([a.ravel(), b.ravel()]), axis=1)
-        for x, y in pairs.T.tolist():
-            rx, ry = self.find(x), self.find(y)
-            if rx != ry:
-                # keep the smaller id as root so class order follows program order
-                if rx < ry:
-                    self.parent[ry] = rx
-                else:
-                    self.parent[rx] = ry
+        self._pairs.append((np.asarray(a, dtype=np.int64).ravel(),
+                            np.asarray(b, dtype=np.int64).ravel()))
+        self._root = None
+
+    def root_table(self) -> np.ndarray:
+        """root_table()[i] is the root of id i."""
+        if self._root is None or len(self._root) != self.size:
+            a = np.concatenate([p[0] for p in self._pairs]) if self._pairs else np.zeros(0, int)
+            b = np.concatenate([p[1] for p in self._pairs]) if self._pairs else np.zeros(0, int)
+            self._root = _components(self.size, a, b)
+        return self._root
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
-        flat = [self.find(i) for i in ids.ravel().tolist()]
-        return np.asarray(flat, dtype=np.int64).reshape(ids.shape)
+        return self.root_table()[np.asarray(ids, dtype=np.int64)]
+
+    def find(self, i: int) -> int:
+        return int(self.root_table()[i])
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of n nodes with edges (a[k], b[k]): each node's smallest member.
+
+    Hook every tree root onto the smallest root across its edges, then jump pointers; each round
+    at least halves the number of trees in a component.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    keep = a != b
+    a, b = a[keep], b[keep]
+    if len(a):
+        edges = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)]), axis=1)
+        a, b = edges[0], edges[1]
+    while len(a):
+        ra, rb = parent[a], parent[b]
+        lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+        live = lo != hi
+        if not live.any():
+            break
+        np.minimum.at(parent, hi[live], lo[live])
+        while True:
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+        a, b = a[live], b[live]
+    return parent
 
 
 def _compress(ids: np.ndarray) -> np.ndarray:
@@ -140,6 +171,8 @@ class TraceState:
         self.param_elems: Dict[str, np.ndarray] = {}  # param name -> element ids (full shape)
         self.unknown_ops: Dict[str, int] = {}
         self.param_shapes: Dict[str, Tuple[int, ...]] = {}
+        # parameters some use of which we do not follow (control flow, unknown ops) -> why
+        self.opaque_params: Dict[str, str] = {}
 
     # -- helpers for handlers -----------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:
@@ -253,6 +286,10 @@ def _conv(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
     ax = _channel_axis(op, len(x.shape))
     groups = int(op.attrs().get("groups", 1))
     c_in, c_out = x.shape[ax], out.shape[ax]
+    if len(w.shape) > 1 and c_in != w.shape[1] * groups:  # PIR's shape inference lets this by
+        raise ValueError(
+            f"(InvalidArgument) a convolution with filter {w.param} {list(w.shape)} expects "
+            f"{w.shape[1] * groups} input channels but gets {c_in} (input {list(x.shape)})")
     in_ids = state.channel_ids(x, ax)
     kernel = int(np.prod(w.shape[2:]))
     spatial = int(np.prod([s for i, s in enumerate(out.shape) if i not in (0, ax)]))
@@ -291,6 +328,11 @@ def _norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
     ax = _channel_axis(op, len(x.shape))
     ids = state.channel_ids(x, ax)
     params = [v.param for v in ins[1:] if v.param is not None]
+    for v in ins[1:]:
+        if v.param is not None and v.shape and v.shape[0] != x.shape[ax]:
+            raise ValueError(
+                f"(InvalidArgument) a normalisation with {v.param} {list(v.shape)} gets "
+                f"{x.shape[ax]} channels (input {list(x.shape)})")
     if ids is None:
         _unknown(state, op, ins, outs, why="normalisation over a mixed channel layout")
         return
@@ -333,9 +375,12 @@ def _elementwise(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) 
     out = outs[0]
     nd = len(out.shape)
     operands = []
+    consts = []  # real shapes of operands nobody traces (constants, computed tensors)
     for v in ins:
         ids = state.ids_of(v)
         if ids is None:
+            if v.shape:
+                consts.append((1,) * (nd - len(v.shape)) + tuple(v.shape))
             continue
         pad = nd - ids.ndim
         real = (1,) * pad + tuple(v.shape)
@@ -343,6 +388,12 @@ def _elementwise(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) 
     if not operands:
         out.ids = None
         return
+    for real in consts:
+        for ids, _ in operands:
+            if any(real[ax] > 1 and ids.shape[ax] > 1 for ax in range(nd)):
+                # e.g. x * paddle.ones([1, 64, 1, 1]): the constant's size is fixed in the code
+                state.block(ids, f"{_op_key(op.name())} with a constant of fixed size along "
+                                 "these channels")
     # An operand of real size 1 along an axis is shared by every channel there: no coupling.
     main_ids, main_real = max(operands, key=lambda t: int(np.prod(t[1])))
     for ids, real in operands:
@@ -397,7 +448,8 @@ def _transpose(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) ->
     _reshape_like(state, ins[0], outs[0], lambda a: np.transpose(a, perm))
 
 
-@register_op("pool2d", "max_pool2d_with_index", "lp_pool2d")
+@register_op("pool2d", "max_pool2d_with_index", "lp_pool2d", "nearest_interp", "bilinear_interp",
+             "bicubic_interp", "linear_interp", "trilinear_interp", "pad3d")
 def _pool(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
     x = ins[0]
     ax = _channel_axis(op, len(x.shape))
@@ -429,7 +481,10 @@ def _reduce(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
 @register_op("softmax", "log_softmax", "cumsum")
 def _axis_mixing(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
     ids = state.ids_of(ins[0])
-    axis = op.attrs().get("axis", -1) % max(len(ins[0].shape), 1)
+    # softmax keeps its axis in an attribute; cumsum takes it as an operand (a `full` constant)
+    axis_val = ins[1].const if len(ins) > 1 and ins[1].const is not None else \
+        op.attrs().get("axis", -1)
+    axis = int(np.asarray(axis_val).ravel()[0]) % max(len(ins[0].shape), 1)
     if ids is not None and ids.shape[axis] > 1:
         _unknown(state, op, ins, outs, why=f"{_op_key(op.name())} across channels")
         return
@@ -503,6 +558,9 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
     index = [slice(None)] * len(x.shape)
     for a, s, e in zip(attrs["axes"], starts, ends):
         index[a] = slice(int(s), int(e))
+        if ids.shape[a] > 1 and out.shape[a] != x.shape[a]:
+            # x[:, :4] keeps writing 4 after pruning: the bounds cannot follow the channels
+            state.block(ids, f"slice along channels; {_SHAPE_COMPUTED}")
     out.ids = _compress(full[tuple(index)].reshape(out.shape))
 
 
@@ -512,7 +570,10 @@ def _unknown(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val], why:
     reason = f"op {name} is not supported" + (f" ({why})" if why else "")
     for v in ins:
         for item in (v.items or [v]):
-            state.block(state.ids_of(item) if item.param is None else None, reason)
+            if item.param is not None:  # a layer's weight read by this op too: keep its shape
+                state.opaque_params.setdefault(item.param, f"also read by {reason}")
+            else:
+                state.block(state.ids_of(item), reason)
     for o in outs:
         if o.shape:
             n = o.shape[1] if len(o.shape) >= 2 else o.shape[0]
@@ -543,21 +604,63 @@ def build_program(net: paddle.nn.Layer, input_shape: Sequence[int]) -> Tuple[Any
 
     had_forward = "forward" in net.__dict__
     old_forward = net.__dict__.get("forward")
-    was_training = net.training
+    modes = [(layer, layer.training) for layer in net.sublayers(include_self=True)]
     net.eval()
     try:
         static = paddle.jit.to_static(
             net, input_spec=[InputSpec(list(input_shape), "float32", "x")], full_graph=True
         )
-        concrete = static.forward.concrete_program
+        with _no_op_callstacks():
+            concrete = static.forward.concrete_program
         return concrete.main_program, list(concrete.outputs)
+    except OSError as e:  # inspect could not read forward's source
+        raise TypeError(
+            f"cannot trace {type(net).__name__}: paddle.jit.to_static reads the source code of "
+            "every forward() it converts, and this one has none (defined in an interactive "
+            "session or by exec?). Define the network in a .py file.") from e
     finally:
         if had_forward:
             net.__dict__["forward"] = old_forward
         else:
             net.__dict__.pop("forward", None)
-        if was_training:
-            net.train()
+        for layer, training in modes:
+            layer.training = training
+
+
+@contextlib.contextmanager
+def _no_op_callstacks() -> Iterator[None]:
+    """PIR stores a Python stack (traceback.extract_stack) on every op it builds, only for
+    error messages; on a DenseNet121 that is two thirds of the tracing time. Conversion errors
+    keep their own Python tracebacks."""
+    original = traceback.extract_stack
+    traceback.extract_stack = lambda *args, **kwargs: traceback.StackSummary()
+    try:
+        yield
+    finally:
+        traceback.extract_stack = original
+
+
+def _enter_control_flow(state: TraceState, op: Any) -> None:
+    """Ops inside an `if`/`while` body read outer values without naming them as operands. We do
+    not trace bodies: every outer value they read keeps its channels, and so does every
+    parameter they use (a layer called there must not be sliced for its calls elsewhere)."""
+    reason = f"used inside control flow ({op.name()})"
+    stack = list(op.blocks())
+    while stack:
+        block = stack.pop()
+        for inner in block.ops:
+            stack.extend(inner.blocks())
+            for operand in inner.operands():
+                src = operand.source()
+                if not src.initialized():
+                    continue
+                v = state.vals.get(src.id)
+                if v is None:
+                    continue
+                if v.param is not None:
+                    state.opaque_params.setdefault(v.param, reason)
+                else:
+                    state.block(state.ids_of(v), reason)
 
 
 def run_trace(program: Any, outputs: Sequence[Any]) -> TraceState:
@@ -582,6 +685,8 @@ def run_trace(program: Any, outputs: Sequence[Any]) -> TraceState:
             outs[0].param = pname
             state.param_shapes[pname] = outs[0].shape
             continue
+        if op.blocks():
+            _enter_control_flow(state, op)
         handler = _OP_HANDLERS.get(_op_key(name))
         if handler is None:
             _unknown(state, op, ins, outs)
@@ -675,104 +780,132 @@ class ChannelGraph:
             for attr, p in layer.named_parameters(include_sublayers=False):
                 key = f"{path}.{attr}" if path else attr
                 self._owner[p.name] = (key, path, layer)
+        self._buffers: Dict[str, str] = {}  # tensor name -> structured key
+        for path, layer in net.named_sublayers(include_self=True):
+            for attr, b in layer.named_buffers(include_sublayers=False):
+                if b is not None:
+                    self._buffers[b.name] = f"{path}.{attr}" if path else attr
         self._build(state, supports_layer)
 
     # -- construction ----------------------------------------------------------------------
     def _build(self, st: TraceState, supports_layer: Callable[[paddle.nn.Layer], bool]) -> None:
-        uf = st.uf
-        blocked: Dict[int, str] = {}
+        """Channel classes (ids joined by the union-find) -> groups -> parameter axes.
+
+        A group starts as every class that one op mints together (a conv's filters), joined
+        across ops by the classes they share (a residual add). A group free of blocked channels
+        is then split so that every layer touching it sees all of its channels, equally often:
+        a concat added to a conv output would otherwise put two producers in one group, and one
+        of them could lose all its channels while the group kept some.
+        """
+        blocked: List[Tuple[np.ndarray, str]] = []  # (ids, reason), first reason wins
         self._add_param_element_members(st, blocked)
+        root = st.uf.root_table()
+        n = len(root)
 
-        def roots(a: np.ndarray) -> np.ndarray:
-            return uf.roots(a)
+        # 1. group-level union of the classes each source mints
+        srcs = [root[src.ids] for src in st.sources]
+        heads = [np.full(len(r), r[0]) for r in srcs if len(r)]
+        flat = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
+        gcomp = _components(n, np.concatenate(heads) if heads else flat, flat)
 
-        # group-level union: all channels one op mints belong to one group
-        guf: Dict[int, int] = {}
-
-        def gfind(x: int) -> int:
-            guf.setdefault(x, x)
-            while guf[x] != x:
-                guf[x] = guf[guf[x]]
-                x = guf[x]
-            return x
-
-        src_roots = []
         for src in st.sources:
-            r = roots(src.ids)
-            src_roots.append(r)
-            first = gfind(int(r[0]))
-            for x in r.tolist():
-                gx = gfind(x)
-                if gx != first:
-                    guf[max(gx, first)] = min(gx, first)
-                    first = min(gx, first)
             if src.blocked:
-                for x in r.tolist():
-                    blocked.setdefault(x, src.blocked)
-        for ids, reason in st.blocks:
-            for x in roots(ids).tolist():
-                blocked.setdefault(x, reason)
+                blocked.append((src.ids, src.blocked))
+        blocked.extend(st.blocks)
 
-        # order groups by their first source, channels by that source's order
-        order: Dict[int, List[int]] = {}
-        lead: Dict[int, Optional[str]] = {}
-        for src, r in zip(st.sources, src_roots):
-            g = gfind(int(r[0]))
-            chans = order.setdefault(g, [])
-            seen = set(chans)
-            for x in r.tolist():
-                if x not in seen:
-                    chans.append(x)
-                    seen.add(x)
-            if lead.get(g) is None and src.param is not None:
-                lead[g] = src.param
-        gids = sorted(order, key=lambda g: g)
-        gindex = {g: i for i, g in enumerate(gids)}
-        chan_of = {}
-        for g in gids:
-            for j, x in enumerate(order[g]):
-                chan_of[x] = (gindex[g], j)
+        # 2. a signature per class: which parameter axes hold it, and how often (a group that
+        # stays whole anyway is not split)
+        rng = np.random.default_rng(0x5EED)
+        sig = np.zeros(n, dtype=np.uint64)
+        axis_weight: Dict[Tuple[str, int], np.uint64] = {}
+        for m in st.members:
+            w = axis_weight.setdefault((m.param, m.axis), np.uint64(rng.integers(1, 2**63)))
+            cls, counts = np.unique(root[m.ids.ravel()], return_counts=True)
+            sig[cls] += w * counts.astype(np.uint64)
+        if blocked:
+            frozen = gcomp[root[np.concatenate([ids.ravel() for ids, _ in blocked])]]
+            sig[np.isin(gcomp, frozen)] = 0
+
+        # 3. groups: classes in sources, keyed by (group component, signature), in program order
+        first_pos = np.full(n, -1, dtype=np.int64)
+        if len(flat):
+            uniq, idx = np.unique(flat, return_index=True)
+            first_pos[uniq] = idx
+        classes = np.flatnonzero(first_pos >= 0)
+        classes = classes[np.argsort(first_pos[classes], kind="stable")]
+        keys = {}
+        class_group = np.full(n, -1, dtype=np.int64)
+        for c, gk in zip(classes.tolist(), zip(gcomp[classes].tolist(), sig[classes].tolist())):
+            class_group[c] = keys.setdefault(gk, len(keys))
+        # order groups by their earliest class (program order of the op minting it)
+        first_class = np.full(len(keys), n, dtype=np.int64)
+        np.minimum.at(first_class, class_group[classes], classes)
+        rank = np.empty(len(keys), dtype=np.int64)
+        rank[np.argsort(first_class, kind="stable")] = np.arange(len(keys))
+        class_group[classes] = rank[class_group[classes]]
+        n_groups = len(keys)
+        class_chan = np.full(n, -1, dtype=np.int64)
+        channels = np.zeros(n_groups, dtype=np.int64)
+        for c, gi in zip(classes.tolist(), class_group[classes].tolist()):
+            class_chan[c] = channels[gi]
+            channels[gi] += 1
 
         def locate(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-            r = roots(ids)
-            grp = np.full(r.shape, -1, dtype=np.int64)
-            ch = np.full(r.shape, -1, dtype=np.int64)
-            for idx, x in np.ndenumerate(r):
-                if x in chan_of:
-                    grp[idx], ch[idx] = chan_of[x]
-            return grp, ch
+            r = root[ids]
+            return class_group[r], class_chan[r]
+
+        def touched(grp: np.ndarray) -> List[int]:
+            return np.unique(grp[grp >= 0]).tolist()
 
         reasons: Dict[int, str] = {}
-        for x, why in blocked.items():
-            if x in chan_of:
-                reasons.setdefault(chan_of[x][0], why)
+        for ids, why in blocked:
+            for gi in touched(locate(ids)[0]):
+                reasons.setdefault(gi, why)
+
+        # lead parameter of a group: the first producer all of whose channels it holds
+        lead: Dict[int, str] = {}
+        partial: Dict[int, str] = {}
+        for src in st.sources:
+            if src.param is None:
+                continue
+            gs = touched(locate(src.ids)[0])
+            for gi in gs:
+                (lead if len(gs) == 1 else partial).setdefault(gi, src.param)
 
         # parameter axes
         self.param_axes: Dict[Tuple[str, int], ParamAxis] = {}
-        members: Dict[int, List[Tuple[str, int]]] = {i: [] for i in range(len(gids))}
-        layers: Dict[int, List[str]] = {i: [] for i in range(len(gids))}
-        producers: Dict[int, List[Tuple[str, int]]] = {i: [] for i in range(len(gids))}
-        norms: Dict[int, List[str]] = {i: [] for i in range(len(gids))}
+        members: Dict[int, List[Tuple[str, int]]] = {i: [] for i in range(n_groups)}
+        layers: Dict[int, List[str]] = {i: [] for i in range(n_groups)}
+        producers: Dict[int, List[Tuple[str, int]]] = {i: [] for i in range(n_groups)}
+        norms: Dict[int, List[str]] = {i: [] for i in range(n_groups)}
         for m in st.members:
+            grp, ch = locate(m.ids)
+            hit = touched(grp)
             if m.param not in self._owner:
+                what = (f"buffer {self._buffers[m.param]}" if m.param in self._buffers
+                        else f"tensor {m.param}")
+                for gi in hit:
+                    reasons.setdefault(gi, f"{what} holds per-channel values but is not a "
+                                           "parameter, so it cannot be sliced")
                 continue
             key, path, layer = self._owner[m.param]
-            grp, ch = locate(m.ids)
             pa = ParamAxis(key, m.axis, grp, ch, m.role)
             prev = self.param_axes.get((key, m.axis))
-            touched = set(grp[grp >= 0].ravel().tolist())
+            if m.param in st.opaque_params:
+                for gi in hit:
+                    reasons.setdefault(gi, f"parameter {key} is {st.opaque_params[m.param]}")
             if prev is not None and not (np.array_equal(prev.group, grp)
                                          and np.array_equal(prev.channel, ch)):
-                for gi in touched | set(prev.group[prev.group >= 0].ravel().tolist()):
+                for gi in set(hit) | set(touched(prev.group)):
                     reasons.setdefault(gi, f"parameter {key} is used with different channels")
                 continue
             self.param_axes[(key, m.axis)] = pa
             if not supports_layer(layer):
-                for gi in touched:
+                for gi in hit:
                     reasons.setdefault(
                         gi, f"layer {path or '<root>'} ({type(layer).__name__}) has no registered "
                             "surgery; see prune_callbacks.surgery.register_layer")
-            for gi in touched:
+            for gi in hit:
                 if (key, m.axis) not in members[gi]:
                     members[gi].append((key, m.axis))
                 if path not in layers[gi]:
@@ -787,12 +920,12 @@ class ChannelGraph:
         for part in st.partitions:
             grp, ch = locate(part)
             gi_set = set(grp.ravel().tolist())
-            if len(gi_set) != 1 or -1 in gi_set or len(set(ch.ravel().tolist())) != ch.size:
+            if len(gi_set) != 1 or -1 in gi_set or len(np.unique(ch)) != ch.size:
                 for gi in gi_set - {-1}:
                     reasons.setdefault(gi, "grouped convolution spans several channel groups")
                 continue
             gi = gi_set.pop()
-            labels = np.full(len(order[gids[gi]]), -1, dtype=np.int64)
+            labels = np.full(int(channels[gi]), -1, dtype=np.int64)
             for k in range(ch.shape[0]):
                 labels[ch[k]] = k
             if gi in partitions and not _same_partition(partitions[gi], labels):
@@ -800,22 +933,27 @@ class ChannelGraph:
             partitions[gi] = labels
 
         self.groups: List[Group] = []
-        for i, g in enumerate(gids):
-            pname = lead.get(g) or ""
+        used: Dict[str, int] = {}
+        for i in range(n_groups):
+            pname = lead.get(i) or partial.get(i) or ""
             if pname and pname in self._owner:
                 name = self._owner[pname][1] or "<root>"
+                used[name] = used.get(name, 0) + 1
+                if used[name] > 1:  # a producer whose channels were split over several groups
+                    name = f"{name}#{used[name]}"
             else:
                 name = f"<unnamed:{i}>"
                 reasons.setdefault(i, "no conv or linear layer produces these channels")
             self.groups.append(Group(
-                name=name, param_name=pname, channels=len(order[g]),
+                name=name, param_name=pname, channels=int(channels[i]),
                 prunable=i not in reasons, reason=reasons.get(i, ""),
                 layers=tuple(layers[i]), members=tuple(members[i]),
                 partition=partitions.get(i), producers=tuple(producers[i]), norms=tuple(norms[i]),
             ))
         self._macs = [self._mac(m, locate) for m in st.macs if m.param in self._owner]
 
-    def _add_param_element_members(self, st: TraceState, blocked: Dict[int, str]) -> None:
+    def _add_param_element_members(self, st: TraceState,
+                                   blocked: List[Tuple[np.ndarray, str]]) -> None:
         """Parameters used by generic ops (a conv bias add, a learnable scale) become members."""
         for pname, elems in st.param_elems.items():
             r = st.uf.roots(elems)
@@ -825,20 +963,14 @@ class ChannelGraph:
                 line = np.moveaxis(r, ax, 0).reshape(r.shape[ax], -1)[:, 0]
                 st.members.append(MemberRec(pname, ax, line, "norm"))
             elif len(varying) > 1:
-                for x in np.unique(r).tolist():
-                    blocked.setdefault(x, f"parameter {pname} couples channels on several axes")
+                blocked.append((elems, f"parameter {pname} couples channels on several axes"))
 
     def _mac(self, m: MacRec, locate: Callable) -> _Mac:
         def census(ids: np.ndarray) -> Tuple[Dict[int, int], int]:
             grp, _ = locate(ids)
-            counts: Dict[int, int] = {}
-            fixed = 0
-            for gi in grp.ravel().tolist():
-                if gi < 0:
-                    fixed += 1
-                else:
-                    counts[gi] = counts.get(gi, 0) + 1
-            return counts, fixed
+            gs, counts = np.unique(grp, return_counts=True)
+            tally = dict(zip(gs.tolist(), counts.tolist()))
+            return {g: c for g, c in tally.items() if g >= 0}, tally.get(-1, 0)
 
         blocks = m.in_ids.shape[0] if m.in_ids.ndim == 2 else 1
         return _Mac(m.kind, m.kernel * m.spatial, blocks, census(m.out_ids), census(m.in_ids))

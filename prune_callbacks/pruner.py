@@ -76,8 +76,10 @@ class FilterPruner:
 
     # -- graph ----------------------------------------------------------------------------
     def _trace(self) -> ChannelGraph:
-        try:  # an eager pass first: it checks the input shape with paddle's own messages
-            count_flops(self.net, self.input_shape)
+        # No eager pass to check the shape: it cost as much as the trace, which reports shape
+        # errors itself (PIR shape inference, plus the tracer's channel checks).
+        try:
+            self._graph = ChannelGraph(self.net, self.input_shape, supports_layer)
         except (ValueError, RuntimeError) as e:  # paddle reports shape errors as these
             first = str(e).strip().splitlines()
             detail = next((ln for ln in reversed(first) if "Error" in ln or "Invalid" in ln),
@@ -85,7 +87,6 @@ class FilterPruner:
             raise ValueError(
                 f"input_shape {list(self.input_shape)} does not fit the network: {detail.strip()} "
                 "-- pass the shape of one input batch, e.g. [1, 3, 32, 32]") from e
-        self._graph = ChannelGraph(self.net, self.input_shape, supports_layer)
         return self._graph
 
     @property
