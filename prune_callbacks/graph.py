@@ -13,8 +13,8 @@ import contextlib
 import logging
 import traceback
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -411,7 +411,8 @@ def _elementwise(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) 
     out.ids = main_ids
 
 
-def _reshape_like(state: TraceState, x: _Val, out: _Val, fn: Callable[[np.ndarray], np.ndarray]) -> None:
+def _reshape_like(state: TraceState, x: _Val, out: _Val,
+                  fn: Callable[[np.ndarray], np.ndarray]) -> None:
     ids = state.ids_of(x)
     if ids is None:
         out.ids = None
@@ -640,16 +641,16 @@ def _no_op_callstacks() -> Iterator[None]:
         traceback.extract_stack = original
 
 
-def _enter_control_flow(state: TraceState, op: Any) -> None:
+def _enter_control_flow(state: TraceState, op: Any, blocks: List[Any]) -> None:
     """Ops inside an `if`/`while` body read outer values without naming them as operands. We do
     not trace bodies: every outer value they read keeps its channels, and so does every
     parameter they use (a layer called there must not be sliced for its calls elsewhere)."""
     reason = f"used inside control flow ({op.name()})"
-    stack = list(op.blocks())
+    stack = list(blocks)
     while stack:
         block = stack.pop()
         for inner in block.ops:
-            stack.extend(inner.blocks())
+            stack.extend(list(inner.blocks()))
             for operand in inner.operands():
                 src = operand.source()
                 if not src.initialized():
@@ -685,8 +686,9 @@ def run_trace(program: Any, outputs: Sequence[Any]) -> TraceState:
             outs[0].param = pname
             state.param_shapes[pname] = outs[0].shape
             continue
-        if op.blocks():
-            _enter_control_flow(state, op)
+        blocks = list(op.blocks())  # the container itself is always truthy
+        if blocks:
+            _enter_control_flow(state, op, blocks)
         handler = _OP_HANDLERS.get(_op_key(name))
         if handler is None:
             _unknown(state, op, ins, outs)

@@ -669,3 +669,154 @@ def test_unknown_op_blocks_only_touched_groups(op, name):
     assert net.conv3._out_channels == 8 and net.fc.weight.shape == [8, 4]
     assert _rel_err(_run(net, x), masked) <= 1e-4
     _train_step(net, shape)
+
+
+# ---------------------------------------------------------------------------------------------
+# regressions: patterns the tracer once let through
+# ---------------------------------------------------------------------------------------------
+
+
+class _ConcatPlusConv(nn.Layer):
+    """cat([a(x), b(x)]) + c(x): c's filters couple with a's and b's, in two separate groups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2D(3, 4, 3, padding=1)
+        self.a = nn.Conv2D(4, 1, 1)
+        self.b = nn.Conv2D(4, 5, 1)
+        self.c = nn.Conv2D(4, 6, 1)
+        self.fc = nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = F.relu(self.stem(x))
+        y = paddle.concat([self.a(x), self.b(x)], axis=1) + self.c(x)
+        return self.fc(paddle.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+def test_concat_added_to_a_conv_makes_one_group_per_producer():
+    paddle.seed(0)
+    net = _ConcatPlusConv()
+    _randomise(net)
+    shape = [1, 3, 6, 6]
+    pruner = FilterPruner(net, shape)
+    groups = {g.name: g for g in pruner.groups if g.prunable}
+    assert sorted(groups) == ["a", "b", "stem"]
+    assert groups["a"].channels == 1 and groups["b"].channels == 5
+    assert ("c.weight", 0) in groups["a"].members and ("c.weight", 0) in groups["b"].members
+    ratios = {"a": 0.9, "b": 0.9, "stem": 0.5}  # a keeps its only filter
+    x = paddle.randn(shape)
+    with pruner.mask(ratios):
+        masked = _run(net, x)
+    analytic = pruner.flops(ratios)
+    pruner.prune(ratios)
+    assert net.a._out_channels == 1 and net.b._out_channels == 1 and net.c._out_channels == 2
+    assert _rel_err(_run(net, x), masked) <= 1e-4
+    assert count_flops(net, shape) == analytic
+
+
+class _Blocked(nn.Layer):
+    """conv1 -> <pattern> -> conv2 -> pool -> fc; the pattern must leave conv1's channels."""
+
+    def __init__(self, pattern: str) -> None:
+        super().__init__()
+        self.pattern = pattern
+        self.conv1 = nn.Conv2D(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2D(8, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+        self.register_buffer("shift", paddle.linspace(-1, 1, 8).reshape([1, 8, 1, 1]))
+
+    def forward(self, x):
+        y = F.relu(self.conv1(x))
+        if self.pattern == "buffer":
+            y = y + self.shift
+        elif self.pattern == "constant":
+            y = y * paddle.full([1, 8, 1, 1], 2.0)
+        elif self.pattern == "slice":
+            y = paddle.concat([y[:, 3:], y[:, :3]], axis=1)
+        elif self.pattern == "control_flow":
+            if x.mean() > 0:  # a tensor condition: a PIR `if` op whose body reads y
+                y = y * 2.0
+            else:
+                y = y * 3.0
+        y = self.conv2(y)
+        return self.fc(paddle.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+
+@pytest.mark.parametrize("pattern, reason", [
+    ("buffer", "buffer shift holds per-channel values but is not a parameter"),
+    ("constant", "with a constant of fixed size along these channels"),
+    ("slice", "slice along channels"),
+    ("control_flow", "used inside control flow (pd_op.if)"),
+])
+def test_patterns_that_cannot_follow_pruning_block_their_channels(pattern, reason):
+    paddle.seed(0)
+    net = _Blocked(pattern)
+    shape = [1, 3, 6, 6]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = FilterPruner(net, shape)
+    by_name = {g.name: g for g in pruner.groups}
+    assert not by_name["conv1"].prunable
+    assert reason in by_name["conv1"].reason
+    assert by_name["conv2"].prunable  # the rest stays prunable
+    x = paddle.randn(shape)
+    with pruner.mask({"conv2": 0.5}):
+        masked = _run(net, x)
+    pruner.prune({"conv2": 0.5})
+    assert net.conv1._out_channels == 8 and net.fc.weight.shape == [4, 4]
+    assert _rel_err(_run(net, x), masked) <= 1e-4
+
+
+def test_spatial_ops_pass_channels_through():
+    class Net(nn.Layer):
+        def __init__(self):
+            super().__init__()
+            self.conv1 = nn.Conv2D(3, 8, 3, padding=1)
+            self.conv2 = nn.Conv2D(8, 4, 3)
+            self.fc = nn.Linear(4, 2)
+
+        def forward(self, x):
+            y = F.interpolate(F.relu(self.conv1(x)), scale_factor=2, mode="bilinear")
+            y = self.conv2(F.pad(y, [1, 1, 1, 1], mode="reflect"))
+            return self.fc(paddle.flatten(F.adaptive_avg_pool2d(y, 1), 1))
+
+    paddle.seed(0)
+    net = Net()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # interpolation and padding are understood
+        pruner = FilterPruner(net, [1, 3, 4, 4])
+    assert [g.name for g in pruner.prunable_groups] == ["conv1", "conv2"]
+    x = paddle.randn([1, 3, 4, 4])
+    with pruner.mask({"conv1": 0.5}):
+        masked = _run(net, x)
+    pruner.prune({"conv1": 0.5})
+    assert _rel_err(_run(net, x), masked) <= 1e-4
+
+
+def test_tracing_keeps_each_layers_mode_and_the_network():
+    paddle.seed(0)
+    net = M.resnet18(num_classes=10)
+    net.train()
+    net.bn1.eval()  # a frozen BN inside a training network
+    x = paddle.randn(S32)
+    before = _state(net)
+    pruner = FilterPruner(net, S32)
+    pruner.flops(_all_ratios(pruner))
+    count_flops(net, S32)
+    assert net.training and not net.bn1.training and net.layer1[0].bn1.training
+    assert "forward" not in net.__dict__  # to_static's wrapper removed
+    after = _state(net)
+    assert all(after[k].tobytes() == before[k].tobytes() for k in before)
+    assert _run(net, x).shape == (1, 10)
+
+
+def test_network_without_source_code_says_how_to_fix():
+    namespace = {"nn": nn}
+    exec("class Net(nn.Layer):\n"
+         "    def __init__(self):\n"
+         "        super().__init__()\n"
+         "        self.conv = nn.Conv2D(3, 4, 3)\n"
+         "    def forward(self, x):\n"
+         "        return self.conv(x)\n", namespace)
+    with pytest.raises(TypeError, match="cannot trace Net: .*Define the network in a .py file"):
+        FilterPruner(namespace["Net"](), [1, 3, 8, 8])
