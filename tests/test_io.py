@@ -113,9 +113,9 @@ def test_explicit_plans_and_unpruned_checkpoints(tmp_path: Path) -> None:
     np.testing.assert_allclose(_out(load_pruned(fresh, tmp_path / "plain"), x), _out(net, x), atol=1e-6)
     assert recorded_plans(fresh) == []
 
-    plan = FilterPruner(net, SHAPE).prune({"3": 0.5})  # not recorded: passed explicitly instead
-    save_pruned(net, tmp_path / "explicit", plans=[plan.to_dict()])
-    assert recorded_plans(net) == []
+    plan = FilterPruner(net, SHAPE).prune({"3": 0.5})  # FilterPruner.apply records its plans
+    assert recorded_plans(net) == [plan]
+    save_pruned(net, tmp_path / "explicit", plans=[plan.to_dict()])  # explicit plans (as dicts)
     loaded = load_pruned(_net(), tmp_path / "explicit.prune.json")
     np.testing.assert_allclose(_out(loaded, x), _out(net, x), atol=1e-6)
 
@@ -161,6 +161,7 @@ def test_bad_input_raises_clear_errors(tmp_path: Path) -> None:
     # a pruning step that was never recorded: the weights do not fit, and the message says why
     unrecorded = _net()
     FilterPruner(unrecorded, SHAPE).prune({"0": 0.5})
+    unrecorded.__dict__.pop("_prune_plans")  # as if sliced by hand, outside FilterPruner
     save_pruned(unrecorded, tmp_path / "lost")
     with pytest.raises(ValueError, match=r"0.weight: checkpoint \[4, 1, 3, 3\], network \[8, 1, 3, 3\].*record_plan"):
         load_pruned(_net(), tmp_path / "lost")
