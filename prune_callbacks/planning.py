@@ -119,8 +119,8 @@ def plan_ratios(pruner: Any, target: float, sens: Optional[Any], skip: Sequence[
     ratios = assign(lo)
     ratios = _top_up(graph, ratios, curves, top, target, base, round_to)
     achieved = reduction(ratios)
-    logger.info("planned %d groups for a %.3f FLOPs reduction: achieved %.4f", len(ratios),
-                target, achieved)
+    logger.info("planned a %.3f FLOPs reduction: achieved %.4f, %d of %d groups pruned", target,
+                achieved, sum(r > 0 for r in ratios.values()), len(ratios))
     return pruner.select({graph.groups[i].name: r for i, r in ratios.items() if r > 0},
                          round_to)
 

@@ -447,7 +447,10 @@ def analyse(pruner: Any, evaluate: Union[Callable[[], float], EvalData],
                 _save(path, data)
         baseline = data["baseline"]
         if baseline == 0:
-            raise ValueError("the baseline metric is 0: sensitivity (relative loss) is undefined")
+            raise ValueError(
+                "the baseline metric is 0 on the evaluation data, so relative losses are "
+                "undefined: analyse a network that has learned something (a later at_epoch) or "
+                "evaluate on more samples (num_samples)")
         total = sum(len(ratios) - len(data["losses"].get(g.name, {})) for _, g in todo)
         done, t0 = 0, time.perf_counter()
         for n, (gi, g) in enumerate(todo, 1):
