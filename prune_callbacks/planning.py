@@ -148,7 +148,9 @@ def _top_up(graph: Any, ratios: Dict[int, float], curves: Dict[int, List[Tuple[f
             nxt = _next_ratio(g, r, round_to)
             if nxt is None or nxt > top[i] + 1e-9:
                 continue
-            cost = (loss_at(i, nxt), i)
+            # equal losses (flat curves, e.g. an untrained net): take from the group that has
+            # lost least so far, so the cut spreads evenly instead of emptying the first groups
+            cost = (loss_at(i, nxt), nxt, i)
             if best_cost is None or cost < best_cost:
                 best, best_cost = (i, nxt), cost
         if best is None:

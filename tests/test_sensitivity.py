@@ -359,3 +359,18 @@ def test_paddleslim_aliases(tiny: Any, tmp_path: Path) -> None:
     plan = pruner.sensitive_prune(0.3, skip_vars=[skip])
     assert 0.295 <= plan.pruned_flops <= 0.305
     assert "c1.0" not in {g.name for g in plan.groups if g.removed}
+
+
+def test_flat_curves_spread_the_cut_evenly() -> None:
+    """All losses equal (an untrained network): no group is emptied while others stay whole."""
+    net = models.mobilenet_v1(num_classes=10, scale=0.5)
+    pruner = FilterPruner(net, [1, 3, 32, 32])
+    sens = fake_sensitivity(pruner)
+    for pts in sens.losses.values():
+        for r in pts:
+            pts[r] = 0.0
+    kept = plan_ratios(pruner, 0.4, sens)
+    groups = pruner.groups
+    removed = [1 - len(kept.get(i, range(g.channels))) / g.channels
+               for i, g in enumerate(groups) if g.name in sens.losses]
+    assert max(removed) - min(removed) < 0.2, removed
