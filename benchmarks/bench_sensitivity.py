@@ -9,6 +9,9 @@ Prints both wall times, the speed-up and the largest difference between the two 
 
     python benchmarks/bench_sensitivity.py                 # mobilenet_v1, 32x32, 512 images
     python benchmarks/bench_sensitivity.py --samples 128 --ratios 0.3 0.6 0.9   # quicker
+
+Measured on the 2-core CI-class machine, OMP_NUM_THREADS=1, defaults (126 points): naive 839.9 s;
+ours 261.8 s on the idle machine (2 worker threads): 3.2x, largest loss difference 0.
 """
 from __future__ import annotations
 
