@@ -94,9 +94,16 @@ def test_every_model_option_validates(model: str) -> None:
 
 
 def test_data_and_optim_options_validate() -> None:
-    for overrides in (["data=cifar10"], ["data=synthetic"], ["optim=adam"], ["callbacks=none"],
-                      ["prune.strategy=uniform", "prune.criterion=fpgm"]):
-        train_app.validate_config(make_cfg(overrides))
+    cfg = train_app.validate_config(make_cfg(["data=cifar10"]))
+    assert cfg.data.name == "cifar10" and cfg.data.train._target_.endswith("cifar10_dataset")
+    cfg = train_app.validate_config(make_cfg(["data=synthetic"]))
+    assert cfg.data.name == "synthetic" and cfg.data.val.num_samples == 64
+    cfg = train_app.validate_config(make_cfg(["optim=adam"]))
+    assert cfg.optim._target_ == "paddle.optimizer.Adam" and cfg.optim._partial_
+    cfg = train_app.validate_config(make_cfg(["callbacks=none"]))
+    assert not any(cfg.callbacks[k] for k in ("visualdl", "training_curves", "checkpoint", "export"))
+    cfg = train_app.validate_config(make_cfg(["prune.strategy=uniform", "prune.criterion=fpgm"]))
+    assert (str(cfg.prune.strategy.value), str(cfg.prune.criterion.value)) == ("uniform", "fpgm")
 
 
 def test_optimizer_is_partial_and_builds_over_parameters() -> None:

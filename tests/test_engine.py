@@ -123,7 +123,7 @@ def _train_step(net: nn.Layer, shape: Sequence[int]) -> None:
 
 
 def _prune_and_check(net: nn.Layer, shape: Sequence[int], ratio: float = 0.3,
-                     rtol: float = 1e-4) -> FilterPruner:
+                     rtol: float = 1e-4) -> PrunePlan:
     """Prune `ratio` of every prunable group and check the pruned net against the masked one."""
     _randomise(net)
     net.eval()
@@ -145,7 +145,7 @@ def _prune_and_check(net: nn.Layer, shape: Sequence[int], ratio: float = 0.3,
     _check_layer_attrs(net)
     _check_summary(net, shape)
     _train_step(net, shape)
-    return pruner
+    return plan
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,7 +221,14 @@ ZOO = [
 def test_zoo_pruned_equals_masked(build, shape):
     paddle.seed(0)
     net = build()
-    _prune_and_check(net, shape)
+    params = count_params(net)
+    plan = _prune_and_check(net, shape)
+    # every prunable group lost channels, never more than 30%, and the network got smaller
+    assert plan.groups
+    for gp in plan.groups:
+        assert len(gp.kept) + len(gp.removed) == gp.channels, gp.name
+        assert 0 < len(gp.removed) <= 0.3 * gp.channels, gp.name
+    assert count_params(net) == plan.params_after < params
 
 
 # Groups that stay unprunable, and why (beyond the input channels and the network output).

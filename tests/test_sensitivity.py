@@ -345,13 +345,13 @@ def test_paddleslim_aliases(tiny: Any, tmp_path: Path) -> None:
     net, ds = tiny
     pruner = FilterPruner(net, [1, 3, 12, 12])
 
-    def test() -> float:
+    def eval_top1() -> float:  # the tutorial's `test()`
         with paddle.no_grad():
             logits = net(paddle.to_tensor(ds.x)).numpy()
         return top1_metric(logits, ds.y)[0] / len(ds)
 
     sen_file = str(tmp_path / "sensitivities_0.data")
-    sens = pruner.sensitive(eval_func=test, sen_file=sen_file)
+    sens = pruner.sensitive(eval_func=eval_top1, sen_file=sen_file)
     assert pruner.sensitive() == sens
     assert set(sens) == {g.name for g in pruner.prunable_groups}
     assert all(set(v) == set(round(0.1 * i, 1) for i in range(1, 10)) for v in sens.values())
