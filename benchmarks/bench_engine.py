@@ -4,7 +4,7 @@ For each model (224x224, 1000 classes), on a freshly built network per run, the 
 `--runs` runs of:
   trace: `FilterPruner(net, [1, 3, 224, 224])` (PIR program + channel groups);
   prune: `pruner.prune({every prunable group: 0.3})` (selection, slicing, layer sync, and the
-         two eager FLOPs counts that go into the returned plan).
+         analytic FLOPs and parameter counts that go into the returned plan).
 The first trace in a process also pays paddle's one-off source conversion; it is shown apart.
 Then MobileNetV1's multiply-accumulates at 224x224 against the published 569M.
 
@@ -14,8 +14,8 @@ Then MobileNetV1's multiply-accumulates at 224x224 against the published 569M.
 Measured on the 2-core CI machine, OMP_NUM_THREADS=1 (two runs, the spread is machine noise):
 trace mobilenet_v1 0.10-0.15 s, resnet50 0.27-0.45 s, densenet121 0.87-1.19 s (before the
 tracer was vectorised and stopped recording op call stacks and running an eager shape check:
-0.4, 1.3 and 3.1-3.4 s); prune 30% 0.28 s, 1.0-1.3 s, 1.8-2.3 s, about half of it the two eager
-FLOPs counts; MobileNetV1 568.7M MACs (-0.05% from 569M).
+0.4, 1.3 and 3.1-3.4 s); prune 30% 0.08 s, 0.44 s, 1.00 s (0.28, 1.0-1.3 and 1.8-2.3 s while the
+plan's FLOPs came from two eager count_flops passes); MobileNetV1 568.7M MACs (-0.05% from 569M).
 """
 from __future__ import annotations
 

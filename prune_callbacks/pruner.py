@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import math
 import os
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -15,12 +14,12 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .flops import count_flops, count_params
+from .flops import count_params
 from .graph import ChannelGraph, Group
 from .importance import Criterion, get_criterion
 from .io import record_plan
 from .plan import GroupPlan, PrunePlan
-from .planning import plan_ratios
+from .planning import n_keep, plan_ratios
 from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
 from .surgery import Mask, apply_slices, supports_layer
 
@@ -71,6 +70,7 @@ class FilterPruner:
         self.input_shape = _validate_shape(input_shape)
         self.criterion = get_criterion(criterion)
         self._graph: Optional[ChannelGraph] = None
+        self._param_map: Optional[Dict[str, Any]] = None
         self._trace()
         self._sensitivity = None
 
@@ -134,11 +134,17 @@ class FilterPruner:
         return out
 
     # -- selection ------------------------------------------------------------------------
+    def _params(self) -> Dict[str, Any]:
+        """state_dict key -> Parameter; surgery keeps the objects, so this is built once."""
+        if self._param_map is None:
+            self._param_map = dict(self.net.named_parameters())
+        return self._param_map
+
     def importance(self, group: Union[str, int]) -> np.ndarray:
         """Score of each channel of a group (higher = more important)."""
         gi = group if isinstance(group, int) else self.group_index(group)
         g = self.groups[gi]
-        params = dict(self.net.named_parameters())
+        params = self._params()
         pa_map = self.graph.param_axes
         sources = g.producers
         if self.criterion.source == "norm":
@@ -185,13 +191,8 @@ class FilterPruner:
     @staticmethod
     def _keep(g: Group, scores: np.ndarray, ratio: float, round_to: int) -> np.ndarray:
         def keep_in(idx: np.ndarray, rounding: int) -> np.ndarray:
-            n = len(idx)
-            n_keep = n - int(math.floor(ratio * n + 1e-9))
-            if rounding > 1:
-                n_keep = min(n, int(math.ceil(n_keep / rounding) * rounding))
-            n_keep = max(1, n_keep)
             order = np.argsort(-scores[idx], kind="stable")
-            return idx[order[:n_keep]]
+            return idx[order[:n_keep(len(idx), ratio, rounding)]]
 
         if g.partition is None:
             return np.sort(keep_in(np.arange(g.channels), round_to))
@@ -251,7 +252,9 @@ class FilterPruner:
     def apply(self, kept: Kept) -> PrunePlan:
         """Prune to an explicit selection (group index -> kept channels)."""
         groups = self.groups
-        flops_before = count_flops(self.net, self.input_shape)
+        # from channel counts: equal to count_flops on every zoo model (tests), no forward passes
+        flops_before = self.graph.flops({})
+        flops_after = self.graph.flops({gi: len(k) for gi, k in kept.items()})
         params_before = count_params(self.net)
         keep_sl, _ = self.slices(kept)
         gplans = []
@@ -263,7 +266,7 @@ class FilterPruner:
         self._graph = None  # channel layout changed: trace again on next use
         plan = PrunePlan(
             groups=tuple(gplans), flops_before=flops_before,
-            flops_after=count_flops(self.net, self.input_shape),
+            flops_after=flops_after,
             params_before=params_before, params_after=count_params(self.net),
             input_shape=self.input_shape, criterion=self.criterion.name,
             param_slices={k: {ax: tuple(map(_tuplify, v)) if _nested(v) else tuple(v)
