@@ -2,46 +2,28 @@
 
 Convention: FLOPs are multiply-accumulates (MACs) of Conv2D and Linear layers only, one MAC per
 weight element per output position (groups respected; bias, norms, activations and pooling not
-counted), for one input of the given shape. Works under numpy 2, where `paddle.flops` crashes.
+counted), for one input of the given shape. Each layer type's `LayerPruning.macs`
+(prune_callbacks.layers) does the counting. Works under numpy 2, where `paddle.flops` crashes.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Sequence, Type
+from typing import Callable, Sequence, Type
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
+from .layers import layer_handler, override_layer
+
 MacFn = Callable[[nn.Layer, paddle.Tensor], int]
-_MAC_FNS: Dict[Type[nn.Layer], MacFn] = {}
 
 
 def register_flops(layer_type: Type[nn.Layer], fn: MacFn) -> None:
-    """Count `fn(layer, output)` MACs for every call of a layer of `layer_type`."""
-    _MAC_FNS[layer_type] = fn
-
-
-def _conv_macs(layer: nn.Layer, out: paddle.Tensor) -> int:
-    w = layer.weight.shape
-    ch_axis = 1 if layer._data_format in ("NCHW", "NCDHW", "NCL") else len(out.shape) - 1
-    positions = int(np.prod([s for i, s in enumerate(out.shape) if i not in (0, ch_axis)]))
-    return int(np.prod(w)) * positions
-
-
-def _linear_macs(layer: nn.Layer, out: paddle.Tensor) -> int:
-    rows = int(np.prod(out.shape[1:-1])) if len(out.shape) > 2 else 1
-    return int(np.prod(layer.weight.shape)) * rows
-
-
-register_flops(nn.Conv2D, _conv_macs)
-register_flops(nn.Linear, _linear_macs)
-
-
-def _mac_fn(layer: nn.Layer) -> MacFn | None:
-    for cls in type(layer).__mro__:
-        if cls in _MAC_FNS:
-            return _MAC_FNS[cls]
-    return None
+    """Compatibility wrapper: count `fn(layer, output)` MACs for every call of a layer of
+    `layer_type`, keeping the type's surgery and output axis (those of its base class if it has
+    none). New code overrides `LayerPruning.macs` and registers the whole layer type with
+    `prune_callbacks.layers.register_layer_type`."""
+    override_layer(layer_type, macs=fn)
 
 
 def count_flops(net: nn.Layer, input_shape: Sequence[int]) -> int:
@@ -61,10 +43,10 @@ def count_flops(net: nn.Layer, input_shape: Sequence[int]) -> int:
     hooks = []
 
     def hook(layer: nn.Layer, inputs: object, output: paddle.Tensor) -> None:
-        total[0] += _mac_fn(layer)(layer, output)
+        total[0] += layer_handler(layer).macs(layer, output)
 
     for layer in net.sublayers(include_self=True):
-        if _mac_fn(layer) is not None:
+        if layer_handler(layer) is not None:
             hooks.append(layer.register_forward_post_hook(hook))
     modes = [(layer, layer.training) for layer in net.sublayers(include_self=True)]
     net.eval()

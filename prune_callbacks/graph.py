@@ -10,11 +10,13 @@ reads the network; it never changes a parameter.
 from __future__ import annotations
 
 import contextlib
+import enum
 import logging
+import threading
 import traceback
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -57,9 +59,6 @@ class _UnionFind:
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
         return self.root_table()[np.asarray(ids, dtype=np.int64)]
-
-    def find(self, i: int) -> int:
-        return int(self.root_table()[i])
 
 
 def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -121,6 +120,29 @@ class _Val:
 # ---------------------------------------------------------------------------------------------
 
 
+class Role(str, enum.Enum):
+    """What a parameter axis does with a group's channels. A `str` enum: `role == "in"` holds."""
+
+    OUT = "out"  # a producer's output axis (conv filters, linear columns)
+    IN = "in"  # a consumer's input axis: it mixes the group's channels
+    NORM = "norm"  # a per-channel affine (BatchNorm scale and shift, a learnable scale, a bias)
+    PASS = "pass"  # a depthwise conv's filters: channels pass through one by one
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class MacKind(str, enum.Enum):
+    """How a conv/linear op's multiply-accumulates scale with its channels."""
+
+    DENSE = "dense"
+    GROUPED = "grouped"
+    DEPTHWISE = "depthwise"
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class MemberRec:
     """A parameter slice whose index i along `axis` carries channel id `ids[i]`.
@@ -132,7 +154,7 @@ class MemberRec:
     param: str  # paddle parameter name
     axis: int
     ids: np.ndarray
-    role: str  # "out" (producer), "in" (consumer), "norm" (per-channel affine), "pass" (depthwise)
+    role: Role
     blocks: int = 1
 
 
@@ -154,7 +176,7 @@ class MacRec:
     in_ids: np.ndarray  # ids of input channels (1-D, or [blocks, per_block] for grouped)
     kernel: int
     spatial: int
-    kind: str  # "dense", "grouped", "depthwise"
+    kind: MacKind
 
 
 class TraceState:
@@ -170,7 +192,6 @@ class TraceState:
         self.partitions: List[np.ndarray] = []  # [blocks, per_block] id arrays to split equally
         self.param_elems: Dict[str, np.ndarray] = {}  # param name -> element ids (full shape)
         self.unknown_ops: Dict[str, int] = {}
-        self.param_shapes: Dict[str, Tuple[int, ...]] = {}
         # parameters some use of which we do not follow (control flow, unknown ops) -> why
         self.opaque_params: Dict[str, str] = {}
 
@@ -302,23 +323,23 @@ def _conv(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
     if groups == 1:
         out_ids = state.fresh(c_out)
         state.sources.append(SourceRec(out_ids, w.param))
-        state.members.append(MemberRec(w.param, 0, out_ids, "out"))
-        state.members.append(MemberRec(w.param, 1, in_ids, "in"))
-        state.macs.append(MacRec(w.param, out_ids, in_ids, kernel, spatial, "dense"))
+        state.members.append(MemberRec(w.param, 0, out_ids, Role.OUT))
+        state.members.append(MemberRec(w.param, 1, in_ids, Role.IN))
+        state.macs.append(MacRec(w.param, out_ids, in_ids, kernel, spatial, MacKind.DENSE))
     elif groups == c_in and c_out % c_in == 0:
         mult = c_out // c_in
         out_ids = np.repeat(in_ids, mult)
-        state.members.append(MemberRec(w.param, 0, out_ids, "pass"))
-        state.macs.append(MacRec(w.param, out_ids, in_ids[:1], kernel, spatial, "depthwise"))
+        state.members.append(MemberRec(w.param, 0, out_ids, Role.PASS))
+        state.macs.append(MacRec(w.param, out_ids, in_ids[:1], kernel, spatial, MacKind.DEPTHWISE))
     else:
         out_ids = state.fresh(c_out)
         state.sources.append(SourceRec(out_ids, w.param))
         blocks_in = in_ids.reshape(groups, c_in // groups)
-        state.members.append(MemberRec(w.param, 0, out_ids, "out"))
-        state.members.append(MemberRec(w.param, 1, blocks_in, "in", blocks=groups))
+        state.members.append(MemberRec(w.param, 0, out_ids, Role.OUT))
+        state.members.append(MemberRec(w.param, 1, blocks_in, Role.IN, blocks=groups))
         state.partitions.append(blocks_in)
         state.partitions.append(out_ids.reshape(groups, c_out // groups))
-        state.macs.append(MacRec(w.param, out_ids, blocks_in, kernel, spatial, "grouped"))
+        state.macs.append(MacRec(w.param, out_ids, blocks_in, kernel, spatial, MacKind.GROUPED))
     out.ids = out_ids.reshape(shape)
 
 
@@ -337,7 +358,7 @@ def _norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
         _unknown(state, op, ins, outs, why="normalisation over a mixed channel layout")
         return
     for p in params:
-        state.members.append(MemberRec(p, 0, ids, "norm"))
+        state.members.append(MemberRec(p, 0, ids, Role.NORM))
     outs[0].ids = state.ids_of(x)
 
 
@@ -360,10 +381,10 @@ def _matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
     in_ids = _expand(xi.reshape(-1), (x.shape[-1],)).copy()
     out_ids = state.fresh(out.shape[-1])
     state.sources.append(SourceRec(out_ids, w.param))
-    state.members.append(MemberRec(w.param, 1 - in_axis, out_ids, "out"))
-    state.members.append(MemberRec(w.param, in_axis, in_ids, "in"))
+    state.members.append(MemberRec(w.param, 1 - in_axis, out_ids, Role.OUT))
+    state.members.append(MemberRec(w.param, in_axis, in_ids, Role.IN))
     rows = int(np.prod(out.shape[:-1]))
-    state.macs.append(MacRec(w.param, out_ids, in_ids, 1, rows, "dense"))
+    state.macs.append(MacRec(w.param, out_ids, in_ids, 1, rows, MacKind.DENSE))
     out.ids = out_ids.reshape((1,) * (len(out.shape) - 1) + (-1,))
 
 
@@ -628,17 +649,57 @@ def build_program(net: paddle.nn.Layer, input_shape: Sequence[int]) -> Tuple[Any
             layer.training = training
 
 
+class _QuietStacks:
+    """Stands in for `traceback.extract_stack`: an empty stack for argument-less calls made on a
+    thread inside `_no_op_callstacks`, the real function for every other call."""
+
+    def __init__(self, original: Callable[..., traceback.StackSummary]) -> None:
+        self.original = original
+        self.users = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> traceback.StackSummary:
+        if not args and not kwargs and getattr(_TRACING, "depth", 0):
+            return traceback.StackSummary()
+        return self.original(*args, **kwargs)
+
+
+_TRACING = threading.local()  # depth of _no_op_callstacks blocks on this thread
+_QUIET_LOCK = threading.Lock()
+_quiet: Optional[_QuietStacks] = None  # installed while any thread traces
+
+
 @contextlib.contextmanager
 def _no_op_callstacks() -> Iterator[None]:
-    """PIR stores a Python stack (traceback.extract_stack) on every op it builds, only for
-    error messages; on a DenseNet121 that is two thirds of the tracing time. Conversion errors
-    keep their own Python tracebacks."""
-    original = traceback.extract_stack
-    traceback.extract_stack = lambda *args, **kwargs: traceback.StackSummary()
+    """Skip the Python stack PIR records on every op it builds (only for error messages; on a
+    DenseNet121 two thirds of the tracing time).
+
+    Paddle 3.3.1 has no flag for this: its C++ op builder (pybind/op_callstack_utils.cc) always
+    calls `traceback.extract_stack()`. So while this thread is inside the block that function
+    returns an empty stack to argument-less calls from this thread; other threads, and calls
+    with a frame or limit, get the real one. It is restored when the last tracer leaves, even on
+    an exception (unless someone replaced it meanwhile: theirs stays and calls through ours).
+    Conversion errors keep their own Python tracebacks.
+    """
+    global _quiet
+    with _QUIET_LOCK:
+        if _quiet is None:
+            _quiet = _QuietStacks(traceback.extract_stack)
+            traceback.extract_stack = _quiet
+        quiet = _quiet
+        quiet.users += 1
+    _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
     try:
         yield
     finally:
-        traceback.extract_stack = original
+        _TRACING.depth -= 1
+        with _QUIET_LOCK:
+            quiet.users -= 1
+            if quiet.users == 0:
+                if traceback.extract_stack is quiet:
+                    traceback.extract_stack = quiet.original
+                else:
+                    logger.debug("traceback.extract_stack was replaced while tracing; left as is")
+                _quiet = None
 
 
 def _enter_control_flow(state: TraceState, op: Any, blocks: List[Any]) -> None:
@@ -684,7 +745,6 @@ def run_trace(program: Any, outputs: Sequence[Any]) -> TraceState:
         if name == "builtin.parameter":
             pname = op.attrs()["parameter_name"]
             outs[0].param = pname
-            state.param_shapes[pname] = outs[0].shape
             continue
         blocks = list(op.blocks())  # the container itself is always truthy
         if blocks:
@@ -726,7 +786,7 @@ class ParamAxis:
     axis: int
     group: np.ndarray
     channel: np.ndarray
-    role: str
+    role: Role
 
     @property
     def blocks(self) -> int:
@@ -755,7 +815,7 @@ class Group:
 
 @dataclass
 class _Mac:
-    kind: str
+    kind: MacKind
     kernel_spatial: int
     blocks: int
     out: Tuple[Dict[int, int], int]  # positions per group, positions never pruned
@@ -778,12 +838,10 @@ class ChannelGraph:
         state = run_trace(program, outputs)
         self.input_shape = tuple(int(s) for s in input_shape)
         self._owner: Dict[str, Tuple[str, str, paddle.nn.Layer]] = {}  # pname -> key, path, layer
-        for path, layer in net.named_sublayers(include_self=True):
-            for attr, p in layer.named_parameters(include_sublayers=False):
-                key = f"{path}.{attr}" if path else attr
-                self._owner[p.name] = (key, path, layer)
         self._buffers: Dict[str, str] = {}  # tensor name -> structured key
         for path, layer in net.named_sublayers(include_self=True):
+            for attr, p in layer.named_parameters(include_sublayers=False):
+                self._owner[p.name] = (f"{path}.{attr}" if path else attr, path, layer)
             for attr, b in layer.named_buffers(include_sublayers=False):
                 if b is not None:
                     self._buffers[b.name] = f"{path}.{attr}" if path else attr
@@ -799,145 +857,58 @@ class ChannelGraph:
         a concat added to a conv output would otherwise put two producers in one group, and one
         of them could lose all its channels while the group kept some.
         """
-        blocked: List[Tuple[np.ndarray, str]] = []  # (ids, reason), first reason wins
-        self._add_param_element_members(st, blocked)
+        blocked = _blocked_channels(st)
         root = st.uf.root_table()
-        n = len(root)
-
-        # 1. group-level union of the classes each source mints
-        srcs = [root[src.ids] for src in st.sources]
-        heads = [np.full(len(r), r[0]) for r in srcs if len(r)]
-        flat = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
-        gcomp = _components(n, np.concatenate(heads) if heads else flat, flat)
-
-        for src in st.sources:
-            if src.blocked:
-                blocked.append((src.ids, src.blocked))
-        blocked.extend(st.blocks)
-
-        # 2. a signature per class: which parameter axes hold it, and how often (a group that
-        # stays whole anyway is not split)
-        rng = np.random.default_rng(0x5EED)
-        sig = np.zeros(n, dtype=np.uint64)
-        axis_weight: Dict[Tuple[str, int], np.uint64] = {}
-        for m in st.members:
-            w = axis_weight.setdefault((m.param, m.axis), np.uint64(rng.integers(1, 2**63)))
-            cls, counts = np.unique(root[m.ids.ravel()], return_counts=True)
-            sig[cls] += w * counts.astype(np.uint64)
-        if blocked:
-            frozen = gcomp[root[np.concatenate([ids.ravel() for ids, _ in blocked])]]
-            sig[np.isin(gcomp, frozen)] = 0
-
-        # 3. groups: classes in sources, keyed by (group component, signature), in program order
-        first_pos = np.full(n, -1, dtype=np.int64)
-        if len(flat):
-            uniq, idx = np.unique(flat, return_index=True)
-            first_pos[uniq] = idx
-        classes = np.flatnonzero(first_pos >= 0)
-        classes = classes[np.argsort(first_pos[classes], kind="stable")]
-        keys = {}
-        class_group = np.full(n, -1, dtype=np.int64)
-        for c, gk in zip(classes.tolist(), zip(gcomp[classes].tolist(), sig[classes].tolist())):
-            class_group[c] = keys.setdefault(gk, len(keys))
-        # order groups by their earliest class (program order of the op minting it)
-        first_class = np.full(len(keys), n, dtype=np.int64)
-        np.minimum.at(first_class, class_group[classes], classes)
-        rank = np.empty(len(keys), dtype=np.int64)
-        rank[np.argsort(first_class, kind="stable")] = np.arange(len(keys))
-        class_group[classes] = rank[class_group[classes]]
-        n_groups = len(keys)
-        class_chan = np.full(n, -1, dtype=np.int64)
-        channels = np.zeros(n_groups, dtype=np.int64)
-        for c, gi in zip(classes.tolist(), class_group[classes].tolist()):
-            class_chan[c] = channels[gi]
-            channels[gi] += 1
-
-        def locate(ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
-            r = root[ids]
-            return class_group[r], class_chan[r]
-
-        def touched(grp: np.ndarray) -> List[int]:
-            return np.unique(grp[grp >= 0]).tolist()
-
-        reasons: Dict[int, str] = {}
+        gcomp, flat = _source_components(st, root)
+        sig = _class_signatures(st, root, gcomp, blocked)
+        classes = _number_classes(root, flat, gcomp, sig)
+        reasons = _Reasons()
         for ids, why in blocked:
-            for gi in touched(locate(ids)[0]):
-                reasons.setdefault(gi, why)
-
-        # lead parameter of a group: the first producer all of whose channels it holds
-        lead: Dict[int, str] = {}
-        partial: Dict[int, str] = {}
-        for src in st.sources:
-            if src.param is None:
-                continue
-            gs = touched(locate(src.ids)[0])
-            for gi in gs:
-                (lead if len(gs) == 1 else partial).setdefault(gi, src.param)
-
-        # parameter axes
+            reasons.add(classes.groups_of(ids), why)
+        lead = _lead_params(st, classes)
         self.param_axes: Dict[Tuple[str, int], ParamAxis] = {}
-        members: Dict[int, List[Tuple[str, int]]] = {i: [] for i in range(n_groups)}
-        layers: Dict[int, List[str]] = {i: [] for i in range(n_groups)}
-        producers: Dict[int, List[Tuple[str, int]]] = {i: [] for i in range(n_groups)}
-        norms: Dict[int, List[str]] = {i: [] for i in range(n_groups)}
+        parts = self._add_param_axes(st, classes, reasons, supports_layer)
+        partitions = _block_partitions(st, classes, reasons)
+        self.groups: List[Group] = self._make_groups(classes, lead, parts, partitions, reasons)
+        self._macs = [_mac_census(m, classes) for m in st.macs if m.param in self._owner]
+
+    def _add_param_axes(self, st: TraceState, classes: "_Classes", reasons: "_Reasons",
+                        supports_layer: Callable[[paddle.nn.Layer], bool]) -> "_GroupParts":
+        """Fill `self.param_axes` from the trace's members; return what each group holds."""
+        parts = _GroupParts(len(classes.channels))
         for m in st.members:
-            grp, ch = locate(m.ids)
-            hit = touched(grp)
+            grp, ch = classes.locate(m.ids)
+            hit = _touched(grp)
             if m.param not in self._owner:
                 what = (f"buffer {self._buffers[m.param]}" if m.param in self._buffers
                         else f"tensor {m.param}")
-                for gi in hit:
-                    reasons.setdefault(gi, f"{what} holds per-channel values but is not a "
-                                           "parameter, so it cannot be sliced")
+                reasons.add(hit, f"{what} holds per-channel values but is not a parameter, so "
+                                 "it cannot be sliced")
                 continue
             key, path, layer = self._owner[m.param]
-            pa = ParamAxis(key, m.axis, grp, ch, m.role)
             prev = self.param_axes.get((key, m.axis))
             if m.param in st.opaque_params:
-                for gi in hit:
-                    reasons.setdefault(gi, f"parameter {key} is {st.opaque_params[m.param]}")
+                reasons.add(hit, f"parameter {key} is {st.opaque_params[m.param]}")
             if prev is not None and not (np.array_equal(prev.group, grp)
                                          and np.array_equal(prev.channel, ch)):
-                for gi in set(hit) | set(touched(prev.group)):
-                    reasons.setdefault(gi, f"parameter {key} is used with different channels")
+                reasons.add(set(hit) | set(_touched(prev.group)),
+                            f"parameter {key} is used with different channels")
                 continue
-            self.param_axes[(key, m.axis)] = pa
+            self.param_axes[(key, m.axis)] = ParamAxis(key, m.axis, grp, ch, m.role)
             if not supports_layer(layer):
-                for gi in hit:
-                    reasons.setdefault(
-                        gi, f"layer {path or '<root>'} ({type(layer).__name__}) has no registered "
-                            "surgery; see prune_callbacks.surgery.register_layer")
-            for gi in hit:
-                if (key, m.axis) not in members[gi]:
-                    members[gi].append((key, m.axis))
-                if path not in layers[gi]:
-                    layers[gi].append(path)
-                if m.role == "out" and (key, m.axis) not in producers[gi]:
-                    producers[gi].append((key, m.axis))
-                if m.role == "norm" and key.endswith("weight") and key not in norms[gi]:
-                    norms[gi].append(key)
+                reasons.add(hit, f"layer {path or '<root>'} ({type(layer).__name__}) has no "
+                                 "registered surgery; see "
+                                 "prune_callbacks.layers.register_layer_type")
+            parts.add(hit, key, m.axis, path, m.role)
+        return parts
 
-        # grouped convolutions: each block of a group must lose the same number of channels
-        partitions: Dict[int, np.ndarray] = {}
-        for part in st.partitions:
-            grp, ch = locate(part)
-            gi_set = set(grp.ravel().tolist())
-            if len(gi_set) != 1 or -1 in gi_set or len(np.unique(ch)) != ch.size:
-                for gi in gi_set - {-1}:
-                    reasons.setdefault(gi, "grouped convolution spans several channel groups")
-                continue
-            gi = gi_set.pop()
-            labels = np.full(int(channels[gi]), -1, dtype=np.int64)
-            for k in range(ch.shape[0]):
-                labels[ch[k]] = k
-            if gi in partitions and not _same_partition(partitions[gi], labels):
-                reasons.setdefault(gi, "grouped convolutions disagree on channel blocks")
-            partitions[gi] = labels
-
-        self.groups: List[Group] = []
+    def _make_groups(self, classes: "_Classes", lead: Dict[int, str], parts: "_GroupParts",
+                     partitions: Dict[int, np.ndarray], reasons: "_Reasons") -> List[Group]:
+        """One Group per group index, named after the layer of its lead parameter."""
+        groups: List[Group] = []
         used: Dict[str, int] = {}
-        for i in range(n_groups):
-            pname = lead.get(i) or partial.get(i) or ""
+        for i in range(len(classes.channels)):
+            pname = lead.get(i, "")
             if pname and pname in self._owner:
                 name = self._owner[pname][1] or "<root>"
                 used[name] = used.get(name, 0) + 1
@@ -945,37 +916,15 @@ class ChannelGraph:
                     name = f"{name}#{used[name]}"
             else:
                 name = f"<unnamed:{i}>"
-                reasons.setdefault(i, "no conv or linear layer produces these channels")
-            self.groups.append(Group(
-                name=name, param_name=pname, channels=int(channels[i]),
-                prunable=i not in reasons, reason=reasons.get(i, ""),
-                layers=tuple(layers[i]), members=tuple(members[i]),
-                partition=partitions.get(i), producers=tuple(producers[i]), norms=tuple(norms[i]),
+                reasons.add([i], "no conv or linear layer produces these channels")
+            groups.append(Group(
+                name=name, param_name=pname, channels=int(classes.channels[i]),
+                prunable=i not in reasons.by_group, reason=reasons.by_group.get(i, ""),
+                layers=tuple(parts.layers[i]), members=tuple(parts.members[i]),
+                partition=partitions.get(i), producers=tuple(parts.producers[i]),
+                norms=tuple(parts.norms[i]),
             ))
-        self._macs = [self._mac(m, locate) for m in st.macs if m.param in self._owner]
-
-    def _add_param_element_members(self, st: TraceState,
-                                   blocked: List[Tuple[np.ndarray, str]]) -> None:
-        """Parameters used by generic ops (a conv bias add, a learnable scale) become members."""
-        for pname, elems in st.param_elems.items():
-            r = st.uf.roots(elems)
-            varying = [ax for ax in range(r.ndim) if _compress(r).shape[ax] > 1]
-            if len(varying) == 1:
-                ax = varying[0]
-                line = np.moveaxis(r, ax, 0).reshape(r.shape[ax], -1)[:, 0]
-                st.members.append(MemberRec(pname, ax, line, "norm"))
-            elif len(varying) > 1:
-                blocked.append((elems, f"parameter {pname} couples channels on several axes"))
-
-    def _mac(self, m: MacRec, locate: Callable) -> _Mac:
-        def census(ids: np.ndarray) -> Tuple[Dict[int, int], int]:
-            grp, _ = locate(ids)
-            gs, counts = np.unique(grp, return_counts=True)
-            tally = dict(zip(gs.tolist(), counts.tolist()))
-            return {g: c for g, c in tally.items() if g >= 0}, tally.get(-1, 0)
-
-        blocks = m.in_ids.shape[0] if m.in_ids.ndim == 2 else 1
-        return _Mac(m.kind, m.kernel * m.spatial, blocks, census(m.out_ids), census(m.in_ids))
+        return groups
 
     # -- queries -------------------------------------------------------------------------
     def flops(self, kept: Optional[Dict[int, int]] = None) -> int:
@@ -997,9 +946,9 @@ class ChannelGraph:
         total = 0
         for mac in self._macs:
             out = round(count(mac.out))
-            if mac.kind == "depthwise":
+            if mac.kind == MacKind.DEPTHWISE:
                 inp = 1
-            elif mac.kind == "grouped":
+            elif mac.kind == MacKind.GROUPED:
                 inp = round(count(mac.inp)) // mac.blocks
             else:
                 inp = round(count(mac.inp))
@@ -1015,3 +964,192 @@ def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
         if x >= 0 and mapping.setdefault(x, y) != y:
             return False
     return True
+
+
+# ---------------------------------------------------------------------------------------------
+# The steps of ChannelGraph._build
+# ---------------------------------------------------------------------------------------------
+
+
+def _touched(grp: np.ndarray) -> List[int]:
+    """The groups (sorted) that the positions `grp` fall into."""
+    return np.unique(grp[grp >= 0]).tolist()
+
+
+@dataclass(frozen=True)
+class _Classes:
+    """Where each channel class (a union-find root) landed: its group and its channel there."""
+
+    root: np.ndarray  # id -> class
+    group: np.ndarray  # class -> group index, -1 outside every group
+    channel: np.ndarray  # class -> channel index inside its group
+    channels: np.ndarray  # group index -> channel count
+
+    def locate(self, ids: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+        r = self.root[ids]
+        return self.group[r], self.channel[r]
+
+    def groups_of(self, ids: np.ndarray) -> List[int]:
+        return _touched(self.locate(ids)[0])
+
+
+class _Reasons:
+    """Why each group cannot be pruned; the first reason given for a group wins."""
+
+    def __init__(self) -> None:
+        self.by_group: Dict[int, str] = {}
+
+    def add(self, groups: Iterable[int], why: str) -> None:
+        for gi in groups:
+            self.by_group.setdefault(gi, why)
+
+
+class _GroupParts:
+    """Per group, in first-seen order: parameter axes, layers, producer axes and norm scales."""
+
+    def __init__(self, n_groups: int) -> None:
+        self.members: List[List[Tuple[str, int]]] = [[] for _ in range(n_groups)]
+        self.layers: List[List[str]] = [[] for _ in range(n_groups)]
+        self.producers: List[List[Tuple[str, int]]] = [[] for _ in range(n_groups)]
+        self.norms: List[List[str]] = [[] for _ in range(n_groups)]
+
+    def add(self, groups: Iterable[int], key: str, axis: int, path: str, role: Role) -> None:
+        for gi in groups:
+            if (key, axis) not in self.members[gi]:
+                self.members[gi].append((key, axis))
+            if path not in self.layers[gi]:
+                self.layers[gi].append(path)
+            if role == Role.OUT and (key, axis) not in self.producers[gi]:
+                self.producers[gi].append((key, axis))
+            if role == Role.NORM and key.endswith("weight") and key not in self.norms[gi]:
+                self.norms[gi].append(key)
+
+
+def _blocked_channels(st: TraceState) -> List[Tuple[np.ndarray, str]]:
+    """(ids, reason) of every channel that must never be pruned, in the order reasons win.
+
+    Parameters used by generic ops (a conv bias add, a learnable scale) become members of
+    `st.members` on the way.
+    """
+    blocked: List[Tuple[np.ndarray, str]] = []
+    for pname, elems in st.param_elems.items():
+        r = st.uf.roots(elems)
+        varying = [ax for ax in range(r.ndim) if _compress(r).shape[ax] > 1]
+        if len(varying) == 1:
+            ax = varying[0]
+            line = np.moveaxis(r, ax, 0).reshape(r.shape[ax], -1)[:, 0]
+            st.members.append(MemberRec(pname, ax, line, Role.NORM))
+        elif len(varying) > 1:
+            blocked.append((elems, f"parameter {pname} couples channels on several axes"))
+    blocked.extend((src.ids, src.blocked) for src in st.sources if src.blocked)
+    blocked.extend(st.blocks)
+    return blocked
+
+
+def _source_components(st: TraceState, root: np.ndarray) -> Tuple[np.ndarray, np.ndarray]:
+    """Join the classes that each source mints together.
+
+    Returns:
+        (component of each class, the classes of every source's ids in program order).
+    """
+    srcs = [root[src.ids] for src in st.sources]
+    heads = [np.full(len(r), r[0]) for r in srcs if len(r)]
+    flat = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
+    gcomp = _components(len(root), np.concatenate(heads) if heads else flat, flat)
+    return gcomp, flat
+
+
+def _class_signatures(st: TraceState, root: np.ndarray, gcomp: np.ndarray,
+                      blocked: List[Tuple[np.ndarray, str]]) -> np.ndarray:
+    """A signature per class: which parameter axes hold it, and how often. Classes of one
+    component with different signatures become different groups; a component holding blocked
+    channels stays whole (signature 0), since it is never pruned anyway."""
+    rng = np.random.default_rng(0x5EED)
+    sig = np.zeros(len(root), dtype=np.uint64)
+    axis_weight: Dict[Tuple[str, int], np.uint64] = {}
+    for m in st.members:
+        w = axis_weight.setdefault((m.param, m.axis), np.uint64(rng.integers(1, 2**63)))
+        cls, counts = np.unique(root[m.ids.ravel()], return_counts=True)
+        sig[cls] += w * counts.astype(np.uint64)
+    if blocked:
+        frozen = gcomp[root[np.concatenate([ids.ravel() for ids, _ in blocked])]]
+        sig[np.isin(gcomp, frozen)] = 0
+    return sig
+
+
+def _number_classes(root: np.ndarray, flat: np.ndarray, gcomp: np.ndarray,
+                    sig: np.ndarray) -> _Classes:
+    """Groups: the classes met in sources, keyed by (component, signature), numbered in
+    program order of their earliest class; channels numbered in class order inside each."""
+    n = len(root)
+    first_pos = np.full(n, -1, dtype=np.int64)
+    if len(flat):
+        uniq, idx = np.unique(flat, return_index=True)
+        first_pos[uniq] = idx
+    classes = np.flatnonzero(first_pos >= 0)
+    classes = classes[np.argsort(first_pos[classes], kind="stable")]
+    keys: Dict[Tuple[int, int], int] = {}
+    class_group = np.full(n, -1, dtype=np.int64)
+    for c, gk in zip(classes.tolist(), zip(gcomp[classes].tolist(), sig[classes].tolist())):
+        class_group[c] = keys.setdefault(gk, len(keys))
+    first_class = np.full(len(keys), n, dtype=np.int64)
+    np.minimum.at(first_class, class_group[classes], classes)
+    rank = np.empty(len(keys), dtype=np.int64)
+    rank[np.argsort(first_class, kind="stable")] = np.arange(len(keys))
+    class_group[classes] = rank[class_group[classes]]
+    class_chan = np.full(n, -1, dtype=np.int64)
+    channels = np.zeros(len(keys), dtype=np.int64)
+    for c, gi in zip(classes.tolist(), class_group[classes].tolist()):
+        class_chan[c] = channels[gi]
+        channels[gi] += 1
+    return _Classes(root, class_group, class_chan, channels)
+
+
+def _lead_params(st: TraceState, classes: _Classes) -> Dict[int, str]:
+    """Paddle name of each group's lead weight: the first producer all of whose channels the
+    group holds, else the first producer holding some of them."""
+    lead: Dict[int, str] = {}
+    partial: Dict[int, str] = {}
+    for src in st.sources:
+        if src.param is None:
+            continue
+        gs = classes.groups_of(src.ids)
+        for gi in gs:
+            (lead if len(gs) == 1 else partial).setdefault(gi, src.param)
+    return {**partial, **lead}
+
+
+def _block_partitions(st: TraceState, classes: _Classes,
+                      reasons: _Reasons) -> Dict[int, np.ndarray]:
+    """Grouped convolutions: each block of a group must lose the same number of channels.
+
+    Returns:
+        group index -> block label of each of its channels (-1: in no block).
+    """
+    partitions: Dict[int, np.ndarray] = {}
+    for part in st.partitions:
+        grp, ch = classes.locate(part)
+        gi_set = set(grp.ravel().tolist())
+        if len(gi_set) != 1 or -1 in gi_set or len(np.unique(ch)) != ch.size:
+            reasons.add(gi_set - {-1}, "grouped convolution spans several channel groups")
+            continue
+        gi = gi_set.pop()
+        labels = np.full(int(classes.channels[gi]), -1, dtype=np.int64)
+        for k in range(ch.shape[0]):
+            labels[ch[k]] = k
+        if gi in partitions and not _same_partition(partitions[gi], labels):
+            reasons.add([gi], "grouped convolutions disagree on channel blocks")
+        partitions[gi] = labels
+    return partitions
+
+
+def _mac_census(m: MacRec, classes: _Classes) -> _Mac:
+    """A conv/linear op's positions per group, for `ChannelGraph.flops`."""
+    def census(ids: np.ndarray) -> Tuple[Dict[int, int], int]:
+        grp, _ = classes.locate(ids)
+        gs, counts = np.unique(grp, return_counts=True)
+        tally = dict(zip(gs.tolist(), counts.tolist()))
+        return {g: c for g, c in tally.items() if g >= 0}, tally.get(-1, 0)
+
+    blocks = m.in_ids.shape[0] if m.in_ids.ndim == 2 else 1
+    return _Mac(m.kind, m.kernel * m.spatial, blocks, census(m.out_ids), census(m.in_ids))

@@ -1,17 +1,22 @@
 """Shrink parameters in place and keep each layer's attributes true to its new shapes.
 
-A registry maps layer types to a function that re-reads sizes from the (already sliced)
-parameters. Parameters keep their identity (optimizers and hooks still point at them); no
+Each layer type's `LayerPruning.sync` (prune_callbacks.layers) re-reads sizes from the (already
+sliced) parameters. Parameters keep their identity (optimizers and hooks still point at them); no
 backup copy is ever left in the network or its state_dict.
 """
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Mapping, Sequence, Tuple, Type, Union
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import paddle
 import paddle.nn as nn
+
+from .layers import layer_handler, override_layer, supports_layer
+
+__all__ = ["AxisSlice", "ParamSlices", "Mask", "apply_slices", "slice_array", "register_layer",
+           "layer_sync", "supports_layer"]
 
 logger = logging.getLogger(__name__)
 
@@ -20,12 +25,14 @@ AxisSlice = Union[Sequence[int], Sequence[Sequence[int]]]
 ParamSlices = Mapping[str, Mapping[int, AxisSlice]]
 
 LayerSync = Callable[[nn.Layer, Dict[str, Tuple[int, ...]]], None]
-_LAYER_SYNC: Dict[Type[nn.Layer], LayerSync] = {}
 
 
 def register_layer(*types: Type[nn.Layer]) -> Callable[[LayerSync], LayerSync]:
-    """Register how a layer type updates its attributes after its parameters were sliced.
+    """Compatibility wrapper: register only how a layer type updates its attributes after its
+    parameters were sliced (its FLOPs and output axis stay those of its base class).
 
+    New code registers the whole layer type at once with
+    `prune_callbacks.layers.register_layer_type` and a `LayerPruning` subclass.
     The function receives the layer and `{attr: old_shape}` for each parameter that changed.
 
     Examples:
@@ -36,54 +43,16 @@ def register_layer(*types: Type[nn.Layer]) -> Callable[[LayerSync], LayerSync]:
 
     def deco(fn: LayerSync) -> LayerSync:
         for t in types:
-            _LAYER_SYNC[t] = fn
+            override_layer(t, sync=fn)
         return fn
 
     return deco
 
 
-def layer_sync(layer: nn.Layer) -> LayerSync | None:
-    for cls in type(layer).__mro__:
-        if cls in _LAYER_SYNC:
-            return _LAYER_SYNC[cls]
-    return None
-
-
-def supports_layer(layer: nn.Layer) -> bool:
-    return layer_sync(layer) is not None
-
-
-@register_layer(nn.Conv2D)
-def _sync_conv(layer: nn.Layer, old: Dict[str, Tuple[int, ...]]) -> None:
-    w = layer.weight.shape
-    old_w = old.get("weight", tuple(w))
-    depthwise = layer._groups > 1 and layer._groups == layer._in_channels
-    if depthwise:
-        mult = old_w[0] // layer._in_channels
-        layer._in_channels = w[0] // mult
-        layer._groups = layer._in_channels
-    else:
-        layer._in_channels = w[1] * layer._groups
-    layer._out_channels = w[0]
-
-
-@register_layer(nn.layer.norm._BatchNormBase, nn.BatchNorm, nn.layer.norm._InstanceNormBase)
-def _sync_norm(layer: nn.Layer, old: Dict[str, Tuple[int, ...]]) -> None:
-    n = None
-    for name in ("weight", "_mean", "bias", "scale"):
-        p = getattr(layer, name, None)
-        if p is not None:
-            n = p.shape[0]
-            break
-    if n is not None:
-        for attr in ("_num_features", "_num_channels"):
-            if hasattr(layer, attr):
-                setattr(layer, attr, n)
-
-
-@register_layer(nn.Linear)
-def _sync_linear(layer: nn.Layer, old: Dict[str, Tuple[int, ...]]) -> None:
-    pass  # Linear reads its sizes from weight.shape (repr, summary, reload)
+def layer_sync(layer: nn.Layer) -> Optional[LayerSync]:
+    """Compatibility helper: the attribute sync surgery runs for `layer`, or None if it has none."""
+    handler = layer_handler(layer)
+    return handler.sync if handler is not None and handler.sliceable else None
 
 
 def slice_array(arr: np.ndarray, axes: Mapping[int, AxisSlice]) -> np.ndarray:
@@ -131,12 +100,11 @@ def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
         touched.setdefault(path, {})[attr] = old_shape
     for path, old in touched.items():
         layer = layers[path]
-        sync = layer_sync(layer)
-        if sync is None:
+        if not supports_layer(layer):
             raise TypeError(
                 f"layer {path!r} ({type(layer).__name__}) has no registered surgery: register "
-                "one with prune_callbacks.surgery.register_layer")
-        sync(layer, old)
+                "a LayerPruning for it with prune_callbacks.layers.register_layer_type")
+        layer_handler(layer).sync(layer, old)
 
 
 class Mask:

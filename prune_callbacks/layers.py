@@ -1,0 +1,318 @@
+"""One extension point per layer type: how pruning treats a `paddle.nn.Layer` subclass.
+
+A `LayerPruning` handler says, for one layer type, how the layer's attributes follow its sliced
+parameters (surgery), how many multiply-accumulates one call costs (`count_flops`) and which axis
+of its output carries channels (sensitivity masks outputs there). Handlers are found along the
+class hierarchy, so a subclass of `nn.Conv2D` is a conv unless registered otherwise. This module
+never touches a parameter and imports nothing else from the package.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "LayerPruning", "ConvPruning", "NormPruning", "LinearPruning", "MaskOnlyPruning",
+    "register_layer_type", "override_layer", "register_output_axis", "layer_handler",
+    "supports_layer", "output_channel_axis", "data_format_channel_axis", "lookup_by_class",
+]
+
+V = TypeVar("V")
+OldShapes = Mapping[str, Tuple[int, ...]]
+LayerTypes = Union[Type[nn.Layer], Sequence[Type[nn.Layer]]]
+
+
+def lookup_by_class(table: Mapping[type, V], cls: type, *, inherited: bool = False) -> Optional[V]:
+    """The value `table` holds for `cls` or, failing that, for its nearest base class.
+
+    The one class-hierarchy lookup of the package: every per-type registry goes through it.
+
+    Args:
+        table: registry keyed by class.
+        cls: the class to look up (pass `type(obj)` for an object).
+        inherited: skip `cls` itself and start at its first base class.
+
+    Returns:
+        The entry of the first class in `cls.__mro__` that has one, or None.
+
+    Examples:
+        >>> lookup_by_class({nn.Conv2D: "conv"}, type(MyConv()))  # MyConv(nn.Conv2D)
+        'conv'
+    """
+    for base in cls.__mro__[1 if inherited else 0:]:
+        if base in table:
+            return table[base]
+    return None
+
+
+class LayerPruning:
+    """How one layer type is pruned. Subclass it, override what differs, register it once with
+    `register_layer_type`. The defaults fit a layer that reads its sizes from its parameters'
+    shapes, costs no counted MACs and whose output channels cannot be masked.
+
+    Attributes:
+        sliceable: False for types whose parameters must never be sliced (their channels stay
+            unpruned); the handler then only serves FLOPs counting and output masking.
+
+    Examples:
+        >>> @register_layer_type(ChannelScale)
+        ... class ChannelScalePruning(LayerPruning):
+        ...     def sync(self, layer, old_shapes):
+        ...         layer.channels = layer.scale.shape[0]
+        ...     def output_channel_axis(self, layer):
+        ...         return 1
+    """
+
+    sliceable: bool = True
+
+    def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
+        """Make the layer's attributes agree with its parameters, which surgery has just sliced
+        in place. `old_shapes` maps each changed parameter's attribute name (`"weight"`) to its
+        shape before slicing."""
+
+    def macs(self, layer: nn.Layer, output: paddle.Tensor) -> int:
+        """Multiply-accumulates of one call that produced `output` (0: not counted; the FLOPs
+        convention counts convolutions and linear layers only)."""
+        return 0
+
+    def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        """Axis of the layer's output that carries its channels, or None when the output cannot
+        be masked channel by channel (sensitivity analysis then recomputes it)."""
+        return None
+
+
+_HANDLERS: Dict[type, LayerPruning] = {}
+
+
+def _as_types(layer_types: LayerTypes, caller: str) -> Tuple[type, ...]:
+    types = tuple(layer_types) if isinstance(layer_types, (list, tuple)) else (layer_types,)
+    bad = [t for t in types if not (isinstance(t, type) and issubclass(t, nn.Layer))]
+    if not types or bad:
+        raise TypeError(f"{caller} expects paddle.nn.Layer subclasses, got {bad or types!r}; "
+                        "pass the class itself, e.g. nn.Conv2D, not an instance")
+    return types
+
+
+def register_layer_type(layer_types: LayerTypes,
+                        handler: Union[LayerPruning, Type[LayerPruning], None] = None) -> Callable:
+    """Register how a layer type (and its subclasses) is pruned: the one extension point.
+
+    Args:
+        layer_types: a `paddle.nn.Layer` subclass, or a list/tuple of them.
+        handler: a `LayerPruning` instance or subclass (instantiated without arguments); when
+            omitted, `register_layer_type(T)` is a class decorator.
+
+    Returns:
+        The handler (or, as a decorator, the decorated class unchanged).
+
+    Raises:
+        TypeError: a layer type is not a `paddle.nn.Layer` subclass, or the handler is not a
+            `LayerPruning`.
+
+    Examples:
+        >>> register_layer_type(MyConv, ConvPruning())          # a conv under another name
+        >>> @register_layer_type([MyNormA, MyNormB])
+        ... class MyNormPruning(NormPruning): ...
+    """
+    types = _as_types(layer_types, "register_layer_type")
+
+    def deco(h: Union[LayerPruning, Type[LayerPruning]]) -> Union[LayerPruning, Type[LayerPruning]]:
+        instance = h() if isinstance(h, type) and issubclass(h, LayerPruning) else h
+        if not isinstance(instance, LayerPruning):
+            raise TypeError(f"register_layer_type expects a LayerPruning instance or subclass, "
+                            f"got {h!r}; subclass prune_callbacks.layers.LayerPruning")
+        for t in types:
+            _HANDLERS[t] = instance
+        return h
+
+    return deco if handler is None else deco(handler)
+
+
+def layer_handler(layer: Union[nn.Layer, type]) -> Optional[LayerPruning]:
+    """The handler registered for a layer's type or its nearest registered base class."""
+    cls = layer if isinstance(layer, type) else type(layer)
+    return lookup_by_class(_HANDLERS, cls)
+
+
+def supports_layer(layer: nn.Layer) -> bool:
+    """True when surgery may slice this layer's parameters (a sliceable handler is registered)."""
+    handler = layer_handler(layer)
+    return handler is not None and handler.sliceable
+
+
+def output_channel_axis(layer: nn.Layer) -> Optional[int]:
+    """Axis of `layer`'s output carrying its channels, or None if unknown (no handler, or one
+    that cannot tell). Replaces `sensitivity._output_axis`."""
+    handler = layer_handler(layer)
+    return None if handler is None else handler.output_channel_axis(layer)
+
+
+def data_format_channel_axis(layer: nn.Layer) -> int:
+    """1 for a channels-first layer (`_data_format` NCHW, NCL, ...), -1 for channels-last."""
+    return -1 if str(getattr(layer, "_data_format", "NCHW")).endswith("C") else 1
+
+
+# ---------------------------------------------------------------------------------------------
+# Replacing one aspect of a type (what the older per-aspect registration functions do)
+# ---------------------------------------------------------------------------------------------
+
+
+class _Overrides(LayerPruning):
+    """Functions registered for single aspects of one type; every other aspect comes from the
+    handler the type had before, or else from its nearest registered base class (looked up at
+    call time, so registration order does not matter)."""
+
+    def __init__(self, layer_type: type, base: Optional[LayerPruning]) -> None:
+        self.layer_type = layer_type
+        self.base = base
+        self.fns: Dict[str, Callable] = {}
+
+    def _fallback(self) -> Optional[LayerPruning]:
+        if self.base is not None:
+            return self.base
+        return lookup_by_class(_HANDLERS, self.layer_type, inherited=True)
+
+    @property  # type: ignore[override]
+    def sliceable(self) -> bool:
+        fallback = self._fallback()
+        return "sync" in self.fns or (fallback is not None and fallback.sliceable)
+
+    def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
+        if "sync" in self.fns:
+            self.fns["sync"](layer, dict(old_shapes))
+        elif self._fallback() is not None:
+            self._fallback().sync(layer, old_shapes)
+
+    def macs(self, layer: nn.Layer, output: paddle.Tensor) -> int:
+        if "macs" in self.fns:
+            return int(self.fns["macs"](layer, output))
+        fallback = self._fallback()
+        return 0 if fallback is None else fallback.macs(layer, output)
+
+    def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        if "output_channel_axis" in self.fns:
+            return self.fns["output_channel_axis"](layer)
+        fallback = self._fallback()
+        return None if fallback is None else fallback.output_channel_axis(layer)
+
+
+def override_layer(layer_type: Type[nn.Layer], *,
+                   sync: Optional[Callable[[nn.Layer, Dict[str, Tuple[int, ...]]], None]] = None,
+                   macs: Optional[Callable[[nn.Layer, paddle.Tensor], int]] = None,
+                   output_channel_axis: Optional[Callable[[nn.Layer], Optional[int]]] = None,
+                   ) -> None:
+    """Replace single aspects of how `layer_type` is pruned, keeping the others.
+
+    The backing of the older one-aspect registration functions (`surgery.register_layer`,
+    `flops.register_flops`, `register_output_axis`); new code registers a whole `LayerPruning`.
+    Aspects not given come from the handler `layer_type` had, else from its base classes'.
+
+    Raises:
+        TypeError: `layer_type` is not a `paddle.nn.Layer` subclass.
+    """
+    (cls,) = _as_types(layer_type, "override_layer")
+    current = _HANDLERS.get(cls)
+    if not isinstance(current, _Overrides):
+        current = _Overrides(cls, current)
+        _HANDLERS[cls] = current
+    given = {"sync": sync, "macs": macs, "output_channel_axis": output_channel_axis}
+    current.fns.update({k: fn for k, fn in given.items() if fn is not None})
+
+
+def register_output_axis(*types: Type[nn.Layer]) -> Callable:
+    """Compatibility wrapper (was `sensitivity.register_output_axis`): register where a layer
+    type puts its output channels. Prefer `register_layer_type` with a `LayerPruning`.
+
+    Examples:
+        >>> @register_output_axis(MyConv)
+        ... def _(layer): return 1
+    """
+    def deco(fn: Callable[[nn.Layer], Optional[int]]) -> Callable[[nn.Layer], Optional[int]]:
+        for t in types:
+            override_layer(t, output_channel_axis=fn)
+        return fn
+
+    return deco
+
+
+# ---------------------------------------------------------------------------------------------
+# The built-in layer types
+# ---------------------------------------------------------------------------------------------
+
+
+class ConvPruning(LayerPruning):
+    """`nn.Conv2D`: dense, grouped and depthwise (channel multiplier kept)."""
+
+    def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
+        w = layer.weight.shape
+        old_w = old_shapes.get("weight", tuple(w))
+        if layer._groups > 1 and layer._groups == layer._in_channels:  # depthwise
+            mult = old_w[0] // layer._in_channels
+            layer._in_channels = w[0] // mult
+            layer._groups = layer._in_channels
+        else:
+            layer._in_channels = w[1] * layer._groups
+        layer._out_channels = w[0]
+
+    def macs(self, layer: nn.Layer, output: paddle.Tensor) -> int:
+        shape = output.shape
+        ch_axis = 1 if layer._data_format in ("NCHW", "NCDHW", "NCL") else len(shape) - 1
+        positions = int(np.prod([s for i, s in enumerate(shape) if i not in (0, ch_axis)]))
+        return int(np.prod(layer.weight.shape)) * positions
+
+    def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        return data_format_channel_axis(layer)
+
+
+class NormPruning(LayerPruning):
+    """Per-channel normalisations (BatchNorm*, SyncBatchNorm, the legacy BatchNorm, InstanceNorm*)."""
+
+    def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
+        n = None
+        for name in ("weight", "_mean", "bias", "scale"):
+            p = getattr(layer, name, None)
+            if p is not None:
+                n = p.shape[0]
+                break
+        if n is not None:
+            for attr in ("_num_features", "_num_channels"):
+                if hasattr(layer, attr):
+                    setattr(layer, attr, n)
+
+    def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        return data_format_channel_axis(layer)
+
+
+class LinearPruning(LayerPruning):
+    """`nn.Linear`: it reads its sizes from `weight.shape`, so slicing needs no sync."""
+
+    def macs(self, layer: nn.Layer, output: paddle.Tensor) -> int:
+        shape = output.shape
+        rows = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
+        return int(np.prod(layer.weight.shape)) * rows
+
+    def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        return -1
+
+
+class MaskOnlyPruning(LayerPruning):
+    """Layers whose outputs can be masked but whose parameters surgery does not slice yet
+    (Conv1D, Conv3D): their channels stay unpruned."""
+
+    sliceable = False
+
+    def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        return data_format_channel_axis(layer)
+
+
+register_layer_type(nn.Conv2D, ConvPruning())
+register_layer_type([nn.layer.norm._BatchNormBase, nn.BatchNorm, nn.layer.norm._InstanceNormBase],
+                    NormPruning())
+register_layer_type(nn.Linear, LinearPruning())
+register_layer_type([nn.Conv1D, nn.Conv3D], MaskOnlyPruning())
