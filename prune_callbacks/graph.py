@@ -228,11 +228,30 @@ _OP_HANDLERS: Dict[str, OpHandler] = {}
 
 
 def register_op(*names: str) -> Callable[[OpHandler], OpHandler]:
-    """Register how channel ids flow through PIR ops named `names` (without the `pd_op.` prefix).
+    """Register how channel ids flow through PIR ops: the public way to support a new op.
 
-    A handler gets the trace state, the op, its input values and its output values (fill in
-    `out.ids`). Examples:
-        >>> @register_op("my_pointwise_op")
+    An op without a handler blocks every channel it touches (with a warning naming it), so a
+    network using it still prunes correctly, only less. A handler runs once per op, in program
+    order, as `handler(state, op, ins, outs)`: `op` is the PIR operation (`op.name()`,
+    `op.attrs()`), `ins`/`outs` its values (each with a static `.shape`). It sets `out.ids` for
+    every output, from what `state` offers:
+
+    - `state.ids_of(v)`: the channel ids of an input (None: untraced, e.g. a constant);
+    - `state.channel_ids(v, axis)`: 1-D ids along `axis`, None if they vary along other axes;
+    - `state.fresh(n)`: n new ids, for outputs that mix channels (a new channel space);
+    - `state.block(ids, reason)`: channels that must never be pruned, and why.
+
+    Channel ids are arrays of the value's rank, of size 1 along axes where they do not vary.
+
+    Args:
+        *names: op names without the dialect prefix (`"erf"` for `pd_op.erf`); an in-place
+            variant (`erf_`) uses the same handler.
+
+    Returns:
+        A decorator registering the handler and returning it unchanged.
+
+    Examples:
+        >>> @register_op("erf")  # elementwise: each channel maps to itself
         ... def _(state, op, ins, outs):
         ...     outs[0].ids = state.ids_of(ins[0])
     """

@@ -271,7 +271,7 @@ class ConvPruning(LayerPruning):
 
 
 class NormPruning(LayerPruning):
-    """Per-channel normalisations (BatchNorm*, SyncBatchNorm, the legacy BatchNorm, InstanceNorm*)."""
+    """Per-channel norms: BatchNorm*, SyncBatchNorm, the legacy BatchNorm, InstanceNorm*."""
 
     def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
         n = None
