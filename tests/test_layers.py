@@ -10,7 +10,7 @@ import paddle
 import paddle.nn as nn
 import pytest
 
-from prune_callbacks import FilterPruner, count_flops, flops, graph, layers, surgery
+from prune_callbacks import FilterPruner, count_flops, flops, layers, surgery, tracing
 from prune_callbacks.graph import MacKind, Role
 from prune_callbacks.layers import (ConvPruning, LayerPruning, lookup_by_class,
                                     output_channel_axis, register_layer_type, supports_layer)
@@ -170,10 +170,10 @@ def test_op_callstacks_are_skipped_only_on_the_tracing_thread_and_restored():
     original = traceback.extract_stack
     other = []
     with pytest.raises(RuntimeError, match="boom"):
-        with graph._no_op_callstacks():
+        with tracing._no_op_callstacks():
             assert len(traceback.extract_stack()) == 0
             assert len(traceback.extract_stack(limit=2)) > 0  # explicit calls are left alone
-            with graph._no_op_callstacks():  # nested
+            with tracing._no_op_callstacks():  # nested
                 assert len(traceback.extract_stack()) == 0
             assert len(traceback.extract_stack()) == 0
             t = threading.Thread(target=lambda: other.append(len(traceback.extract_stack())))

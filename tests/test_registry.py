@@ -15,14 +15,14 @@ import paddle.nn.functional as F
 import pytest
 
 from prune_callbacks import FilterPruner, count_flops
-from prune_callbacks import graph, layers
+from prune_callbacks import graph, layers, tracing
 
 
 @pytest.fixture
 def isolated_registries(monkeypatch):
     """Registrations made by a test vanish after it."""
     monkeypatch.setattr(layers, "_HANDLERS", dict(layers._HANDLERS))
-    monkeypatch.setattr(graph, "_OP_HANDLERS", dict(graph._OP_HANDLERS))
+    monkeypatch.setattr(tracing, "_OP_HANDLERS", dict(tracing._OP_HANDLERS))
 
 
 # --- the README snippet's layer -------------------------------------------------------------

@@ -1,0 +1,459 @@
+"""Trace a network's PIR program, following "channel ids" from op to op.
+
+We read the PIR program that `paddle.jit.to_static` builds (every op with its attributes and static
+shapes): each producer (conv, linear) mints one id per output channel; every op says how ids flow
+from its inputs to its outputs (an op handler registry: `register_op`; the built-in handlers live
+in `op_handlers`). Anything no handler understands blocks the ids it touches (`unknown_op`). This
+module only reads the network; it never changes a parameter, and it knows nothing of groups.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import logging
+import threading
+import traceback
+import warnings
+from dataclasses import dataclass
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+
+import numpy as np
+import paddle
+
+logger = logging.getLogger(__name__)
+
+# ---------------------------------------------------------------------------------------------
+# Channel ids: each value carries an int array of its (batch-1) shape, compressed so that axes
+# along which the ids are constant have size 1. Ids are joined by a union-find.
+# ---------------------------------------------------------------------------------------------
+
+
+class _UnionFind:
+    """Ids are minted in program order; unions are recorded and resolved in one vectorised pass
+    (handlers never need roots while the trace runs). A class's root is its smallest id, so
+    classes sort in program order."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._pairs: List[Tuple[np.ndarray, np.ndarray]] = []
+        self._root: Optional[np.ndarray] = None
+
+    def fresh(self, n: int) -> np.ndarray:
+        start = self.size
+        self.size += n
+        return np.arange(start, start + n, dtype=np.int64)
+
+    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+        self._pairs.append((np.asarray(a, dtype=np.int64).ravel(),
+                            np.asarray(b, dtype=np.int64).ravel()))
+        self._root = None
+
+    def root_table(self) -> np.ndarray:
+        """root_table()[i] is the root of id i."""
+        if self._root is None or len(self._root) != self.size:
+            a = np.concatenate([p[0] for p in self._pairs]) if self._pairs else np.zeros(0, int)
+            b = np.concatenate([p[1] for p in self._pairs]) if self._pairs else np.zeros(0, int)
+            self._root = _components(self.size, a, b)
+        return self._root
+
+    def roots(self, ids: np.ndarray) -> np.ndarray:
+        return self.root_table()[np.asarray(ids, dtype=np.int64)]
+
+
+def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Connected components of n nodes with edges (a[k], b[k]): each node's smallest member.
+
+    Hook every tree root onto the smallest root across its edges, then jump pointers; each round
+    at least halves the number of trees in a component.
+    """
+    parent = np.arange(n, dtype=np.int64)
+    keep = a != b
+    a, b = a[keep], b[keep]
+    if len(a):
+        edges = np.unique(np.stack([np.minimum(a, b), np.maximum(a, b)]), axis=1)
+        a, b = edges[0], edges[1]
+    while len(a):
+        ra, rb = parent[a], parent[b]
+        lo, hi = np.minimum(ra, rb), np.maximum(ra, rb)
+        live = lo != hi
+        if not live.any():
+            break
+        np.minimum.at(parent, hi[live], lo[live])
+        while True:
+            up = parent[parent]
+            if np.array_equal(up, parent):
+                break
+            parent = up
+        a, b = a[live], b[live]
+    return parent
+
+
+def _compress(ids: np.ndarray) -> np.ndarray:
+    """Shrink every axis along which `ids` is constant to size 1."""
+    for ax in range(ids.ndim):
+        if ids.shape[ax] > 1:
+            first = np.take(ids, [0], axis=ax)
+            if np.array_equal(np.broadcast_to(first, ids.shape), ids):
+                ids = first
+    return ids
+
+
+def _expand(ids: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+    return np.ascontiguousarray(np.broadcast_to(ids, tuple(shape)))
+
+
+@dataclass
+class _Val:
+    """What the tracer knows about one PIR value."""
+
+    shape: Tuple[int, ...] = ()
+    ids: Optional[np.ndarray] = None  # compressed channel ids, same ndim as shape
+    param: Optional[str] = None  # paddle parameter name when the value is a parameter
+    const: Any = None  # python value of a constant (full, full_int_array)
+    items: Optional[List["_Val"]] = None  # builtin.combine / split vectors
+    split_axis: Optional[int] = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Records the tracer leaves behind
+# ---------------------------------------------------------------------------------------------
+
+
+class Role(str, enum.Enum):
+    """What a parameter axis does with a group's channels. A `str` enum: `role == "in"` holds."""
+
+    OUT = "out"  # a producer's output axis (conv filters, linear columns)
+    IN = "in"  # a consumer's input axis: it mixes the group's channels
+    NORM = "norm"  # a per-channel affine (BatchNorm scale and shift, a learnable scale, a bias)
+    PASS = "pass"  # a depthwise conv's filters: channels pass through one by one
+
+    def __str__(self) -> str:
+        return self.value
+
+
+class MacKind(str, enum.Enum):
+    """How a conv/linear op's multiply-accumulates scale with its channels."""
+
+    DENSE = "dense"
+    GROUPED = "grouped"
+    DEPTHWISE = "depthwise"
+
+    def __str__(self) -> str:
+        return self.value
+
+
+@dataclass
+class MemberRec:
+    """A parameter slice whose index i along `axis` carries channel id `ids[i]`.
+
+    For grouped convolutions (`blocks > 1`, axis 1 of the weight) `ids` has shape
+    [blocks, in_per_block]: row k lists the input channels seen by output block k.
+    """
+
+    param: str  # paddle parameter name
+    axis: int
+    ids: np.ndarray
+    role: Role
+    blocks: int = 1
+
+
+@dataclass
+class SourceRec:
+    """Fresh ids minted by one op (a producer layer, the input, or an op we cannot follow)."""
+
+    ids: np.ndarray
+    param: Optional[str]  # the producing weight, None for the input or unknown ops
+    blocked: Optional[str] = None  # reason, when these channels must never be pruned
+
+
+@dataclass
+class MacRec:
+    """One conv/linear op for FLOPs counting: MACs = out * in_per_group * kernel * spatial."""
+
+    param: str
+    out_ids: np.ndarray  # ids of output channels (1-D)
+    in_ids: np.ndarray  # ids of input channels (1-D, or [blocks, per_block] for grouped)
+    kernel: int
+    spatial: int
+    kind: MacKind
+
+
+class TraceState:
+    """Mutable state the op handlers work on."""
+
+    def __init__(self) -> None:
+        self.uf = _UnionFind()
+        self.vals: Dict[str, _Val] = {}
+        self.members: List[MemberRec] = []
+        self.sources: List[SourceRec] = []
+        self.blocks: List[Tuple[np.ndarray, str]] = []
+        self.macs: List[MacRec] = []
+        self.partitions: List[np.ndarray] = []  # [blocks, per_block] id arrays to split equally
+        self.param_elems: Dict[str, np.ndarray] = {}  # param name -> element ids (full shape)
+        self.unknown_ops: Dict[str, int] = {}
+        # parameters some use of which we do not follow (control flow, unknown ops) -> why
+        self.opaque_params: Dict[str, str] = {}
+
+    # -- helpers for handlers -----------------------------------------------------------------
+    def fresh(self, n: int) -> np.ndarray:
+        return self.uf.fresh(n)
+
+    def block(self, ids: Optional[np.ndarray], reason: str) -> None:
+        if ids is not None and ids.size:
+            self.blocks.append((np.unique(ids), reason))
+
+    def ids_of(self, v: _Val) -> Optional[np.ndarray]:
+        """Channel ids of a value; a parameter gets one id per element, minted on first use."""
+        if v.ids is None and v.param is not None:
+            if v.param not in self.param_elems:
+                n = int(np.prod(v.shape)) if v.shape else 1
+                self.param_elems[v.param] = self.fresh(n).reshape(v.shape)
+            v.ids = _compress(self.param_elems[v.param])
+        return v.ids
+
+    def channel_ids(self, v: _Val, axis: int) -> Optional[np.ndarray]:
+        """1-D ids along `axis` if they are constant along every other axis, else None."""
+        ids = self.ids_of(v)
+        if ids is None:
+            return None
+        other = [ax for ax in range(ids.ndim) if ax != axis]
+        if any(ids.shape[ax] != 1 for ax in other):
+            return None
+        return _expand(ids.reshape(-1), (v.shape[axis],)).copy()
+
+
+OpHandler = Callable[[TraceState, Any, List[_Val], List[_Val]], None]
+_OP_HANDLERS: Dict[str, OpHandler] = {}
+
+
+def register_op(*names: str) -> Callable[[OpHandler], OpHandler]:
+    """Register how channel ids flow through PIR ops: the public way to support a new op.
+
+    An op without a handler blocks every channel it touches (with a warning naming it), so a
+    network using it still prunes correctly, only less. A handler runs once per op, in program
+    order, as `handler(state, op, ins, outs)`: `op` is the PIR operation (`op.name()`,
+    `op.attrs()`), `ins`/`outs` its values (each with a static `.shape`). It sets `out.ids` for
+    every output, from what `state` offers:
+
+    - `state.ids_of(v)`: the channel ids of an input (None: untraced, e.g. a constant);
+    - `state.channel_ids(v, axis)`: 1-D ids along `axis`, None if they vary along other axes;
+    - `state.fresh(n)`: n new ids, for outputs that mix channels (a new channel space);
+    - `state.block(ids, reason)`: channels that must never be pruned, and why;
+    - `unknown_op(state, op, ins, outs, why)`: give up on this op as if it had no handler.
+
+    Channel ids are arrays of the value's rank, of size 1 along axes where they do not vary.
+
+    Args:
+        *names: op names without the dialect prefix (`"erf"` for `pd_op.erf`); an in-place
+            variant (`erf_`) uses the same handler.
+
+    Returns:
+        A decorator registering the handler and returning it unchanged.
+
+    Examples:
+        >>> @register_op("erf")  # elementwise: each channel maps to itself
+        ... def _(state, op, ins, outs):
+        ...     outs[0].ids = state.ids_of(ins[0])
+    """
+
+    def deco(fn: OpHandler) -> OpHandler:
+        for n in names:
+            _OP_HANDLERS[n] = fn
+        return fn
+
+    return deco
+
+
+def _op_key(name: str) -> str:
+    short = name.split(".", 1)[1] if name.startswith(("pd_op.", "builtin.")) else name
+    if name.startswith("builtin."):
+        return "builtin." + short
+    return short[:-1] if short.endswith("_") and short[:-1] in _OP_HANDLERS else short
+
+
+
+def unknown_op(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val],
+               why: str = "") -> None:
+    """What happens to an op no handler understands (handlers call it to give up, saying `why`):
+    the channels it reads are blocked, parameters it reads keep their shape, and its outputs get
+    fresh blocked ids."""
+    name = op.name()
+    state.unknown_ops[name] = state.unknown_ops.get(name, 0) + 1
+    reason = f"op {name} is not supported" + (f" ({why})" if why else "")
+    for v in ins:
+        for item in (v.items or [v]):
+            if item.param is not None:  # a layer's weight read by this op too: keep its shape
+                state.opaque_params.setdefault(item.param, f"also read by {reason}")
+            else:
+                state.block(state.ids_of(item), reason)
+    for o in outs:
+        if o.shape:
+            n = o.shape[1] if len(o.shape) >= 2 else o.shape[0]
+            shape = [1] * len(o.shape)
+            shape[1 if len(o.shape) >= 2 else 0] = n
+            o.ids = state.fresh(n).reshape(shape)
+            state.sources.append(SourceRec(o.ids.ravel(), None, blocked=reason))
+
+
+# ---------------------------------------------------------------------------------------------
+# Running a trace
+# ---------------------------------------------------------------------------------------------
+
+
+def _shape_of(value: Any) -> Tuple[int, ...]:
+    try:
+        return tuple(int(s) for s in value.shape)
+    except Exception:  # vectors have no shape
+        return ()
+
+
+def build_program(net: paddle.nn.Layer, input_shape: Sequence[int]) -> Tuple[Any, List[Any]]:
+    """The PIR main program of `net` for one input of `input_shape`, and its output values.
+
+    `paddle.jit.to_static` replaces `net.forward` in place; we undo that before returning.
+    """
+    from paddle.static import InputSpec
+
+    had_forward = "forward" in net.__dict__
+    old_forward = net.__dict__.get("forward")
+    modes = [(layer, layer.training) for layer in net.sublayers(include_self=True)]
+    net.eval()
+    try:
+        static = paddle.jit.to_static(
+            net, input_spec=[InputSpec(list(input_shape), "float32", "x")], full_graph=True
+        )
+        with _no_op_callstacks():
+            concrete = static.forward.concrete_program
+        return concrete.main_program, list(concrete.outputs)
+    except OSError as e:  # inspect could not read forward's source
+        raise TypeError(
+            f"cannot trace {type(net).__name__}: paddle.jit.to_static reads the source code of "
+            "every forward() it converts, and this one has none (defined in an interactive "
+            "session or by exec?). Define the network in a .py file.") from e
+    finally:
+        if had_forward:
+            net.__dict__["forward"] = old_forward
+        else:
+            net.__dict__.pop("forward", None)
+        for layer, training in modes:
+            layer.training = training
+
+
+class _QuietStacks:
+    """Stands in for `traceback.extract_stack`: an empty stack for argument-less calls made on a
+    thread inside `_no_op_callstacks`, the real function for every other call."""
+
+    def __init__(self, original: Callable[..., traceback.StackSummary]) -> None:
+        self.original = original
+        self.users = 0
+
+    def __call__(self, *args: Any, **kwargs: Any) -> traceback.StackSummary:
+        if not args and not kwargs and getattr(_TRACING, "depth", 0):
+            return traceback.StackSummary()
+        return self.original(*args, **kwargs)
+
+
+_TRACING = threading.local()  # depth of _no_op_callstacks blocks on this thread
+_QUIET_LOCK = threading.Lock()
+_quiet: Optional[_QuietStacks] = None  # installed while any thread traces
+
+
+@contextlib.contextmanager
+def _no_op_callstacks() -> Iterator[None]:
+    """Skip the Python stack PIR records on every op it builds (only for error messages; on a
+    DenseNet121 two thirds of the tracing time).
+
+    Paddle 3.3.1 has no flag for this: its C++ op builder (pybind/op_callstack_utils.cc) always
+    calls `traceback.extract_stack()`. So while this thread is inside the block that function
+    returns an empty stack to argument-less calls from this thread; other threads, and calls
+    with a frame or limit, get the real one. It is restored when the last tracer leaves, even on
+    an exception (unless someone replaced it meanwhile: theirs stays and calls through ours).
+    Conversion errors keep their own Python tracebacks.
+    """
+    global _quiet
+    with _QUIET_LOCK:
+        if _quiet is None:
+            _quiet = _QuietStacks(traceback.extract_stack)
+            traceback.extract_stack = _quiet
+        quiet = _quiet
+        quiet.users += 1
+    _TRACING.depth = getattr(_TRACING, "depth", 0) + 1
+    try:
+        yield
+    finally:
+        _TRACING.depth -= 1
+        with _QUIET_LOCK:
+            quiet.users -= 1
+            if quiet.users == 0:
+                if traceback.extract_stack is quiet:
+                    traceback.extract_stack = quiet.original
+                else:
+                    logger.debug("traceback.extract_stack was replaced while tracing; left as is")
+                _quiet = None
+
+
+def _enter_control_flow(state: TraceState, op: Any, blocks: List[Any]) -> None:
+    """Ops inside an `if`/`while` body read outer values without naming them as operands. We do
+    not trace bodies: every outer value they read keeps its channels, and so does every
+    parameter they use (a layer called there must not be sliced for its calls elsewhere)."""
+    reason = f"used inside control flow ({op.name()})"
+    stack = list(blocks)
+    while stack:
+        block = stack.pop()
+        for inner in block.ops:
+            stack.extend(list(inner.blocks()))
+            for operand in inner.operands():
+                src = operand.source()
+                if not src.initialized():
+                    continue
+                v = state.vals.get(src.id)
+                if v is None:
+                    continue
+                if v.param is not None:
+                    state.opaque_params.setdefault(v.param, reason)
+                else:
+                    state.block(state.ids_of(v), reason)
+
+
+def run_trace(program: Any, outputs: Sequence[Any]) -> TraceState:
+    """Walk the program's ops in order, letting each op handler move channel ids (the built-in
+    handlers register when `prune_callbacks.op_handlers` is imported, as `graph` does)."""
+    state = TraceState()
+    for op in program.global_block().ops:
+        name = op.name()
+        ins = []
+        for operand in op.operands():
+            src = operand.source()
+            if not src.initialized():  # an absent optional input
+                ins.append(_Val())
+                continue
+            ins.append(state.vals.get(src.id) or _Val(shape=_shape_of(src)))
+        outs = []
+        for res in op.results():
+            v = _Val(shape=_shape_of(res))
+            state.vals[res.id] = v
+            outs.append(v)
+        if name == "builtin.parameter":
+            pname = op.attrs()["parameter_name"]
+            outs[0].param = pname
+            continue
+        blocks = list(op.blocks())  # the container itself is always truthy
+        if blocks:
+            _enter_control_flow(state, op, blocks)
+        handler = _OP_HANDLERS.get(_op_key(name))
+        if handler is None:
+            unknown_op(state, op, ins, outs)
+        else:
+            handler(state, op, ins, outs)
+    for out in outputs:
+        v = state.vals.get(out.id)
+        if v is not None:
+            state.block(state.ids_of(v), "network output is never pruned")
+    if state.unknown_ops:
+        ops = ", ".join(f"{k} (x{v})" for k, v in sorted(state.unknown_ops.items()))
+        warnings.warn(
+            f"channels touching these ops are left unpruned: {ops}. Register a handler with "
+            "prune_callbacks.graph.register_op to prune through them.",
+            stacklevel=3,
+        )
+    return state
