@@ -148,11 +148,11 @@ def test_paddle_callbacks_are_added_from_the_command_line(tmp_path: Path) -> Non
 def test_a_callback_that_cannot_be_built_names_its_key(tmp_path: Path) -> None:
     cfg = validate_config(make_cfg(["callbacks=[none,early_stopping]", "+callbacks.early_stopping.bogus=1"],
                                    tmp_path))
-    with pytest.raises(ConfigError, match=r"callbacks\.early_stopping \(paddle\.callbacks\.EarlyStopping\) "
+    with pytest.raises(ConfigError, match=r"(?s)callbacks\.early_stopping \(paddle\.callbacks\.EarlyStopping\) "
                                           r"could not be built: .*bogus"):
         build_callbacks(cfg)
-    cfg = validate_config(make_cfg(["callbacks.visualdl._target_=prune_callbacks.app.validate_config"], tmp_path))
-    with pytest.raises(ConfigError, match=r"callbacks\.visualdl\._target_=.* could not be built|"
+    cfg = validate_config(make_cfg(["callbacks.visualdl._target_=builtins.dict"], tmp_path))
+    with pytest.raises(ConfigError, match=r"callbacks\.visualdl\._target_='builtins\.dict' returned dict, "
                                           r"not a paddle\.callbacks\.Callback"):
         build_callbacks(cfg)
 
