@@ -5,7 +5,6 @@ model's PruneHistory, which FilterPruneCallback fills.
 """
 from __future__ import annotations
 
-import logging
 import os
 from typing import Optional, Union
 
@@ -13,8 +12,6 @@ import paddle
 
 from ..callbacks import history_of
 from ..io import export, save_pruned
-
-log = logging.getLogger(__name__)
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -45,7 +42,6 @@ class PrunedCheckpoint(paddle.callbacks.Callback):
     def on_train_end(self, logs: Optional[dict] = None) -> None:
         plans = [event.plan for event in history_of(self.model).events]
         save_pruned(self.model, self.path, plans)
-        log.info("pruned checkpoint (%d plans) saved to %s", len(plans), self.path)
 
 
 class InferenceExport(paddle.callbacks.Callback):
@@ -67,4 +63,3 @@ class InferenceExport(paddle.callbacks.Callback):
 
     def on_train_end(self, logs: Optional[dict] = None) -> None:
         export(self.model.network, self.path, self.model._inputs)
-        log.info("inference model exported to %s", self.path)
