@@ -5,7 +5,6 @@ Runs are shrunk to a few dozen digits, MobileNetV1 at scale 0.25 and one epoch p
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import os
 import subprocess
@@ -23,6 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 import prune_callbacks
+from prune_callbacks.app import (SWEEP_COLUMNS, ConfigError, InferenceExport, PrunedCheckpoint,
+                                 build_callbacks, evaluate_net, format_sweep, train, validate_config)
+from prune_callbacks.importance import get_criterion
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -39,21 +41,6 @@ SMALL = [
     "prune.ratios=[0.3,0.6]",
     "prune.sensitivity_samples=32",
 ]
-
-
-
-def _load_train() -> Any:
-    """train.py is a script at the repo root, not a package module: load it by path."""
-    if "train" in sys.modules:
-        return sys.modules["train"]
-    spec = importlib.util.spec_from_file_location("train", ROOT / "train.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["train"] = module  # dataclass schemas resolve their annotations through it
-    spec.loader.exec_module(module)
-    return module
-
-
-train_app = _load_train()
 
 
 def make_cfg(overrides: Sequence[str] = (), tmp_path: Optional[Path] = None) -> DictConfig:
@@ -77,33 +64,33 @@ def _chain(exc: BaseException) -> str:
 
 
 def test_default_config_composes_and_validates() -> None:
-    cfg = train_app.validate_config(make_cfg())
+    cfg = validate_config(make_cfg())
     assert cfg.model._target_ == "paddle.vision.models.mobilenet_v1"
     assert cfg.model.num_classes == cfg.data.num_classes == 10
     assert cfg.data.name == "digits" and cfg.optim._partial_ is True
-    assert cfg.prune.flops == 0.4 and cfg.prune.criterion is train_app.Criterion.l1
-    assert cfg.prune.strategy is train_app.Strategy.sensitivity and cfg.prune.at_epoch is None
+    assert cfg.prune.flops == 0.4 and cfg.prune.criterion == "l1"
+    assert cfg.prune.strategy == "sensitivity" and cfg.prune.at_epoch is None
     assert list(cfg.prune.ratios) == pytest.approx([0.1 * i for i in range(1, 10)])
     assert cfg.trainer.device == "cpu" and cfg.trainer.num_workers == 0
 
 
 @pytest.mark.parametrize("model", ["mobilenet_v1", "mobilenet_v2", "resnet18", "resnet50", "vgg16"])
 def test_every_model_option_validates(model: str) -> None:
-    cfg = train_app.validate_config(make_cfg([f"model={model}"]))
+    cfg = validate_config(make_cfg([f"model={model}"]))
     assert cfg.model._target_ == f"paddle.vision.models.{model}"
 
 
 def test_data_and_optim_options_validate() -> None:
-    cfg = train_app.validate_config(make_cfg(["data=cifar10"]))
+    cfg = validate_config(make_cfg(["data=cifar10"]))
     assert cfg.data.name == "cifar10" and cfg.data.train._target_.endswith("cifar10_dataset")
-    cfg = train_app.validate_config(make_cfg(["data=synthetic"]))
+    cfg = validate_config(make_cfg(["data=synthetic"]))
     assert cfg.data.name == "synthetic" and cfg.data.val.num_samples == 64
-    cfg = train_app.validate_config(make_cfg(["optim=adam"]))
+    cfg = validate_config(make_cfg(["optim=adam"]))
     assert cfg.optim._target_ == "paddle.optimizer.Adam" and cfg.optim._partial_
-    cfg = train_app.validate_config(make_cfg(["callbacks=none"]))
-    assert not any(cfg.callbacks[k] for k in ("visualdl", "training_curves", "checkpoint", "export"))
-    cfg = train_app.validate_config(make_cfg(["prune.strategy=uniform", "prune.criterion=fpgm"]))
-    assert (str(cfg.prune.strategy.value), str(cfg.prune.criterion.value)) == ("uniform", "fpgm")
+    cfg = validate_config(make_cfg(["callbacks=none"]))
+    assert dict(cfg.callbacks) == {}
+    cfg = validate_config(make_cfg(["prune.strategy=uniform", "prune.criterion=fpgm"]))
+    assert (cfg.prune.strategy, cfg.prune.criterion) == ("uniform", "fpgm")
 
 
 def test_optimizer_is_partial_and_builds_over_parameters() -> None:
@@ -111,16 +98,82 @@ def test_optimizer_is_partial_and_builds_over_parameters() -> None:
 
     net = paddle.nn.Linear(2, 2)
     for name, cls in (("momentum", paddle.optimizer.Momentum), ("adam", paddle.optimizer.Adam)):
-        cfg = train_app.validate_config(make_cfg([f"optim={name}"]))
+        cfg = validate_config(make_cfg([f"optim={name}"]))
         assert isinstance(instantiate(cfg.optim)(parameters=net.parameters()), cls)
 
 
 def test_datasets_instantiate_from_config() -> None:
     from hydra.utils import instantiate
 
-    cfg = train_app.validate_config(make_cfg(["data=synthetic", "data.image_size=16"]))
+    cfg = validate_config(make_cfg(["data=synthetic", "data.image_size=16"]))
     image, label = instantiate(cfg.data.val)[0]
     assert image.shape == (3, 16, 16) and label.shape == (1,)
+
+
+# ------------------------------------------------------------------ config: callbacks, one config each
+
+
+def _built(overrides: Sequence[str], tmp_path: Path) -> List[paddle.callbacks.Callback]:
+    cfg = validate_config(make_cfg(overrides, tmp_path))
+    return build_callbacks(cfg)
+
+
+def test_default_callbacks_are_built_from_their_configs(tmp_path: Path) -> None:
+    built = _built([], tmp_path)
+    assert [type(c) for c in built] == [prune_callbacks.PruneVisualDL, paddle.callbacks.VisualDL,
+                                        PrunedCheckpoint, InferenceExport]
+    assert built[0].log_dir == str(tmp_path / "vdl_log")
+    assert built[2].path == str(tmp_path / "checkpoint" / "pruned")
+    assert built[3].path == str(tmp_path / "inference" / "model")
+
+
+def test_callbacks_turn_off_one_by_one_or_all(tmp_path: Path) -> None:
+    for off in ("callbacks.visualdl=false", "callbacks.visualdl=null", "~callbacks.visualdl"):
+        types = [type(c) for c in _built([off], tmp_path)]
+        assert types == [paddle.callbacks.VisualDL, PrunedCheckpoint, InferenceExport], off
+    assert _built(["callbacks=none"], tmp_path) == []
+
+
+def test_paddle_callbacks_are_added_from_the_command_line(tmp_path: Path) -> None:
+    built = _built(["callbacks=[default,early_stopping,model_checkpoint]",
+                    "callbacks.early_stopping.patience=5"], tmp_path)
+    assert len(built) == 6
+    stop, ckpt = built[4], built[5]
+    assert isinstance(stop, paddle.callbacks.EarlyStopping) and stop.patience == 5 and stop.monitor == "loss"
+    assert isinstance(ckpt, paddle.callbacks.ModelCheckpoint) and ckpt.save_dir == str(tmp_path / "checkpoints")
+    only = _built(["callbacks=[none,early_stopping]"], tmp_path)
+    assert [type(c) for c in only] == [paddle.callbacks.EarlyStopping]
+
+
+def test_a_callback_that_cannot_be_built_names_its_key(tmp_path: Path) -> None:
+    cfg = validate_config(make_cfg(["callbacks=[none,early_stopping]", "+callbacks.early_stopping.bogus=1"],
+                                   tmp_path))
+    with pytest.raises(ConfigError, match=r"(?s)callbacks\.early_stopping \(paddle\.callbacks\.EarlyStopping\) "
+                                          r"could not be built: .*bogus"):
+        build_callbacks(cfg)
+    cfg = validate_config(make_cfg(["callbacks.visualdl._target_=builtins.dict"], tmp_path))
+    with pytest.raises(ConfigError, match=r"callbacks\.visualdl\._target_='builtins\.dict' returned dict, "
+                                          r"not a paddle\.callbacks\.Callback"):
+        build_callbacks(cfg)
+
+
+def test_cli_adds_paddle_early_stopping(tmp_path: Path) -> None:
+    """`'callbacks=[...,early_stopping]'` on the command line: paddle's EarlyStopping stops the fit.
+
+    min_delta=10 makes every evaluation after the first "no improvement", so with patience 1 fit
+    stops after the second of three epochs (pruning was at the end of the first).
+    """
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "train.py"), *SMALL, "trainer.epochs_after=2", "trainer.verbose=2",
+         "prune.strategy=uniform", "callbacks=[none,early_stopping]", "callbacks.early_stopping.patience=1",
+         "callbacks.early_stopping.min_delta=10", f"hydra.run.dir={tmp_path}"],
+        capture_output=True, text=True, timeout=300, cwd=ROOT,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Epoch 2: Early stopping." in proc.stdout
+    assert "Epoch 2/3" in proc.stdout and "Epoch 3/3" not in proc.stdout
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert results["flops_after"] < results["flops_before"]
 
 
 # ------------------------------------------------------------------ config: errors, one by one
@@ -137,7 +190,7 @@ def test_wrong_type_is_rejected_by_train_for_a_hand_made_config(tmp_path: Path) 
     raw = OmegaConf.to_container(make_cfg(), enum_to_str=True)
     raw["trainer"]["batch_size"] = "big"
     with pytest.raises(ValidationError, match=r"(?s)'big'.*could not be converted to Integer.*trainer\.batch_size"):
-        train_app.train(OmegaConf.create(raw))
+        train(OmegaConf.create(raw))
 
 
 def test_unknown_key_is_rejected_at_composition() -> None:
@@ -147,55 +200,68 @@ def test_unknown_key_is_rejected_at_composition() -> None:
 
 
 def test_unknown_key_added_with_plus_is_rejected_by_train() -> None:
-    with pytest.raises(train_app.ConfigError, match=r"prune\.flop is not a known key; allowed keys in prune: flops,"):
-        train_app.train(make_cfg(["+prune.flop=0.5"]))
-    with pytest.raises(train_app.ConfigError, match=r"trainer\.lr is not a known key"):
-        train_app.train(make_cfg(["+trainer.lr=0.1"]))
+    with pytest.raises(ConfigError, match=r"prune\.flop is not a known key; allowed keys in prune: flops,"):
+        train(make_cfg(["+prune.flop=0.5"]))
+    with pytest.raises(ConfigError, match=r"trainer\.lr is not a known key"):
+        train(make_cfg(["+trainer.lr=0.1"]))
 
 
 @pytest.mark.parametrize("flops", ["1.5", "0", "-0.2", "1.0"])
 def test_flops_out_of_range(flops: str) -> None:
-    with pytest.raises(
-        ValueError, match=rf"prune\.flops={float(flops)} is outside \(0, 1\): set prune\.flops to a fraction"
-    ):
-        train_app.train(make_cfg([f"prune.flops={flops}"]))
+    with pytest.raises(ConfigError, match=rf"^prune\.flops={float(flops)}: flops must be .*in \(0, 1\)"):
+        train(make_cfg([f"prune.flops={flops}"]))
 
 
 def test_unknown_model_lists_the_options() -> None:
     with pytest.raises(MissingConfigException, match=r"(?s)Could not find 'model/alexnet'.*mobilenet_v1.*vgg16"):
         make_cfg(["model=alexnet"])
     with pytest.raises(
-        train_app.ConfigError,
+        ConfigError,
         match=r"model\._target_='paddle\.vision\.models\.nope' cannot be imported.*mobilenet_v1, mobilenet_v2",
     ):
-        train_app.train(make_cfg(["model._target_=paddle.vision.models.nope"]))
+        train(make_cfg(["model._target_=paddle.vision.models.nope"]))
 
 
 def test_bad_model_argument_names_the_model_keys(tmp_path: Path) -> None:
-    with pytest.raises(train_app.ConfigError, match=r"(?s)could not be built from model\.\{.*foo\}.*unexpected keyword"):
-        train_app.train(make_cfg(["+model.foo=1", *SMALL], tmp_path))
+    with pytest.raises(ConfigError, match=r"(?s)could not be built from model\.\{.*foo\}.*unexpected keyword"):
+        train(make_cfg(["+model.foo=1", *SMALL], tmp_path))
 
 
-def test_unknown_criterion_lists_the_criteria() -> None:
-    with pytest.raises(ConfigCompositionException, match=r"prune\.criterion=l3") as info:
-        make_cfg(["prune.criterion=l3"])
-    assert "Invalid value 'l3', expected one of [l1, l2, fpgm, bn_scale, random]" in _chain(info.value)
-    assert "full_key: prune.criterion" in _chain(info.value)
+@pytest.mark.parametrize("strategy", ["sensitivity", "uniform"])
+def test_unknown_criterion_lists_the_criteria(strategy: str) -> None:
+    with pytest.raises(ConfigError, match=r"prune\.criterion='l3': unknown criterion 'l3'") as info:
+        train(make_cfg(["prune.criterion=l3", f"prune.strategy={strategy}"]))
+    assert "['bn_scale', 'fpgm', 'l1', 'l2', 'random']" in str(info.value)
 
 
 def test_unknown_strategy_lists_the_strategies() -> None:
-    with pytest.raises(ConfigCompositionException) as info:
-        make_cfg(["prune.strategy=greedy"])
-    assert "expected one of [sensitivity, uniform]" in _chain(info.value)
+    with pytest.raises(ConfigError, match=r"prune\.strategy='greedy': ") as info:
+        train(make_cfg(["prune.strategy=greedy"]))
+    assert "('sensitivity', 'uniform')" in str(info.value)
+
+
+def test_a_registered_criterion_is_a_config_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The choices are the registry's, not a list of the app's: a new criterion needs no app change."""
+    from prune_callbacks import importance
+
+    monkeypatch.setattr(importance, "_CRITERIA", dict(importance._CRITERIA))  # registered for this test only
+    prune_callbacks.register_criterion("l1_copy", importance.l1)
+    results = train(make_cfg([*SMALL, "prune.criterion=l1_copy", "prune.strategy=uniform", "callbacks=none"],
+                             tmp_path))
+    assert results["criterion"] == "l1_copy" and results["flops_after"] < results["flops_before"]
+    assert get_criterion("l1_copy").name == "l1_copy"
 
 
 @pytest.mark.parametrize(
     "overrides, message",
     [
-        (["prune.ratios=[0.5,1.2]"], r"prune\.ratios contains 1\.2: every ratio must be in \(0, 1\)"),
-        (["prune.ratios=[]"], r"prune\.ratios is empty"),
-        (["prune.steps=0"], r"prune\.steps=0 must be >= 1"),
+        (["prune.ratios=[0.5,1.2]"], r"prune\.ratios=\[0\.5, 1\.2\]: ratios must be .*\(0, 1\)"),
+        (["prune.ratios=[]"], r"prune\.ratios=\[\]: ratios must be"),
+        (["prune.steps=0"], r"prune\.steps=0: steps must be .*>= 1"),
+        (["prune.round_to=0"], r"prune\.round_to=0: round_to must be .*>= 1"),
+        (["prune.at_epoch=-1"], r"prune\.at_epoch=-1: at_epoch must be .*>= 0"),
         (["prune.at_epoch=3"], r"prune\.at_epoch=3 must be in \[0, 2\]"),
+        (["prune.max_loss=0"], r"prune\.max_loss=0\.0 must be > 0 or null"),
         (["trainer.epochs_before=0"], r"trainer\.epochs_before=0 must be >= 1"),
         (["trainer.batch_size=0"], r"trainer\.batch_size=0 must be >= 1"),
         (["trainer.device=tpu"], r"trainer\.device='tpu' is not one of cpu, gpu, gpu:N"),
@@ -204,12 +270,14 @@ def test_unknown_strategy_lists_the_strategies() -> None:
         (["optim=adam", "+optim.momentum=0.9"], r"optim\.momentum is not an argument of paddle\.optimizer\.Adam; allowed: learning_rate, beta1"),
         (["optim.learning_rate=-1"], r"optim\.learning_rate=-1 must be a positive number"),
         (["optim._partial_=false"], r"optim\._partial_ must be true"),
-        (["prune.sensitivity_samples=0"], r"prune\.sensitivity_samples=0 must be >= 1 or null"),
+        (["prune.sensitivity_samples=0"], r"prune\.sensitivity_samples=0: num_samples must be a positive int"),
+        (["callbacks.visualdl=true"], r"callbacks\.visualdl=True is neither .*'callbacks=\[default,visualdl\]'"),
+        (["callbacks.visualdl._target_=nope.Nope"], r"callbacks\.visualdl\._target_='nope\.Nope' cannot be imported"),
     ],
 )
 def test_range_and_name_checks(overrides: List[str], message: str) -> None:
-    with pytest.raises(train_app.ConfigError, match=message):
-        train_app.train(make_cfg(overrides))
+    with pytest.raises(ConfigError, match=message):
+        train(make_cfg(overrides))
 
 
 def test_cli_config_error_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
@@ -219,7 +287,7 @@ def test_cli_config_error_is_one_line_and_exit_code_2(tmp_path: Path) -> None:
     )
     assert proc.returncode == 2
     out = proc.stdout + proc.stderr
-    assert "config error: prune.flops=1.5 is outside (0, 1)" in out
+    assert "config error: prune.flops=1.5: flops must be" in out and "(0, 1)" in out
     assert "Traceback" not in out
 
 
@@ -289,9 +357,13 @@ def _fake_export(net: Any, path_prefix: str, input_spec: Any) -> None:
 
 def test_train_plumbing_with_stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     """The app's own logic (ordering, probes, timings, table, JSON) against stand-in callbacks."""
-    for name, fake in (("SensitivityCallback", _FakeSensitivity), ("FilterPruneCallback", _FakePrune),
-                       ("PruneVisualDL", _FakeVisualDL), ("export", _fake_export), ("save_pruned", _fake_save)):
-        monkeypatch.setattr(prune_callbacks, name, fake, raising=False)
+    from prune_callbacks.app import artefacts, run
+
+    monkeypatch.setattr(run, "SensitivityCallback", _FakeSensitivity)
+    monkeypatch.setattr(run, "FilterPruneCallback", _FakePrune)
+    monkeypatch.setattr(prune_callbacks, "PruneVisualDL", _FakeVisualDL)  # conf/callbacks/visualdl.yaml's _target_
+    monkeypatch.setattr(artefacts, "export", _fake_export)
+    monkeypatch.setattr(artefacts, "save_pruned", _fake_save)
     _Recorder.events.clear()
     _LogsSpy.seen.clear()
     real_fit = paddle.Model.fit
@@ -301,7 +373,7 @@ def test_train_plumbing_with_stand_ins(tmp_path: Path, monkeypatch: pytest.Monke
 
     monkeypatch.setattr(paddle.Model, "fit", fit_with_spy)
     cfg = make_cfg([*SMALL, "trainer.epochs_before=2", "callbacks.training_curves=false"], tmp_path)
-    results = train_app.train(cfg)
+    results = train(cfg)
 
     assert _Recorder.events == ["sensitivity@1", "prune@1:True"]
     assert results["at_epoch"] == 1 and results["flops_target"] == 0.4
@@ -328,23 +400,23 @@ def test_evaluate_net_restores_mode_and_counts_all_samples() -> None:
     net = paddle.nn.Sequential(paddle.nn.Flatten(), paddle.nn.Linear(3 * 8 * 8, 10))
     ds = prune_callbacks.data.synthetic_dataset(num_samples=37, image_shape=(3, 8, 8))
     net.train()
-    metrics = train_app.evaluate_net(net, ds, batch_size=16)
+    metrics = evaluate_net(net, ds, batch_size=16)
     assert net.training
     assert 0.0 <= metrics["top1"] <= metrics["top5"] <= 1.0
     net.eval()
-    train_app.evaluate_net(net, ds, batch_size=16)
+    evaluate_net(net, ds, batch_size=16)
     assert not net.training
 
 
 def test_sweep_table_shows_only_the_swept_overrides(tmp_path: Path) -> None:
     path = tmp_path / "results.csv"
     with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=train_app.SWEEP_COLUMNS)
+        writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS)
         writer.writeheader()
         for job, flops in ((1, 0.5), (0, 0.3)):
             writer.writerow({"job": job, "override": f"prune.flops={flops} trainer.epochs_after=1",
                              "flops_reduction": flops, "top1_finetuned": 0.9, "time_total_s": 12.3})
-    lines = train_app.format_sweep(str(path)).splitlines()
+    lines = format_sweep(str(path)).splitlines()
     assert lines[2].split()[:4] == ["0", "prune.flops=0.3", "30.0%", "-"]
     assert lines[3].split()[:3] == ["1", "prune.flops=0.5", "50.0%"]
     assert "epochs_after" not in "\n".join(lines)
@@ -354,7 +426,7 @@ def test_sweep_table_shows_only_the_swept_overrides(tmp_path: Path) -> None:
 
 
 def test_train_small_end_to_end(tmp_path: Path) -> None:
-    results = train_app.train(make_cfg(SMALL, tmp_path))
+    results = train(make_cfg(SMALL, tmp_path))
     assert 0 < results["flops_after"] < results["flops_before"]
     assert results["params_after"] < results["params_before"]
     assert abs(results["flops_reduction"] - 0.4) <= 0.005
@@ -413,7 +485,7 @@ def _check_visualdl_server(log_dir: str, results: Dict[str, Any]) -> None:
 
 
 def test_uniform_strategy_skips_sensitivity(tmp_path: Path) -> None:
-    results = train_app.train(make_cfg([*SMALL, "prune.strategy=uniform", "callbacks=none"], tmp_path))
+    results = train(make_cfg([*SMALL, "prune.strategy=uniform", "callbacks=none"], tmp_path))
     assert results["paths"]["sensitivity"] is None and results["flops_after"] < results["flops_before"]
 
 

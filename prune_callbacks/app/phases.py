@@ -1,0 +1,110 @@
+"""Measuring inside the single fit: an evaluator and the timestamp callbacks placed around the pruners.
+
+They only read the network and the clock: they never change weights, modes or fit's logs.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Optional
+
+import paddle
+
+log = logging.getLogger(__name__)
+
+
+def evaluate_net(net: paddle.nn.Layer, dataset: paddle.io.Dataset, batch_size: int) -> Dict[str, float]:
+    """Loss, top-1 and top-5 of `net` on `dataset`, leaving the net in the mode it was in.
+
+    A plain loop rather than `paddle.Model.evaluate`: called from `on_epoch_end` inside `fit`,
+    `evaluate` would overwrite the `logs` dict that fit passes on to later callbacks (fit's
+    `_run_one_epoch` shares a mutable default), and reset `model._test_dataloader`.
+
+    Args:
+        net: a classifier returning logits.
+        dataset: (image, label) samples.
+        batch_size: evaluation batch size.
+
+    Returns:
+        {"loss": mean cross-entropy, "top1": accuracy, "top5": accuracy}.
+
+    Examples:
+        >>> evaluate_net(net, val_ds, batch_size=256)["top1"]
+    """
+    was_training = net.training
+    net.eval()
+    loss_fn = paddle.nn.CrossEntropyLoss(reduction="sum")
+    metric = paddle.metric.Accuracy(topk=(1, 5))
+    total_loss, count = 0.0, 0
+    loader = paddle.io.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False)
+    try:
+        with paddle.no_grad():
+            for images, labels in loader:
+                logits = net(images)
+                total_loss += float(loss_fn(logits, labels))
+                count += int(labels.shape[0])
+                metric.update(metric.compute(logits, labels))
+    finally:
+        if was_training:
+            net.train()
+    top1, top5 = metric.accumulate()
+    return {"loss": total_loss / max(count, 1), "top1": float(top1), "top5": float(top5)}
+
+
+class PhaseClock:
+    """Timestamps of the phases of one fit, kept by `PhaseMark` callbacks placed around the pruners."""
+
+    def __init__(self) -> None:
+        self.marks: Dict[str, float] = {}
+        self.metrics: Dict[str, Dict[str, float]] = {}
+
+    def mark(self, name: str) -> None:
+        self.marks[name] = time.perf_counter()
+
+    def span(self, start: str, end: str) -> Optional[float]:
+        """Seconds from mark `start` to mark `end`, None if either is missing."""
+        if start in self.marks and end in self.marks:
+            return self.marks[end] - self.marks[start]
+        return None
+
+
+class TrainSpan(paddle.callbacks.Callback):
+    """Mark "start" and "end" of fit (first in the callback list, so "end" excludes the others' work)."""
+
+    def __init__(self, clock: PhaseClock) -> None:
+        super().__init__()
+        self.clock = clock
+
+    def on_train_begin(self, logs: Optional[dict] = None) -> None:
+        self.clock.mark("start")
+
+    def on_train_end(self, logs: Optional[dict] = None) -> None:
+        self.clock.mark("end")
+
+
+class PhaseMark(paddle.callbacks.Callback):
+    """Record a timestamp (and optionally evaluate) at the end of epoch `at_epoch`.
+
+    Callbacks run in list order, so a `PhaseMark` before and after each pruning callback brackets it.
+    """
+
+    def __init__(
+        self,
+        clock: PhaseClock,
+        name: str,
+        at_epoch: int,
+        eval_data: Optional[paddle.io.Dataset] = None,
+        batch_size: int = 256,
+    ) -> None:
+        super().__init__()
+        self.clock, self.name, self.at_epoch = clock, name, at_epoch
+        self.eval_data, self.batch_size = eval_data, batch_size
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        if epoch != self.at_epoch:
+            return
+        self.clock.mark(self.name)
+        if self.eval_data is not None:
+            self.clock.metrics[self.name] = evaluate_net(self.model.network, self.eval_data, self.batch_size)
+            log.info("%s: %s", self.name, self.clock.metrics[self.name])
+            self.clock.mark(self.name + "_evaluated")

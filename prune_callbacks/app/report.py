@@ -1,0 +1,214 @@
+"""Reporting: the results figures, their table and `results.json`, and a sweep's CSV and table.
+
+Reads finished results only; never trains or evaluates.
+"""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import os
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.experimental.callback import Callback as HydraCallback
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from ..plan import write_json_atomic
+from .phases import PhaseClock
+
+log = logging.getLogger(__name__)
+
+RESULTS_FILE = "results.json"
+SWEEP_CSV = "results.csv"
+SWEEP_COLUMNS = [
+    "job", "override", "model", "data", "criterion", "strategy", "flops_target", "flops_reduction",
+    "params_reduction", "top1_before", "top1_pruned", "top1_finetuned", "top5_finetuned",
+    "time_sensitivity_s", "time_total_s", "output_dir",
+]
+
+
+def _reduction(before: float, after: float) -> float:
+    return 1.0 - after / before if before else 0.0
+
+
+def collect_results(cfg: DictConfig, run: Any, final: Dict[str, float], eval_time: float) -> Dict[str, Any]:
+    """The figures of the results table, from the config, the finished run and the final evaluation.
+
+    Args:
+        cfg: the validated config.
+        run: the `run.Run` that was fitted (datasets, plans, phase clock, artefact paths).
+        final: `evaluate_net` of the fine-tuned network.
+        eval_time: seconds that final evaluation took.
+
+    Returns:
+        A JSON-ready dict: sizes, FLOPs/params, accuracies, phase times, ratios and paths.
+    """
+    p, t, clock = cfg.prune, cfg.trainer, run.clock
+    before, pruned = clock.metrics.get("before", {}), clock.metrics.get("pruned", {})
+    first, last = run.plans[0], run.plans[-1]
+    return {
+        "model": str(cfg.model._target_).rsplit(".", 1)[-1],
+        "data": cfg.data.name,
+        "criterion": str(p.criterion),
+        "strategy": str(p.strategy),
+        "at_epoch": run.at_epoch,
+        "epochs_before": t.epochs_before,
+        "epochs_after": t.epochs_after,
+        "train_samples": len(run.train_ds),
+        "val_samples": len(run.val_ds),
+        "flops_target": p.flops,
+        "flops_before": int(first.flops_before),
+        "flops_after": int(last.flops_after),
+        "flops_reduction": _reduction(first.flops_before, last.flops_after),
+        "params_before": int(first.params_before),
+        "params_after": int(last.params_after),
+        "params_reduction": _reduction(first.params_before, last.params_after),
+        "top1_before": before.get("top1"),
+        "top5_before": before.get("top5"),
+        "top1_pruned": pruned.get("top1"),
+        "top5_pruned": pruned.get("top5"),
+        "top1_finetuned": final["top1"],
+        "top5_finetuned": final["top5"],
+        "loss_before": before.get("loss"),
+        "loss_pruned": pruned.get("loss"),
+        "loss_finetuned": final["loss"],
+        **_phase_times(clock, eval_time),
+        "ratios": {k: float(v) for k, v in last.ratios.items()},
+        "paths": run.paths,
+    }
+
+
+def _phase_times(clock: PhaseClock, eval_time: float) -> Dict[str, Optional[float]]:
+    return {
+        "time_train_before_s": clock.span("start", "before"),
+        "time_sensitivity_s": clock.span("before_evaluated", "sensitivity_done"),
+        "time_prune_s": clock.span("sensitivity_done", "pruned"),
+        "time_finetune_s": clock.span("pruned_evaluated", "end"),
+        "time_eval_s": (clock.span("before", "before_evaluated") or 0.0)
+        + (clock.span("pruned", "pruned_evaluated") or 0.0)
+        + eval_time,
+        "time_total_s": (clock.span("start", "end") or 0.0) + eval_time,
+    }
+
+
+def write_results(path: str, results: Dict[str, Any]) -> None:
+    """`results.json`, written atomically (a killed run never leaves half a file)."""
+    write_json_atomic(path, results)
+
+
+def _fmt(value: Optional[float], kind: str) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "-"
+    if kind == "acc":
+        return f"{value:.4f}"
+    if kind == "pct":
+        return f"{100 * value:.2f}%"
+    if kind == "s":
+        return f"{value:.1f} s"
+    return f"{int(value):,}"
+
+
+def _table(body: Sequence[Tuple[str, ...]]) -> List[str]:
+    widths = [max(len(row[i]) for row in body) for i in range(len(body[0]))]
+    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in body]
+
+
+def format_results(r: Dict[str, Any]) -> str:
+    """The plain-text results table printed at the end of a run."""
+    rows: List[Tuple[str, str, str, str]] = [
+        ("", "before", "after", "reduction"),
+        ("FLOPs", _fmt(r["flops_before"], "n"), _fmt(r["flops_after"], "n"),
+         f"{_fmt(r['flops_reduction'], 'pct')} (target {_fmt(r['flops_target'], 'pct')})"),
+        ("params", _fmt(r["params_before"], "n"), _fmt(r["params_after"], "n"), _fmt(r["params_reduction"], "pct")),
+    ]
+    acc: List[Tuple[str, str, str, str]] = [
+        ("accuracy", "before pruning", "pruned, no fine-tune", "fine-tuned"),
+        ("top-1", _fmt(r["top1_before"], "acc"), _fmt(r["top1_pruned"], "acc"), _fmt(r["top1_finetuned"], "acc")),
+        ("top-5", _fmt(r["top5_before"], "acc"), _fmt(r["top5_pruned"], "acc"), _fmt(r["top5_finetuned"], "acc")),
+    ]
+    times = [
+        ("train before", r["time_train_before_s"]),
+        ("sensitivity", r["time_sensitivity_s"]),
+        ("prune", r["time_prune_s"]),
+        ("fine-tune", r["time_finetune_s"]),
+        ("evaluations", r["time_eval_s"]),
+        ("total", r["time_total_s"]),
+    ]
+    title = (f"Results: {r['model']} on {r['data']}, criterion {r['criterion']}, "
+             f"strategy {r['strategy']}, pruned at end of epoch {r['at_epoch']}")
+    lines = [title, "=" * len(title)]
+    lines += _table(rows) + [""] + _table(acc) + [""]
+    lines += _table([("wall time", "")] + [(k, _fmt(v, "s")) for k, v in times]) + [""]
+    paths = r["paths"]
+    for label, key in (("VisualDL logs", "vdl_log"), ("sensitivity", "sensitivity"),
+                       ("pruned checkpoint", "checkpoint"), ("inference model", "inference_model"),
+                       ("results", "results")):
+        lines.append(f"{label + ':':20s}{paths.get(key) or '(off)'}")
+    return "\n".join(lines)
+
+
+def append_sweep_row(results: Dict[str, Any]) -> None:
+    """Under `-m`, add this job's row to `<sweep dir>/results.csv` (locked: launchers may be parallel)."""
+    if not HydraConfig.initialized():
+        return
+    hc = HydraConfig.get()
+    if hc.mode != RunMode.MULTIRUN:
+        return
+    import fcntl
+
+    row = {k: results.get(k) for k in SWEEP_COLUMNS}
+    row["job"] = hc.job.num
+    row["override"] = " ".join(hc.overrides.task)
+    row["output_dir"] = results["paths"]["output_dir"]
+    path = os.path.join(hc.sweep.dir, SWEEP_CSV)
+    os.makedirs(hc.sweep.dir, exist_ok=True)
+    with open(path, "a", newline="", encoding="utf-8") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            writer = csv.DictWriter(f, fieldnames=SWEEP_COLUMNS)
+            if f.tell() == 0:
+                writer.writeheader()
+            writer.writerow(row)
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _sweep_cell(key: str, value: str) -> str:
+    if value in ("", "None"):
+        return "-"
+    if key.endswith("reduction"):
+        return f"{100 * float(value):.1f}%"
+    if key.startswith("top"):
+        return f"{float(value):.4f}"
+    if key.startswith("time"):
+        return f"{float(value):.0f}"
+    return value
+
+
+def format_sweep(path: str) -> str:
+    """The comparison table of a sweep's `results.csv`."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = sorted(csv.DictReader(f), key=lambda r: int(r["job"]))
+    cols = [("job", "job"), ("override", "override"), ("flops_reduction", "FLOPs -"),
+            ("params_reduction", "params -"), ("top1_before", "top1 before"), ("top1_pruned", "top1 pruned"),
+            ("top1_finetuned", "top1 tuned"), ("time_total_s", "time s")]
+    # show only the overrides that differ between jobs (the swept ones)
+    tokens = [r.get("override", "").split() for r in rows]
+    shared = set.intersection(*(set(t) for t in tokens)) if len(tokens) > 1 else set()
+    for r, t in zip(rows, tokens):
+        r["override"] = " ".join(x for x in t if x not in shared)
+    body = [[h for _, h in cols]] + [[_sweep_cell(k, r.get(k, "")) for k, _ in cols] for r in rows]
+    return f"Sweep results ({path})\n" + "\n".join(_table(body))
+
+
+class MultirunResultsTable(HydraCallback):
+    """Hydra callback (conf/config.yaml's hydra.callbacks): print the sweep's table once every job has finished."""
+
+    def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        path = os.path.join(config.hydra.sweep.dir, SWEEP_CSV)
+        if os.path.exists(path):
+            print(format_sweep(path))
+        else:
+            log.warning("no %s in the sweep dir: did every job fail?", path)
