@@ -151,6 +151,8 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         # every rank planned on its own copy: differing plans would desynchronise the ranks
         check_agree("pruning plan", {pruner.groups[gi].name: [int(i) for i in k]
                                      for gi, k in sorted(kept.items())})
+        for listener in list(history_of(self.model).before_prune):
+            listener(self.model)
         plan = pruner.apply(kept)
         self._after_surgery(net, plan)
         target = self.flops * step / self.steps
