@@ -1,5 +1,5 @@
 """Structured filter pruning for PaddlePaddle, as paddle.Model.fit callbacks and as an engine."""
-from .callbacks import (FilterPruneCallback, PruneEvent, PruneHistory, PruneVisualDL,
+from .callbacks import (DistillCallback, FilterPruneCallback, PruneEvent, PruneHistory, PruneVisualDL,
                         SensitivityCallback, history_of)
 from .flops import count_flops, count_params
 from .graph import Group
@@ -14,7 +14,7 @@ from .surgery import register_layer
 __all__ = [
     "FilterPruner", "PrunePlan", "GroupPlan", "Group", "SensitivityResult", "EvalData",
     "count_flops", "count_params", "register_criterion", "register_layer", "rebuild_optimizer",
-    "SensitivityCallback", "FilterPruneCallback", "PruneVisualDL", "PruneHistory", "PruneEvent",
+    "SensitivityCallback", "FilterPruneCallback", "DistillCallback", "PruneVisualDL", "PruneHistory", "PruneEvent",
     "history_of", "save_pruned", "load_pruned", "export", "record_plan", "track_plans",
     "read_plans",
 ]

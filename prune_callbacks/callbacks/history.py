@@ -6,7 +6,7 @@ PruneVisualDL (or a user) reads from here. Plain data only.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from ..plan import PrunePlan
 from ..sensitivity import SensitivityResult
@@ -29,6 +29,9 @@ class PruneHistory:
     sensitivity: Optional[SensitivityResult] = None
     sensitivity_epoch: Optional[int] = None
     events: List[PruneEvent] = field(default_factory=list)
+    # called with the paddle.Model just before each pruning step's surgery (e.g. DistillCallback
+    # keeps the unpruned network as its teacher)
+    before_prune: List[Callable[[Any], None]] = field(default_factory=list)
 
 
 def history_of(model: Any) -> PruneHistory:

@@ -9,6 +9,7 @@ from typing import Any, Dict, List, Optional, Sequence, Union
 import numpy as np
 import paddle
 
+from ..distributed import check_agree, rebuild_data_parallel
 from ..importance import get_criterion
 from ..io import record_plan, track_plans
 from ..optim import rebuild_optimizer
@@ -145,10 +146,14 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             groups = pruner.groups
             self._final = {groups[gi].name: (groups[gi].channels, len(k))
                            for gi, k in kept.items()}
-        if self.steps == 1:
-            plan = pruner.apply(kept)
-        else:
-            plan = pruner.prune(self._step_ratios(pruner, step))
+        if self.steps > 1:
+            kept = pruner.select(self._step_ratios(pruner, step))
+        # every rank planned on its own copy: differing plans would desynchronise the ranks
+        check_agree("pruning plan", {pruner.groups[gi].name: [int(i) for i in k]
+                                     for gi, k in sorted(kept.items())})
+        for listener in list(history_of(self.model).before_prune):
+            listener(self.model)
+        plan = pruner.apply(kept)
         self._after_surgery(net, plan)
         target = self.flops * step / self.steps
         self.plans.append(plan)
@@ -177,6 +182,9 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         for p in net.parameters():  # gradients of the old shapes must not be accumulated into
             p.clear_gradient(False)
         self.model._optimizer = rebuild_optimizer(self.model._optimizer, net, plan.param_slices)
+        adapter = getattr(self.model, "_adapter", None)
+        if getattr(adapter, "ddp_model", None) is not None:  # paddle.Model under several ranks
+            adapter.ddp_model = rebuild_data_parallel(adapter.ddp_model, net, self.model._optimizer)
         record_plan(self.model, plan)  # model.save / ModelCheckpoint now write the plans too
 
     def _sensitivities(self, epoch: Optional[int]) -> Optional[SensitivityResult]:

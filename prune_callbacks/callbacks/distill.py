@@ -1,0 +1,166 @@
+"""DistillCallback: after pruning, fine-tune against a frozen copy of the unpruned network.
+
+It wraps the model's loss for the rest of `fit`; the user's loss, data and network are unchanged,
+and everything it installed is removed at `on_train_end`. No pruning maths here.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+from typing import Any, Callable, Dict, List, Optional, Union
+
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+
+from .history import history_of
+
+logger = logging.getLogger(__name__)
+
+OutputKey = Union[int, str]
+
+
+def distill_loss(student: paddle.Tensor, teacher: paddle.Tensor,
+                 temperature: float) -> paddle.Tensor:
+    """`T^2 * KL(softmax(teacher/T) || softmax(student/T))`, classes on axis 1, mean over the
+    other axes (samples, and pixels of a dense output).
+
+    Examples:
+        >>> distill_loss(paddle.randn([8, 10]), paddle.randn([8, 10]), 4.0)
+    """
+    t = float(temperature)
+    s_log = F.log_softmax(student.astype("float32") / t, axis=1)
+    t_log = F.log_softmax(teacher.astype("float32") / t, axis=1)
+    kl = (t_log.exp() * (t_log - s_log)).sum(axis=1)
+    return kl.mean() * (t * t)
+
+
+def pick_output(outputs: Any, key: OutputKey) -> paddle.Tensor:
+    """The output that is distilled: `outputs[key]` of a list, tuple or dict; a tensor itself."""
+    if isinstance(outputs, paddle.Tensor):
+        return outputs
+    try:
+        return outputs[key]
+    except (KeyError, IndexError, TypeError):
+        raise ValueError(f"DistillCallback(output={key!r}) does not name one of the network's "
+                         f"outputs ({_describe(outputs)}); pass output=<index or dict key>") from None
+
+
+def _describe(outputs: Any) -> str:
+    if isinstance(outputs, dict):
+        return f"dict keys {sorted(outputs)}"
+    return f"{type(outputs).__name__} of {len(outputs)}" if hasattr(outputs, "__len__") else \
+        type(outputs).__name__
+
+
+class _DistilledLoss:
+    """`(1 - alpha) * task_loss + alpha * distill_loss` while the student trains; the task loss
+    alone in evaluation (fit's reported eval loss stays comparable)."""
+
+    def __init__(self, task_loss: Callable, callback: "DistillCallback") -> None:
+        self.task_loss = task_loss
+        self.cb = callback
+
+    def __call__(self, *outputs_and_labels: Any) -> Any:
+        task = self.task_loss(*outputs_and_labels)
+        cb = self.cb
+        teacher = cb._teacher_out
+        if teacher is None or not cb.model.network.training:
+            return task
+        cb._teacher_out = None
+        n_out = len(outputs_and_labels) - cb._n_labels
+        student_outputs = list(outputs_and_labels[:n_out])
+        student = pick_output(student_outputs if n_out > 1 else student_outputs[0], cb.output)
+        kd = distill_loss(student, teacher, cb.temperature)
+        cb.last_kd = float(kd)
+        total = task if isinstance(task, paddle.Tensor) else paddle.add_n(list(task))
+        return (1.0 - cb.alpha) * total + cb.alpha * kd
+
+
+class DistillCallback(paddle.callbacks.Callback):
+    """Distil the unpruned network into the pruned one for the rest of `fit`.
+
+    When a FilterPruneCallback of the same fit is about to prune (its first step), this callback
+    keeps a frozen copy of the network as it is then (the teacher, in eval mode, excluded from
+    the optimizer), and from then on the model trains on
+    `(1 - alpha) * task_loss + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))`.
+    The teacher runs on each training batch (no gradients); evaluation reports the task loss.
+    At `on_train_end` the teacher is dropped and the model's own loss restored.
+
+    Cost: memory of one more copy of the unpruned parameters; time of one teacher forward per
+    training step (about a third of a training step).
+
+    Args:
+        alpha: weight of the distillation term, in [0, 1] (0 turns it off).
+        temperature: softmax temperature T > 0.
+        output: which output is distilled when the network returns several (list/tuple index or
+            dict key); the main output, index 0, by default.
+
+    Raises:
+        ValueError: alpha outside [0, 1], temperature <= 0.
+
+    Examples:
+        >>> model.fit(train_ds, val_ds, epochs=6, callbacks=[
+        ...     FilterPruneCallback(flops=0.4, at_epoch=2, strategy="uniform"),
+        ...     DistillCallback(alpha=0.5, temperature=4.0)])
+    """
+
+    def __init__(self, alpha: float = 0.5, temperature: float = 4.0, output: OutputKey = 0) -> None:
+        super().__init__()
+        if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
+            raise ValueError(f"alpha must be a number in [0, 1] (the distillation weight), "
+                             f"got {alpha!r}")
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
+                or not temperature > 0:
+            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+        if not isinstance(output, (int, str)) or isinstance(output, bool):
+            raise TypeError(f"output must be an int index or a str dict key, got {output!r}")
+        self.alpha = float(alpha)
+        self.temperature = float(temperature)
+        self.output = output
+        self.teacher: Optional[nn.Layer] = None
+        self.last_kd: Optional[float] = None
+        self._teacher_out: Optional[paddle.Tensor] = None
+        self._hook: Any = None
+        self._task_loss: Optional[Callable] = None
+        self._n_labels = 0
+
+    def on_train_begin(self, logs: Optional[Dict] = None) -> None:
+        if self.model._loss is None:
+            raise ValueError("DistillCallback needs a loss: call model.prepare(optimizer, loss)")
+        self._n_labels = len(self.model._labels or [])
+        self.teacher, self._teacher_out, self.last_kd = None, None, None
+        history_of(self.model).before_prune.append(self._on_before_prune)
+
+    def on_train_end(self, logs: Optional[Dict] = None) -> None:
+        hist = history_of(self.model)
+        if self._on_before_prune in hist.before_prune:
+            hist.before_prune.remove(self._on_before_prune)
+        if self._hook is not None:
+            self._hook.remove()
+            self._hook = None
+        if self._task_loss is not None:
+            self.model._loss = self._task_loss
+            self._task_loss = None
+        self.teacher, self._teacher_out = None, None
+
+    # -- work ---------------------------------------------------------------------------------
+    def _on_before_prune(self, model: Any) -> None:
+        if self.teacher is not None or self.alpha == 0:
+            return  # the teacher is the network before the first pruning step
+        teacher = copy.deepcopy(model.network)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.stop_gradient = True
+        self.teacher = teacher
+        self._task_loss = model._loss
+        model._loss = _DistilledLoss(self._task_loss, self)
+        self._hook = model.network.register_forward_pre_hook(self._run_teacher)
+        logger.info("distillation on: teacher is the unpruned network (alpha %.2f, T %.1f)",
+                    self.alpha, self.temperature)
+
+    def _run_teacher(self, layer: nn.Layer, inputs: Any) -> None:
+        if not layer.training or self.teacher is None:
+            return
+        with paddle.no_grad():
+            self._teacher_out = pick_output(self.teacher(*inputs), self.output).detach()
