@@ -1,14 +1,16 @@
 """Structured filter pruning for PaddlePaddle, as paddle.Model.fit callbacks and as an engine."""
 from .callbacks import (FilterPruneCallback, PruneEvent, PruneHistory, PruneVisualDL,
-                        SensitivityCallback, history_of)
+                        PrunedCheckpoint, SensitivityCallback, history_of)
 from .flops import count_flops, count_params
 from .graph import Group
 from .importance import register_criterion
-from .io import export, load_pruned, read_plans, record_plan, save_pruned, track_plans
-from .optim import rebuild_optimizer
-from .plan import GroupPlan, PrunePlan
+from .io import (export, load_pruned, read_plans, reapply_plan, save_pruned, track_plans)
+from .modes import eval_mode
+from .optim import rebuild_optimizer, register_optimizer
+from .plan import GroupPlan, PrunePlan, record_plan, recorded_plans
+from .planning import PlanGroup, plan_group_ratios
 from .pruner import FilterPruner
-from .sensitivity import EvalData, SensitivityResult
+from .sensitivity import EvalData, SensitivityResult, register_output_axis
 from .surgery import register_layer
 
 __all__ = [
@@ -16,5 +18,6 @@ __all__ = [
     "count_flops", "count_params", "register_criterion", "register_layer", "rebuild_optimizer",
     "SensitivityCallback", "FilterPruneCallback", "PruneVisualDL", "PruneHistory", "PruneEvent",
     "history_of", "save_pruned", "load_pruned", "export", "record_plan", "track_plans",
-    "read_plans",
+    "read_plans", "recorded_plans", "reapply_plan", "register_optimizer", "register_output_axis",
+    "PrunedCheckpoint", "PlanGroup", "plan_group_ratios", "eval_mode",
 ]

@@ -2,18 +2,15 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import paddle
 
 from ..importance import get_criterion
-from ..io import record_plan, track_plans
 from ..optim import rebuild_optimizer
-from ..plan import PrunePlan
-from ..planning import STRATEGIES, plan_ratios
+from ..plan import PrunePlan, record_plan
+from ..planning import STRATEGIES
 from ..pruner import FilterPruner
 from ..sensitivity import SensitivityResult
 from ._common import check_epoch, check_names, infer_input_shape
@@ -110,7 +107,6 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                 f"FilterPruneCallback(at_epoch={self.at_epoch}, steps={self.steps}) prunes at the "
                 f"end of epoch {last}, but fit has {epochs} epochs (0..{epochs - 1}); lower "
                 f"at_epoch/steps or fit longer")
-        track_plans(self.model)  # checkpoints saved before pruning reload with load_pruned too
         if self.model._optimizer is None:
             raise ValueError("the model has no optimizer: call model.prepare(optimizer, loss, ...) "
                              "before fit")
@@ -140,7 +136,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         self._pruner = None
         net = self.model.network
         if step == 1:
-            kept = plan_ratios(pruner, self.flops, self._sensitivities(epoch), self.skip,
+            kept = pruner.plan(self.flops, self._sensitivities(epoch), self.skip,
                                self.strategy, self.round_to)
             groups = pruner.groups
             self._final = {groups[gi].name: (groups[gi].channels, len(k))
@@ -177,7 +173,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         for p in net.parameters():  # gradients of the old shapes must not be accumulated into
             p.clear_gradient(False)
         self.model._optimizer = rebuild_optimizer(self.model._optimizer, net, plan.param_slices)
-        record_plan(self.model, plan)  # model.save / ModelCheckpoint now write the plans too
+        record_plan(self.model, plan)  # the ledger save_pruned and PrunedCheckpoint write out
 
     def _sensitivities(self, epoch: Optional[int]) -> Optional[SensitivityResult]:
         if self.strategy != "sensitivity":
