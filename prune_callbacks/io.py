@@ -1,7 +1,8 @@
 """Save a pruned network with the plans that shaped it, load it into a freshly built one, export it.
 
 A checkpoint is paddle's own files (`.pdparams`, `.pdopt`) plus `<prefix>.prune.json`, the ordered
-plans; loading rebuilds the shapes by re-applying those plans. Never pickle layers or plans.
+plans; loading rebuilds the shapes by re-applying those plans. Never pickle layers or plans, never
+replace a method of the user's Model, never import the pruner facade or the callbacks.
 """
 from __future__ import annotations
 
@@ -22,6 +23,9 @@ from .plan import PrunePlan, record_plan, recorded_plans, write_json_atomic
 from .surgery import apply_slices, supports_layer
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["save_pruned", "load_pruned", "read_plans", "reapply_plan", "export", "record_plan",
+           "recorded_plans", "track_plans", "PLANS_SUFFIX", "PLANS_FORMAT"]
 
 PLANS_SUFFIX = ".prune.json"
 """Suffix of the plan file written beside ``<prefix>.pdparams``."""

@@ -325,3 +325,83 @@ def test_flat_curves_spread_the_cut_evenly() -> None:
     removed = [1 - len(kept.get(i, range(g.channels))) / g.channels
                for i, g in enumerate(groups) if g.name in sens.losses]
     assert max(removed) - min(removed) < 0.2, removed
+
+
+def test_users_own_instance_forward_is_used_and_put_back(tiny: Any) -> None:
+    """The replay patches `forward` on layer instances for one pass at a time: a forward the user
+    set on an instance is called for live calls and is the same object afterwards."""
+    net, ds = tiny
+    conv = net.c1[0]
+    calls = []
+
+    def own_forward(x: paddle.Tensor) -> paddle.Tensor:
+        calls.append(1)
+        return type(conv).forward(conv, x)
+
+    conv.forward = own_forward
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+    fast = pruner.sensitivity(EvalData(ds, batch_size=16, workers=1), ratios=RATIOS)
+    assert conv.__dict__["forward"] is own_forward
+    assert calls  # used while the replay was installed (live calls) and outside it
+    del conv.forward
+    plain = pruner.sensitivity(EvalData(ds, batch_size=16, workers=1), ratios=RATIOS, cache=False)
+    assert fast.losses == plain.losses
+    assert not any("forward" in vars(layer) for layer in net.sublayers(include_self=True))
+
+
+def test_replay_restores_patches_when_evaluation_fails(tiny: Any) -> None:
+    net, ds = tiny
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+
+    def bad_metric(logits: np.ndarray, labels: np.ndarray) -> Any:
+        raise RuntimeError("metric failed")
+
+    before = state(net)
+    with pytest.raises(RuntimeError, match="metric failed"):
+        pruner.sensitivity(EvalData(ds, metric=bad_metric, batch_size=16), ratios=RATIOS)
+    assert not any("forward" in vars(layer) for layer in net.sublayers(include_self=True))
+    assert all(not layer._forward_post_hooks for layer in net.sublayers())
+    after = state(net)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_mixed_train_eval_modes_come_back_exactly(tiny: Any) -> None:
+    net, ds = tiny
+    net.train()
+    net.c1[1].eval()  # a frozen BatchNorm in a training network
+    FilterPruner(net, [1, 3, 12, 12]).sensitivity(ds, ratios=(0.5,))
+    assert net.training and not net.c1[1].training and net.c2[1].training
+
+
+def test_eval_mode_restores_each_sublayers_flag(tiny: Any) -> None:
+    from prune_callbacks import eval_mode
+    net, _ = tiny
+    net.train()
+    net.dw[1].eval()
+    with eval_mode(net) as inside:
+        assert inside is net and not any(l.training for l in net.sublayers(include_self=True))
+    assert net.training and not net.dw[1].training and net.c1[0].training
+    with pytest.raises(KeyError):
+        with eval_mode(net):
+            raise KeyError("x")
+    assert net.training and not net.dw[1].training
+
+
+def test_runner_group_evaluates_masked_variants_without_protocol_steps(tiny: Any) -> None:
+    """One context per group yields evaluate(drop): masking, capture and replay happen inside."""
+    from prune_callbacks.sensitivity import Runner
+    net, ds = tiny
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+    ev = EvalData(ds, batch_size=16, workers=1)
+    groups = [(i, g) for i, g in enumerate(pruner.groups) if g.prunable]
+    runner = Runner(net, ev, True, groups, pruner.graph.param_axes)
+    base = runner.baseline()
+    gi, g = groups[-1]
+    _, drop = pruner.slices(pruner.select({g.name: 0.5}))
+    with runner.group(g) as evaluate:
+        first, second = evaluate(drop), evaluate(drop)  # full pass, then replay: same number
+        assert evaluate({}) == base
+    assert first == second
+    slow = Runner(net, ev, False)
+    with slow.group(g) as evaluate:
+        assert evaluate(drop) == first
