@@ -1,6 +1,6 @@
 """Structured filter pruning for PaddlePaddle, as paddle.Model.fit callbacks and as an engine."""
 from .callbacks import (FilterPruneCallback, PruneEvent, PruneHistory, PruneVisualDL,
-                        PrunedCheckpoint, SensitivityCallback, history_of)
+                        PrunedModelCheckpoint, SensitivityCallback, history_of)
 from .flops import count_flops, count_params
 from .graph import Group
 from .importance import register_criterion
@@ -19,5 +19,5 @@ __all__ = [
     "SensitivityCallback", "FilterPruneCallback", "PruneVisualDL", "PruneHistory", "PruneEvent",
     "history_of", "save_pruned", "load_pruned", "export", "record_plan", "track_plans",
     "read_plans", "recorded_plans", "reapply_plan", "register_optimizer", "register_output_axis",
-    "PrunedCheckpoint", "PlanGroup", "plan_group_ratios", "eval_mode",
+    "PrunedModelCheckpoint", "PlanGroup", "plan_group_ratios", "eval_mode",
 ]

@@ -56,16 +56,16 @@ def track_plans(model: paddle.Model) -> None:
     """Deprecated, does nothing: ``model.save`` is no longer replaced on the user's Model.
 
     Save a pruned model with :func:`save_pruned` (``model.save`` plus the plan file), and in
-    ``fit`` use :class:`prune_callbacks.PrunedCheckpoint` in place of ``ModelCheckpoint``.
+    ``fit`` use :class:`prune_callbacks.PrunedModelCheckpoint` in place of ``ModelCheckpoint``.
 
     Raises:
         TypeError: ``model`` is not a paddle.Model.
     """
     if not isinstance(model, paddle.Model):
         raise TypeError(f"track_plans needs a paddle.Model, got {type(model).__name__}")
-    warnings.warn("track_plans is deprecated and does nothing: save with prune_callbacks.save_pruned(model, "
-                  "prefix), and checkpoint inside fit with prune_callbacks.PrunedCheckpoint(save_dir=...)",
-                  DeprecationWarning, stacklevel=2)
+    warnings.warn("track_plans is deprecated and does nothing: save with "
+                  "prune_callbacks.save_pruned(model, prefix), and checkpoint inside fit with "
+                  "prune_callbacks.PrunedModelCheckpoint(save_dir=...)", DeprecationWarning, stacklevel=2)
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -173,8 +173,8 @@ def _read_header(prefix: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"no plan file {path!r}: the checkpoint {prefix!r} was not made by "
-            f"prune_callbacks.io.save_pruned nor by the PrunedCheckpoint callback (model.save and paddle's "
-            f"ModelCheckpoint write no plans: save pruned models with save_pruned). If it holds an "
+            f"prune_callbacks.io.save_pruned nor by the PrunedModelCheckpoint callback (model.save and "
+            f"paddle's ModelCheckpoint write no plans: save pruned models with save_pruned). If it holds an "
             f"unpruned network, load it with model.load({prefix!r}) or "
             f"net.set_state_dict(paddle.load({prefix + '.pdparams'!r})).")
     try:
@@ -332,7 +332,7 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
             state that does not fit the model's optimizer. The network may be partly pruned when a
             plan or the weights do not fit: build it afresh before trying again.
         FileNotFoundError: no ``.pdparams``, or no plan file (a checkpoint not made by
-            ``save_pruned`` or ``PrunedCheckpoint``).
+            ``save_pruned`` or ``PrunedModelCheckpoint``).
 
     Examples:
         >>> model = paddle.Model(build_net(), inputs, labels)
@@ -345,7 +345,7 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
     params_path = prefix + ".pdparams"
     if not os.path.exists(params_path):
         raise FileNotFoundError(f"no weights at {params_path!r}: pass the prefix given to save_pruned or "
-                                f"PrunedCheckpoint (e.g. 'checkpoints/final'), or its .pdparams file")
+                                f"PrunedModelCheckpoint (e.g. 'checkpoints/final'), or its .pdparams file")
     header = _read_header(prefix)
     plans: list[PrunePlan] = header["plans"]
     where = prefix + PLANS_SUFFIX

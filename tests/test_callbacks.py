@@ -15,7 +15,7 @@ from paddle.static import InputSpec
 from paddle.vision import models
 from visualdl import LogReader
 
-from prune_callbacks import (FilterPruneCallback, PrunedCheckpoint, PruneVisualDL, SensitivityCallback,
+from prune_callbacks import (FilterPruneCallback, PrunedModelCheckpoint, PruneVisualDL, SensitivityCallback,
                              SensitivityResult, count_flops, history_of, load_pruned)
 from prune_callbacks.data import subset
 
@@ -135,7 +135,7 @@ def test_sensitivity_file_reused_and_steps(digits: Any, tmp_path: Path, make_mod
 
 
 def test_uniform_with_paddle_callbacks_adam_eval_freq(digits: Any, tmp_path: Path, make_model: Any) -> None:
-    """Uniform pruning beside PrunedCheckpoint (paddle's ModelCheckpoint, plans included),
+    """Uniform pruning beside PrunedModelCheckpoint (paddle's ModelCheckpoint, plans included),
     EarlyStopping and VisualDL, with Adam."""
     paddle.seed(2)
     train, val = digits
@@ -143,7 +143,7 @@ def test_uniform_with_paddle_callbacks_adam_eval_freq(digits: Any, tmp_path: Pat
     model = make_model(net, lr=0.01, optimizer="adam")
     prune = FilterPruneCallback(flops=0.3, at_epoch=0, strategy="uniform")
     model.fit(subset(train, 64), subset(val, 32), epochs=2, batch_size=32, verbose=0, eval_freq=2,
-              callbacks=[prune, PrunedCheckpoint(1, str(tmp_path / "ckpt")),
+              callbacks=[prune, PrunedModelCheckpoint(1, str(tmp_path / "ckpt")),
                          paddle.callbacks.EarlyStopping("loss", patience=5),
                          paddle.callbacks.VisualDL(str(tmp_path / "vdl"))])
     assert abs(prune.plans[0].pruned_flops - 0.3) <= 0.005

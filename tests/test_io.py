@@ -1,5 +1,5 @@
 """Tests of prune_callbacks.io: a pruned network saved with its plans loads into a fresh copy (Layer and
-paddle.Model, with optimizer state, through save_pruned and PrunedCheckpoint), and exports for inference."""
+paddle.Model, with optimizer state, through save_pruned and PrunedModelCheckpoint), and exports for inference."""
 from __future__ import annotations
 
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import paddle
 import pytest
 
-from prune_callbacks import FilterPruner, PrunedCheckpoint, count_params
+from prune_callbacks import FilterPruner, PrunedModelCheckpoint, count_params
 from prune_callbacks.io import (PLANS_SUFFIX, export, load_pruned, read_plans, record_plan, recorded_plans,
                                 save_pruned, track_plans)
 from prune_callbacks.optim import rebuild_optimizer
@@ -177,7 +177,7 @@ def test_bad_input_raises_clear_errors(tmp_path: Path) -> None:
         track_plans(net)
 
 
-# -- paddle.Model: save_pruned, PrunedCheckpoint, resumed fit ---------------------------------------------
+# -- paddle.Model: save_pruned, PrunedModelCheckpoint, resumed fit ---------------------------------------------
 def _data(n: int = 48) -> paddle.io.Dataset:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(n, 1, 8, 8)).astype("float32")
@@ -204,7 +204,7 @@ def test_model_checkpoint_resumes_a_pruned_fit(tmp_path: Path) -> None:
     record_plan(model, plan)  # what the prune callback does (the pruner has recorded it already)
     ckpt = tmp_path / "ckpt"
     model.fit(data, batch_size=16, epochs=1, verbose=0,
-              callbacks=[PrunedCheckpoint(save_dir=str(ckpt))])
+              callbacks=[PrunedModelCheckpoint(save_dir=str(ckpt))])
     for name in ("0", "final"):
         assert {f"{name}{s}" for s in (".pdparams", ".pdopt", PLANS_SUFFIX)} <= set(os.listdir(ckpt))
         assert [p.ratios for p in read_plans(ckpt / name)] == [{"0": 0.5, "3": 0.5}]
@@ -322,3 +322,15 @@ def test_exported_size_shrinks_with_the_parameters(tmp_path: Path) -> None:
         sizes.append(os.path.getsize(tmp_path / f"{name}.pdiparams"))
     params_ratio = count_params(pruned) / count_params(full)
     assert abs(sizes[1] / sizes[0] / params_ratio - 1) < 0.2, (sizes, params_ratio)
+
+
+def test_pruned_model_checkpoint_is_a_model_checkpoint_and_checks_arguments() -> None:
+    ckpt = PrunedModelCheckpoint(2, Path("ck"))
+    # fit adds its own ModelCheckpoint (which writes no plans) only when none is given
+    assert isinstance(ckpt, paddle.callbacks.ModelCheckpoint) and (ckpt.save_freq, ckpt.save_dir) == (2, "ck")
+    with pytest.raises(ValueError, match="save_freq must be an int >= 1"):
+        PrunedModelCheckpoint(0, "ck")
+    with pytest.raises(TypeError, match="save_dir must be a directory path or None"):
+        PrunedModelCheckpoint(1, 3)
+    with pytest.raises(TypeError, match="plan must be a PrunePlan"):
+        record_plan(_net(), {"groups": []})

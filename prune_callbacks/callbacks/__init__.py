@@ -1,10 +1,10 @@
 """paddle.Model.fit callbacks: sensitivity at an epoch, pruning to a FLOPs target, VisualDL,
 checkpoints with their plans."""
-from .checkpoint import PrunedCheckpoint
+from .checkpoint import PrunedModelCheckpoint
 from .history import PruneEvent, PruneHistory, history_of
 from .prune import FilterPruneCallback
 from .sensitivity import SensitivityCallback
 from .visualdl import PruneVisualDL
 
 __all__ = ["SensitivityCallback", "FilterPruneCallback", "PruneVisualDL", "PruneHistory",
-           "PruneEvent", "history_of", "PrunedCheckpoint"]
+           "PruneEvent", "history_of", "PrunedModelCheckpoint"]

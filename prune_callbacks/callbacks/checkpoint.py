@@ -1,4 +1,4 @@
-"""PrunedCheckpoint: paddle's ModelCheckpoint, saving the pruning plans beside each checkpoint.
+"""PrunedModelCheckpoint: paddle's ModelCheckpoint, saving the pruning plans beside each checkpoint.
 
 It saves through `io.save_pruned` (what `model.save` writes, plus `<prefix>.prune.json`), so
 `load_pruned` can rebuild the pruned shapes. It never replaces `model.save` on the user's Model.
@@ -16,7 +16,7 @@ from ..io import save_pruned
 logger = logging.getLogger(__name__)
 
 
-class PrunedCheckpoint(paddle.callbacks.ModelCheckpoint):
+class PrunedModelCheckpoint(paddle.callbacks.ModelCheckpoint):
     """`paddle.callbacks.ModelCheckpoint` whose checkpoints reload into a fresh network.
 
     Same schedule and files as ModelCheckpoint (`<save_dir>/<epoch>` every `save_freq` epochs
@@ -35,7 +35,7 @@ class PrunedCheckpoint(paddle.callbacks.ModelCheckpoint):
     Examples:
         >>> model.fit(train_ds, epochs=6, callbacks=[
         ...     FilterPruneCallback(flops=0.4, at_epoch=2, strategy="uniform"),
-        ...     PrunedCheckpoint(save_dir="checkpoints")])
+        ...     PrunedModelCheckpoint(save_dir="checkpoints")])
         >>> net = load_pruned(build_net(), "checkpoints/final")
     """
 

@@ -173,7 +173,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         for p in net.parameters():  # gradients of the old shapes must not be accumulated into
             p.clear_gradient(False)
         self.model._optimizer = rebuild_optimizer(self.model._optimizer, net, plan.param_slices)
-        record_plan(self.model, plan)  # the ledger save_pruned and PrunedCheckpoint write out
+        record_plan(self.model, plan)  # the ledger save_pruned and PrunedModelCheckpoint write out
 
     def _sensitivities(self, epoch: Optional[int]) -> Optional[SensitivityResult]:
         if self.strategy != "sensitivity":
