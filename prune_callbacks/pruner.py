@@ -1,7 +1,9 @@
 """FilterPruner: the engine's front door. Traces a network, scores channels, masks or prunes them.
 
-It ties the graph (which channels are coupled), importance (which to drop) and surgery (how to
-drop them) together. It never swaps optimizers or talks to paddle.Model; callbacks do that.
+It ties the graph (which channels are coupled), importance (which to drop), planning (how many)
+and surgery (how to drop them) together, and records each plan it applies in the network's plan
+ledger (`plan.record_plan`). It never swaps optimizers, saves files or talks to paddle.Model;
+callbacks and `io` do that.
 """
 from __future__ import annotations
 

@@ -52,7 +52,8 @@ class FilterPruneCallback(paddle.callbacks.Callback):
 
     Examples:
         >>> model.fit(train_ds, val_ds, epochs=6, callbacks=[
-        ...     FilterPruneCallback(flops=0.4, at_epoch=2, strategy="uniform")])
+        ...     FilterPruneCallback(flops=0.4, at_epoch=2, strategy="uniform"),
+        ...     PrunedModelCheckpoint(save_dir="checkpoints")])  # reload: load_pruned(net, prefix)
     """
 
     def __init__(self, flops: float = 0.4, at_epoch: int = 0, criterion: str = "l1",
