@@ -4,9 +4,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import numpy as np
 import paddle
