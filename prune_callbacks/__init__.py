@@ -1,20 +1,28 @@
 """Structured filter pruning for PaddlePaddle, as paddle.Model.fit callbacks and as an engine."""
-from .callbacks import (DistillCallback, FilterPruneCallback, PruneEvent, PruneHistory, PruneVisualDL,
-                        SensitivityCallback, history_of)
+from .callbacks import (DistillCallback, FilterPruneCallback, PruneEvent, PruneHistory,
+                        PrunedModelCheckpoint, PruneVisualDL, SensitivityCallback, history_of)
 from .flops import count_flops, count_params
 from .graph import Group
 from .importance import register_criterion
-from .io import export, load_pruned, read_plans, record_plan, save_pruned, track_plans
-from .optim import rebuild_optimizer
-from .plan import GroupPlan, PrunePlan
+from .layers import LayerPruning, register_layer_type
+from .io import (export, load_pruned, read_plans, reapply_plan, save_pruned, track_plans)
+from .modes import eval_mode
+from .optim import rebuild_optimizer, register_optimizer
+from .plan import GroupPlan, PrunePlan, record_plan, recorded_plans
+from .planning import PlanGroup, plan_group_ratios
 from .pruner import FilterPruner
-from .sensitivity import EvalData, SensitivityResult
+from .sensitivity import EvalData, SensitivityResult, register_output_axis
 from .surgery import register_layer
+from .tracing import register_op
+from .flops import register_flops
 
 __all__ = [
     "FilterPruner", "PrunePlan", "GroupPlan", "Group", "SensitivityResult", "EvalData",
     "count_flops", "count_params", "register_criterion", "register_layer", "rebuild_optimizer",
-    "SensitivityCallback", "FilterPruneCallback", "DistillCallback", "PruneVisualDL", "PruneHistory", "PruneEvent",
+    "SensitivityCallback", "FilterPruneCallback", "DistillCallback", "PruneVisualDL",
+    "PruneHistory", "PruneEvent",
     "history_of", "save_pruned", "load_pruned", "export", "record_plan", "track_plans",
-    "read_plans",
+    "read_plans", "recorded_plans", "reapply_plan", "register_optimizer", "register_output_axis",
+    "PrunedModelCheckpoint", "PlanGroup", "plan_group_ratios", "eval_mode", "LayerPruning",
+    "register_layer_type", "register_op", "register_flops",
 ]

@@ -7,11 +7,19 @@ other convs feeding the same sum). Pure numpy; never touches the network.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict
+from enum import Enum
+from typing import Callable, Dict, Union
 
 import numpy as np
 
 ScoreFn = Callable[[np.ndarray, int], np.ndarray]
+
+
+class Source(str, Enum):
+    """Which weights a criterion scores."""
+
+    PRODUCER = "producer"  # the weights minting the channels: conv filters, linear columns
+    NORM = "norm"  # the scale of the normalisation after them (BatchNorm's gamma)
 
 
 @dataclass(frozen=True)
@@ -21,22 +29,47 @@ class Criterion:
     Args:
         name: registry key.
         score: `score(weight, axis) -> scores`, one per index along `axis`, higher = keep.
-        source: "producer" scores the weights of the layers minting the channels (conv filters,
-            linear columns); "norm" scores the scale of the normalisation after them.
+        source: `Source.PRODUCER` scores the weights of the layers minting the channels (conv
+            filters, linear columns); `Source.NORM` the scale of the normalisation after them.
     """
 
     name: str
     score: ScoreFn
-    source: str = "producer"
+    source: Source = Source.PRODUCER
 
 
 _CRITERIA: Dict[str, Criterion] = {}
 
 
-def register_criterion(name: str, score: ScoreFn, source: str = "producer") -> Criterion:
-    """Add a criterion usable as `FilterPruner(..., criterion=name)`."""
-    if source not in ("producer", "norm"):
-        raise ValueError(f"source must be 'producer' or 'norm', got {source!r}")
+def register_criterion(name: str, score: ScoreFn,
+                       source: Union[Source, str] = Source.PRODUCER) -> Criterion:
+    """Add a criterion usable as `FilterPruner(..., criterion=name)`.
+
+    Args:
+        name: the registry key (an existing name is replaced).
+        score: `score(weight, axis) -> scores`, one float per index along `axis`, higher = keep.
+        source: "producer" (default) or "norm", see `Source`.
+
+    Returns:
+        The registered Criterion.
+
+    Raises:
+        ValueError: an unknown `source`.
+        TypeError: `name` is not a str or `score` not callable.
+
+    Examples:
+        >>> register_criterion("linf", lambda w, axis: np.abs(np.moveaxis(w, axis, 0))
+        ...                    .reshape(w.shape[axis], -1).max(axis=1))
+        >>> FilterPruner(net, [1, 3, 32, 32], criterion="linf")
+    """
+    if not isinstance(name, str) or not name:
+        raise TypeError(f"name must be a non-empty str, got {name!r}")
+    if not callable(score):
+        raise TypeError(f"score must be callable as score(weight, axis), got {score!r}")
+    try:
+        source = Source(source)
+    except ValueError:
+        raise ValueError(f"source must be one of {[s.value for s in Source]}, got {source!r}") from None
     crit = Criterion(name, score, source)
     _CRITERIA[name] = crit
     return crit
@@ -50,10 +83,6 @@ def get_criterion(name: str | Criterion) -> Criterion:
             f"unknown criterion {name!r}; choose one of {sorted(_CRITERIA)} or register one with "
             "prune_callbacks.importance.register_criterion")
     return _CRITERIA[name]
-
-
-def criteria() -> list[str]:
-    return sorted(_CRITERIA)
 
 
 def _rows(w: np.ndarray, axis: int) -> np.ndarray:
@@ -77,7 +106,8 @@ def fpgm(w: np.ndarray, axis: int) -> np.ndarray:
 
 
 def bn_scale(w: np.ndarray, axis: int) -> np.ndarray:
-    return np.abs(_rows(w, axis)).sum(axis=1)
+    """|gamma| of a normalisation scale: the L1 rule, applied to the norm (`Source.NORM`)."""
+    return l1(w, axis)
 
 
 def random_score(w: np.ndarray, axis: int) -> np.ndarray:
@@ -89,5 +119,5 @@ def random_score(w: np.ndarray, axis: int) -> np.ndarray:
 register_criterion("l1", l1)
 register_criterion("l2", l2)
 register_criterion("fpgm", fpgm)
-register_criterion("bn_scale", bn_scale, source="norm")
+register_criterion("bn_scale", bn_scale, source=Source.NORM)
 register_criterion("random", random_score)

@@ -1,14 +1,15 @@
 """Save a pruned network with the plans that shaped it, load it into a freshly built one, export it.
 
 A checkpoint is paddle's own files (`.pdparams`, `.pdopt`) plus `<prefix>.prune.json`, the ordered
-plans; loading rebuilds the shapes by re-applying those plans. Never pickle layers or plans.
+plans; loading rebuilds the shapes by re-applying those plans. Never pickle layers or plans, never
+replace a method of the user's Model, never import the pruner facade or the callbacks.
 """
 from __future__ import annotations
 
-import functools
 import json
 import logging
 import os
+import warnings
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -16,16 +17,20 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .plan import PrunePlan, write_json_atomic
+from .graph import ChannelGraph
+from .modes import eval_mode
+from .plan import PrunePlan, record_plan, recorded_plans, write_json_atomic
+from .surgery import apply_slices, supports_layer
 
 logger = logging.getLogger(__name__)
+
+__all__ = ["save_pruned", "load_pruned", "read_plans", "reapply_plan", "export", "record_plan",
+           "recorded_plans", "track_plans", "PLANS_SUFFIX", "PLANS_FORMAT"]
 
 PLANS_SUFFIX = ".prune.json"
 """Suffix of the plan file written beside ``<prefix>.pdparams``."""
 PLANS_FORMAT = 1
 _PRODUCER = "prune_callbacks.io"
-_PLANS_ATTR = "_prune_plans"  # a plain list in the layer's __dict__: never a parameter or buffer
-_SAVES_PLANS = "_prune_callbacks_saves_plans"  # marks a model.save that already writes the plan file
 _EXPORT_SUFFIXES = (".json", ".pdmodel", ".pdiparams", ".pdiparams.info")
 _KNOWN_SUFFIXES = (PLANS_SUFFIX, ".pdparams", ".pdopt")
 
@@ -47,79 +52,20 @@ def _unwrap(target: Any, what: str = "model_or_net") -> tuple[paddle.Model | Non
     return model, net
 
 
-def record_plan(model_or_net: Target, plan: PrunePlan) -> None:
-    """Remember that ``plan`` was applied to a network, so that saving it also saves the plan.
-
-    Call it right after every pruning step, in the order the plans were made. The plans live in a
-    plain list attribute of the network (``_prune_plans``), outside its parameters and state_dict.
-    Recording the same plan object twice is a no-op. Given a ``paddle.Model``, it records on
-    ``model.network`` and calls :func:`track_plans`, so that ``model.save`` and Paddle's
-    ``ModelCheckpoint`` write ``<prefix>.prune.json`` from then on.
-
-    Args:
-        model_or_net: the pruned ``paddle.Model`` or ``paddle.nn.Layer``.
-        plan: the plan returned by ``FilterPruner.prune`` (or ``apply``, ``prune_to_flops``, ...).
-
-    Raises:
-        TypeError: ``model_or_net`` is neither a Model nor a Layer, or ``plan`` is not a PrunePlan.
-
-    Examples:
-        >>> plan = FilterPruner(model.network, [1, 3, 32, 32]).prune({"conv1": 0.5})
-        >>> record_plan(model, plan)
-    """
-    if not isinstance(plan, PrunePlan):
-        raise TypeError(f"plan must be a PrunePlan, got {type(plan).__name__}")
-    model, net = _unwrap(model_or_net)
-    plans = net.__dict__.setdefault(_PLANS_ATTR, [])  # via __dict__: Layer.__setattr__ is not involved
-    if not any(p is plan for p in plans):
-        plans.append(plan)
-    if model is not None:
-        track_plans(model)
-
-
-def recorded_plans(model_or_net: Target) -> list[PrunePlan]:
-    """The plans applied to a network, oldest first.
-
-    For a ``paddle.Model``: the plans recorded on ``model.network``, then any plan of the model's
-    ``PruneHistory`` events that was not recorded there (so a callback that only publishes to the
-    history is saved too).
-    """
-    model, net = _unwrap(model_or_net)
-    plans = list(net.__dict__.get(_PLANS_ATTR, ()))
-    if model is not None:
-        from .callbacks.history import history_of  # lazy: the callbacks import this module
-
-        for event in history_of(model).events:
-            if not any(p is event.plan or p == event.plan for p in plans):
-                plans.append(event.plan)
-    return plans
-
-
 def track_plans(model: paddle.Model) -> None:
-    """Make every ``model.save(prefix)`` of this model instance also write ``<prefix>.prune.json``.
+    """Deprecated, does nothing: ``model.save`` is no longer replaced on the user's Model.
 
-    Paddle's ``ModelCheckpoint`` saves through ``model.save``, so its checkpoints (``<dir>/<epoch>``
-    and ``<dir>/final``) get a plan file too. Only this instance's ``save`` is wrapped, once; an
-    inference save (``training=False``) writes no plan file. Call it before training to give
-    checkpoints made before the first pruning step an (empty) plan file as well.
+    Save a pruned model with :func:`save_pruned` (``model.save`` plus the plan file), and in
+    ``fit`` use :class:`prune_callbacks.PrunedModelCheckpoint` in place of ``ModelCheckpoint``.
 
     Raises:
         TypeError: ``model`` is not a paddle.Model.
     """
     if not isinstance(model, paddle.Model):
         raise TypeError(f"track_plans needs a paddle.Model, got {type(model).__name__}")
-    if getattr(model.save, _SAVES_PLANS, False):
-        return
-    original = model.save
-
-    @functools.wraps(original)
-    def save(path: str, training: bool = True) -> None:
-        original(path, training)
-        if training and paddle.distributed.ParallelEnv().local_rank == 0:  # as paddle.Model.save
-            _write_plans(os.fspath(path), model.network, recorded_plans(model))
-
-    setattr(save, _SAVES_PLANS, True)
-    model.save = save
+    warnings.warn("track_plans is deprecated and does nothing: save with "
+                  "prune_callbacks.save_pruned(model, prefix), and checkpoint inside fit with "
+                  "prune_callbacks.PrunedModelCheckpoint(save_dir=...)", DeprecationWarning, stacklevel=2)
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -183,7 +129,7 @@ def save_pruned(model_or_net: Target, path_prefix: PathLike,
         model_or_net: a ``paddle.Model`` or a ``paddle.nn.Layer``.
         path_prefix: file prefix such as ``"ckpt/pruned"`` (a ``.pdparams`` suffix is dropped).
         plans: the plans applied to the network, oldest first. Default: :func:`recorded_plans`
-            (those recorded with :func:`record_plan`, plus a Model's PruneHistory). A network
+            (those recorded with :func:`record_plan`, as FilterPruner and the callbacks do). A network
             with no plans is saved as unpruned (an empty list).
 
     Returns:
@@ -208,7 +154,7 @@ def save_pruned(model_or_net: Target, path_prefix: PathLike,
     if model is not None:
         if paddle.distributed.ParallelEnv().local_rank != 0:
             return []
-        type(model).save(model, prefix)  # not the instance's plan-writing save: `plans` are written below
+        model.save(prefix)
         written = [prefix + s for s in (".pdparams", ".pdopt", ".pdscaler") if os.path.exists(prefix + s)]
     else:
         paddle.save(net.state_dict(), prefix + ".pdparams")
@@ -227,9 +173,10 @@ def _read_header(prefix: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"no plan file {path!r}: the checkpoint {prefix!r} was not made by "
-            f"prune_callbacks.io.save_pruned, nor by model.save / ModelCheckpoint on a model the prune "
-            f"callbacks (or record_plan / track_plans) had seen. If it holds an unpruned network, load it "
-            f"with model.load({prefix!r}) or net.set_state_dict(paddle.load({prefix + '.pdparams'!r})).")
+            f"prune_callbacks.io.save_pruned nor by the PrunedModelCheckpoint callback (model.save and "
+            f"paddle's ModelCheckpoint write no plans: save pruned models with save_pruned). If it holds an "
+            f"unpruned network, load it with model.load({prefix!r}) or "
+            f"net.set_state_dict(paddle.load({prefix + '.pdparams'!r})).")
     try:
         with open(path, encoding="utf-8") as f:
             header = json.load(f)
@@ -253,7 +200,7 @@ def _same_plan(a: PrunePlan, b: PrunePlan) -> bool:
 
 
 def _plans_to_apply(net: nn.Layer, plans: list[PrunePlan], where: str) -> list[PrunePlan]:
-    done = net.__dict__.get(_PLANS_ATTR, [])
+    done = recorded_plans(net)
     if len(done) <= len(plans) and all(_same_plan(a, b) for a, b in zip(done, plans)):
         return plans[len(done):]
     raise ValueError(
@@ -332,16 +279,38 @@ def _load_optimizer(model: paddle.Model, net: nn.Layer, prefix: str, header: dic
     return True
 
 
+def reapply_plan(net: nn.Layer, plan: PrunePlan) -> None:
+    """Prune `net` exactly as `plan` pruned the network it was made on (its parameter slices).
+
+    The network is traced at the plan's input shape first, to check that every group of the plan
+    exists with the channel count the plan was made for.
+
+    Raises:
+        ValueError: a group of the plan is missing, or has another channel count.
+        KeyError: a parameter of the plan is missing.
+    """
+    groups = {g.name: g for g in ChannelGraph(net, plan.input_shape, supports_layer).groups}
+    for gp in plan.groups:
+        g = groups.get(gp.name)
+        if g is None:
+            raise ValueError(f"no group {gp.name!r} in this network; apply plans in the order they were made")
+        if g.channels != gp.channels:
+            raise ValueError(
+                f"plan was made for {gp.channels} channels in group {gp.name!r}, but this "
+                f"network has {g.channels}; apply plans in the order they were made")
+    apply_slices(net, {k: dict(axes) for k, axes in plan.param_slices.items()})
+
+
 def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True) -> nn.Layer:
     """Load a checkpoint of a pruned network into a freshly built, unpruned copy of it.
 
-    Reads ``<prefix>.prune.json``, re-applies its plans in order with a ``FilterPruner`` (at each
+    Reads ``<prefix>.prune.json``, re-applies its plans in order (:func:`reapply_plan`, at each
     plan's ``input_shape``), then loads ``<prefix>.pdparams`` after checking that every key is there
     with a matching shape. The loaded plans are recorded on the network (see :func:`record_plan`),
     so saving it again keeps them. A checkpoint with an empty plan list just loads.
 
-    Given a ``paddle.Model``, the plans are applied to ``model.network``; ``model.save`` is made to
-    write plan files (:func:`track_plans`); and if ``<prefix>.pdopt`` exists and the model was
+    Given a ``paddle.Model``, the plans are applied to ``model.network``, and if ``<prefix>.pdopt``
+    exists and the model was
     prepared with an optimizer, its state (accumulators of the kept channels, LR scheduler) is
     loaded too, matched to the parameters by their structured names, so ``model.fit`` resumes
     where it stopped. The optimizer must not have stepped yet: its parameters are shrunk in place
@@ -363,7 +332,7 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
             state that does not fit the model's optimizer. The network may be partly pruned when a
             plan or the weights do not fit: build it afresh before trying again.
         FileNotFoundError: no ``.pdparams``, or no plan file (a checkpoint not made by
-            ``save_pruned`` or a plan-tracking ``model.save``).
+            ``save_pruned`` or ``PrunedModelCheckpoint``).
 
     Examples:
         >>> model = paddle.Model(build_net(), inputs, labels)
@@ -371,14 +340,12 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
         >>> load_pruned(model, "checkpoints/3")
         >>> model.fit(train_ds, epochs=2)     # continues with the pruned network and its state
     """
-    from .pruner import FilterPruner  # lazy: the pruner may record plans through this module
-
     model, net = _unwrap(model_or_net)
     prefix = _prefix(path, "path")
     params_path = prefix + ".pdparams"
     if not os.path.exists(params_path):
         raise FileNotFoundError(f"no weights at {params_path!r}: pass the prefix given to save_pruned or "
-                                f"model.save (e.g. 'checkpoints/final'), or its .pdparams file")
+                                f"PrunedModelCheckpoint (e.g. 'checkpoints/final'), or its .pdparams file")
     header = _read_header(prefix)
     plans: list[PrunePlan] = header["plans"]
     where = prefix + PLANS_SUFFIX
@@ -389,31 +356,20 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
     if todo and opt is not None and opt._accumulators:
         raise ValueError("the model's optimizer has already stepped on the unpruned network; call "
                          "load_pruned on a freshly prepared model (before fit)")
-
-    pruner = None
     first = len(plans) - len(todo)
     for i, plan in enumerate(todo, start=first + 1):
         try:
-            if pruner is None or pruner.input_shape != tuple(plan.input_shape):
-                pruner = FilterPruner(net, plan.input_shape)
-            applied = pruner.apply_plan(plan)
+            reapply_plan(net, plan)
         except (ValueError, KeyError) as e:
             raise ValueError(f"plan {i} of {len(plans)} in {where!r} does not fit this "
                              f"{type(net).__name__} (saved from a {header.get('network')}): {e}") from e
-        # record the plan as saved (its criterion included), in place of the pruner's own record if any
-        done = net.__dict__.setdefault(_PLANS_ATTR, [])
-        if done and done[-1] is applied:
-            done[-1] = plan
-        else:
-            record_plan(net, plan)
+        record_plan(net, plan)  # as saved, its criterion included
     _check_shapes(net, state, params_path, len(plans))
     net.set_state_dict(state)
 
     opt_loaded = False
-    if model is not None:
-        track_plans(model)
-        if optimizer:
-            opt_loaded = _load_optimizer(model, net, prefix, header, state)
+    if model is not None and optimizer:
+        opt_loaded = _load_optimizer(model, net, prefix, header, state)
     logger.info("loaded %s: %d plan(s) re-applied, %d tensors%s", prefix, len(todo), len(state),
                 ", optimizer state" if opt_loaded else "")
     return net
@@ -422,7 +378,7 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
 # -- export ------------------------------------------------------------------------------------
 def _input_specs(input_spec: Any, net: nn.Layer) -> list[paddle.static.InputSpec]:
     if input_spec is None:
-        plans = net.__dict__.get(_PLANS_ATTR, [])
+        plans = recorded_plans(net)
         if not plans:
             raise ValueError("input_spec is required for a network with no recorded plans, e.g. "
                              "[None, 3, 32, 32] or [paddle.static.InputSpec([None, 3, 32, 32], 'float32')]")
@@ -477,13 +433,8 @@ def export(net: Target, path_prefix: PathLike, input_spec: Any = None) -> list[s
     prefix = _prefix(path_prefix, "path_prefix")
     specs = _input_specs(input_spec, layer)
     before = {p: os.stat(p).st_mtime_ns for p in (prefix + s for s in _EXPORT_SUFFIXES) if os.path.exists(p)}
-    modes = [(sub, sub.training) for sub in layer.sublayers(include_self=True)]
-    layer.eval()
-    try:
+    with eval_mode(layer):
         paddle.jit.save(layer, prefix, input_spec=specs)
-    finally:
-        for sub, training in modes:
-            sub.training = training
     written = [p for p in (prefix + s for s in _EXPORT_SUFFIXES)
                if os.path.exists(p) and before.get(p) != os.stat(p).st_mtime_ns]
     logger.info("exported %s for inference: %s", type(layer).__name__, written)

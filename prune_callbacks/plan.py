@@ -1,7 +1,9 @@
 """Plain-data records of a pruning step: which channels each group kept, and what it cost.
 
 A plan is produced by the pruner and consumed by the optimizer rebuild, the loggers and `io`.
-It never holds a reference to a live network, so it can be saved as JSON and re-applied.
+It never holds a reference to a live network, so it can be saved as JSON and re-applied. The
+plan ledger (`record_plan` / `recorded_plans`) remembers, on a network, which plans shaped it;
+it knows only plans and a layer's `__dict__`, never the pruner, io or the callbacks.
 """
 from __future__ import annotations
 
@@ -9,9 +11,10 @@ import json
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
-from typing import Any, Dict, Mapping, Tuple
+from typing import Any, Dict, List, Mapping, Tuple
 
 PLAN_FORMAT = 1
+_LEDGER_ATTR = "_prune_plans"  # a plain list in the layer's __dict__: never a parameter or buffer
 
 
 @dataclass(frozen=True)
@@ -122,3 +125,54 @@ def write_json_atomic(path: str, data: Any) -> None:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
+
+
+# -- the plan ledger: which plans shaped a network -----------------------------------------------
+def _network_of(target: Any) -> Any:
+    """The layer a ledger lives on: a Model's network, a DataParallel's wrapped layer."""
+    import paddle  # here, not at the top: plans themselves are plain data
+
+    if isinstance(target, paddle.Model):
+        target = target.network
+    elif not isinstance(target, paddle.nn.Layer):
+        raise TypeError(f"model_or_net must be a paddle.Model or a paddle.nn.Layer, "
+                        f"got {type(target).__name__}")
+    if isinstance(target, paddle.DataParallel):
+        target = target._layers
+    return target
+
+
+def record_plan(model_or_net: Any, plan: PrunePlan) -> None:
+    """Remember that `plan` was applied to a network, so that saving it also saves the plan.
+
+    Call it right after every pruning step, in the order the plans were made (`FilterPruner`
+    and the prune callback do). The plans live in a plain list attribute of the network
+    (`_prune_plans`), outside its parameters and state_dict. Recording the same plan object
+    twice is a no-op. Given a `paddle.Model`, it records on `model.network`.
+
+    Args:
+        model_or_net: the pruned `paddle.Model` or `paddle.nn.Layer`.
+        plan: the plan returned by `FilterPruner.prune` (or `apply`, `prune_to_flops`, ...).
+
+    Raises:
+        TypeError: `model_or_net` is neither a Model nor a Layer, or `plan` is not a PrunePlan.
+
+    Examples:
+        >>> plan = prune_by_hand(net)
+        >>> record_plan(net, plan)
+    """
+    if not isinstance(plan, PrunePlan):
+        raise TypeError(f"plan must be a PrunePlan, got {type(plan).__name__}")
+    net = _network_of(model_or_net)
+    plans = net.__dict__.setdefault(_LEDGER_ATTR, [])  # via __dict__: Layer.__setattr__ not involved
+    if not any(p is plan for p in plans):
+        plans.append(plan)
+
+
+def recorded_plans(model_or_net: Any) -> List[PrunePlan]:
+    """The plans recorded on a network (or a Model's network), oldest first.
+
+    Raises:
+        TypeError: `model_or_net` is neither a Model nor a Layer.
+    """
+    return list(_network_of(model_or_net).__dict__.get(_LEDGER_ATTR, ()))

@@ -1,19 +1,58 @@
 """Choose a pruning ratio per group so that the network loses a target share of its FLOPs.
 
-Analytic: FLOPs come from channel counts through the traced graph, never from pruning and
-restoring the live network. Deterministic: the same network and curves give the same plan.
+Pure: a function of plain data (group names and channel counts, a FLOPs function of kept
+counts, sensitivity curves, the target). It never sees a network or the pruner, and never
+prunes to measure. Deterministic: the same inputs give the same ratios.
 """
 from __future__ import annotations
 
 import logging
 import math
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
 logger = logging.getLogger(__name__)
 
-STRATEGIES = ("sensitivity", "uniform")
+
+class Strategy(str, Enum):
+    """How the FLOPs target is shared among groups."""
+
+    SENSITIVITY = "sensitivity"  # one loss threshold: less sensitive groups lose more
+    UNIFORM = "uniform"  # the same ratio everywhere
+
+
+STRATEGIES = tuple(s.value for s in Strategy)
+
+FlopsFn = Callable[[Mapping[int, int]], int]
+"""FLOPs of the network when group `i` (a position in the group list) keeps `counts[i]`
+channels; groups left out keep all of theirs."""
+Curve = List[Tuple[float, float]]
+_MAX_RATIO = 0.999  # the largest ratio tried: every group keeps at least one channel
+
+
+@dataclass(frozen=True)
+class PlanGroup:
+    """What planning knows of one group of coupled channels.
+
+    Args:
+        name: the group's name.
+        channels: its channel count.
+        units: block sizes when grouped convolutions make each block lose the same count
+            (their sum is `channels`); empty for one free block.
+        prunable: False for a group that must stay whole.
+    """
+
+    name: str
+    channels: int
+    units: Tuple[int, ...] = ()
+    prunable: bool = True
+
+    @property
+    def blocks(self) -> Tuple[int, ...]:
+        return self.units or (self.channels,)
 
 
 def n_keep(n: int, ratio: float, rounding: int = 1) -> int:
@@ -24,15 +63,9 @@ def n_keep(n: int, ratio: float, rounding: int = 1) -> int:
     return max(1, keep)
 
 
-def _units(group: Any) -> List[int]:
-    """Block sizes of a group (one block unless grouped convolutions constrain it)."""
-    if group.partition is None:
-        return [group.channels]
-    return [int((group.partition == b).sum()) for b in np.unique(group.partition)]
-
-
-def kept_count(group: Any, ratio: float, round_to: int = 1) -> int:
-    units = _units(group)
+def kept_count(group: PlanGroup, ratio: float, round_to: int = 1) -> int:
+    """Channels a group keeps at `ratio` (blocks of a grouped conv lose the same share each)."""
+    units = group.blocks
     if len(units) == 1:
         return n_keep(units[0], ratio, round_to)
     return sum(n_keep(u, ratio) for u in units)
@@ -49,89 +82,131 @@ def _interp_ratio(curve: Sequence[Tuple[float, float]], threshold: float) -> flo
     return best
 
 
-def plan_ratios(pruner: Any, target: float, sens: Optional[Any], skip: Sequence[str] = (),
-                strategy: str = "sensitivity", round_to: int = 1) -> Dict[int, np.ndarray]:
-    """Kept channels per group that remove `target` of the FLOPs.
+def _check(flops: Any, strategy: Any, curves: Optional[Mapping[str, Any]]) -> Strategy:
+    if isinstance(flops, bool) or not isinstance(flops, (int, float)) \
+            or not 0.0 < float(flops) < 1.0:
+        raise ValueError(f"FLOPs target must be a fraction in (0, 1), e.g. 0.4; got {flops!r}")
+    try:
+        strategy = Strategy(strategy)
+    except ValueError:
+        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}") from None
+    if strategy is Strategy.SENSITIVITY and curves is None:
+        raise ValueError("strategy 'sensitivity' needs sensitivities: run pruner.sensitivity(...) "
+                         "first, pass sensitivities=..., or use strategy='uniform'")
+    return strategy
+
+
+def _candidates(groups: Sequence[PlanGroup], skip: Sequence[str],
+                curves: Optional[Mapping[str, Mapping[float, float]]],
+                strategy: Strategy) -> Tuple[List[int], Dict[int, Curve]]:
+    """Positions of the groups planning may prune, and their curves starting at (0, 0)."""
+    skipped = set(skip)
+    cands = [i for i, g in enumerate(groups) if g.prunable and g.name not in skipped]
+    out: Dict[int, Curve] = {}
+    if strategy is Strategy.SENSITIVITY:
+        missing = [groups[i].name for i in cands if groups[i].name not in curves]
+        if missing:
+            logger.warning("no sensitivity for %d group(s), left unpruned: %s", len(missing),
+                           ", ".join(missing[:5]))
+        cands = [i for i in cands if groups[i].name in curves]
+        for i in cands:
+            pts = sorted(curves[groups[i].name].items())
+            out[i] = [(0.0, 0.0)] + [(float(r), float(l)) for r, l in pts]
+    if not cands:
+        raise ValueError("no group can be pruned (all skipped, unprunable or without curves)")
+    return cands, out
+
+
+def plan_group_ratios(groups: Sequence[PlanGroup], flops_fn: FlopsFn,
+                      curves: Optional[Mapping[str, Mapping[float, float]]], flops: float,
+                      skip: Sequence[str] = (), strategy: str = "sensitivity",
+                      round_to: int = 1) -> Dict[str, float]:
+    """Pruning ratio per group name that removes `flops` of the network's FLOPs.
 
     Sensitivity strategy (PaddleSlim's rule): one loss threshold for all groups; each group gets
     the largest ratio whose interpolated loss stays under it; the threshold is found by
     bisection. Then a last exact step removes single channels (cheapest loss first) until the
-    target is met, so the result lands at or just above the target.
+    target is met, so the result lands at or just above the target. Uniform strategy: the same
+    ratio everywhere, found the same way, then the same exact step.
+
+    Args:
+        groups: every group of the network, in the order `flops_fn` indexes them.
+        flops_fn: FLOPs when group i keeps counts[i] channels (see `FlopsFn`).
+        curves: `{group name: {ratio: loss}}` (`SensitivityResult.curves()`), for strategy
+            "sensitivity"; groups without a curve stay whole.
+        flops: share of FLOPs to remove, in (0, 1).
+        skip: names of groups that stay whole.
+        strategy: "sensitivity" or "uniform" (see `Strategy`).
+        round_to: kept channel counts are multiples of this (single-block groups).
+
+    Returns:
+        `{group name: ratio}` for every group that loses channels (ratio > 0); turn it into
+        channels with `FilterPruner.select(ratios, round_to)`.
 
     Raises:
-        ValueError: target outside (0, 1), unknown strategy, no curves for strategy
-            "sensitivity", or a target larger than the largest reachable reduction.
+        ValueError: `flops` outside (0, 1), an unknown strategy, no curves for strategy
+            "sensitivity", no prunable group, or a target larger than the largest reachable.
+
+    Examples:
+        >>> groups = [PlanGroup("a", 8), PlanGroup("b", 8)]
+        >>> plan_group_ratios(groups, lambda c: 10 * c.get(0, 8) + 10 * c.get(1, 8), None,
+        ...                   0.5, strategy="uniform")
+        {'a': 0.5, 'b': 0.5}
     """
-    if not isinstance(target, (int, float)) or not 0.0 < float(target) < 1.0:
-        raise ValueError(f"FLOPs target must be a fraction in (0, 1), e.g. 0.4; got {target!r}")
-    if strategy not in STRATEGIES:
-        raise ValueError(f"unknown strategy {strategy!r}; choose one of {STRATEGIES}")
-    if strategy == "sensitivity" and sens is None:
-        raise ValueError("strategy 'sensitivity' needs sensitivities: run pruner.sensitivity(...) "
-                         "first, pass sensitivities=..., or use strategy='uniform'")
-    skip_idx = {pruner.group_index(s) for s in skip}
-    graph = pruner.graph
-    cands = [i for i, g in enumerate(graph.groups) if g.prunable and i not in skip_idx]
-    curves: Dict[int, List[Tuple[float, float]]] = {}
-    if strategy == "sensitivity":
-        losses = sens.curves()
-        missing = [graph.groups[i].name for i in cands if graph.groups[i].name not in losses]
-        if missing:
-            logger.warning("no sensitivity for %d group(s), left unpruned: %s", len(missing),
-                           ", ".join(missing[:5]))
-        cands = [i for i in cands if graph.groups[i].name in losses]
-        for i in cands:
-            pts = sorted(losses[graph.groups[i].name].items())
-            curves[i] = [(0.0, 0.0)] + [(float(r), float(l)) for r, l in pts]
-    base = graph.flops({})
-    if not cands:
-        raise ValueError("no group can be pruned (all skipped, unprunable or without curves)")
+    strategy = _check(flops, strategy, curves)
+    cands, curve = _candidates(groups, skip, curves, strategy)
+    base = flops_fn({})
 
-    def reduction(ratios: Dict[int, float]) -> float:
-        counts = {i: kept_count(graph.groups[i], r, round_to) for i, r in ratios.items()}
-        return 1.0 - graph.flops(counts) / base
+    def reduction(ratios: Mapping[int, float]) -> float:
+        counts = {i: kept_count(groups[i], r, round_to) for i, r in ratios.items()}
+        return 1.0 - flops_fn(counts) / base
 
-    top = {i: max(curves[i][-1][0], 0.0) if curves else 0.999 for i in cands}
-    if strategy == "uniform":
-        top = {i: 0.999 for i in cands}
+    if strategy is Strategy.UNIFORM:
+        top = {i: _MAX_RATIO for i in cands}
+    else:
+        top = {i: max(curve[i][-1][0], 0.0) for i in cands}
     reachable = reduction(top)
-    if target > reachable + 1e-9:
+    if flops > reachable + 1e-9:
         raise ValueError(
-            f"a FLOPs reduction of {target:.3f} cannot be reached: the largest reachable with these "
-            f"groups{' and sensitivity ratios' if strategy == 'sensitivity' else ''} is "
+            f"a FLOPs reduction of {flops:.3f} cannot be reached: the largest reachable with these "
+            f"groups{' and sensitivity ratios' if strategy is Strategy.SENSITIVITY else ''} is "
             f"{reachable:.3f}; lower the target or skip fewer groups")
+    ratios = _bisect(cands, curve, top, strategy, lambda r: reduction(r) >= flops)
+    ratios = _top_up(groups, flops_fn, ratios, curve, top, flops, base, round_to)
+    logger.info("planned a %.3f FLOPs reduction: achieved %.4f, %d of %d groups pruned", flops,
+                reduction(ratios), sum(r > 0 for r in ratios.values()), len(ratios))
+    return {groups[i].name: r for i, r in ratios.items() if r > 0}
 
-    if strategy == "uniform":
+
+def _bisect(cands: List[int], curve: Dict[int, Curve], top: Dict[int, float],
+            strategy: Strategy, enough: Callable[[Dict[int, float]], bool]) -> Dict[int, float]:
+    """Ratios at the largest threshold (loss, or uniform ratio) that is not yet enough."""
+    if strategy is Strategy.UNIFORM:
         def assign(t: float) -> Dict[int, float]:
             return {i: t for i in cands}
-        lo, hi = 0.0, 0.999
+        lo, hi = 0.0, _MAX_RATIO
     else:
         def assign(t: float) -> Dict[int, float]:
-            return {i: min(_interp_ratio(curves[i], t), top[i]) for i in cands}
-        all_losses = [l for c in curves.values() for _, l in c]
+            return {i: min(_interp_ratio(curve[i], t), top[i]) for i in cands}
+        all_losses = [l for c in curve.values() for _, l in c]
         lo, hi = min(all_losses) - 1.0, max(all_losses) + 1.0
     for _ in range(60):
         mid = (lo + hi) / 2
-        if reduction(assign(mid)) >= target:
+        if enough(assign(mid)):
             hi = mid
         else:
             lo = mid
-    ratios = assign(lo)
-    ratios = _top_up(graph, ratios, curves, top, target, base, round_to)
-    achieved = reduction(ratios)
-    logger.info("planned a %.3f FLOPs reduction: achieved %.4f, %d of %d groups pruned", target,
-                achieved, sum(r > 0 for r in ratios.values()), len(ratios))
-    return pruner.select({graph.groups[i].name: r for i, r in ratios.items() if r > 0},
-                         round_to)
+    return assign(lo)
 
 
-def _top_up(graph: Any, ratios: Dict[int, float], curves: Dict[int, List[Tuple[float, float]]],
-            top: Dict[int, float], target: float, base: int, round_to: int) -> Dict[int, float]:
+def _top_up(groups: Sequence[PlanGroup], flops_fn: FlopsFn, ratios: Dict[int, float],
+            curves: Dict[int, Curve], top: Dict[int, float], target: float, base: int,
+            round_to: int) -> Dict[int, float]:
     """Remove one more unit at a time from the group where it costs least, up to the target."""
     ratios = dict(ratios)
 
     def counts() -> Dict[int, int]:
-        return {i: kept_count(graph.groups[i], r, round_to) for i, r in ratios.items()}
+        return {i: kept_count(groups[i], r, round_to) for i, r in ratios.items()}
 
     def loss_at(i: int, r: float) -> float:
         if i not in curves:
@@ -139,13 +214,12 @@ def _top_up(graph: Any, ratios: Dict[int, float], curves: Dict[int, List[Tuple[f
         xs, ys = zip(*curves[i])
         return float(np.interp(r, xs, ys))
 
-    budget = sum(graph.groups[i].channels for i in ratios) + 1
-    while budget > 0 and 1.0 - graph.flops(counts()) / base < target:
+    budget = sum(groups[i].channels for i in ratios) + 1
+    while budget > 0 and 1.0 - flops_fn(counts()) / base < target:
         budget -= 1
         best, best_cost = None, None
         for i, r in ratios.items():
-            g = graph.groups[i]
-            nxt = _next_ratio(g, r, round_to)
+            nxt = _next_ratio(groups[i], r, round_to)
             if nxt is None or nxt > top[i] + 1e-9:
                 continue
             # equal losses (flat curves, e.g. an untrained net): take from the group that has
@@ -159,9 +233,9 @@ def _top_up(graph: Any, ratios: Dict[int, float], curves: Dict[int, List[Tuple[f
     return ratios
 
 
-def _next_ratio(group: Any, ratio: float, round_to: int) -> Optional[float]:
+def _next_ratio(group: PlanGroup, ratio: float, round_to: int) -> Optional[float]:
     """The smallest ratio above `ratio` that keeps fewer channels, or None at the minimum."""
-    units = _units(group)
+    units = group.blocks
     if len(units) == 1:
         n = units[0]
         keep = n_keep(n, ratio, round_to)
@@ -175,3 +249,13 @@ def _next_ratio(group: Any, ratio: float, round_to: int) -> Optional[float]:
     if removed + 1 >= u:
         return None
     return (removed + 1) / u
+
+
+def plan_ratios(pruner: Any, flops: float, sens: Optional[Any], skip: Sequence[str] = (),
+                strategy: str = "sensitivity", round_to: int = 1) -> Dict[int, np.ndarray]:
+    """Kept channels per group index that remove `flops` of the FLOPs (kept for old callers).
+
+    Same as `pruner.plan(flops, sens, skip, strategy, round_to)`: the pruner describes its
+    groups to `plan_group_ratios` and selects the channels.
+    """
+    return pruner.plan(flops, sens, skip, strategy, round_to)

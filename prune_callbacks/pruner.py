@@ -1,7 +1,9 @@
 """FilterPruner: the engine's front door. Traces a network, scores channels, masks or prunes them.
 
-It ties the graph (which channels are coupled), importance (which to drop) and surgery (how to
-drop them) together. It never swaps optimizers or talks to paddle.Model; callbacks do that.
+It ties the graph (which channels are coupled), importance (which to drop), planning (how many)
+and surgery (how to drop them) together, and records each plan it applies in the network's plan
+ledger (`plan.record_plan`). It never swaps optimizers, saves files or talks to paddle.Model;
+callbacks and `io` do that.
 """
 from __future__ import annotations
 
@@ -16,10 +18,9 @@ import paddle.nn as nn
 
 from .flops import count_params
 from .graph import ChannelGraph, Group
-from .importance import Criterion, get_criterion
-from .io import record_plan
-from .plan import GroupPlan, PrunePlan
-from .planning import n_keep, plan_ratios
+from .importance import Criterion, Source, get_criterion
+from .plan import GroupPlan, PrunePlan, record_plan
+from .planning import PlanGroup, n_keep, plan_group_ratios
 from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
 from .surgery import Mask, apply_slices, supports_layer
 
@@ -147,7 +148,7 @@ class FilterPruner:
         params = self._params()
         pa_map = self.graph.param_axes
         sources = g.producers
-        if self.criterion.source == "norm":
+        if self.criterion.source is Source.NORM:
             sources = tuple((k, 0) for k in g.norms)
             if not sources:
                 logger.warning("group %s has no normalisation scale; %s falls back to l1",
@@ -272,7 +273,7 @@ class FilterPruner:
             param_slices={k: {ax: tuple(map(_tuplify, v)) if _nested(v) else tuple(v)
                               for ax, v in axes.items()} for k, axes in keep_sl.items()},
         )
-        record_plan(self.net, plan)  # save_pruned(net, ...) finds it there
+        record_plan(self.net, plan)  # the plan ledger: save_pruned(net, ...) finds it there
         logger.info("pruned %d groups: FLOPs %d -> %d (-%.2f%%)", len(gplans), plan.flops_before,
                     plan.flops_after, 100 * plan.pruned_flops)
         return plan
@@ -335,24 +336,46 @@ class FilterPruner:
             skip += [g.name for i, g in enumerate(self.groups) if g.prunable and i not in keep]
         return self.sensitivity(eval_func, path=sen_file, skip=skip).curves()
 
-    def prune_to_flops(self, target: float, sensitivities: Optional[SensitivityResult] = None,
-                       skip: Sequence[str] = (), strategy: str = "sensitivity",
-                       round_to: int = 1) -> PrunePlan:
-        """Prune so that the network loses `target` of its FLOPs (see `planning.plan_ratios`).
+    def plan(self, flops: float, sensitivities: Optional[SensitivityResult] = None,
+             skip: Sequence[str] = (), strategy: str = "sensitivity", round_to: int = 1) -> Kept:
+        """Channels each group keeps so that the network loses `flops` of its FLOPs.
+
+        Describes the groups to `planning.plan_group_ratios` (FLOPs from channel counts, through
+        the traced graph) and selects the channels of the ratios it returns. Prunes nothing.
 
         Args:
-            target: share of FLOPs to remove, in (0, 1).
+            flops, sensitivities, skip, strategy, round_to: see `prune_to_flops`.
+
+        Returns:
+            Group index -> kept channel indices (for `apply`).
+        """
+        curves = sensitivities.curves() if sensitivities is not None else None
+        skip_names = [self.groups[self.group_index(s)].name for s in skip]
+        groups = [PlanGroup(g.name, g.channels, _units(g), g.prunable) for g in self.groups]
+        ratios = plan_group_ratios(groups, self.graph.flops, curves, flops, skip_names,
+                                   strategy, round_to)
+        return self.select(ratios, round_to)
+
+    def prune_to_flops(self, flops: float, sensitivities: Optional[SensitivityResult] = None,
+                       skip: Sequence[str] = (), strategy: str = "sensitivity",
+                       round_to: int = 1) -> PrunePlan:
+        """Prune so that the network loses `flops` of its FLOPs (see `planning.plan_group_ratios`).
+
+        Args:
+            flops: share of FLOPs to remove, in (0, 1).
             sensitivities: a SensitivityResult (or a path to its JSON); defaults to the last
                 analysis run by this pruner. Needed for strategy "sensitivity".
             skip: groups left untouched.
             strategy: "sensitivity" (less sensitive groups lose more) or "uniform".
             round_to: keep channel counts multiples of this.
+
+        Raises:
+            ValueError: see `planning.plan_group_ratios`; an unknown group in `skip`.
         """
         sens = sensitivities if sensitivities is not None else self._sensitivity
         if isinstance(sens, (str, os.PathLike)):
             sens = SensitivityResult.load(str(sens))
-        kept = plan_ratios(self, target, sens, skip, strategy, round_to)
-        return self.apply(kept)
+        return self.apply(self.plan(flops, sens, skip, strategy, round_to))
 
     def sensitive_prune(self, pruned_flops: float, skip_vars: Sequence[str] = (),
                         align: Optional[int] = None) -> PrunePlan:
@@ -364,6 +387,13 @@ class FilterPruner:
         """MACs the network would have after `prune(ratios)`, computed without pruning."""
         counts = {gi: len(k) for gi, k in self.select(ratios or {}, round_to).items()}
         return self.graph.flops(counts)
+
+
+def _units(group: Group) -> Tuple[int, ...]:
+    """Block sizes of a group that feeds grouped convolutions; () for one free block."""
+    if group.partition is None:
+        return ()
+    return tuple(int((group.partition == b).sum()) for b in np.unique(group.partition))
 
 
 def _nested(v: Any) -> bool:

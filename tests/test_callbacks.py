@@ -15,21 +15,9 @@ from paddle.static import InputSpec
 from paddle.vision import models
 from visualdl import LogReader
 
-from prune_callbacks import (FilterPruneCallback, PruneVisualDL, SensitivityCallback,
+from prune_callbacks import (FilterPruneCallback, PrunedModelCheckpoint, PruneVisualDL, SensitivityCallback,
                              SensitivityResult, count_flops, history_of, load_pruned)
-from prune_callbacks.data import digits_dataset, subset
-
-
-def make_model(net: nn.Layer, size: int = 32, lr: Any = 0.05, optimizer: str = "momentum") -> paddle.Model:
-    model = paddle.Model(net, inputs=[InputSpec([None, 3, size, size], "float32", "image")],
-                         labels=[InputSpec([None, 1], "int64", "label")])
-    if optimizer == "momentum":
-        opt = paddle.optimizer.Momentum(lr, momentum=0.9, parameters=net.parameters(),
-                                        weight_decay=paddle.regularizer.L2Decay(1e-4))
-    else:
-        opt = paddle.optimizer.Adam(lr, parameters=net.parameters())
-    model.prepare(opt, nn.CrossEntropyLoss(), paddle.metric.Accuracy())
-    return model
+from prune_callbacks.data import subset
 
 
 class Spy(paddle.callbacks.Callback):
@@ -56,11 +44,6 @@ class Spy(paddle.callbacks.Callback):
         self.evals.append(dict(logs or {}))
 
 
-@pytest.fixture(scope="module")
-def digits() -> Any:
-    return subset(digits_dataset("train"), 256, seed=0), subset(digits_dataset("test"), 64, seed=0)
-
-
 def scalars(run_dir: str) -> Dict[str, List[Any]]:
     files = [f for f in os.listdir(run_dir) if f.startswith("vdlrecords")]
     reader = LogReader(file_path=os.path.join(run_dir, files[0]))
@@ -71,7 +54,7 @@ def scalars(run_dir: str) -> Dict[str, List[Any]]:
     return out
 
 
-def test_end_to_end_mobilenet_on_digits(digits: Any, tmp_path: Path) -> None:
+def test_end_to_end_mobilenet_on_digits(digits: Any, tmp_path: Path, make_model: Any) -> None:
     """fit for 3 epochs; sensitivity and pruning to 40% FLOPs at the end of epoch 1."""
     paddle.seed(0)
     np.random.seed(0)
@@ -119,7 +102,7 @@ def test_end_to_end_mobilenet_on_digits(digits: Any, tmp_path: Path) -> None:
     assert tags["__text__"] and tags["__image__"]
 
 
-def test_sensitivity_file_reused_and_steps(digits: Any, tmp_path: Path) -> None:
+def test_sensitivity_file_reused_and_steps(digits: Any, tmp_path: Path, make_model: Any) -> None:
     """A complete file is reused without evaluating; steps=2 reaches the target over 2 epochs."""
     paddle.seed(1)
     train, val = digits
@@ -151,15 +134,16 @@ def test_sensitivity_file_reused_and_steps(digits: Any, tmp_path: Path) -> None:
     assert [e.epoch for e in history_of(model).events] == [0, 1]
 
 
-def test_uniform_with_paddle_callbacks_adam_eval_freq(digits: Any, tmp_path: Path) -> None:
-    """Uniform pruning beside ModelCheckpoint, EarlyStopping and VisualDL, with Adam."""
+def test_uniform_with_paddle_callbacks_adam_eval_freq(digits: Any, tmp_path: Path, make_model: Any) -> None:
+    """Uniform pruning beside PrunedModelCheckpoint (paddle's ModelCheckpoint, plans included),
+    EarlyStopping and VisualDL, with Adam."""
     paddle.seed(2)
     train, val = digits
     net = models.mobilenet_v1(num_classes=10, scale=0.25)
     model = make_model(net, lr=0.01, optimizer="adam")
     prune = FilterPruneCallback(flops=0.3, at_epoch=0, strategy="uniform")
     model.fit(subset(train, 64), subset(val, 32), epochs=2, batch_size=32, verbose=0, eval_freq=2,
-              callbacks=[prune, paddle.callbacks.ModelCheckpoint(1, str(tmp_path / "ckpt")),
+              callbacks=[prune, PrunedModelCheckpoint(1, str(tmp_path / "ckpt")),
                          paddle.callbacks.EarlyStopping("loss", patience=5),
                          paddle.callbacks.VisualDL(str(tmp_path / "vdl"))])
     assert abs(prune.plans[0].pruned_flops - 0.3) <= 0.005
@@ -223,7 +207,7 @@ class NoTraining(paddle.callbacks.Callback):
         raise AssertionError("training started although the arguments were bad")
 
 
-def test_errors_before_any_training(digits: Any, tmp_path: Path) -> None:
+def test_errors_before_any_training(digits: Any, tmp_path: Path, make_model: Any) -> None:
     train, val = digits
     net = models.mobilenet_v1(num_classes=10, scale=0.25)
     model = make_model(net)

@@ -1,5 +1,5 @@
 """Tests of prune_callbacks.io: a pruned network saved with its plans loads into a fresh copy (Layer and
-paddle.Model, with optimizer state, through model.save and ModelCheckpoint), and exports for inference."""
+paddle.Model, with optimizer state, through save_pruned and PrunedModelCheckpoint), and exports for inference."""
 from __future__ import annotations
 
 import json
@@ -10,8 +10,7 @@ import numpy as np
 import paddle
 import pytest
 
-from prune_callbacks import FilterPruner, count_params
-from prune_callbacks.callbacks.history import PruneEvent, history_of
+from prune_callbacks import FilterPruner, PrunedModelCheckpoint, count_params
 from prune_callbacks.io import (PLANS_SUFFIX, export, load_pruned, read_plans, record_plan, recorded_plans,
                                 save_pruned, track_plans)
 from prune_callbacks.optim import rebuild_optimizer
@@ -178,7 +177,7 @@ def test_bad_input_raises_clear_errors(tmp_path: Path) -> None:
         track_plans(net)
 
 
-# -- paddle.Model: model.save, ModelCheckpoint, resumed fit ---------------------------------------------
+# -- paddle.Model: save_pruned, PrunedModelCheckpoint, resumed fit ---------------------------------------------
 def _data(n: int = 48) -> paddle.io.Dataset:
     rng = np.random.default_rng(3)
     x = rng.normal(size=(n, 1, 8, 8)).astype("float32")
@@ -202,10 +201,10 @@ def test_model_checkpoint_resumes_a_pruned_fit(tmp_path: Path) -> None:
     model.fit(data, batch_size=16, epochs=1, verbose=0)
     plan = FilterPruner(model.network, SHAPE).prune({"0": 0.5, "3": 0.5})
     model._optimizer = rebuild_optimizer(model._optimizer, model.network, plan.param_slices)
-    record_plan(model, plan)  # what the prune callback does: model.save now writes the plans too
+    record_plan(model, plan)  # what the prune callback does (the pruner has recorded it already)
     ckpt = tmp_path / "ckpt"
     model.fit(data, batch_size=16, epochs=1, verbose=0,
-              callbacks=[paddle.callbacks.ModelCheckpoint(save_dir=str(ckpt))])
+              callbacks=[PrunedModelCheckpoint(save_dir=str(ckpt))])
     for name in ("0", "final"):
         assert {f"{name}{s}" for s in (".pdparams", ".pdopt", PLANS_SUFFIX)} <= set(os.listdir(ckpt))
         assert [p.ratios for p in read_plans(ckpt / name)] == [{"0": 0.5, "3": 0.5}]
@@ -226,7 +225,7 @@ def test_model_checkpoint_resumes_a_pruned_fit(tmp_path: Path) -> None:
 
     fresh.fit(data, batch_size=16, epochs=1, verbose=0)  # and training goes on with the pruned net
     assert fresh.network[0].weight.shape == [4, 1, 3, 3]
-    fresh.save(str(tmp_path / "again"))  # the loaded model's save keeps writing its plans
+    save_pruned(fresh, tmp_path / "again")  # the loaded model keeps its plans
     assert len(read_plans(tmp_path / "again")) == 1
     again = _model(_net())
     load_pruned(again, tmp_path / "again", optimizer=False)
@@ -234,20 +233,24 @@ def test_model_checkpoint_resumes_a_pruned_fit(tmp_path: Path) -> None:
     np.testing.assert_allclose(_out(again.network, _x()), _out(fresh.network, _x()), atol=1e-6)
 
 
-def test_model_plans_from_history_and_errors(tmp_path: Path) -> None:
+def test_model_save_is_left_alone_and_errors(tmp_path: Path) -> None:
     paddle.seed(4)
     model = _model(_net())
-    track_plans(model)
-    model.save(str(tmp_path / "before"))  # tracked before any pruning: an empty plan list
+    with pytest.warns(DeprecationWarning, match="save_pruned"):
+        track_plans(model)
+    assert "save" not in vars(model)  # the user's Model keeps paddle's own save
+    save_pruned(model, tmp_path / "before")  # before any pruning: an empty plan list
     assert read_plans(tmp_path / "before") == []
 
-    plan = FilterPruner(model.network, SHAPE).prune({"3": 0.5})
-    history_of(model).events.append(PruneEvent(epoch=0, step=0, target=0.5, plan=plan))  # not recorded
+    plan = FilterPruner(model.network, SHAPE).prune({"3": 0.5})  # the pruner records its plan
     assert recorded_plans(model) == [plan]
     written = save_pruned(model, tmp_path / "m")
     assert sorted(os.path.basename(p) for p in written) == ["m.pdopt", "m.pdparams", "m" + PLANS_SUFFIX]
-    model.save(str(tmp_path / "m2"))
-    assert [p.ratios for p in read_plans(tmp_path / "m2")] == [{"3": 0.5}]
+    assert [p.ratios for p in read_plans(tmp_path / "m")] == [{"3": 0.5}]
+    model.save(str(tmp_path / "m2"))  # paddle's save: weights only, and loading says what to use
+    assert not os.path.exists(tmp_path / ("m2" + PLANS_SUFFIX))
+    with pytest.raises(FileNotFoundError, match="save pruned models with save_pruned"):
+        load_pruned(_model(_net()), tmp_path / "m2")
 
     unprepared = paddle.Model(_net())  # no optimizer: only the weights are loaded
     load_pruned(unprepared, tmp_path / "m")
@@ -319,3 +322,15 @@ def test_exported_size_shrinks_with_the_parameters(tmp_path: Path) -> None:
         sizes.append(os.path.getsize(tmp_path / f"{name}.pdiparams"))
     params_ratio = count_params(pruned) / count_params(full)
     assert abs(sizes[1] / sizes[0] / params_ratio - 1) < 0.2, (sizes, params_ratio)
+
+
+def test_pruned_model_checkpoint_is_a_model_checkpoint_and_checks_arguments() -> None:
+    ckpt = PrunedModelCheckpoint(2, Path("ck"))
+    # fit adds its own ModelCheckpoint (which writes no plans) only when none is given
+    assert isinstance(ckpt, paddle.callbacks.ModelCheckpoint) and (ckpt.save_freq, ckpt.save_dir) == (2, "ck")
+    with pytest.raises(ValueError, match="save_freq must be an int >= 1"):
+        PrunedModelCheckpoint(0, "ck")
+    with pytest.raises(TypeError, match="save_dir must be a directory path or None"):
+        PrunedModelCheckpoint(1, 3)
+    with pytest.raises(TypeError, match="plan must be a PrunePlan"):
+        record_plan(_net(), {"groups": []})

@@ -4,9 +4,8 @@ from __future__ import annotations
 import copy
 import json
 import logging
-import os
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict
 
 import numpy as np
 import paddle
@@ -19,60 +18,10 @@ from prune_callbacks.planning import plan_ratios
 from prune_callbacks.sensitivity import top1_metric
 
 
-class TinyNet(nn.Layer):
-    """Plain convs, a depthwise conv, a residual add and a classifier: every group kind."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.c1 = nn.Sequential(nn.Conv2D(3, 12, 3, padding=1), nn.BatchNorm2D(12), nn.ReLU())
-        self.dw = nn.Sequential(nn.Conv2D(12, 12, 3, padding=1, groups=12), nn.BatchNorm2D(12),
-                                nn.ReLU())
-        self.c2 = nn.Sequential(nn.Conv2D(12, 16, 3, stride=2, padding=1), nn.BatchNorm2D(16))
-        self.c3 = nn.Sequential(nn.Conv2D(16, 16, 3, padding=1), nn.BatchNorm2D(16))
-        self.pool = nn.AdaptiveAvgPool2D(1)
-        self.fc = nn.Linear(16, 5)
-
-    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
-        y = self.c2(self.dw(self.c1(x)))
-        y = nn.functional.relu(y + self.c3(nn.functional.relu(y)))
-        return self.fc(paddle.flatten(self.pool(y), 1))
-
-
-class ArrayDS(paddle.io.Dataset):
-    def __init__(self, x: np.ndarray, y: np.ndarray) -> None:
-        self.x, self.y = x, y
-
-    def __len__(self) -> int:
-        return len(self.x)
-
-    def __getitem__(self, i: int) -> Any:
-        return self.x[i], self.y[i]
-
-
-def labelled(net: nn.Layer, n: int, shape: List[int], noise: float = 0.3, seed: int = 0) -> ArrayDS:
-    """Inputs labelled by the network itself, with some labels flipped: a baseline well above 0."""
-    rng = np.random.RandomState(seed)
-    x = rng.randn(n, *shape).astype("float32")
-    net.eval()
-    with paddle.no_grad():
-        y = net(paddle.to_tensor(x)).numpy().argmax(1)
-    flip = rng.rand(n) < noise
-    y[flip] = rng.randint(0, 5, flip.sum())
-    return ArrayDS(x, y.reshape(-1, 1).astype("int64"))
-
-
-@pytest.fixture()
-def tiny() -> Any:
-    paddle.seed(3)
-    net = TinyNet()
-    net.eval()
-    return net, labelled(net, 48, [3, 12, 12])
-
-
 RATIOS = (0.25, 0.5, 0.75)
 
 
-def naive_losses(net: nn.Layer, ds: ArrayDS, ratios: Any) -> Dict[str, Dict[float, float]]:
+def naive_losses(net: nn.Layer, ds: Any, ratios: Any) -> Dict[str, Dict[float, float]]:
     """The reference: physically prune a copy, evaluate everything, for every group and ratio."""
     def top1(n: nn.Layer) -> float:
         n.eval()
@@ -114,11 +63,12 @@ def test_losses_equal_naive_prune_and_evaluate(tiny: Any) -> None:
     ("mobilenet_v3_small", {"scale": 0.5}, 32),
     ("resnet18", {}, 32),
 ])
-def test_replay_cache_is_bit_identical_on_zoo(name: str, kwargs: Dict, hw: int) -> None:
+def test_replay_cache_is_bit_identical_on_zoo(name: str, kwargs: Dict, hw: int,
+                                             make_labelled: Any) -> None:
     """Replaying prefixes and masked producers gives exactly the masked network's numbers."""
     paddle.seed(0)
     net = getattr(models, name)(num_classes=10, **kwargs)
-    ds = labelled(net, 24, [3, hw, hw], noise=0.0)
+    ds = make_labelled(net, 24, [3, hw, hw], noise=0.0)
     pruner = FilterPruner(net, [1, 3, hw, hw])
     fast = pruner.sensitivity(EvalData(ds, batch_size=8, workers=2), ratios=(0.5, 0.9))
     slow = pruner.sensitivity(EvalData(ds, batch_size=8, workers=1), ratios=(0.5, 0.9),
@@ -198,7 +148,7 @@ def test_resume_after_kill_evaluates_only_missing_points(tiny: Any, tmp_path: Pa
     pruner.sensitivity(dying(0), ratios=RATIOS, path=path)  # complete: nothing is evaluated
 
 
-def test_file_errors(tiny: Any, tmp_path: Path) -> None:
+def test_file_errors(tiny: Any, tmp_path: Path, tiny_net: Any, array_ds: Any) -> None:
     net, ds = tiny
     pruner = FilterPruner(net, [1, 3, 12, 12])
     path = tmp_path / "sen.json"
@@ -211,9 +161,9 @@ def test_file_errors(tiny: Any, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="ratios .* start afresh"):
         pruner.sensitivity(ds, ratios=(0.5,), path=str(path))
     with pytest.raises(ValueError, match="other data"):
-        pruner.sensitivity(ArrayDS(ds.x[:20], ds.y[:20]), ratios=RATIOS, path=str(path))
+        pruner.sensitivity(array_ds(ds.x[:20], ds.y[:20]), ratios=RATIOS, path=str(path))
 
-    other = TinyNet()
+    other = tiny_net()
     FilterPruner(other, [1, 3, 12, 12]).prune({"c1.0": 0.5})
     with pytest.raises(ValueError, match="different network: group 'c1.0' had 12 channels"):
         FilterPruner(other, [1, 3, 12, 12]).sensitivity(ds, ratios=RATIOS, path=str(path))
@@ -374,3 +324,83 @@ def test_flat_curves_spread_the_cut_evenly() -> None:
     removed = [1 - len(kept.get(i, range(g.channels))) / g.channels
                for i, g in enumerate(groups) if g.name in sens.losses]
     assert max(removed) - min(removed) < 0.2, removed
+
+
+def test_users_own_instance_forward_is_used_and_put_back(tiny: Any) -> None:
+    """The replay patches `forward` on layer instances for one pass at a time: a forward the user
+    set on an instance is called for live calls and is the same object afterwards."""
+    net, ds = tiny
+    conv = net.c1[0]
+    calls = []
+
+    def own_forward(x: paddle.Tensor) -> paddle.Tensor:
+        calls.append(1)
+        return type(conv).forward(conv, x)
+
+    conv.forward = own_forward
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+    fast = pruner.sensitivity(EvalData(ds, batch_size=16, workers=1), ratios=RATIOS)
+    assert conv.__dict__["forward"] is own_forward
+    assert calls  # used while the replay was installed (live calls) and outside it
+    del conv.forward
+    plain = pruner.sensitivity(EvalData(ds, batch_size=16, workers=1), ratios=RATIOS, cache=False)
+    assert fast.losses == plain.losses
+    assert not any("forward" in vars(layer) for layer in net.sublayers(include_self=True))
+
+
+def test_replay_restores_patches_when_evaluation_fails(tiny: Any) -> None:
+    net, ds = tiny
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+
+    def bad_metric(logits: np.ndarray, labels: np.ndarray) -> Any:
+        raise RuntimeError("metric failed")
+
+    before = state(net)
+    with pytest.raises(RuntimeError, match="metric failed"):
+        pruner.sensitivity(EvalData(ds, metric=bad_metric, batch_size=16), ratios=RATIOS)
+    assert not any("forward" in vars(layer) for layer in net.sublayers(include_self=True))
+    assert all(not layer._forward_post_hooks for layer in net.sublayers())
+    after = state(net)
+    assert all(np.array_equal(before[k], after[k]) for k in before)
+
+
+def test_mixed_train_eval_modes_come_back_exactly(tiny: Any) -> None:
+    net, ds = tiny
+    net.train()
+    net.c1[1].eval()  # a frozen BatchNorm in a training network
+    FilterPruner(net, [1, 3, 12, 12]).sensitivity(ds, ratios=(0.5,))
+    assert net.training and not net.c1[1].training and net.c2[1].training
+
+
+def test_eval_mode_restores_each_sublayers_flag(tiny: Any) -> None:
+    from prune_callbacks import eval_mode
+    net, _ = tiny
+    net.train()
+    net.dw[1].eval()
+    with eval_mode(net) as inside:
+        assert inside is net and not any(l.training for l in net.sublayers(include_self=True))
+    assert net.training and not net.dw[1].training and net.c1[0].training
+    with pytest.raises(KeyError):
+        with eval_mode(net):
+            raise KeyError("x")
+    assert net.training and not net.dw[1].training
+
+
+def test_runner_group_evaluates_masked_variants_without_protocol_steps(tiny: Any) -> None:
+    """One context per group yields evaluate(drop): masking, capture and replay happen inside."""
+    from prune_callbacks.sensitivity import Runner
+    net, ds = tiny
+    pruner = FilterPruner(net, [1, 3, 12, 12])
+    ev = EvalData(ds, batch_size=16, workers=1)
+    groups = [(i, g) for i, g in enumerate(pruner.groups) if g.prunable]
+    runner = Runner(net, ev, True, groups, pruner.graph.param_axes)
+    base = runner.baseline()
+    gi, g = groups[-1]
+    _, drop = pruner.slices(pruner.select({g.name: 0.5}))
+    with runner.group(g) as evaluate:
+        first, second = evaluate(drop), evaluate(drop)  # full pass, then replay: same number
+        assert evaluate({}) == base
+    assert first == second
+    slow = Runner(net, ev, False)
+    with slow.group(g) as evaluate:
+        assert evaluate(drop) == first

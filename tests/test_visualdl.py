@@ -49,8 +49,8 @@ def _plan(flops: Tuple[int, int], params: Tuple[int, int],
 
 PLAN1 = _plan((1000, 700), (500, 400), (("conv1", 8, 2), (DOTTED, 16, 4)))  # 8->6, 16->12
 PLAN2 = _plan((700, 560), (400, 350), (("conv1", 6, 1), (DOTTED, 12, 3)))   # 6->5, 12->9
-EVENT1 = PruneEvent(epoch=1, step=10, target=0.3, plan=PLAN1)
-EVENT2 = PruneEvent(epoch=3, step=30, target=0.44, plan=PLAN2)
+EVENT1 = PruneEvent(epoch=1, step=10, flops=0.3, plan=PLAN1)
+EVENT2 = PruneEvent(epoch=3, step=30, flops=0.44, plan=PLAN2)
 
 
 def _read(run_dir: str) -> Dict[str, Any]:
@@ -281,7 +281,7 @@ def test_second_fit_appends_to_the_same_file(tmp_path: Any) -> None:
 
 
 def test_plan_table() -> None:
-    text = plan_table(PLAN1, target=0.3, total_pruned=0.3)
+    text = plan_table(PLAN1, flops=0.3, total_pruned=0.3)
     assert text.splitlines()[:3] == ["| group | channels | ratio |", "|---|---|---|",
                                      "| conv1 | 8 -> 6 | 25.0% |"]
 
@@ -398,3 +398,8 @@ def test_fit_with_paddle_visualdl_in_the_same_log_dir(tmp_path: Any, vdl_first: 
     # One dashboard: the directory reader sees both runs, each with its own file.
     reader = LogReader(logdir=log_dir)
     assert sorted(reader.logs(update=True)) == sorted([log_dir, ours.run_dir])
+
+
+def test_prune_event_names_its_target_flops() -> None:
+    assert EVENT1.flops == 0.3
+    assert EVENT1.target == 0.3  # the former field name still reads

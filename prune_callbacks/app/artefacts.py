@@ -10,7 +10,6 @@ from typing import Optional, Union
 
 import paddle
 
-from ..callbacks import history_of
 from ..io import export, save_pruned
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -40,8 +39,7 @@ class PrunedCheckpoint(paddle.callbacks.Callback):
         self.path = _check_path(path)
 
     def on_train_end(self, logs: Optional[dict] = None) -> None:
-        plans = [event.plan for event in history_of(self.model).events]
-        save_pruned(self.model, self.path, plans)
+        save_pruned(self.model, self.path)  # with the plans recorded on the model
 
 
 class InferenceExport(paddle.callbacks.Callback):

@@ -1,9 +1,11 @@
-"""paddle.Model.fit callbacks: sensitivity at an epoch, pruning to a FLOPs target, VisualDL."""
+"""paddle.Model.fit callbacks: sensitivity at an epoch, pruning to a FLOPs target, VisualDL,
+distillation after pruning, checkpoints with their plans."""
+from .checkpoint import PrunedModelCheckpoint
 from .distill import DistillCallback, distill_loss
 from .history import PruneEvent, PruneHistory, history_of
 from .prune import FilterPruneCallback
 from .sensitivity import SensitivityCallback
 from .visualdl import PruneVisualDL
 
-__all__ = ["DistillCallback", "distill_loss", "SensitivityCallback", "FilterPruneCallback", "PruneVisualDL", "PruneHistory",
-           "PruneEvent", "history_of"]
+__all__ = ["SensitivityCallback", "FilterPruneCallback", "PruneVisualDL", "DistillCallback",
+           "distill_loss", "PruneHistory", "PruneEvent", "history_of", "PrunedModelCheckpoint"]

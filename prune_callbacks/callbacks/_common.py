@@ -1,7 +1,7 @@
 """Argument checks and input-shape inference shared by the callbacks."""
 from __future__ import annotations
 
-from typing import Any, List, Optional, Sequence
+from typing import Any, List, Optional
 
 import numpy as np
 

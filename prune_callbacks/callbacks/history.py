@@ -16,12 +16,18 @@ _ATTR = "_prune_history"
 
 @dataclass(frozen=True)
 class PruneEvent:
-    """One pruning step: at the end of `epoch`'s training, `plan` was applied aiming at `target`."""
+    """One pruning step: at the end of `epoch`'s training, `plan` was applied aiming to have
+    removed `flops` (a share of the FLOPs before the first step) by then."""
 
     epoch: int
     step: int
-    target: float
+    flops: float
     plan: PrunePlan
+
+    @property
+    def target(self) -> float:
+        """The former name of `flops`, kept for readers written against it."""
+        return self.flops
 
 
 @dataclass

@@ -2,19 +2,16 @@
 from __future__ import annotations
 
 import logging
-import math
 import os
-from typing import Any, Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
-import numpy as np
 import paddle
 
 from ..distributed import check_agree, rebuild_data_parallel
 from ..importance import get_criterion
-from ..io import record_plan, track_plans
 from ..optim import rebuild_optimizer
-from ..plan import PrunePlan
-from ..planning import STRATEGIES, plan_ratios
+from ..plan import PrunePlan, record_plan
+from ..planning import STRATEGIES
 from ..pruner import FilterPruner
 from ..sensitivity import SensitivityResult
 from ._common import check_epoch, check_names, infer_input_shape
@@ -56,7 +53,8 @@ class FilterPruneCallback(paddle.callbacks.Callback):
 
     Examples:
         >>> model.fit(train_ds, val_ds, epochs=6, callbacks=[
-        ...     FilterPruneCallback(flops=0.4, at_epoch=2, strategy="uniform")])
+        ...     FilterPruneCallback(flops=0.4, at_epoch=2, strategy="uniform"),
+        ...     PrunedModelCheckpoint(save_dir="checkpoints")])  # reload: load_pruned(net, prefix)
     """
 
     def __init__(self, flops: float = 0.4, at_epoch: int = 0, criterion: str = "l1",
@@ -111,7 +109,6 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                 f"FilterPruneCallback(at_epoch={self.at_epoch}, steps={self.steps}) prunes at the "
                 f"end of epoch {last}, but fit has {epochs} epochs (0..{epochs - 1}); lower "
                 f"at_epoch/steps or fit longer")
-        track_plans(self.model)  # checkpoints saved before pruning reload with load_pruned too
         if self.model._optimizer is None:
             raise ValueError("the model has no optimizer: call model.prepare(optimizer, loss, ...) "
                              "before fit")
@@ -141,7 +138,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         self._pruner = None
         net = self.model.network
         if step == 1:
-            kept = plan_ratios(pruner, self.flops, self._sensitivities(epoch), self.skip,
+            kept = pruner.plan(self.flops, self._sensitivities(epoch), self.skip,
                                self.strategy, self.round_to)
             groups = pruner.groups
             self._final = {groups[gi].name: (groups[gi].channels, len(k))
@@ -185,7 +182,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         adapter = getattr(self.model, "_adapter", None)
         if getattr(adapter, "ddp_model", None) is not None:  # paddle.Model under several ranks
             adapter.ddp_model = rebuild_data_parallel(adapter.ddp_model, net, self.model._optimizer)
-        record_plan(self.model, plan)  # model.save / ModelCheckpoint now write the plans too
+        record_plan(self.model, plan)  # the ledger save_pruned and PrunedModelCheckpoint write out
 
     def _sensitivities(self, epoch: Optional[int]) -> Optional[SensitivityResult]:
         if self.strategy != "sensitivity":

@@ -120,7 +120,7 @@ class PruneVisualDL(paddle.callbacks.Callback):
         for group in plan.groups:
             self._scalar(f"prune/ratio/{group.name}", group.ratio, epoch)
         self._out().add_text(tag=self._tag("prune/plan"),
-                              text_string=plan_table(plan, event.target, total), step=epoch)
+                              text_string=plan_table(plan, event.flops, total), step=epoch)
         logger.info("VisualDL: prune event at epoch %d (FLOPs -%.1f%%) -> %s",
                     epoch, 100 * total, self.run_dir)
 
@@ -161,12 +161,12 @@ def _warn_if_shared(run_dir: str) -> None:
                        run_dir, ", ".join(sorted(others)))
 
 
-def plan_table(plan: PrunePlan, target: float, total_pruned: float) -> str:
+def plan_table(plan: PrunePlan, flops: float, total_pruned: float) -> str:
     """A markdown table of a plan: channels before -> after and ratio per group, then totals.
 
     Args:
         plan: the pruning step's plan.
-        target: the share of FLOPs the step aimed to remove.
+        flops: the share of FLOPs the step aimed to have removed.
         total_pruned: share of FLOPs removed so far, relative to before the first step.
 
     Returns:
@@ -177,7 +177,7 @@ def plan_table(plan: PrunePlan, target: float, total_pruned: float) -> str:
         lines.append(f"| {g.name} | {g.channels} -> {len(g.kept)} | {100 * g.ratio:.1f}% |")
     lines.append(f"| **total** | FLOPs {plan.flops_before:,} -> {plan.flops_after:,} | "
                  f"pruned {100 * total_pruned:.1f}% (this step {100 * plan.pruned_flops:.1f}%) "
-                 f"vs target {100 * target:.1f}% |")
+                 f"vs target {100 * flops:.1f}% |")
     return "\n".join(lines)
 
 
