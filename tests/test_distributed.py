@@ -114,3 +114,64 @@ def test_plan_mismatch_stops_every_rank(tmp_path):
         assert "pruning plan differs between rank" in msg and "'c1'" in msg, msg
     assert not (tmp_path / "weights0.npy").exists()  # nobody trained on past the error
     assert elapsed < 120
+
+
+def _analyse(path: str) -> dict:
+    """Sensitivity of a fixed-seed net on fixed data (the same on every rank), as JSON-able
+    curves."""
+    from prune_callbacks import FilterPruner
+    paddle.seed(7)
+    net = _Net()
+    pruner = FilterPruner(net, [1, 3, 8, 8])
+    result = pruner.sensitivity(_Data(40, seed=5), ratios=(0.2, 0.5, 0.8), path=path,
+                                batch_size=16)
+    return {g: {str(r): l for r, l in c.items()} for g, c in result.curves().items()}
+
+
+def _analysis_worker(out_dir: str) -> None:
+    dist.init_parallel_env()
+    curves = _analyse(os.path.join(out_dir, "sen.json"))
+    with open(os.path.join(out_dir, f"curves{pdist.rank()}.json"), "w") as f:
+        json.dump(curves, f)
+
+
+def test_sensitivity_shared_over_two_ranks_equals_one_process(tmp_path):
+    single = _analyse(str(tmp_path / "single.json"))
+    assert len(single) == 2 and all(len(c) == 3 for c in single.values())
+    shared_dir = tmp_path / "shared"
+    shared_dir.mkdir()
+    dist.spawn(_analysis_worker, args=(str(shared_dir),), nprocs=2, backend="gloo")
+    for r in (0, 1):  # every rank holds the whole analysis, equal to one process's
+        assert json.loads((shared_dir / f"curves{r}.json").read_text()) == single
+    saved = json.loads((shared_dir / "sen.json").read_text())
+    assert saved["losses"] == json.loads((tmp_path / "single.json").read_text())["losses"]
+    assert sorted(p.name for p in shared_dir.iterdir()) == ["curves0.json", "curves1.json",
+                                                             "sen.json"]  # one file, no temp
+
+
+def test_sensitivity_resumed_over_two_ranks(tmp_path):
+    single = _analyse(str(tmp_path / "single.json"))
+    partial = json.loads((tmp_path / "single.json").read_text())
+    first = sorted(partial["losses"])[0]
+    partial["losses"] = {first: {k: v for k, v in list(partial["losses"][first].items())[:2]}}
+    shared_dir = tmp_path / "shared"
+    shared_dir.mkdir()
+    (shared_dir / "sen.json").write_text(json.dumps(partial))
+    dist.spawn(_analysis_worker, args=(str(shared_dir),), nprocs=2, backend="gloo")
+    for r in (0, 1):
+        assert json.loads((shared_dir / f"curves{r}.json").read_text()) == single
+
+
+def test_analyse_and_prune_inside_fit_on_two_ranks(tmp_path):
+    """SensitivityCallback + FilterPruneCallback(sensitivity) in one fit under 2 ranks: the
+    ranks hold the same curves and, after training on, the same weights; one analysis file and
+    one checkpoint are written."""
+    _spawn(str(tmp_path), sensitivity=True)
+    c0, c1 = (json.loads((tmp_path / f"curves{r}.json").read_text()) for r in (0, 1))
+    assert c0 == c1 and len(c0) == 2
+    np.testing.assert_array_equal(np.load(tmp_path / "weights0.npy"),
+                                  np.load(tmp_path / "weights1.npy"))
+    saved = json.loads((tmp_path / "sen.json").read_text())
+    assert {g: {str(float(r)): v for r, v in pts.items()} for g, pts in saved["losses"].items()} \
+        == {g: {str(float(r)): v for r, v in pts.items()} for g, pts in c0.items()}
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tmp")]

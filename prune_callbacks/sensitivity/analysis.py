@@ -8,11 +8,13 @@ from __future__ import annotations
 import logging
 import os
 import time
-from typing import Any, Callable, Dict, Mapping, Optional, Protocol, Sequence, Tuple, Union
+from typing import (Any, Callable, Dict, Iterator, Mapping, Optional, Protocol, Sequence, Tuple,
+                    Union)
 
 import numpy as np
 import paddle.nn as nn
 
+from ..distributed import all_gather, check_agree, is_main, rank, world_size
 from ..modes import eval_mode
 from .evaluation import EvalData
 from .replay import EvaluateFn, ParamSlices, Runner
@@ -99,31 +101,127 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
     skip_idx = {pruner.group_index(s) for s in skip}
     groups = [(i, g) for i, g in enumerate(pruner.groups) if g.prunable and i not in skip_idx]
     channels = {g.name: g.channels for _, g in groups}
-    data = _start(pruner, evaluate, ratios, path, channels)
+    data = _shared(lambda: _start(pruner, evaluate, ratios, path, channels))
     todo = [(gi, g) for gi, g in groups
             if len(data["losses"].get(g.name, {})) < len(ratios)
             and not _stopped(data["losses"].get(g.name, {}), max_loss)]
+    path = path if is_main() else None  # one writer under paddle.distributed
     with eval_mode(pruner.net):
         runner = Runner(pruner.net, evaluate, cache and bool(todo), groups,
                         pruner.graph.param_axes)
         baseline = _baseline(runner, data, path, bool(todo))
-        total = sum(len(ratios) - len(data["losses"].get(g.name, {})) for _, g in todo)
-        done, t0 = 0, time.perf_counter()
-        for n, (_, g) in enumerate(todo, 1):
-            pts = data["losses"].setdefault(g.name, {})
-            with runner.group(g) as run:
-                done += _curve(pruner, g.name, run, pts, ratios, baseline, max_loss,
-                               lambda: _save(path, data))
-            elapsed = time.perf_counter() - t0
-            eta = elapsed / done * (total - done) if done else 0.0
-            logger.info("sensitivity [%d/%d] %s: %d/%d points done, %d left, ETA %.0fs",
-                        n, len(todo), g.name, done, total, total - done, eta)
+        if isinstance(evaluate, EvalData) and world_size() > 1:
+            check_agree("sensitivity baseline", {"baseline": round(baseline, 9)})
+            _shared_curves(pruner, runner, todo, data, ratios, baseline, max_loss, path)
+        else:  # one process, or an opaque eval_fn (which may itself use collectives)
+            _curves(pruner, runner, todo, data, ratios, baseline, max_loss, path)
     res = SensitivityResult(baseline=baseline, ratios=tuple(ratios),
                             channels=dict(data["groups"]), criterion=data["criterion"])
     res.losses = {g: {float(r): l for r, l in pts.items()} for g, pts in data["losses"].items()
                   if g in channels}
     res.channels = {g: c for g, c in res.channels.items() if g in channels}
     return res
+
+
+def _curves(pruner: SensitivityPruner, runner: Runner, todo: Sequence[Tuple[int, Any]],
+            data: Dict[str, Any], ratios: Sequence[float], baseline: float,
+            max_loss: Optional[float], path: Optional[str]) -> None:
+    """Every missing point, group by group, saved after each one."""
+    total = sum(len(ratios) - len(data["losses"].get(g.name, {})) for _, g in todo)
+    progress = _Progress(total)
+    for n, (_, g) in enumerate(todo, 1):
+        pts = data["losses"].setdefault(g.name, {})
+        with runner.group(g) as run:
+            filled = _curve(pruner, g.name, run, pts, ratios, baseline, max_loss,
+                            lambda: _save(path, data))
+        progress.log(filled, f"[{n}/{len(todo)}] {g.name}")
+
+
+def _shared_curves(pruner: SensitivityPruner, runner: Runner, todo: Sequence[Tuple[int, Any]],
+                   data: Dict[str, Any], ratios: Sequence[float], baseline: float,
+                   max_loss: Optional[float], path: Optional[str]) -> None:
+    """The missing points shared out over the ranks (whole groups, so each keeps its replay
+    cache), evaluated one point per rank per round; each round's points are gathered so every
+    rank holds the full analysis, and rank 0 saves it (a kill loses at most one round)."""
+    missing = {g.name: len(ratios) - len(data["losses"].get(g.name, {})) for _, g in todo}
+    shares = _balance([g.name for _, g in todo], missing, world_size())
+    mine = [(gi, g) for gi, g in todo if g.name in shares[rank()]]
+    rounds = max(sum(missing[name] for name in share) for share in shares)
+    points = _points(pruner, runner, mine, data, ratios, baseline, max_loss)
+    progress = _Progress(sum(missing.values()))
+    for _ in range(rounds):
+        point = next(points, None)
+        got = [p for p in all_gather(point) if p is not None]
+        for name, key, loss in got:
+            data["losses"].setdefault(name, {})[key] = loss
+        _save(path, data)
+        progress.log(len(got), f"{len(got)} point(s) on {world_size()} ranks")
+
+
+def _balance(names: Sequence[str], cost: Mapping[str, int], n: int) -> list:
+    """Split groups into `n` shares of nearly equal cost (largest first, to the lightest)."""
+    shares: list = [set() for _ in range(n)]
+    load = [0] * n
+    for name in sorted(names, key=lambda g: -cost[g]):  # sorted() is stable: same on every rank
+        i = load.index(min(load))
+        shares[i].add(name)
+        load[i] += cost[name]
+    return shares
+
+
+def _points(pruner: SensitivityPruner, runner: Runner, mine: Sequence[Tuple[int, Any]],
+            data: Dict[str, Any], ratios: Sequence[float], baseline: float,
+            max_loss: Optional[float]) -> Iterator[Tuple[str, str, Optional[float]]]:
+    """This rank's missing points, one (group, ratio key, loss) at a time."""
+    for _, g in mine:
+        pts = dict(data["losses"].get(g.name, {}))
+        with runner.group(g) as run:
+            for r in ratios:
+                if _key(r) in pts:
+                    continue
+                if _stopped(pts, max_loss):
+                    pts[_key(r)] = None
+                else:
+                    _, drop = pruner.slices(pruner.select({g.name: r}))
+                    pts[_key(r)] = (baseline - run(drop)) / baseline
+                yield g.name, _key(r), pts[_key(r)]
+
+
+class _Progress:
+    """Counts points and logs progress with an ETA (on rank 0 only)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.done, self.t0 = total, 0, time.perf_counter()
+
+    def log(self, filled: int, what: str) -> None:
+        before, self.done = self.done, self.done + filled
+        every = max(1, self.total // 20)  # about 20 lines per analysis, and the last point
+        if not is_main() or (before // every == self.done // every and self.done < self.total):
+            return
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / self.done * (self.total - self.done) if self.done else 0.0
+        logger.info("sensitivity %s: %d/%d points done, %d left, ETA %.0fs", what, self.done,
+                    self.total, self.total - self.done, eta)
+
+
+def _shared(read: Callable[[], Dict[str, Any]]) -> Dict[str, Any]:
+    """`read()` on rank 0, its result (or its error) handed to every rank, so all ranks resume
+    from the same state even while rank 0 rewrites the file."""
+    if world_size() == 1:
+        return read()
+    outcome: Tuple[str, Any] = ("ok", None)
+    error: Optional[BaseException] = None
+    if is_main():
+        try:
+            outcome = ("ok", read())
+        except (ValueError, TypeError, OSError) as e:
+            error, outcome = e, ("error", f"{type(e).__name__}: {e}")
+    status, value = all_gather(outcome)[0]  # every rank takes part, so none waits on an error
+    if error is not None:
+        raise error
+    if status == "error":
+        raise ValueError(f"rank 0 could not start the sensitivity analysis: {value}")
+    return value
 
 
 def _start(pruner: SensitivityPruner, evaluate: Any, ratios: Tuple[float, ...],

@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import Any, Callable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle
 
-Metric = Callable[[np.ndarray, np.ndarray], Tuple[float, int]]
+from ..distributed import world_size
+
+MetricFn = Callable[[np.ndarray, np.ndarray], Tuple[float, int]]
+# a function `(logits, labels) -> (correct, count)` summed over batches, or a paddle.metric.Metric
+Metric = Union[MetricFn, paddle.metric.Metric]
 
 
 def top1_metric(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, int]:
@@ -27,7 +31,10 @@ class EvalData:
     Args:
         dataset: a `paddle.io.Dataset` (or any indexable) of (input, label) samples.
         metric: `metric(logits, labels) -> (correct, count)` over numpy arrays, summed over
-            batches; default top-1 accuracy.
+            batches (default top-1 accuracy); or a `paddle.metric.Metric` (reset, then
+            `update(*compute(logits, labels))` per batch, then `accumulate()`, as paddle.Model
+            does), e.g. a mean IoU for segmentation. Labels keep their per-sample shape (a
+            label map), except that one-element labels are flattened to a vector.
         batch_size: evaluation batch size.
         num_samples: use only the first `num_samples` samples (all when None).
         workers: threads evaluating batches in parallel (default: CPU cores, at most 4).
@@ -57,8 +64,10 @@ class EvalData:
         for i in range(n):
             sample = self.dataset[i]
             xs.append(np.asarray(sample[0], dtype=np.float32))
-            ys.append(np.asarray(sample[1]).reshape(-1)[:1])
-        x, y = np.stack(xs), np.concatenate(ys)
+            ys.append(np.asarray(sample[1]))
+        x, y = np.stack(xs), np.stack(ys)
+        if y.size == len(y):  # class indices: a vector, as the (correct, count) metrics expect
+            y = y.reshape(-1)
         self.batches: List[Tuple[paddle.Tensor, np.ndarray]] = [
             (paddle.to_tensor(x[i:i + self.batch_size]), y[i:i + self.batch_size])
             for i in range(0, n, self.batch_size)
@@ -69,6 +78,8 @@ class EvalData:
         return f"{type(self.dataset).__name__}: {self.size} samples"
 
     def score(self, outputs: Sequence[np.ndarray]) -> float:
+        if isinstance(self.metric, paddle.metric.Metric):
+            return _accumulate(self.metric, outputs, [y for _, y in self.batches])
         correct = total = 0.0
         for out, (_, y) in zip(outputs, self.batches):
             c, t = self.metric(out, y)
@@ -76,9 +87,31 @@ class EvalData:
         return correct / total
 
 
+def main_output(outputs: Any) -> paddle.Tensor:
+    """The output a metric scores: the tensor itself, the first of a list or tuple, the first
+    value of a dict (a network with auxiliary outputs returns its main one first)."""
+    if isinstance(outputs, dict):
+        outputs = next(iter(outputs.values()))
+    while isinstance(outputs, (list, tuple)):
+        outputs = outputs[0]
+    return outputs
+
+
+def _accumulate(metric: paddle.metric.Metric, outputs: Sequence[np.ndarray],
+                labels: Sequence[np.ndarray]) -> float:
+    """A paddle.metric.Metric over all batches, the way paddle.Model.evaluate drives it."""
+    metric.reset()
+    for out, y in zip(outputs, labels):
+        args = metric.compute(paddle.to_tensor(out), paddle.to_tensor(y))
+        args = args if isinstance(args, (list, tuple)) else [args]
+        metric.update(*[a.numpy() if isinstance(a, paddle.Tensor) else a for a in args])
+    value = metric.accumulate()
+    return float(value[0] if isinstance(value, (list, tuple)) else value)
+
+
 def _default_workers() -> int:
     try:
         n = len(os.sched_getaffinity(0))
     except AttributeError:  # not on Linux
         n = os.cpu_count() or 1
-    return max(1, min(n, 4))
+    return max(1, min(n // world_size(), 4))  # ranks on one machine share its cores

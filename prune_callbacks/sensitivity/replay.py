@@ -19,7 +19,7 @@ import paddle.nn as nn
 
 from ..layers import output_channel_axis, register_output_axis  # noqa: F401 (re-export)
 from ..surgery import Mask
-from .evaluation import EvalData
+from .evaluation import EvalData, main_output
 
 logger = logging.getLogger(__name__)
 
@@ -327,7 +327,7 @@ class Runner:
             with paddle.no_grad():
                 y = self.net(ev.batches[b][0])
             y = y[0] if isinstance(y, (tuple, list)) else y
-            outs[b] = y.numpy()
+            outs[b] = main_output(y).numpy()
 
         with paddle.no_grad():
             workers = min(ev.workers, len(ev.batches))
