@@ -27,6 +27,7 @@ __all__ = [
     "DIGITS_TRAIN_SIZE",
     "cifar10_dataset",
     "digits_dataset",
+    "hard_digits_dataset",
     "subset",
     "synthetic_dataset",
 ]
@@ -144,6 +145,64 @@ def digits_dataset(mode: str, image_size: int = 32, seed: int = 0) -> ArrayDatas
     up = up / 8.0 - 1.0  # [0, 16] -> [-1, 1]
     rgb = np.repeat(up[:, None, :, :], 3, axis=1).astype(np.float32)
     return ArrayDataset(rgb, labels[idx])
+
+
+def hard_digits_dataset(mode: str, image_size: int = 32, seed: int = 0,
+                        copies: int = 3) -> ArrayDataset:
+    """The digits made hard enough to tell pruning methods apart (a benchmark task, offline).
+
+    Each image of `digits_dataset` is warped by a random affine map (rotation up to 20 degrees,
+    scale 0.85-1.1, shear, shifts up to 3 pixels), tinted with a random colour, overlaid with a
+    faint fragment of another digit, partly covered by a noise patch, and given Gaussian noise.
+    Training uses `copies` differently warped versions of each image; the test split one each.
+    The draws are fixed by `seed`, so every run sees the same images.
+
+    Args:
+        mode: "train" or "test".
+        image_size: side of the square image.
+        seed: split and augmentation seed.
+        copies: warped versions per training image (>= 1).
+
+    Returns:
+        A data set of ``(float32 [3, image_size, image_size], int64 [1])``: 1,437 x `copies`
+        training or 360 test images.
+
+    Examples:
+        >>> train = hard_digits_dataset("train")       # 4,311 images
+    """
+    from scipy import ndimage
+
+    base = digits_dataset(mode, image_size, seed)
+    if not isinstance(copies, int) or copies < 1:
+        raise ValueError(f"copies must be an int >= 1, got {copies!r}")
+    n_copies = copies if mode == "train" else 1
+    rng = np.random.default_rng([seed, 0 if mode == "train" else 1])
+    grey = (base.images[:, 0] + 1.0) / 2.0  # [N, S, S] in [0, 1]
+    size = grey.shape[-1]
+    out = np.empty((len(grey) * n_copies, 3, size, size), dtype=np.float32)
+    centre = np.array([size / 2 - 0.5, size / 2 - 0.5])
+    for k in range(n_copies):
+        for i, img in enumerate(grey):
+            angle = np.deg2rad(rng.uniform(-20, 20))
+            scale = rng.uniform(0.85, 1.1)
+            shear = rng.uniform(-0.15, 0.15)
+            rot = np.array([[np.cos(angle), -np.sin(angle)], [np.sin(angle), np.cos(angle)]])
+            mat = np.linalg.inv(rot @ np.array([[1.0, shear], [0.0, 1.0]]) * scale)
+            shift = rng.uniform(-3, 3, size=2)
+            offset = centre - mat @ (centre + shift)
+            warped = ndimage.affine_transform(img, mat, offset=offset, order=1)
+            other = grey[rng.integers(len(grey))]
+            clutter = np.roll(other, rng.integers(-size // 2, size // 2, 2), axis=(0, 1))
+            fg = np.clip(warped + 0.15 * clutter, 0, 1)
+            tint = rng.uniform(0.3, 1.0, size=3)[:, None, None]
+            rgb = fg[None] * tint + rng.uniform(0, 0.3, size=3)[:, None, None]
+            h = rng.integers(3, 7)
+            y0, x0 = rng.integers(0, size - h, 2)
+            rgb[:, y0:y0 + h, x0:x0 + h] = rng.uniform(0, 1, (3, h, h))
+            rgb += rng.normal(0, 0.1, rgb.shape)
+            out[k * len(grey) + i] = (rgb * 2.0 - 1.0).astype(np.float32)
+    labels = np.tile(base.labels.reshape(-1), n_copies)
+    return ArrayDataset(out, labels)
 
 
 def synthetic_dataset(
