@@ -1,14 +1,18 @@
-"""Measuring inside the single fit: an evaluator and the timestamp callbacks placed around the pruners.
+"""Measuring inside the single fit: an evaluator, the timestamp callbacks placed around the pruners,
+and the guard that stops a diverged run.
 
-They only read the network and the clock: they never change weights, modes or fit's logs.
+They only read the network, the logs and the clock: they never change weights, modes or fit's logs.
 """
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Dict, Optional
 
 import paddle
+
+from ..distributed import all_gather, world_size
 
 log = logging.getLogger(__name__)
 
@@ -108,3 +112,48 @@ class PhaseMark(paddle.callbacks.Callback):
             self.clock.metrics[self.name] = evaluate_net(self.model.network, self.eval_data, self.batch_size)
             log.info("%s: %s", self.name, self.clock.metrics[self.name])
             self.clock.mark(self.name + "_evaluated")
+
+
+class Diverged(RuntimeError):
+    """Training produced a non-finite loss; `epoch` and `step` say where (0-based)."""
+
+    def __init__(self, epoch: int, step: int, loss: float) -> None:
+        super().__init__(f"the training loss became {loss} at epoch {epoch}, step {step}")
+        self.epoch, self.step, self.loss = epoch, step, loss
+
+
+class DivergenceGuard(paddle.callbacks.Callback):
+    """Stop `fit` at the first non-finite training loss by raising `Diverged`.
+
+    Once the weights hold NaN nothing downstream means anything (sensitivity, plans, fine-tuning),
+    so the app stops at once and reports the divergence instead of finishing on NaN. In one
+    process it checks every batch; under several ranks it checks at each epoch's end (before the
+    pruning callbacks), with the ranks' flags gathered so that all of them stop together.
+
+    Args:
+        offset: epochs done before this fit (a resumed run), added to the epoch it reports.
+    """
+
+    def __init__(self, offset: int = 0) -> None:
+        super().__init__()
+        self.offset, self.epoch = offset, 0
+        self.last: Optional[tuple] = None  # (step, loss) of the first non-finite loss this epoch
+
+    def on_epoch_begin(self, epoch: int, logs: Optional[dict] = None) -> None:
+        self.epoch, self.last = epoch, None
+
+    def on_train_batch_end(self, step: int, logs: Optional[dict] = None) -> None:
+        loss = (logs or {}).get("loss")
+        value = float(loss[0] if isinstance(loss, (list, tuple)) else loss) if loss is not None else 0.0
+        if math.isfinite(value) or self.last is not None:
+            return
+        self.last = (step, value)
+        if world_size() == 1:
+            raise Diverged(self.offset + self.epoch, step, value)
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        if world_size() == 1:
+            return
+        found = [x for x in all_gather(self.last) if x is not None]
+        if found:
+            raise Diverged(self.offset + epoch, *min(found))
