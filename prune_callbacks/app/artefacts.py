@@ -64,7 +64,8 @@ class InferenceExport(paddle.callbacks.Callback):
         self.path = _check_path(path)
 
     def on_train_end(self, logs: Optional[dict] = None) -> None:
-        export(self.model.network, self.path, self.model._inputs)
+        if is_main():
+            export(self.model.network, self.path, self.model._inputs)
 
 
 STATE_SUFFIX = ".state.json"

@@ -87,13 +87,31 @@ class Run:
         return done + list(getattr(self.pruner, "plans", None) or [])
 
 
+def _trainers() -> int:
+    """Processes in a `paddle.distributed.launch` (or spawn) job, from the launcher's environment."""
+    return int(os.environ.get("PADDLE_TRAINERS_NUM", "1") or 1)
+
+
+def _unwritable(out: str) -> Optional[str]:
+    """Why `out` cannot be the output dir (created if missing), or None."""
+    try:
+        os.makedirs(out, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as exc:
+        return (f"output_dir={out!r} cannot be written ({type(exc).__name__}: {exc.strerror or exc}); "
+                f"choose a writable directory with output_dir=... (or hydra.run.dir=...)")
+    return None
+
+
 def resolve_output_dir(cfg: DictConfig) -> str:
     """`cfg.output_dir` if set, else Hydra's run dir when under Hydra, else the cwd (absolute).
 
-    Rank 0 creates it and checks that it can write there; other ranks only compute the path.
+    Rank 0 creates it and checks that it can write there; under several processes every rank
+    takes rank 0's answer (its Hydra run dir: the other ranks' differ, see train.py).
 
     Raises:
-        ConfigError: the directory cannot be created or written.
+        ConfigError: the directory cannot be created or written (on every rank).
     """
     if cfg.get("output_dir"):
         out = str(cfg.output_dir)
@@ -102,15 +120,12 @@ def resolve_output_dir(cfg: DictConfig) -> str:
     else:
         out = os.getcwd()
     out = os.path.abspath(os.path.expanduser(out))
-    if app_rank() != 0:
-        return out
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        raise ConfigError(f"output_dir={out!r} cannot be written ({type(exc).__name__}: {exc.strerror or exc}); "
-                          f"choose a writable directory with output_dir=... (or hydra.run.dir=...)") from None
+    problem = _unwritable(out) if app_rank() == 0 else None
+    if _trainers() > 1:
+        paddle.distributed.init_parallel_env()  # paddle.Model would do it later; the ranks must agree now
+        out, problem = distributed.all_gather((out, problem))[0]
+    if problem:
+        raise ConfigError(problem)
     return out
 
 

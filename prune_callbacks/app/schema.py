@@ -153,14 +153,15 @@ def locate(target: str, key: str, group: str) -> Any:
     try:
         found = getattr(importlib.import_module(module_name), attr)
         if not callable(found):
-            raise TypeError(target)
+            raise TypeError(f"{target} is a {type(found).__name__}, not callable")
         return found
-    except (ImportError, AttributeError, TypeError, ValueError):
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
         names = options(group)
         pick = f"Pick a config from the '{group}' group ({', '.join(names)}), e.g. {group}={names[0]}, " \
             if names else ""
         raise ConfigError(
-            f"{key}={target!r} cannot be imported as a callable. {pick}or give the dotted path of a callable."
+            f"{key}={target!r} cannot be imported as a callable ({type(exc).__name__}: {exc}). {pick}or give "
+            f"the dotted path of a callable (a module next to train.py, in the current directory, or installed)."
         ) from None
 
 
