@@ -325,6 +325,7 @@ def fit(model: paddle.Model, cfg: DictConfig, run: Run) -> None:
                   callbacks=run.callbacks)
     except Diverged as exc:
         run.diverged = exc
+        run.clock.mark("end")  # fit's on_train_end never came
         log.error("training diverged: %s; nothing after it was trained, pruned or saved. Lower "
                   "optim.learning_rate (now %s)", exc, cfg.optim.learning_rate)
 
