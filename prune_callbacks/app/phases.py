@@ -10,9 +10,10 @@ import math
 import time
 from typing import Dict, Optional
 
+import numpy as np
 import paddle
 
-from ..distributed import all_gather, world_size
+from ..distributed import all_gather, shard, world_size
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,13 @@ def evaluate_net(net: paddle.nn.Layer, dataset: paddle.io.Dataset, batch_size: i
 
     A plain loop rather than `paddle.Model.evaluate`: called from `on_epoch_end` inside `fit`,
     `evaluate` would overwrite the `logs` dict that fit passes on to later callbacks (fit's
-    `_run_one_epoch` shares a mutable default), and reset `model._test_dataloader`.
+    `_run_one_epoch` shares a mutable default), and reset `model._test_dataloader`. Under several
+    ranks each evaluates its share of the samples (round robin) and the sums are gathered, so every
+    rank returns the figures of the whole data set, as one process would (up to float rounding).
+    DataParallel keeps the trained parameters equal across ranks but not the rest: each rank's
+    BatchNorm running statistics (non-trainable parameters in Paddle) follow its own batches. So
+    rank 0's non-trainable parameters and buffers are broadcast first, and every rank evaluates
+    rank 0's network, the one that is saved and exported.
 
     Args:
         net: a classifier returning logits.
@@ -39,20 +46,28 @@ def evaluate_net(net: paddle.nn.Layer, dataset: paddle.io.Dataset, batch_size: i
     net.eval()
     loss_fn = paddle.nn.CrossEntropyLoss(reduction="sum")
     metric = paddle.metric.Accuracy(topk=(1, 5))
-    total_loss, count = 0.0, 0
+    sums = [0.0, 0, 0.0, 0.0]  # loss, count, top-1 hits, top-5 hits
+    mine = shard(range(len(dataset)))
+    if world_size() > 1:
+        dataset = paddle.io.Subset(dataset, mine)
+        for state in [*net.buffers(), *(p for p in net.parameters() if p.stop_gradient)]:
+            paddle.distributed.broadcast(state, src=0)  # BatchNorm's running mean/variance among them
     loader = paddle.io.DataLoader(dataset, batch_size=batch_size, shuffle=False, drop_last=False)
     try:
         with paddle.no_grad():
-            for images, labels in loader:
+            for images, labels in (loader if mine else []):
                 logits = net(images)
-                total_loss += float(loss_fn(logits, labels))
-                count += int(labels.shape[0])
-                metric.update(metric.compute(logits, labels))
+                correct = np.asarray(metric.compute(logits, labels))
+                sums[0] += float(loss_fn(logits, labels))
+                sums[1] += int(labels.shape[0])
+                sums[2] += float(correct[:, :1].sum())
+                sums[3] += float(correct[:, :5].sum())
     finally:
         if was_training:
             net.train()
-    top1, top5 = metric.accumulate()
-    return {"loss": total_loss / max(count, 1), "top1": float(top1), "top5": float(top5)}
+    loss, count, top1, top5 = (sum(column) for column in zip(*all_gather(sums)))
+    count = max(count, 1)
+    return {"loss": loss / count, "top1": top1 / count, "top5": top5 / count}
 
 
 class PhaseClock:
