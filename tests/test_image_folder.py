@@ -6,6 +6,7 @@ file); the user network is `TinyNet` below, imported by the app as `test_image_f
 """
 from __future__ import annotations
 
+import io
 import json
 import logging
 import os
@@ -59,6 +60,9 @@ def image_folder(tmp_path: Path) -> Path:
     Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), mode="L").save(root / "train" / "cat" / "grey.png")
     Image.fromarray(rng.integers(0, 255, (30, 30, 4), dtype=np.uint8), mode="RGBA").save(root / "train" / "dog" / "rgba.png")
     (root / "train" / "fox" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
+    whole = io.BytesIO()
+    Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(whole, "JPEG")
+    (root / "val" / "dog" / "truncated.jpg").write_bytes(whole.getvalue()[: len(whole.getvalue()) // 2])
     (root / "train" / "fox" / "notes.txt").write_text("not an image: ignored")
     return root
 
@@ -83,7 +87,7 @@ def _warnings_naming(records: Sequence[logging.LogRecord], text: str) -> List[st
 def test_scan_folder_layouts(image_folder: Path, tmp_path: Path) -> None:
     layout = scan_folder(str(image_folder))
     assert layout.classes == CLASSES and not layout.split_by_fraction
-    assert len(layout.train) == 3 * 8 + 3 and len(layout.val) == 3 * 3  # + grey, rgba, broken; not the .txt
+    assert len(layout.train) == 3 * 8 + 3 and len(layout.val) == 3 * 3 + 1  # + grey, rgba, broken, truncated
     # one folder of classes: split per class by val_fraction, the same split every time
     flat = tmp_path / "flat"
     _write_images(flat, 10, np.random.default_rng(1))
@@ -123,8 +127,11 @@ def test_images_are_decoded_converted_and_normalised(image_folder: Path, caplog:
     np.testing.assert_allclose(grey[0], grey[1])  # grey -> RGB: equal channels
     # (pixel / 255 - 0.5) / 0.25 spans [-2, 2]
     assert -2.0 - 1e-6 <= float(np.min(grey)) and float(np.max(grey)) <= 2.0 + 1e-6
-    one = image_folder_dataset(str(image_folder), "val", image_size=12, channels=1, mean=[0.5], std=[0.5])
-    assert one[0][0].shape == (1, 12, 12)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        one = image_folder_dataset(str(image_folder), "val", image_size=12, channels=1, mean=[0.5], std=[0.5])
+    assert one[0][0].shape == (1, 12, 12) and len(one) == 9
+    assert len(_warnings_naming(caplog.records, "truncated.jpg")) == 1  # opens, but would fail mid-epoch
     with pytest.raises(ValueError, match=r"mean=\[0\.1, 0\.2\] must hold 1 or 3 numbers"):
         image_folder_dataset(str(image_folder), "val", image_size=12, mean=[0.1, 0.2])
 
@@ -147,6 +154,7 @@ def test_app_trains_a_user_net_on_an_image_folder(image_folder: Path, tmp_path: 
     # the broken file: one warning naming it, when the data set was built, never again mid-epoch
     assert len(_warnings_naming(caplog.records, "broken.jpg")) == 1
     assert results["num_classes"] == 3 and results["train_samples"] == 26 and results["val_samples"] == 9
+    assert len(_warnings_naming(caplog.records, "truncated.jpg")) == 1
     assert results["model"] == "TinyNet" and results["data"] == "folder"
     assert 0 < results["flops_after"] < results["flops_before"]
     for key in ("top1_before", "top1_pruned", "top1_finetuned"):
