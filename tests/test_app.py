@@ -24,7 +24,7 @@ from omegaconf.errors import ValidationError
 import prune_callbacks
 from prune_callbacks.plan import recorded_plans
 from prune_callbacks.app import (SWEEP_COLUMNS, ConfigError, InferenceExport, PrunedCheckpoint,
-                                 build_callbacks, evaluate_net, format_sweep, train, validate_config)
+                                 ResumePoint, build_callbacks, evaluate_net, format_sweep, train, validate_config)
 from prune_callbacks.importance import get_criterion
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -122,24 +122,25 @@ def _built(overrides: Sequence[str], tmp_path: Path) -> List[paddle.callbacks.Ca
 def test_default_callbacks_are_built_from_their_configs(tmp_path: Path) -> None:
     built = _built([], tmp_path)
     assert [type(c) for c in built] == [prune_callbacks.PruneVisualDL, paddle.callbacks.VisualDL,
-                                        PrunedCheckpoint, InferenceExport]
+                                        PrunedCheckpoint, InferenceExport, ResumePoint]
     assert built[0].log_dir == str(tmp_path / "vdl_log")
     assert built[2].path == str(tmp_path / "checkpoint" / "pruned")
     assert built[3].path == str(tmp_path / "inference" / "model")
+    assert built[4].path == str(tmp_path / "resume" / "last")
 
 
 def test_callbacks_turn_off_one_by_one_or_all(tmp_path: Path) -> None:
     for off in ("callbacks.visualdl=false", "callbacks.visualdl=null", "~callbacks.visualdl"):
         types = [type(c) for c in _built([off], tmp_path)]
-        assert types == [paddle.callbacks.VisualDL, PrunedCheckpoint, InferenceExport], off
+        assert types == [paddle.callbacks.VisualDL, PrunedCheckpoint, InferenceExport, ResumePoint], off
     assert _built(["callbacks=none"], tmp_path) == []
 
 
 def test_paddle_callbacks_are_added_from_the_command_line(tmp_path: Path) -> None:
     built = _built(["callbacks=[default,early_stopping,model_checkpoint]",
                     "callbacks.early_stopping.patience=5"], tmp_path)
-    assert len(built) == 6
-    stop, ckpt = built[4], built[5]
+    assert len(built) == 7
+    stop, ckpt = built[5], built[6]
     assert isinstance(stop, paddle.callbacks.EarlyStopping) and stop.patience == 5 and stop.monitor == "loss"
     assert isinstance(ckpt, paddle.callbacks.ModelCheckpoint) and ckpt.save_dir == str(tmp_path / "checkpoints")
     only = _built(["callbacks=[none,early_stopping]"], tmp_path)
@@ -346,10 +347,11 @@ class _LogsSpy(paddle.callbacks.Callback):
         _LogsSpy.seen.append({"epoch": epoch, "step": logs.get("step"), "loss": logs.get("loss")})
 
 
-def _fake_save(model_or_net: Any, path_prefix: str, plans: Any = None) -> None:
+def _fake_save(model_or_net: Any, path_prefix: str, plans: Any = None) -> List[str]:
     plans = recorded_plans(model_or_net) if plans is None else plans  # as save_pruned does
     os.makedirs(os.path.dirname(path_prefix), exist_ok=True)
     Path(path_prefix + ".json").write_text(json.dumps(len(plans)))
+    return [path_prefix + ".json"]  # like save_pruned: the files written
 
 
 def _fake_export(net: Any, path_prefix: str, input_spec: Any) -> None:
@@ -391,6 +393,9 @@ def test_train_plumbing_with_stand_ins(tmp_path: Path, monkeypatch: pytest.Monke
     assert saved["top1_finetuned"] == pytest.approx(results["top1_finetuned"])
     assert (tmp_path / "checkpoint" / "pruned.json").exists()
     assert (tmp_path / "inference" / "model.pdmodel").exists()
+    assert (tmp_path / "resume" / "last.json").exists() and not list((tmp_path / "resume").glob(".tmp-*"))
+    state = json.loads((tmp_path / "resume" / "last.state.json").read_text())
+    assert state["epochs_done"] == 3 and state["metrics"]["pruned"]["loss"] == pytest.approx(np.log(10), rel=1e-3)
     printed = capsys.readouterr().out
     for text in ("Results: mobilenet_v1 on digits", "FLOPs", "40.00% (target 40.00%)", "top-1", "top-5",
                  "before pruning", "pruned, no fine-tune", "fine-tuned", "sensitivity", "fine-tune",

@@ -2,17 +2,20 @@
 
 The top layer: it may import the callbacks and the engine; nothing in the package imports it.
 """
-from .artefacts import InferenceExport, PrunedCheckpoint
-from .phases import PhaseClock, PhaseMark, TrainSpan, evaluate_net
+from .artefacts import InferenceExport, PrunedCheckpoint, ResumePoint
+from .model import build_model, build_network, check_network
+from .phases import Diverged, DivergenceGuard, PhaseClock, PhaseMark, TrainSpan, evaluate_net
 from .report import (RESULTS_FILE, SWEEP_COLUMNS, SWEEP_CSV, MultirunResultsTable, collect_results,
                      format_results, format_sweep)
-from .run import Run, build_callbacks, build_model, build_prune_callbacks, train
-from .schema import Config, ConfigError, DataConf, PruneConf, TrainerConf, validate_config
+from .resume import ResumeState, find_resume_point
+from .run import Run, app_rank, build_callbacks, build_prune_callbacks, train
+from .schema import Config, ConfigError, DataConf, DistillConf, PruneConf, TrainerConf, validate_config
 
 __all__ = [
-    "train", "validate_config", "ConfigError", "Config", "DataConf", "PruneConf", "TrainerConf",
-    "Run", "build_model", "build_prune_callbacks", "build_callbacks", "evaluate_net", "PhaseClock",
-    "PhaseMark", "TrainSpan", "PrunedCheckpoint", "InferenceExport", "collect_results",
-    "format_results", "format_sweep", "MultirunResultsTable", "RESULTS_FILE", "SWEEP_CSV",
-    "SWEEP_COLUMNS",
+    "train", "validate_config", "ConfigError", "Config", "DataConf", "DistillConf", "PruneConf",
+    "TrainerConf", "Run", "app_rank", "build_model", "build_network", "check_network",
+    "build_prune_callbacks", "build_callbacks", "evaluate_net", "PhaseClock", "PhaseMark", "TrainSpan",
+    "Diverged", "DivergenceGuard", "PrunedCheckpoint", "InferenceExport", "ResumePoint",
+    "ResumeState", "find_resume_point", "collect_results", "format_results", "format_sweep",
+    "MultirunResultsTable", "RESULTS_FILE", "SWEEP_CSV", "SWEEP_COLUMNS",
 ]

@@ -1,16 +1,19 @@
-"""Callbacks that write the run's artefacts when fit ends: the pruned checkpoint, the inference model.
+"""Callbacks that write the run's artefacts: the pruned checkpoint and the inference model when fit
+ends, a resume point after every epoch.
 
-Built from conf/callbacks/{checkpoint,export}.yaml. They only save; the plans come from the
+Built from conf/callbacks/{checkpoint,export,resume}.yaml. They only save; the plans come from the
 model's PruneHistory, which FilterPruneCallback fills.
 """
 from __future__ import annotations
 
 import os
-from typing import Optional, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 import paddle
 
-from ..io import export, save_pruned
+from ..distributed import is_main
+from ..io import export, recorded_plans, save_pruned
+from ..plan import write_json_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -39,7 +42,8 @@ class PrunedCheckpoint(paddle.callbacks.Callback):
         self.path = _check_path(path)
 
     def on_train_end(self, logs: Optional[dict] = None) -> None:
-        save_pruned(self.model, self.path)  # with the plans recorded on the model
+        # recorded on the network: a resumed run's plans (load_pruned) and this fit's (the history)
+        save_pruned(self.model, self.path, recorded_plans(self.model))
 
 
 class InferenceExport(paddle.callbacks.Callback):
@@ -60,4 +64,43 @@ class InferenceExport(paddle.callbacks.Callback):
         self.path = _check_path(path)
 
     def on_train_end(self, logs: Optional[dict] = None) -> None:
-        export(self.model.network, self.path, self.model._inputs)
+        if is_main():
+            export(self.model.network, self.path, self.model._inputs)
+
+
+STATE_SUFFIX = ".state.json"
+
+
+class ResumePoint(paddle.callbacks.Callback):
+    """After every epoch, save what `trainer.resume` needs to continue the run: weights, optimizer,
+    plans (`save_pruned`) and `<path>.state.json` (epochs done, the phase figures so far).
+
+    Files go to a temporary prefix first and are renamed over the previous point, the state file
+    last, so a kill leaves the previous point or the new one. Only rank 0 writes.
+
+    Args:
+        path: file prefix, e.g. `<output_dir>/resume/last`.
+
+    Raises:
+        TypeError: `path` is not a non-empty path.
+
+    Examples:
+        >>> model.fit(train_ds, epochs=3, callbacks=[pruner, ResumePoint("run/resume/last")])
+    """
+
+    def __init__(self, path: PathLike) -> None:
+        super().__init__()
+        self.path = _check_path(path)
+        self.offset = 0  # epochs done before this fit (a resumed run)
+        self.extra: Callable[[], Dict[str, Any]] = dict  # more state, e.g. the phase figures
+
+    def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
+        if not is_main():
+            return
+        plans = recorded_plans(self.model)
+        tmp = os.path.join(os.path.dirname(self.path) or ".", ".tmp-" + os.path.basename(self.path))
+        written = save_pruned(self.model, tmp, plans)
+        for file in written:
+            os.replace(file, self.path + file[len(tmp):])
+        state = {"producer": "prune_callbacks.app", "epochs_done": self.offset + epoch + 1, **self.extra()}
+        write_json_atomic(self.path + STATE_SUFFIX, state)

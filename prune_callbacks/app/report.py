@@ -29,55 +29,87 @@ SWEEP_COLUMNS = [
 ]
 
 
-def _reduction(before: float, after: float) -> float:
+def _reduction(before: Optional[float], after: Optional[float]) -> Optional[float]:
+    if before is None or after is None:
+        return None
     return 1.0 - after / before if before else 0.0
 
 
-def collect_results(cfg: DictConfig, run: Any, final: Dict[str, float], eval_time: float) -> Dict[str, Any]:
+def finite(value: Any) -> Any:
+    """`value` with every NaN or infinity replaced by None (JSON has no NaN), recursively."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [finite(v) for v in value]
+    return value
+
+
+def _diverged(run: Any) -> Optional[Dict[str, Any]]:
+    exc = getattr(run, "diverged", None)
+    if exc is None:
+        return None
+    return {"epoch": exc.epoch, "step": exc.step, "loss": str(exc.loss),
+            "message": f"{exc}; the run stopped there (lower optim.learning_rate)"}
+
+
+def collect_results(cfg: DictConfig, run: Any, final: Optional[Dict[str, float]],
+                    eval_time: float) -> Dict[str, Any]:
     """The figures of the results table, from the config, the finished run and the final evaluation.
 
     Args:
         cfg: the validated config.
         run: the `run.Run` that was fitted (datasets, plans, phase clock, artefact paths).
-        final: `evaluate_net` of the fine-tuned network.
+        final: `evaluate_net` of the fine-tuned network; None when the run diverged.
         eval_time: seconds that final evaluation took.
 
     Returns:
-        A JSON-ready dict: sizes, FLOPs/params, accuracies, phase times, ratios and paths.
+        A JSON-ready dict (non-finite numbers as null): sizes, FLOPs/params, accuracies, phase
+        times, ratios, paths, and `diverged` (null, or where the loss became non-finite).
     """
     p, t, clock = cfg.prune, cfg.trainer, run.clock
-    before, pruned = clock.metrics.get("before", {}), clock.metrics.get("pruned", {})
-    first, last = run.plans[0], run.plans[-1]
-    return {
+    before, pruned, final = clock.metrics.get("before", {}), clock.metrics.get("pruned", {}), final or {}
+    plans = run.plans
+    first, last = (plans[0], plans[-1]) if plans else (None, None)
+    flops_before, flops_after = (int(first.flops_before), int(last.flops_after)) if plans else (None, None)
+    params_before, params_after = (int(first.params_before), int(last.params_after)) if plans else (None, None)
+    resume = getattr(run, "resume", None)
+    return finite({
         "model": str(cfg.model._target_).rsplit(".", 1)[-1],
         "data": cfg.data.name,
+        "num_classes": int(cfg.data.num_classes),
         "criterion": str(p.criterion),
         "strategy": str(p.strategy),
         "at_epoch": run.at_epoch,
         "epochs_before": t.epochs_before,
         "epochs_after": t.epochs_after,
+        "resumed_from": resume.prefix if resume else None,
+        "resumed_at_epoch": resume.epochs_done if resume else None,
+        "distill_alpha": p.distill.alpha or None,
         "train_samples": len(run.train_ds),
         "val_samples": len(run.val_ds),
         "flops_target": p.flops,
-        "flops_before": int(first.flops_before),
-        "flops_after": int(last.flops_after),
-        "flops_reduction": _reduction(first.flops_before, last.flops_after),
-        "params_before": int(first.params_before),
-        "params_after": int(last.params_after),
-        "params_reduction": _reduction(first.params_before, last.params_after),
+        "flops_before": flops_before,
+        "flops_after": flops_after,
+        "flops_reduction": _reduction(flops_before, flops_after),
+        "params_before": params_before,
+        "params_after": params_after,
+        "params_reduction": _reduction(params_before, params_after),
         "top1_before": before.get("top1"),
         "top5_before": before.get("top5"),
         "top1_pruned": pruned.get("top1"),
         "top5_pruned": pruned.get("top5"),
-        "top1_finetuned": final["top1"],
-        "top5_finetuned": final["top5"],
+        "top1_finetuned": final.get("top1"),
+        "top5_finetuned": final.get("top5"),
         "loss_before": before.get("loss"),
         "loss_pruned": pruned.get("loss"),
-        "loss_finetuned": final["loss"],
+        "loss_finetuned": final.get("loss"),
         **_phase_times(clock, eval_time),
-        "ratios": {k: float(v) for k, v in last.ratios.items()},
+        "ratios": {k: float(v) for k, v in last.ratios.items()} if last else {},
+        "diverged": _diverged(run),
         "paths": run.paths,
-    }
+    })
 
 
 def _phase_times(clock: PhaseClock, eval_time: float) -> Dict[str, Optional[float]]:
@@ -139,12 +171,16 @@ def format_results(r: Dict[str, Any]) -> str:
     title = (f"Results: {r['model']} on {r['data']}, criterion {r['criterion']}, "
              f"strategy {r['strategy']}, pruned at end of epoch {r['at_epoch']}")
     lines = [title, "=" * len(title)]
+    if r.get("diverged"):
+        lines += [f"DIVERGED: {r['diverged']['message']}", ""]
+    if r.get("resumed_from"):
+        lines += [f"resumed from {r['resumed_from']} after {r['resumed_at_epoch']} epoch(s)", ""]
     lines += _table(rows) + [""] + _table(acc) + [""]
     lines += _table([("wall time", "")] + [(k, _fmt(v, "s")) for k, v in times]) + [""]
     paths = r["paths"]
     for label, key in (("VisualDL logs", "vdl_log"), ("sensitivity", "sensitivity"),
                        ("pruned checkpoint", "checkpoint"), ("inference model", "inference_model"),
-                       ("results", "results")):
+                       ("resume point", "resume"), ("results", "results")):
         lines.append(f"{label + ':':20s}{paths.get(key) or '(off)'}")
     return "\n".join(lines)
 

@@ -26,16 +26,34 @@ CONFIG_DIR = Path(__file__).resolve().parents[2] / "conf"
 
 @dataclass
 class DataConf:
-    """A data set pair: `train` and `val` are `_target_` nodes returning a `paddle.io.Dataset`."""
+    """A data set pair: `train` and `val` are `_target_` nodes returning a `paddle.io.Dataset`.
+
+    `num_classes` null: taken from the train data set's `classes` (an image folder's class
+    folders). `channels` and `image_size` give the network's input shape. `val_fraction`,
+    `augment`, `mean` and `std` are read by the data sets that use them (conf/data/folder.yaml).
+    """
 
     name: str = MISSING
-    num_classes: int = MISSING
+    num_classes: Optional[int] = MISSING
     image_size: int = 32
+    channels: int = 3
     path: Optional[str] = None
     train_samples: Optional[int] = None
     val_samples: Optional[int] = None
+    val_fraction: float = 0.2
+    augment: bool = True
+    mean: Optional[List[float]] = None
+    std: Optional[List[float]] = None
     train: Any = MISSING
     val: Any = MISSING
+
+
+@dataclass
+class DistillConf:
+    """Knowledge distillation after pruning (`DistillCallback`): off while `alpha` is null or 0."""
+
+    alpha: Optional[float] = None
+    temperature: float = 4.0
 
 
 @dataclass
@@ -58,6 +76,7 @@ class PruneConf:
     sensitivity_samples: Optional[int] = 64
     sensitivity_file: Optional[str] = None
     max_loss: Optional[float] = None
+    distill: DistillConf = field(default_factory=DistillConf)
 
 
 @dataclass
@@ -71,6 +90,7 @@ class TrainerConf:
     num_workers: int = 0
     log_freq: int = 10
     verbose: int = 2
+    resume: Optional[str] = None
 
 
 @dataclass
@@ -133,14 +153,15 @@ def locate(target: str, key: str, group: str) -> Any:
     try:
         found = getattr(importlib.import_module(module_name), attr)
         if not callable(found):
-            raise TypeError(target)
+            raise TypeError(f"{target} is a {type(found).__name__}, not callable")
         return found
-    except (ImportError, AttributeError, TypeError, ValueError):
+    except (ImportError, AttributeError, TypeError, ValueError) as exc:
         names = options(group)
         pick = f"Pick a config from the '{group}' group ({', '.join(names)}), e.g. {group}={names[0]}, " \
             if names else ""
         raise ConfigError(
-            f"{key}={target!r} cannot be imported as a callable. {pick}or give the dotted path of a callable."
+            f"{key}={target!r} cannot be imported as a callable ({type(exc).__name__}: {exc}). {pick}or give "
+            f"the dotted path of a callable (a module next to train.py, in the current directory, or installed)."
         ) from None
 
 
@@ -181,6 +202,14 @@ def _check_trainer(t: DictConfig, p: DictConfig) -> None:
             f"trainer.epochs_before + trainer.epochs_after = {epochs} epochs), or null for "
             f"trainer.epochs_before - 1",
         )
+    at = p.at_epoch if p.at_epoch is not None else t.epochs_before - 1
+    last = at + p.steps - 1
+    _check(
+        p.steps < 1 or last < epochs,  # steps < 1: FilterPruneCallback names the argument
+        f"prune.steps={p.steps}: pruning at the end of epochs {at}..{last} runs past the last epoch "
+        f"{epochs - 1} (trainer.epochs_before + trainer.epochs_after = {epochs}); lower prune.steps "
+        f"or prune.at_epoch, or raise trainer.epochs_after to at least {last + 1 - t.epochs_before}",
+    )
     # No callback argument takes max_loss's range (SensitivityCallback checks its type only).
     _check(p.max_loss is None or p.max_loss > 0, f"prune.max_loss={p.max_loss} must be > 0 or null")
     for key in ("batch_size", "eval_batch_size", "log_freq"):
@@ -191,11 +220,30 @@ def _check_trainer(t: DictConfig, p: DictConfig) -> None:
         re.fullmatch(r"cpu|gpu(:\d+)?", t.device) is not None,
         f"trainer.device={t.device!r} is not one of cpu, gpu, gpu:N",
     )
+    _check_device(t.device)
+
+
+def _check_device(device: str) -> None:
+    """A GPU asked of a build or machine without one stops here, not in `paddle.set_device`."""
+    if not device.startswith("gpu"):
+        return
+    _check(
+        paddle.device.is_compiled_with_cuda(),
+        f"trainer.device={device!r}: this Paddle build has no CUDA support (a CPU-only paddlepaddle); "
+        f"use trainer.device=cpu, or install paddlepaddle-gpu",
+    )
+    count = paddle.device.cuda.device_count()
+    index = int(device.split(":")[1]) if ":" in device else 0
+    _check(index < count, f"trainer.device={device!r}: this machine has {count} GPU(s) (gpu:0..gpu:{count - 1}); "
+                          f"choose one of them or trainer.device=cpu")
 
 
 def _check_data(d: DictConfig) -> None:
-    _check(d.num_classes >= 1, f"data.num_classes={d.num_classes} must be >= 1")
+    _check(d.num_classes is None or d.num_classes >= 1,
+           f"data.num_classes={d.num_classes} must be >= 1, or null to take the classes from the data set")
     _check(d.image_size >= 8, f"data.image_size={d.image_size} must be >= 8")
+    _check(d.channels >= 1, f"data.channels={d.channels} must be >= 1 (3: RGB, 1: grayscale)")
+    _check(0 <= d.val_fraction < 1, f"data.val_fraction={d.val_fraction} must be in [0, 1), e.g. 0.2")
     if d.name == "cifar10":
         _check(d.image_size == 32, f"data.image_size={d.image_size}: CIFAR-10 images are 32x32")
     for key in ("train_samples", "val_samples"):
@@ -247,6 +295,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     for key, schema in (("data", DataConf), ("prune", PruneConf), ("trainer", TrainerConf)):
         if isinstance(raw.get(key), Mapping):
             _check_known_keys(raw[key], schema, key + ".")
+    if isinstance(raw.get("prune"), Mapping) and isinstance(raw["prune"].get("distill"), Mapping):
+        _check_known_keys(raw["prune"]["distill"], DistillConf, "prune.distill.")
     typed = OmegaConf.merge(OmegaConf.structured(Config), raw)
     OmegaConf.set_struct(typed, True)
     _check_trainer(typed.trainer, typed.prune)

@@ -1,0 +1,106 @@
+"""`trainer.resume`: find where an interrupted run stopped and check that this config can continue it.
+
+Reads checkpoints only (through `prune_callbacks.io`); loading them into the model is `load_pruned`'s
+work. Every mismatch is a ConfigError raised before anything is built or trained.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional
+
+from omegaconf import DictConfig
+
+from ..io import read_plans
+from ..plan import PrunePlan
+from .artefacts import STATE_SUFFIX
+from .schema import ConfigError
+
+RESUME_PREFIX = os.path.join("resume", "last")  # under a run's output dir (conf/callbacks/resume.yaml)
+HELP = ("give the output dir of a run made with the default callbacks (its resume/last.* files), a resume "
+        "point prefix such as <run>/resume/last, or a paddle ModelCheckpoint prefix <save_dir>/<epoch>")
+
+
+@dataclass(frozen=True)
+class ResumeState:
+    """Where a run stopped.
+
+    Attributes:
+        prefix: the checkpoint prefix (`<prefix>.pdparams`, `.pdopt`, `.prune.json`).
+        epochs_done: epochs trained before it was saved; the resumed fit starts at this epoch.
+        plans: the pruning plans already applied, oldest first.
+        state: the rest of `<prefix>.state.json` (e.g. the phase figures), {} for a ModelCheckpoint.
+    """
+
+    prefix: str
+    epochs_done: int
+    plans: List[PrunePlan]
+    state: Dict[str, Any] = field(default_factory=dict)
+
+
+def _prefix_of(path: str) -> str:
+    path = os.path.abspath(os.path.expanduser(path))
+    if os.path.isdir(path):
+        return os.path.join(path, RESUME_PREFIX)
+    for suffix in (STATE_SUFFIX, ".pdparams", ".pdopt", ".prune.json"):
+        if path.endswith(suffix):
+            return path[: -len(suffix)]
+    return path
+
+
+def _epochs_done(prefix: str, key: str) -> tuple[int, Dict[str, Any]]:
+    state_file = prefix + STATE_SUFFIX
+    if os.path.exists(state_file):
+        try:
+            with open(state_file, encoding="utf-8") as f:
+                state = json.load(f)
+            return int(state["epochs_done"]), state
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ConfigError(f"{key}: {state_file!r} is damaged ({exc}); {HELP}") from None
+    name = os.path.basename(prefix)
+    if name.isdigit():  # paddle's ModelCheckpoint saves <save_dir>/<epoch> at that epoch's end
+        return int(name) + 1, {}
+    raise ConfigError(f"{key}: cannot tell which epoch {prefix!r} was saved at (no {STATE_SUFFIX} beside it "
+                      f"and not named after its epoch); {HELP}")
+
+
+def find_resume_point(cfg: DictConfig) -> Optional[ResumeState]:
+    """The checkpoint `trainer.resume` names, checked against this config's epochs and pruning steps.
+
+    Returns:
+        None when `trainer.resume` is null.
+
+    Raises:
+        ConfigError: no checkpoint there, nothing left to train, or the checkpoint's pruning state
+            does not match this config's `prune.at_epoch` / `prune.steps` (the message says why).
+    """
+    if not cfg.trainer.resume:
+        return None
+    key = f"trainer.resume={cfg.trainer.resume!r}"
+    prefix = _prefix_of(str(cfg.trainer.resume))
+    if not os.path.exists(prefix + ".pdparams"):
+        raise ConfigError(f"{key}: no checkpoint {prefix + '.pdparams'!r}; {HELP}")
+    try:
+        plans = read_plans(prefix)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{key}: {exc}") from None
+    done, state = _epochs_done(prefix, key)
+    t, p = cfg.trainer, cfg.prune
+    epochs = t.epochs_before + t.epochs_after
+    if done >= epochs:
+        raise ConfigError(f"{key}: that checkpoint has all {done} epochs of this config trained; nothing to "
+                          f"resume (raise trainer.epochs_after to fine-tune for longer)")
+    at = p.at_epoch if p.at_epoch is not None else t.epochs_before - 1
+    expected = min(max(done - at, 0), p.steps)  # pruning steps this config makes in the first `done` epochs
+    if len(plans) != expected:
+        raise ConfigError(
+            f"{key}: the checkpoint holds {len(plans)} pruning plan(s) after {done} epoch(s), but with "
+            f"prune.at_epoch={at} and prune.steps={p.steps} this config prunes {expected} time(s) by then; "
+            f"resume with the pruning settings of the interrupted run")
+    if 0 < expected < p.steps:
+        raise ConfigError(
+            f"{key}: the run stopped between two of its {p.steps} pruning steps (after step {expected}); "
+            f"resuming inside a gradual pruning is not supported: resume from a point before epoch {at} "
+            f"or after epoch {at + p.steps - 1}")
+    return ResumeState(prefix, done, plans, state)
