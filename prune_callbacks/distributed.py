@@ -93,6 +93,24 @@ def check_agree(what: str, parts: Mapping[str, Any]) -> None:
             "checkpoint on every rank, and pass the same sensitivity file or analysis)")
 
 
+def broadcast_state(net: nn.Layer) -> int:
+    """Copy rank 0's non-trainable parameters and buffers (BatchNorm running statistics) to every
+    rank; returns how many tensors were sent.
+
+    `paddle.DataParallel` keeps trainable parameters equal across ranks but lets each rank keep
+    the running statistics of the batches it saw; evaluations that must agree across ranks (the
+    shared sensitivity analysis) first take rank 0's, the ones its checkpoints hold.
+    """
+    if world_size() == 1:
+        return 0
+    tensors = [p for p in net.parameters() if p.stop_gradient or not p.trainable]
+    tensors += [b for b in net.buffers() if b is not None]
+    with paddle.no_grad():
+        for t in tensors:
+            dist.broadcast(t, src=0)
+    return len(tensors)
+
+
 def fresh_parameters(net: nn.Layer) -> Dict[int, Any]:
     """Replace every parameter of `net` by a new Parameter object with the same name, value and
     attributes. Returns {id(old): new}.

@@ -34,6 +34,19 @@ class _Net(nn.Layer):
         return self.fc(x.mean([2, 3]))
 
 
+class _BNNet(_Net):
+    """With BatchNorm, whose running statistics DataParallel does not synchronise."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.b1 = nn.BatchNorm2D(16)
+
+    def forward(self, x: paddle.Tensor) -> paddle.Tensor:
+        x = nn.functional.relu(self.b1(self.c1(x)))
+        x = nn.functional.relu(self.c2(x))
+        return self.fc(x.mean([2, 3]))
+
+
 class _Data(paddle.io.Dataset):
     def __init__(self, n: int = 64, seed: int = 0) -> None:
         rng = np.random.RandomState(seed)
@@ -49,7 +62,7 @@ class _Data(paddle.io.Dataset):
 
 def _fit(out_dir: str, batch_size: int, sensitivity: bool, perturb_rank: int = -1) -> nn.Layer:
     paddle.seed(1)
-    net = _Net()
+    net = _BNNet() if sensitivity else _Net()
     model = paddle.Model(net, [InputSpec([None, 3, 8, 8], "float32", "x")],
                          [InputSpec([None, 1], "int64", "y")])
     model.prepare(paddle.optimizer.Momentum(0.05, parameters=net.parameters()),
@@ -116,12 +129,15 @@ def test_plan_mismatch_stops_every_rank(tmp_path):
     assert elapsed < 120
 
 
-def _analyse(path: str) -> dict:
+def _analyse(path: str, drift: bool = False) -> dict:
     """Sensitivity of a fixed-seed net on fixed data (the same on every rank), as JSON-able
-    curves."""
+    curves. `drift`: this rank's BatchNorm running statistics differ (as after data-parallel
+    training, which does not synchronise them)."""
     from prune_callbacks import FilterPruner
     paddle.seed(7)
-    net = _Net()
+    net = _BNNet()
+    if drift:
+        net.b1._mean.set_value(net.b1._mean + 0.5)
     pruner = FilterPruner(net, [1, 3, 8, 8])
     result = pruner.sensitivity(_Data(40, seed=5), ratios=(0.2, 0.5, 0.8), path=path,
                                 batch_size=16)
@@ -130,12 +146,14 @@ def _analyse(path: str) -> dict:
 
 def _analysis_worker(out_dir: str) -> None:
     dist.init_parallel_env()
-    curves = _analyse(os.path.join(out_dir, "sen.json"))
+    curves = _analyse(os.path.join(out_dir, "sen.json"), drift=pdist.rank() == 1)
     with open(os.path.join(out_dir, f"curves{pdist.rank()}.json"), "w") as f:
         json.dump(curves, f)
 
 
 def test_sensitivity_shared_over_two_ranks_equals_one_process(tmp_path):
+    """Rank 1's BatchNorm statistics drifted: the analysis takes rank 0's, so the shared result
+    is rank 0's one-process result."""
     single = _analyse(str(tmp_path / "single.json"))
     assert len(single) == 2 and all(len(c) == 3 for c in single.values())
     shared_dir = tmp_path / "shared"

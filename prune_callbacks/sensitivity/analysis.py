@@ -14,7 +14,8 @@ from typing import (Any, Callable, Dict, Iterator, Mapping, Optional, Protocol, 
 import numpy as np
 import paddle.nn as nn
 
-from ..distributed import all_gather, check_agree, is_main, rank, world_size
+from ..distributed import (all_gather, broadcast_state, check_agree, is_main, rank,
+                           world_size)
 from ..modes import eval_mode
 from .evaluation import EvalData
 from .replay import EvaluateFn, ParamSlices, Runner
@@ -106,6 +107,9 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
             if len(data["losses"].get(g.name, {})) < len(ratios)
             and not _stopped(data["losses"].get(g.name, {}), max_loss)]
     path = path if is_main() else None  # one writer under paddle.distributed
+    if isinstance(evaluate, EvalData) and world_size() > 1:
+        logger.info("took rank 0's running statistics (%d tensors) so the ranks' evaluations "
+                    "agree", broadcast_state(pruner.net))
     with eval_mode(pruner.net):
         runner = Runner(pruner.net, evaluate, cache and bool(todo), groups,
                         pruner.graph.param_axes)
