@@ -144,3 +144,17 @@ def test_distill_arguments_checked():
         DistillCallback(temperature=0)
     with pytest.raises(TypeError, match="output must be an int index or a str"):
         DistillCallback(output=1.0)
+
+
+def test_given_teacher_is_distilled_from_the_first_step():
+    paddle.seed(0)
+    teacher = _Net()
+    net = _Net()
+    model = _model(net)
+    distill = DistillCallback(alpha=1.0, temperature=1.0, teacher=teacher)
+    watch = _Watch(distill)
+    model.fit(_Data(), epochs=3, batch_size=16, verbose=0, callbacks=[distill, watch])
+    assert len(watch.kd) == 12  # every step, no pruning needed
+    assert np.mean(watch.kd[-4:]) < np.mean(watch.kd[:4])  # alpha=1: the student imitates
+    with pytest.raises(TypeError, match="teacher must be a paddle.nn.Layer"):
+        DistillCallback(teacher="resnet")

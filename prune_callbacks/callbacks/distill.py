@@ -95,6 +95,8 @@ class DistillCallback(paddle.callbacks.Callback):
         temperature: softmax temperature T > 0.
         output: which output is distilled when the network returns several (list/tuple index or
             dict key); the main output, index 0, by default.
+        teacher: a network to distil from for the whole fit instead (e.g. when pruning happened
+            before this fit); it is copied, frozen and put in eval mode when training begins.
 
     Raises:
         ValueError: alpha outside [0, 1], temperature <= 0.
@@ -105,8 +107,12 @@ class DistillCallback(paddle.callbacks.Callback):
         ...     DistillCallback(alpha=0.5, temperature=4.0)])
     """
 
-    def __init__(self, alpha: float = 0.5, temperature: float = 4.0, output: OutputKey = 0) -> None:
+    def __init__(self, alpha: float = 0.5, temperature: float = 4.0, output: OutputKey = 0,
+                 teacher: Optional[nn.Layer] = None) -> None:
         super().__init__()
+        if teacher is not None and not isinstance(teacher, nn.Layer):
+            raise TypeError(f"teacher must be a paddle.nn.Layer or None, got {type(teacher).__name__}")
+        self.given_teacher = teacher
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
             raise ValueError(f"alpha must be a number in [0, 1] (the distillation weight), "
                              f"got {alpha!r}")
@@ -130,7 +136,10 @@ class DistillCallback(paddle.callbacks.Callback):
             raise ValueError("DistillCallback needs a loss: call model.prepare(optimizer, loss)")
         self._n_labels = len(self.model._labels or [])
         self.teacher, self._teacher_out, self.last_kd = None, None, None
-        history_of(self.model).before_prune.append(self._on_before_prune)
+        if self.given_teacher is not None:
+            self._start(self.model, self.given_teacher)
+        else:
+            history_of(self.model).before_prune.append(self._on_before_prune)
 
     def on_train_end(self, logs: Optional[Dict] = None) -> None:
         hist = history_of(self.model)
@@ -146,9 +155,13 @@ class DistillCallback(paddle.callbacks.Callback):
 
     # -- work ---------------------------------------------------------------------------------
     def _on_before_prune(self, model: Any) -> None:
-        if self.teacher is not None or self.alpha == 0:
-            return  # the teacher is the network before the first pruning step
-        teacher = copy.deepcopy(model.network)
+        if self.teacher is None:  # the teacher is the network before the first pruning step
+            self._start(model, model.network)
+
+    def _start(self, model: Any, network: nn.Layer) -> None:
+        if self.alpha == 0:
+            return
+        teacher = copy.deepcopy(network)
         teacher.eval()
         for p in teacher.parameters():
             p.stop_gradient = True
