@@ -1,0 +1,238 @@
+r"""Accuracy kept at equal FLOPs: allocation x channel criterion x distillation, over seeds.
+
+For each model and seed the network is trained once (`--epochs-before`); every method then starts
+from a copy of that network, is pruned to each FLOPs cut, evaluated (top-1 right after pruning),
+fine-tuned for the same budget (`--epochs-after`, a fresh optimizer of the same settings) and
+evaluated again, with and without distillation from the unpruned network. Allocations:
+
+- `sensitivity`: per-group ratios from the sensitivity curves (PaddleSlim's rule; the default);
+- `uniform`: the same ratio in every group;
+- `global`: one ranking of all channels across groups by importance normalised per group (each
+  group's scores divided by their mean), the least important removed until the cut is met (the
+  idea of Torch-Pruning's global pruning).
+
+The task is `hard_digits` (digits warped, tinted, cluttered and occluded; offline) by default, on
+which the unpruned networks stay clearly below 100% top-1; `--data cifar10 --data-file ...` uses
+a local CIFAR-10 tarball instead.
+
+    python benchmarks/bench_quality.py --quick      # about 15 min on 2 CPU cores
+    python benchmarks/bench_quality.py              # the full grid: hours
+    python benchmarks/bench_quality.py --models resnet18 --cuts 0.5 --seeds 0 1 2
+
+It prints one row per method (mean and spread over seeds) and writes them as CSV (`--csv`).
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import csv
+import itertools
+import logging
+import os
+import time
+import warnings
+from typing import Any, Dict, List, Optional, Sequence
+
+import numpy as np
+import paddle
+from paddle.static import InputSpec
+
+warnings.filterwarnings("ignore")
+from prune_callbacks import DistillCallback, FilterPruner, count_flops  # noqa: E402
+from prune_callbacks.data import cifar10_dataset, hard_digits_dataset, subset  # noqa: E402
+
+SHAPE = [1, 3, 32, 32]
+
+
+def load_data(args: argparse.Namespace):
+    if args.data == "cifar10":
+        train = cifar10_dataset("train", path=args.data_file)
+        test = cifar10_dataset("test", path=args.data_file)
+    else:
+        train, test = hard_digits_dataset("train"), hard_digits_dataset("test")
+    return subset(train, args.train_samples), subset(test, args.val_samples)
+
+
+def build(name: str, width: float) -> paddle.nn.Layer:
+    kwargs = {"num_classes": 10}
+    if name.startswith("mobilenet"):
+        kwargs["scale"] = width
+    return getattr(paddle.vision.models, name)(**kwargs)
+
+
+def new_model(net: paddle.nn.Layer, lr: float) -> paddle.Model:
+    model = paddle.Model(net, [InputSpec([None, 3, 32, 32], "float32", "x")],
+                         [InputSpec([None, 1], "int64", "y")])
+    model.prepare(paddle.optimizer.Momentum(lr, momentum=0.9, weight_decay=1e-4,
+                                            parameters=net.parameters()),
+                  paddle.nn.CrossEntropyLoss(), paddle.metric.Accuracy())
+    return model
+
+
+def top1(net: paddle.nn.Layer, data) -> float:
+    return float(new_model(net, 0.01).evaluate(data, batch_size=256, verbose=0)["acc"])
+
+
+def global_ratios(pruner: FilterPruner, cut: float) -> Dict[str, float]:
+    """Per-group ratios from one ranking of all channels (importance / group mean) that remove
+    `cut` of the FLOPs: the threshold on normalised importance is found by bisection."""
+    groups = pruner.prunable_groups
+    scores = {g.name: pruner.importance(g.name) for g in groups}
+    norm = {n: s / (s.mean() + 1e-12) for n, s in scores.items()}
+    base = pruner.flops({})
+
+    def ratios_at(t: float) -> Dict[str, float]:
+        out = {}
+        for n, s in norm.items():
+            removed = min(int((s < t).sum()), len(s) - 1)
+            if removed:
+                out[n] = removed / len(s)
+        return out
+
+    lo, hi = 0.0, max(float(s.max()) for s in norm.values()) + 1.0
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if 1 - pruner.flops(ratios_at(mid)) / base >= cut:
+            hi = mid
+        else:
+            lo = mid
+    return ratios_at(hi)
+
+
+def prune(net, allocation: str, criterion: str, cut: float, sens_data, args) -> float:
+    pruner = FilterPruner(net, SHAPE, criterion=criterion)
+    if allocation == "global":
+        pruner.prune(global_ratios(pruner, cut))
+    elif allocation == "uniform":
+        pruner.prune_to_flops(cut, strategy="uniform")
+    else:  # one analysis per trained network and criterion, shared by every cut
+        key = (args.current, criterion)
+        if key not in args.sens_cache:
+            args.sens_cache[key] = pruner.sensitivity(
+                sens_data, num_samples=args.sensitivity_samples, batch_size=128)
+        pruner.prune_to_flops(cut, sensitivities=args.sens_cache[key], strategy="sensitivity")
+    return 1 - count_flops(net, SHAPE) / args.flops_before
+
+
+def run_method(pretrained, method: Dict[str, Any], train, test, args) -> Dict[str, Any]:
+    paddle.seed(method["seed"] + 100)
+    net = copy.deepcopy(pretrained)
+    t0 = time.perf_counter()
+    achieved = prune(net, method["allocation"], method["criterion"], method["cut"], test, args)
+    after_prune = top1(net, test)
+    model = new_model(net, args.lr)
+    callbacks = ([DistillCallback(alpha=args.alpha, temperature=args.temperature,
+                                  teacher=pretrained)] if method["distill"] else [])
+    model.fit(train, epochs=args.epochs_after, batch_size=args.batch_size, verbose=0,
+              callbacks=callbacks)
+    return dict(method, achieved=achieved, pruned=after_prune, finetuned=top1(net, test),
+                seconds=time.perf_counter() - t0)
+
+
+def grid(args: argparse.Namespace) -> List[Dict[str, Any]]:
+    rows = []
+    for cut, allocation, criterion in itertools.product(args.cuts, args.allocations,
+                                                        args.criteria):
+        for distill in args.distill:
+            if distill and criterion != args.criteria[0]:
+                continue  # distillation compared on the first criterion only
+            rows.append(dict(cut=cut, allocation=allocation, criterion=criterion,
+                             distill=distill))
+    return rows
+
+
+def summarise(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    keys = ("model", "cut", "allocation", "criterion", "distill")
+    out = []
+    for key in sorted({tuple(r[k] for k in keys) for r in results}, key=str):
+        rs = [r for r in results if tuple(r[k] for k in keys) == key]
+        row = dict(zip(keys, key), seeds=len(rs))
+        for f in ("achieved", "pruned", "finetuned", "unpruned"):
+            vals = np.array([r[f] for r in rs])
+            row[f], row[f + "_sd"] = float(vals.mean()), float(vals.std())
+        out.append(row)
+    return out
+
+
+def print_table(rows: List[Dict[str, Any]]) -> None:
+    head = (f"{'model':<13} {'cut':>4} {'allocation':<11} {'criterion':<9} {'distil':<6} "
+            f"{'FLOPs cut':>9} {'unpruned':>13} {'after prune':>13} {'fine-tuned':>13}")
+    print(head)
+    print("-" * len(head))
+    for r in rows:
+        def ms(f: str) -> str:
+            return f"{r[f]:.3f}+-{r[f + '_sd']:.3f}"
+        print(f"{r['model']:<13} {r['cut']:>4.1f} {r['allocation']:<11} {r['criterion']:<9} "
+              f"{'yes' if r['distill'] else 'no':<6} {100 * r['achieved']:>8.2f}% "
+              f"{ms('unpruned'):>13} {ms('pruned'):>13} {ms('finetuned'):>13}")
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help="mobilenet_v1 (width 0.5), cut 0.5, l1 and random, 1 seed, 3+1 epochs")
+    p.add_argument("--models", nargs="+", default=["mobilenet_v1", "resnet18"])
+    p.add_argument("--width", type=float, default=0.5, help="MobileNet width multiplier")
+    p.add_argument("--cuts", nargs="+", type=float, default=[0.3, 0.5, 0.7])
+    p.add_argument("--allocations", nargs="+", default=["sensitivity", "uniform", "global"])
+    p.add_argument("--criteria", nargs="+", default=["l1", "l2", "fpgm", "bn_scale", "random"])
+    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--no-distill", dest="distill", action="store_const", const=[False],
+                   default=[False, True], help="skip the runs with distillation")
+    p.add_argument("--alpha", type=float, default=0.5)
+    p.add_argument("--temperature", type=float, default=4.0)
+    p.add_argument("--epochs-before", type=int, default=4)
+    p.add_argument("--epochs-after", type=int, default=2)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=0.02)
+    p.add_argument("--sensitivity-samples", type=int, default=200)
+    p.add_argument("--train-samples", type=int, default=None)
+    p.add_argument("--val-samples", type=int, default=None)
+    p.add_argument("--data", choices=["hard_digits", "cifar10"], default="hard_digits")
+    p.add_argument("--data-file", default=None)
+    p.add_argument("--csv", default="bench_quality.csv")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.models, args.cuts, args.seeds = ["mobilenet_v1"], [0.5], [0]
+        args.criteria, args.epochs_before, args.epochs_after = ["l1", "random"], 3, 1
+    return args
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    train, test = load_data(args)
+    print(f"data {args.data}: {len(train)} train, {len(test)} test; OMP_NUM_THREADS="
+          f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} CPUs", flush=True)
+    results = []
+    t_start = time.perf_counter()
+    for model_name, seed in itertools.product(args.models, args.seeds):
+        paddle.seed(seed)
+        np.random.seed(seed)
+        net = build(model_name, args.width)
+        args.flops_before = count_flops(net, SHAPE)
+        new_model(net, args.lr).fit(train, epochs=args.epochs_before,
+                                    batch_size=args.batch_size, verbose=0)
+        unpruned = top1(net, test)
+        args.current, args.sens_cache = (model_name, seed), getattr(args, "sens_cache", {})
+        print(f"{model_name} seed {seed}: unpruned top-1 {unpruned:.4f} "
+              f"({time.perf_counter() - t_start:.0f} s)", flush=True)
+        for method in grid(args):
+            r = run_method(net, dict(method, model=model_name, seed=seed), train, test, args)
+            r["unpruned"] = unpruned
+            results.append(r)
+            print(f"  {method}: cut {100 * r['achieved']:.2f}%, after prune {r['pruned']:.4f}, "
+                  f"fine-tuned {r['finetuned']:.4f} ({r['seconds']:.0f} s)", flush=True)
+    rows = summarise(results)
+    print()
+    print_table(rows)
+    print(f"\ntotal {time.perf_counter() - t_start:.0f} s")
+    with open(args.csv, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+if __name__ == "__main__":
+    main()
