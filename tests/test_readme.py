@@ -253,20 +253,3 @@ def run_command(command: str, tmp_path: Path, request: pytest.FixtureRequest) ->
 @pytest.mark.parametrize("command", COMMANDS)
 def test_readme_command_runs(command: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     run_command(command, tmp_path, request)
-
-
-# Commands proposed for the README's "your own data", resume, distillation and multi-process
-# sections; each runs here until the README shows it (then the test above runs it).
-PROPOSED = [
-    "python train.py data=folder data.path=/data/flowers data.image_size=64 model=resnet18",
-    "python train.py data=folder data.path=/data/flowers model._target_=mypkg.nets.MyNet +model.width=32",
-    "python train.py trainer.resume=outputs/2026-11-28/15-45-05",
-    "python train.py prune.distill.alpha=0.5 prune.distill.temperature=4",
-    "python train.py model._target_=paddle.vision.models.resnet34",
-    "python -m paddle.distributed.launch --nproc_per_node 2 --log_dir outputs/launch train.py prune.flops=0.5",
-]
-
-
-@pytest.mark.parametrize("command", [c for c in PROPOSED if " ".join(c.split()) not in COMMANDS])
-def test_proposed_command_runs(command: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    run_command(command, tmp_path, request)
