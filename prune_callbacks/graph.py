@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import paddle
 
 from . import op_handlers  # noqa: F401  (registers the built-in op handlers)
+from .layers import layer_handler
+from .surgery import allow_plain_parameters
 from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceState,
-                      _components, _compress, build_program, register_op, run_trace, unknown_op)
+                      _components, _compress, build_program, register_op, run_trace, trace_network,
+                      unknown_op)
 
 __all__ = ["ChannelGraph", "Group", "ParamAxis", "Role", "MacKind", "register_op", "OpHandler",
            "TraceState", "SourceRec", "MemberRec", "MacRec", "build_program", "run_trace",
-           "unknown_op"]
+           "trace_network", "unknown_op"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +87,20 @@ class ChannelGraph:
 
     Args:
         net: the network (left unchanged).
-        input_shape: one input's shape, batch first, e.g. [1, 3, 32, 32].
+        input_shape: one input's shape, batch first, e.g. [1, 3, 32, 32]; FLOPs are counted
+            per sample whatever the batch size.
         supports_layer: tells whether surgery knows a layer; channels of parameters in other
             layers are left unpruned.
+        modes: which programs to trace (see `tracing.trace_network`): "auto" adds the
+            training-mode program when the network's graph differs there (branches under
+            `if self.training:`), so groups hold the consumers of both modes.
     """
 
     def __init__(self, net: paddle.nn.Layer, input_shape: Sequence[int],
-                 supports_layer: Callable[[paddle.nn.Layer], bool] = lambda layer: True) -> None:
-        program, outputs = build_program(net, input_shape)
-        state = run_trace(program, outputs)
+                 supports_layer: Callable[[paddle.nn.Layer], bool] = lambda layer: True,
+                 modes: str = "auto") -> None:
+        state = trace_network(net, input_shape, modes)
+        self.two_modes = state.two_modes
         self.input_shape = tuple(int(s) for s in input_shape)
         self._owner: Dict[str, Tuple[str, str, paddle.nn.Layer]] = {}  # pname -> key, path, layer
         self._buffers: Dict[str, str] = {}  # tensor name -> structured key
@@ -102,7 +110,9 @@ class ChannelGraph:
             for attr, b in layer.named_buffers(include_sublayers=False):
                 if b is not None:
                     self._buffers[b.name] = f"{path}.{attr}" if path else attr
+        self.plain_params: Set[str] = set()  # per-channel parameters of unregistered layers
         self._build(state, supports_layer)
+        allow_plain_parameters(net, self.plain_params)
 
     # -- construction ----------------------------------------------------------------------
     def _build(self, st: TraceState, supports_layer: Callable[[paddle.nn.Layer], bool]) -> None:
@@ -128,6 +138,8 @@ class ChannelGraph:
         partitions = _block_partitions(st, classes, reasons)
         self.groups: List[Group] = self._make_groups(classes, lead, parts, partitions, reasons)
         self._macs = [_mac_census(m, classes) for m in st.macs if m.param in self._owner]
+        self._train_macs = [_mac_census(m, classes) for m in st.train_macs
+                            if m.param in self._owner]
 
     def _add_param_axes(self, st: TraceState, classes: "_Classes", reasons: "_Reasons",
                         supports_layer: Callable[[paddle.nn.Layer], bool]) -> "_GroupParts":
@@ -152,7 +164,14 @@ class ChannelGraph:
                             f"parameter {key} is used with different channels")
                 continue
             self.param_axes[(key, m.axis)] = ParamAxis(key, m.axis, grp, ch, m.role)
-            if not supports_layer(layer):
+            # a plain parameter used in arithmetic (a LayerScale `x * self.gamma`) by a layer
+            # with no handler: its forward reads the tensor itself, so slicing it is enough,
+            # unless the layer also keeps the count as a number (that needs a registered sync)
+            plain = (m.role == Role.NORM and layer_handler(layer) is None
+                     and not _keeps_count(layer, int(m.ids.shape[-1])))
+            if plain:
+                self.plain_params.add(key)
+            if not supports_layer(layer) and not plain:
                 reasons.add(hit, f"layer {path or '<root>'} ({type(layer).__name__}) has no "
                                  "registered surgery; see "
                                  "prune_callbacks.layers.register_layer_type")
@@ -184,8 +203,10 @@ class ChannelGraph:
         return groups
 
     # -- queries -------------------------------------------------------------------------
-    def flops(self, kept: Optional[Dict[int, int]] = None) -> int:
-        """Multiply-accumulates of convs and linears when group i keeps `kept[i]` channels.
+    def flops(self, kept: Optional[Dict[int, int]] = None, training: bool = False) -> int:
+        """Multiply-accumulates of convs and linears, per sample, when group i keeps `kept[i]`
+        channels: of the eval-mode network (what is deployed), or of the training-mode one
+        (auxiliary heads included) with `training=True`.
 
         Exact when each channel of a group occupies the same number of positions in a layer
         (true for every layer we have seen: flatten repeats each channel H*W times).
@@ -201,7 +222,7 @@ class ChannelGraph:
             return total
 
         total = 0
-        for mac in self._macs:
+        for mac in (self._train_macs if training else self._macs):
             out = round(count(mac.out))
             if mac.kind == MacKind.DEPTHWISE:
                 inp = 1
@@ -211,6 +232,12 @@ class ChannelGraph:
                 inp = round(count(mac.inp))
             total += out * inp * mac.kernel_spatial
         return int(total)
+
+
+def _keeps_count(layer: paddle.nn.Layer, count: int) -> bool:
+    """Whether a layer stores `count` as a number (`self.channels = 8`), which slicing its
+    parameters would leave stale."""
+    return any(type(v) is int and v == count for v in vars(layer).values())
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:

@@ -7,7 +7,8 @@ backup copy is ever left in the network or its state_dict.
 from __future__ import annotations
 
 import logging
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
+import weakref
+from typing import Callable, Dict, Iterable, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import numpy as np
 import paddle
@@ -16,7 +17,7 @@ import paddle.nn as nn
 from .layers import layer_handler, override_layer, supports_layer
 
 __all__ = ["AxisSlice", "ParamSlices", "Mask", "apply_slices", "slice_array", "register_layer",
-           "layer_sync", "supports_layer"]
+           "layer_sync", "supports_layer", "allow_plain_parameters"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +85,19 @@ def _set(p: paddle.Tensor, value: np.ndarray) -> None:
     p.get_tensor().set(np.ascontiguousarray(value.astype(p.numpy().dtype, copy=False)), target)
 
 
+# Per network, parameters of layers with no handler that a trace found used only as per-channel
+# values in arithmetic (`x * self.gamma`): the layer's forward reads the tensor itself, so they
+# are sliced without a sync. Held weakly: the table never keeps a network alive.
+_PLAIN: "weakref.WeakKeyDictionary[nn.Layer, frozenset]" = weakref.WeakKeyDictionary()
+
+
+def allow_plain_parameters(net: nn.Layer, keys: Iterable[str]) -> None:
+    """Let `apply_slices` slice these parameters (state_dict keys) of `net` although their
+    layers have no registered handler (what `ChannelGraph` records for per-channel parameters
+    used in arithmetic, such as a LayerScale)."""
+    _PLAIN[net] = frozenset(keys)
+
+
 def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
     """Slice the parameters named in `slices` (state_dict keys) and sync their layers."""
     layers = dict(net.named_sublayers(include_self=True))
@@ -98,8 +112,12 @@ def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
         _set(p, new)
         path, _, attr = key.rpartition(".")
         touched.setdefault(path, {})[attr] = old_shape
+    plain = _PLAIN.get(net, frozenset())
     for path, old in touched.items():
         layer = layers[path]
+        if layer_handler(layer) is None and all(
+                (f"{path}.{attr}" if path else attr) in plain for attr in old):
+            continue  # plain per-channel parameters (a LayerScale): nothing to sync
         if not supports_layer(layer):
             raise TypeError(
                 f"layer {path!r} ({type(layer).__name__}) has no registered surgery: register "
