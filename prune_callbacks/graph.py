@@ -8,8 +8,9 @@ unprunable with a reason. This module only reads the network; it never changes a
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import paddle
@@ -17,6 +18,7 @@ import paddle
 from . import op_handlers  # noqa: F401  (registers the built-in op handlers)
 from .layers import layer_handler
 from .surgery import allow_plain_parameters
+from .trial import trial_prune
 from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceState,
                       _components, _compress, build_program, register_op, run_trace, trace_network,
                       unknown_op)
@@ -113,6 +115,7 @@ class ChannelGraph:
         self.plain_params: Set[str] = set()  # per-channel parameters of unregistered layers
         self._build(state, supports_layer)
         allow_plain_parameters(net, self.plain_params)
+        self._trial_split_groups(net)
 
     # -- construction ----------------------------------------------------------------------
     def _build(self, st: TraceState, supports_layer: Callable[[paddle.nn.Layer], bool]) -> None:
@@ -135,7 +138,7 @@ class ChannelGraph:
         lead = _lead_params(st, classes)
         self.param_axes: Dict[Tuple[str, int], ParamAxis] = {}
         parts = self._add_param_axes(st, classes, reasons, supports_layer)
-        partitions = _block_partitions(st, classes, reasons)
+        partitions, self._split_groups = _block_partitions(st, classes, reasons)
         self.groups: List[Group] = self._make_groups(classes, lead, parts, partitions, reasons)
         self._macs = [_mac_census(m, classes) for m in st.macs if m.param in self._owner]
         self._train_macs = [_mac_census(m, classes) for m in st.train_macs
@@ -201,6 +204,47 @@ class ChannelGraph:
                 norms=tuple(parts.norms[i]),
             ))
         return groups
+
+    def _trial_split_groups(self, net: paddle.nn.Layer) -> None:
+        """A group cut into equal parts prunes only if the forward computes the part sizes from
+        the channel count: prune one channel per part on a copy and compare with masking
+        (`trial.trial_prune`); sizes written into the code leave the group whole."""
+        for gi in sorted(self._split_groups):
+            g = self.groups[gi]
+            if not g.prunable or g.partition is None:
+                continue
+            drop = np.zeros(g.channels, dtype=bool)
+            for b in np.unique(g.partition):
+                drop[np.flatnonzero(g.partition == b)[-1]] = True
+            if drop.all():
+                continue
+            keep_sl, drop_sl = self.group_slices(gi, ~drop)
+            failure = trial_prune(net, self.input_shape, keep_sl, drop_sl)
+            if failure is not None:
+                g.prunable = False
+                g.reason = ("split or slice sizes written into the code: pruning one channel per "
+                            f"part on a copy did not reproduce masking ({failure})")
+                warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
+
+    def group_slices(self, gi: int, kept: np.ndarray) -> Tuple[Dict[str, Dict[int, Any]],
+                                                                Dict[str, Dict[int, Any]]]:
+        """Kept and removed indices per parameter (state_dict key) and axis when group `gi`
+        keeps the channels where the boolean mask `kept` is True."""
+        keep_sl: Dict[str, Dict[int, Any]] = {}
+        drop_sl: Dict[str, Dict[int, Any]] = {}
+        for (key, axis), pa in self.param_axes.items():
+            sel = pa.group == gi
+            if not sel.any():
+                continue
+            keep = np.ones(pa.group.shape, dtype=bool)
+            keep[sel] = kept[pa.channel[sel]]
+            if keep.ndim == 2:
+                keep_sl.setdefault(key, {})[axis] = [np.flatnonzero(r).tolist() for r in keep]
+                drop_sl.setdefault(key, {})[axis] = [np.flatnonzero(~r).tolist() for r in keep]
+            else:
+                keep_sl.setdefault(key, {})[axis] = np.flatnonzero(keep).tolist()
+                drop_sl.setdefault(key, {})[axis] = np.flatnonzero(~keep).tolist()
+        return keep_sl, drop_sl
 
     # -- queries -------------------------------------------------------------------------
     def flops(self, kept: Optional[Dict[int, int]] = None, training: bool = False) -> int:
@@ -355,6 +399,11 @@ def _class_signatures(st: TraceState, root: np.ndarray, gcomp: np.ndarray,
         w = axis_weight.setdefault((m.param, m.axis), np.uint64(rng.integers(1, 2**63)))
         cls, counts = np.unique(root[m.ids.ravel()], return_counts=True)
         sig[cls] += w * counts.astype(np.uint64)
+    for entry in st.partitions:
+        if isinstance(entry, tuple):  # equal parts of a split: one group, blocks kept equal
+            cls = np.unique(root[entry[0].ravel()])
+            if len(np.unique(gcomp[cls])) == 1:
+                sig[cls] = np.bitwise_xor.reduce(np.unique(sig[cls])) | np.uint64(1)
     if blocked:
         frozen = gcomp[root[np.concatenate([ids.ravel() for ids, _ in blocked])]]
         sig[np.isin(gcomp, frozen)] = 0
@@ -404,27 +453,36 @@ def _lead_params(st: TraceState, classes: _Classes) -> Dict[int, str]:
 
 
 def _block_partitions(st: TraceState, classes: _Classes,
-                      reasons: _Reasons) -> Dict[int, np.ndarray]:
-    """Grouped convolutions: each block of a group must lose the same number of channels.
+                      reasons: _Reasons) -> Tuple[Dict[int, np.ndarray], Set[int]]:
+    """Blocks of a group that must each lose the same number of channels: the input and output
+    blocks of grouped convolutions, and the equal parts a split or a half-slice cuts a tensor
+    into (the forward computes their sizes from the pruned count, so they must stay equal).
 
     Returns:
-        group index -> block label of each of its channels (-1: in no block).
+        (group index -> block label of each of its channels (-1: in no block), the groups cut
+        by a split or a slice).
     """
     partitions: Dict[int, np.ndarray] = {}
-    for part in st.partitions:
+    split_groups: Set[int] = set()
+    for entry in st.partitions:
+        part, what = entry if isinstance(entry, tuple) else (entry, "grouped convolution")
         grp, ch = classes.locate(part)
         gi_set = set(grp.ravel().tolist())
         if len(gi_set) != 1 or -1 in gi_set or len(np.unique(ch)) != ch.size:
-            reasons.add(gi_set - {-1}, "grouped convolution spans several channel groups")
+            reasons.add(gi_set - {-1}, f"{what} spans several channel groups, so its parts "
+                                       "cannot be kept equal")
             continue
         gi = gi_set.pop()
         labels = np.full(int(classes.channels[gi]), -1, dtype=np.int64)
         for k in range(ch.shape[0]):
             labels[ch[k]] = k
         if gi in partitions and not _same_partition(partitions[gi], labels):
-            reasons.add([gi], "grouped convolutions disagree on channel blocks")
+            reasons.add([gi], f"{what} and another split or grouped convolution disagree on "
+                              "channel blocks")
         partitions[gi] = labels
-    return partitions
+        if isinstance(entry, tuple):
+            split_groups.add(gi)
+    return partitions, split_groups
 
 
 def _mac_census(m: MacRec, classes: _Classes) -> _Mac:

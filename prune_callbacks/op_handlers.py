@@ -227,7 +227,10 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
     _reshape_like(state, ins[0], outs[0], lambda a: a)
     before, after = state.ids_of(ins[0]), outs[0].ids
     if _varying_axes(after) > _varying_axes(before):  # a channel axis split in two (a shuffle)
-        state.block(before, f"reshape splits a channel axis; {_SHAPE_COMPUTED}")
+        state.block(before, "reshape splits a channel axis (a channel shuffle): after pruning "
+                            "the shuffle would interleave the kept channels of its groups in "
+                            "another order than the masked network, unless every group kept "
+                            "the same channel indices")
     target = ins[1].const if len(ins) > 1 else None
     # paddle reshapes a bias to [1, C, 1, 1] with sizes read from the parameter at run time
     param_view = ins[0].param is not None and _varying_axes(before) == _varying_axes(after) == 1
@@ -304,15 +307,40 @@ def _concat(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
     out.ids = _compress(np.concatenate(pieces, axis=axis))
 
 
+def _equal_parts(state: TraceState, ids: np.ndarray, axis: int, size: int, parts: int,
+                 what: str) -> bool:
+    """Record that the channels along `axis` are cut into `parts` equal runs that must stay
+    equal after pruning; False when they cannot be (ids vary elsewhere, or do not divide)."""
+    line = ids.reshape(-1) if _varying_axes(ids) == 1 and ids.shape[axis] > 1 else None
+    if line is None or parts < 2 or size % parts:
+        return False
+    state.partitions.append((_expand(line, (size,)).reshape(parts, size // parts).copy(), what))
+    return True
+
+
+_EQUAL_PARTS = ("split into equal parts: the forward computes the part sizes from the channel "
+                "count, so every part loses the same number of channels")
+
+
 @register_op("split", "split_with_num")
 def _split(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
     axis_val = ins[-1].const if ins[-1].const is not None else op.attrs().get("axis", 0)
-    axis = int(np.asarray(axis_val).ravel()[0]) % len(ins[0].shape)
-    outs[0].items = [ins[0]]
+    x = ins[0]
+    axis = int(np.asarray(axis_val).ravel()[0]) % len(x.shape)
+    outs[0].items = [x]
     outs[0].split_axis = axis
-    ids = state.ids_of(ins[0])
-    if ids is not None and ids.shape[axis] > 1:
-        state.block(ids, f"split along channels; {_SHAPE_COMPUTED}")
+    ids = state.ids_of(x)
+    if ids is None or ids.shape[axis] == 1:
+        return
+    if _op_key(op.name()) == "split_with_num":
+        parts = int(op.attrs().get("num", 0))
+    else:  # sections: equal ones are what `x.shape[1] // n` gives; unequal ones are literal
+        sections = ins[1].const if len(ins) > 2 else op.attrs().get("sections")
+        sizes = np.asarray(sections if sections is not None else [], dtype=np.int64).ravel()
+        parts = len(sizes) if len(sizes) and (sizes == sizes[0]).all() else 0
+    if not _equal_parts(state, ids, axis, x.shape[axis], parts, "split"):
+        state.block(ids, f"split along channels into unequal or literal sizes; "
+                         f"{_SHAPE_COMPUTED}")
 
 
 @register_op("builtin.split")
@@ -337,6 +365,16 @@ def _unpack(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
         start += n
 
 
+def _slice_part(size: int, start: int, end: int) -> Optional[int]:
+    """n when [start, end) is one of n equal parts of `size` channels (`x[:, :c // 2]`, the
+    bounds computed from the count), else None."""
+    start, end = (start + size if start < 0 else start), min(end + size if end < 0 else end, size)
+    width = end - start
+    if width <= 0 or size % width or start % width:
+        return None
+    return size // width
+
+
 @register_op("slice")
 def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
     x, out = ins[0], outs[0]
@@ -355,8 +393,10 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
     for a, s, e in zip(attrs["axes"], starts, ends):
         index[a] = slice(int(s), int(e))
         if ids.shape[a] > 1 and out.shape[a] != x.shape[a]:
-            # x[:, :4] keeps writing 4 after pruning: the bounds cannot follow the channels
-            state.block(ids, f"slice along channels; {_SHAPE_COMPUTED}")
+            part = _slice_part(x.shape[a], int(s), int(e))
+            if part is None or not _equal_parts(state, ids, a, x.shape[a], part, "slice"):
+                # x[:, 3:] keeps writing 3 after pruning: the bounds cannot follow the channels
+                state.block(ids, f"slice along channels; {_SHAPE_COMPUTED}")
     out.ids = _compress(full[tuple(index)].reshape(out.shape))
 
 

@@ -190,7 +190,8 @@ class TraceState:
         self.sources: List[SourceRec] = []
         self.blocks: List[Tuple[np.ndarray, str]] = []
         self.macs: List[MacRec] = []
-        self.partitions: List[np.ndarray] = []  # [blocks, per_block] id arrays to split equally
+        # [blocks, per_block] id arrays whose blocks lose equal counts, or (array, what) pairs
+        self.partitions: List[Any] = []
         self.param_elems: Dict[str, np.ndarray] = {}  # param name -> element ids (full shape)
         self.unknown_ops: Dict[str, int] = {}
         # parameters some use of which we do not follow (control flow, unknown ops) -> why

@@ -237,3 +237,85 @@ def test_predicted_flops_count_linears_on_untraced_paths():
         warnings.simplefilter("ignore")
         pruner = FilterPruner(net, SHAPE)
     assert pruner.flops() == count_flops(net, SHAPE) == 8 * 27 * 64 + 8 * 64 * 5 + 4 * 27 * 64
+
+
+class EqualParts(nn.Layer):
+    """CSP halves `x[:, :c // 2]`, a Res2Net-style split into 4 and a chunk: the parts keep
+    equal counts, so the sizes the forward computes from the pruned count stay right."""
+
+    def __init__(self, how: str) -> None:
+        super().__init__()
+        self.how = how
+        self.conv1 = nn.Conv2D(3, 8, 3, padding=1)
+        self.bn1 = nn.BatchNorm2D(8)
+        self.part = nn.Conv2D(2 if how == "split4" else 4, 2 if how == "split4" else 4, 3,
+                              padding=1)
+        self.head = nn.Conv2D(8, 3, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn1(self.conv1(x)))
+        c = y.shape[1]
+        if self.how == "slice":
+            a, b = y[:, :c // 2], y[:, c // 2:]
+            y = paddle.concat([a, self.part(b)], axis=1)
+        elif self.how == "split4":
+            parts = paddle.split(y, 4, axis=1)
+            y = paddle.concat(parts[:3] + [self.part(parts[3])], axis=1)
+        else:
+            a, b = paddle.chunk(y, 2, axis=1)
+            y = paddle.concat([self.part(a), b], axis=1)
+        return self.head(y)
+
+
+@pytest.mark.parametrize("how", ["slice", "split4", "chunk"])
+def test_equal_parts_prune_with_equal_counts(how):
+    paddle.seed(0)
+    net = EqualParts(how)
+    groups = _groups(net)
+    conv1 = groups["conv1"]
+    assert conv1.prunable and conv1.partition is not None
+    parts = 4 if how == "split4" else 2
+    assert len(np.unique(conv1.partition)) == parts
+    check_pruned(net, SHAPE, ratios={"conv1": 0.5, "part": 0.5})
+    assert net.conv1.weight.shape[0] == 4
+
+
+def test_literal_and_unequal_sizes_stay_whole():
+    class Unequal(nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2D(3, 8, 3, padding=1)
+            self.head = nn.Conv2D(8, 3, 1)
+
+        def forward(self, x):
+            a, b = paddle.split(self.conv1(x), [3, 5], axis=1)
+            return self.head(paddle.concat([b, a], axis=1))
+
+    conv1 = _groups(Unequal())["conv1"]
+    assert not conv1.prunable and "unequal or literal sizes" in conv1.reason
+
+
+def test_channel_shuffle_says_why_it_stays_whole():
+    groups = _groups(paddle.vision.models.shufflenet_v2_x0_25(num_classes=10), [1, 3, 32, 32])
+    blocked = [g for g in groups.values() if "channel shuffle" in g.reason]
+    assert blocked and all("interleave" in g.reason for g in blocked)
+
+
+def test_half_slices_written_into_the_code_are_caught_by_a_trial_prune():
+    class LiteralHalves(nn.Layer):
+        def __init__(self) -> None:
+            super().__init__()
+            self.conv1 = nn.Conv2D(3, 8, 3, padding=1)
+            self.half = 4  # written in: stays 4 after pruning
+            self.head = nn.Conv2D(8, 3, 1)
+
+        def forward(self, x):
+            y = self.conv1(x)
+            return self.head(paddle.concat([y[:, self.half:], y[:, :self.half]], axis=1))
+
+    net = LiteralHalves()
+    before = {k: v.numpy().copy() for k, v in net.state_dict().items()}
+    with pytest.warns(UserWarning, match="conv1 left unpruned: split or slice sizes written"):
+        conv1 = {g.name: g for g in FilterPruner(net, SHAPE).groups}["conv1"]
+    assert not conv1.prunable and "did not reproduce masking" in conv1.reason
+    assert all(np.array_equal(before[k], v.numpy()) for k, v in net.state_dict().items())
