@@ -319,3 +319,34 @@ def test_half_slices_written_into_the_code_are_caught_by_a_trial_prune():
         conv1 = {g.name: g for g in FilterPruner(net, SHAPE).groups}["conv1"]
     assert not conv1.prunable and "did not reproduce masking" in conv1.reason
     assert all(np.array_equal(before[k], v.numpy()) for k, v in net.state_dict().items())
+
+
+class ConvNeXtBlock(nn.Layer):
+    """dwconv -> channels-last LayerNorm -> Linear(4C) -> GELU -> Linear(C) -> LayerScale ->
+    residual: the 4C hidden channels prune; the residual stream stays whole (LayerNorm)."""
+
+    def __init__(self, dim: int = 8) -> None:
+        super().__init__()
+        self.stem = nn.Conv2D(3, dim, 2, stride=2)
+        self.dwconv = nn.Conv2D(dim, dim, 7, padding=3, groups=dim)
+        self.norm = nn.LayerNorm(dim)
+        self.pwconv1 = nn.Linear(dim, 4 * dim)
+        self.pwconv2 = nn.Linear(4 * dim, dim)
+        self.gamma = self.create_parameter([dim])
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x):
+        x = self.stem(x)
+        y = self.norm(self.dwconv(x).transpose([0, 2, 3, 1]))
+        y = self.gamma * self.pwconv2(F.gelu(self.pwconv1(y)))
+        x = x + y.transpose([0, 3, 1, 2])
+        return self.head(x.mean(axis=[2, 3]))
+
+
+def test_convnext_block_prunes_its_mlp():
+    paddle.seed(0)
+    net = ConvNeXtBlock()
+    groups = _groups(net)
+    assert groups["pwconv1"].prunable and "LayerNorm" in groups["stem"].reason
+    check_pruned(net, SHAPE, ratios={"pwconv1": 0.5})
+    assert net.pwconv1.weight.shape == [8, 16] and net.pwconv2.weight.shape == [16, 8]
