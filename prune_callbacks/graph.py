@@ -19,13 +19,13 @@ from . import op_handlers  # noqa: F401  (registers the built-in op handlers)
 from .layers import layer_handler
 from .surgery import allow_plain_parameters
 from .trial import trial_prune
-from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceState,
-                      _components, _compress, build_program, register_op, run_trace, trace_network,
-                      unknown_op)
+from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceShapeError,
+                      TraceState, _components, _compress, build_program, register_op, run_trace,
+                      trace_network, unknown_op)
 
 __all__ = ["ChannelGraph", "Group", "ParamAxis", "Role", "MacKind", "register_op", "OpHandler",
            "TraceState", "SourceRec", "MemberRec", "MacRec", "build_program", "run_trace",
-           "trace_network", "unknown_op"]
+           "trace_network", "unknown_op", "TraceShapeError"]
 
 logger = logging.getLogger(__name__)
 

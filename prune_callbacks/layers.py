@@ -360,15 +360,15 @@ class PReLUPruning(LayerPruning):
 
 
 class GroupNormPruning(NormPruning):
-    """`nn.GroupNorm`: only with one channel per group are its channels pruned (the tracer
-    keeps larger groups whole), so the group count follows the channel count."""
+    """`nn.GroupNorm`: the tracer joins each group's channels, so whole groups go and the group
+    size stays; the group count follows the channel count."""
 
     def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
         old = old_shapes.get("weight", old_shapes.get("bias"))
-        per_channel = old is not None and layer._num_groups == old[0]
+        per_group = old[0] // layer._num_groups if old is not None else None
         super().sync(layer, old_shapes)
-        if per_channel:
-            layer._num_groups = layer._num_channels
+        if per_group:
+            layer._num_groups = layer._num_channels // per_group
 
 
 register_layer_type(nn.Conv2D, ConvPruning())

@@ -588,8 +588,9 @@ def _layer_norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -
 
 @register_op("group_norm")
 def _group_norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
-    """GroupNorm with one channel per group is a per-channel norm (exact to prune); with larger
-    groups a group's statistics mix its channels, so they stay whole."""
+    """GroupNorm prunes whole groups: a group's statistics mix its channels, so they are joined
+    into one prunable unit (removing a whole group leaves every other group's statistics, and
+    so the network, exactly as masking would). One channel per group is a per-channel norm."""
     x = ins[0]
     ax = _channel_axis(op, len(x.shape))
     groups = int(op.attrs().get("groups", 1))
@@ -598,19 +599,14 @@ def _group_norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -
     if ids is None:
         outs[0].ids = None
         return
-    if line is None:
+    if line is None or groups < 1 or x.shape[ax] % groups:
         unknown_op(state, op, ins, outs, why="group_norm over a mixed channel layout")
         return
-    if groups == x.shape[ax]:
-        for v in ins[1:]:
-            if v.param is not None:
-                state.members.append(MemberRec(v.param, 0, line, Role.NORM))
-    else:
-        state.block(ids, f"GroupNorm with {x.shape[ax] // groups} channels per group normalises "
-                         "them together: removing channels changes the statistics of those kept")
-        for v in ins[1:]:  # its scale and shift keep their shape
-            if v.param is not None:
-                state.opaque_params.setdefault(v.param, "a GroupNorm parameter over groups")
+    runs = line.reshape(groups, -1)
+    state.uf.union_arrays(np.repeat(runs[:, :1], runs.shape[1], axis=1), runs)
+    for v in ins[1:]:
+        if v.param is not None:
+            state.members.append(MemberRec(v.param, 0, line, Role.NORM))
     outs[0].ids = ids
 
 

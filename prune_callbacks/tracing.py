@@ -3,8 +3,11 @@
 We read the PIR program that `paddle.jit.to_static` builds (every op with its attributes and static
 shapes): each producer (conv, linear) mints one id per output channel; every op says how ids flow
 from its inputs to its outputs (an op handler registry: `register_op`; the built-in handlers live
-in `op_handlers`). Anything no handler understands blocks the ids it touches (`unknown_op`). This
-module only reads the network; it never changes a parameter, and it knows nothing of groups.
+in `op_handlers`). Anything no handler understands blocks the ids it touches (`unknown_op`); a
+handler that fails does the same (only `TraceShapeError` means the input shape is wrong). A
+network whose graph differs in training (branches under `if self.training:`) is traced in both
+modes and the couplings merged (`trace_network`). This module only reads the network; it never
+changes a parameter, and it knows nothing of groups.
 """
 from __future__ import annotations
 
@@ -246,6 +249,11 @@ def register_op(*names: str) -> Callable[[OpHandler], OpHandler]:
     - `state.fresh(n)`: n new ids, for outputs that mix channels (a new channel space);
     - `state.block(ids, reason)`: channels that must never be pruned, and why;
     - `unknown_op(state, op, ins, outs, why)`: give up on this op as if it had no handler.
+
+    Raise `TraceShapeError` only when the network cannot take the input shape; any other
+    exception gives up on the op (its channels stay unpruned) with a logged warning.
+    Sizes PIR could not infer (shapes computed at run time) arrive as -1 where the tracer could
+    not fill them in from the batch size or the element count.
 
     Channel ids are arrays of the value's rank, of size 1 along axes where they do not vary.
 

@@ -169,14 +169,16 @@ class Norms(nn.Layer):
         return self.head(y)
 
 
-def test_group_norm_and_layer_norm():
+def test_group_norm_prunes_whole_groups_and_layer_norm_stays():
     paddle.seed(0)
     net = Norms()
     groups = _groups(net)
-    assert "GroupNorm with 2 channels per group" in groups["conv2"].reason
+    assert groups["conv2"].channels == 4  # GroupNorm(4, 8): four units of two channels
     assert "LayerNorm normalises over these channels" in groups["conv3"].reason
-    check_pruned(net, SHAPE, expect_groups=["conv1"])
+    check_pruned(net, SHAPE, expect_groups=["conv1", "conv2"])
     assert net.gn1._num_channels == net.gn1._num_groups == 4 and net.gn1.weight.shape == [4]
+    assert (net.gn2._num_channels, net.gn2._num_groups) == (4, 2)
+    assert net.conv2.weight.shape[0] == 4 and net.conv3.weight.shape[1] == 4
 
 
 class TokenMLP(nn.Layer):
