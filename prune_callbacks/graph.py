@@ -20,12 +20,12 @@ from .layers import layer_handler
 from .surgery import allow_plain_parameters
 from .trial import trial_prune
 from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceShapeError,
-                      TraceState, _components, _compress, build_program, register_op, run_trace,
+                      TraceModes, TraceState, _components, _compress, build_program, register_op, run_trace,
                       trace_network, unknown_op)
 
 __all__ = ["ChannelGraph", "Group", "ParamAxis", "Role", "MacKind", "register_op", "OpHandler",
            "TraceState", "SourceRec", "MemberRec", "MacRec", "build_program", "run_trace",
-           "trace_network", "unknown_op", "TraceShapeError"]
+           "trace_network", "unknown_op", "TraceShapeError", "TraceModes"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,7 +100,7 @@ class ChannelGraph:
 
     def __init__(self, net: paddle.nn.Layer, input_shape: Sequence[int],
                  supports_layer: Callable[[paddle.nn.Layer], bool] = lambda layer: True,
-                 modes: str = "auto") -> None:
+                 modes: "TraceModes | str" = "auto") -> None:
         state = trace_network(net, input_shape, modes)
         self.two_modes = state.two_modes
         self.input_shape = tuple(int(s) for s in input_shape)

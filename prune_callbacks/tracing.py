@@ -611,8 +611,19 @@ def _op_names(program: Any) -> List[str]:
     return [op.name() for op in program.global_block().ops]
 
 
+class TraceModes(str, enum.Enum):
+    """Which programs `trace_network` reads. A `str` enum: `"auto"` works where one is asked."""
+
+    AUTO = "auto"  # the training program too when the graph differs there
+    BOTH = "both"  # always both
+    EVAL = "eval"  # the eval program only (what is deployed)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
-                  modes: str = "auto") -> TraceState:
+                  modes: "TraceModes | str" = TraceModes.AUTO) -> TraceState:
     """Trace `net` in eval mode and, where its graph differs there, in training mode too.
 
     The two programs run through one TraceState; each parameter axis used in both gets its ids
@@ -629,14 +640,18 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
     Raises:
         ValueError: unknown `modes`.
     """
-    if modes not in ("auto", "both", "eval"):
-        raise ValueError(f"modes must be 'auto', 'both' or 'eval', got {modes!r}")
+    try:
+        modes = TraceModes(modes)
+    except ValueError:
+        raise ValueError(f"modes must be 'auto', 'both' or 'eval' (a TraceModes), got "
+                         f"{modes!r}") from None
     program, outputs = build_program(net, input_shape)
     state = run_trace(program, outputs, warn=False)
     state.train_macs = list(state.macs)
-    if modes == "both" or (modes == "auto" and _forward_reads_training(net)):
+    both = modes == TraceModes.BOTH
+    if both or (modes == TraceModes.AUTO and _forward_reads_training(net)):
         train_program, train_outputs = build_program(net, input_shape, training=True)
-        if modes == "both" or _op_names(train_program) != _op_names(program):
+        if both or _op_names(train_program) != _op_names(program):
             n_members, n_macs = len(state.members), len(state.macs)
             run_trace(train_program, train_outputs, state, warn=False)
             state.train_macs = state.macs[n_macs:]

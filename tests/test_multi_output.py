@@ -163,3 +163,20 @@ def test_per_sample_flops_whatever_the_batch():
     pruned = eight.flops(ratios)
     eight.prune(ratios)
     assert count_flops(net, [8] + SHAPE[1:]) == pruned == count_flops(net, SHAPE)
+
+
+def test_merging_an_identical_training_trace_changes_nothing():
+    """Forcing both modes on a network whose graph is the same in both must give the same groups,
+    members and FLOPs as the eval trace alone (the merge unites, never splits or blocks)."""
+    from paddle.vision.models import resnet18
+    from prune_callbacks.graph import TraceModes
+
+    paddle.seed(0)
+    net = resnet18(num_classes=10)
+    one = ChannelGraph(net, [1, 3, 32, 32], modes="eval")
+    two = ChannelGraph(net, [1, 3, 32, 32], modes=TraceModes.BOTH)
+    assert two.two_modes and not one.two_modes
+    assert [(g.name, g.channels, g.prunable, g.members) for g in one.groups] == \
+        [(g.name, g.channels, g.prunable, g.members) for g in two.groups]
+    kept = {i: g.channels // 2 for i, g in enumerate(one.groups) if g.prunable}
+    assert one.flops(kept) == two.flops(kept) == two.flops(kept, training=True)
