@@ -17,8 +17,7 @@ import paddle
 
 from . import op_handlers  # noqa: F401  (registers the built-in op handlers)
 from .layers import layer_handler
-from .surgery import allow_plain_parameters
-from .trial import trial_prune
+from .surgery import allow_plain_parameters, trial_prune
 from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceShapeError,
                       TraceModes, TraceState, _components, _compress, build_program, register_op, run_trace,
                       trace_network, unknown_op)
@@ -208,7 +207,7 @@ class ChannelGraph:
     def _trial_split_groups(self, net: paddle.nn.Layer) -> None:
         """A group cut into equal parts prunes only if the forward computes the part sizes from
         the channel count: prune one channel per part on a copy and compare with masking
-        (`trial.trial_prune`); sizes written into the code leave the group whole."""
+        (`surgery.trial_prune`); sizes written into the code leave the group whole."""
         for gi in sorted(self._split_groups):
             g = self.groups[gi]
             if not g.prunable or g.partition is None:
