@@ -2,7 +2,7 @@
 
 Convention: FLOPs are multiply-accumulates (MACs) of Conv2D and Linear layers only, one MAC per
 weight element per output position (groups respected; bias, norms, activations and pooling not
-counted), for one input of the given shape. Each layer type's `LayerPruning.macs`
+counted), per sample: the batch dimension of the input shape never multiplies the count. Each layer type's `LayerPruning.macs`
 (prune_callbacks.layers) does the counting. Works under numpy 2, where `paddle.flops` crashes.
 """
 from __future__ import annotations
@@ -26,12 +26,16 @@ def register_flops(layer_type: Type[nn.Layer], fn: MacFn) -> None:
     override_layer(layer_type, macs=fn)
 
 
-def count_flops(net: nn.Layer, input_shape: Sequence[int]) -> int:
-    """Multiply-accumulates of one forward pass on an input of `input_shape` (batch included).
+def count_flops(net: nn.Layer, input_shape: Sequence[int], training: bool = False) -> int:
+    """Multiply-accumulates per sample of one forward pass on an input of `input_shape`.
 
     Args:
         net: the network; the train/eval mode of each layer is restored afterwards.
-        input_shape: e.g. [1, 3, 224, 224]; the count is per batch of that size.
+        input_shape: e.g. [1, 3, 224, 224]; the count is per sample whatever the batch size
+            ([8, 3, 224, 224] gives the same count as [1, 3, 224, 224]).
+        training: count the training-mode network (branches under `if self.training:`, such as
+            auxiliary heads, included) instead of the eval-mode one that is deployed. Norm
+            statistics the training pass updates are restored.
 
     Returns:
         MACs of all Conv2D and Linear layers (see the module docstring).
@@ -42,20 +46,24 @@ def count_flops(net: nn.Layer, input_shape: Sequence[int]) -> int:
     total = [0]
     hooks = []
 
-    def hook(layer: nn.Layer, inputs: object, output: paddle.Tensor) -> None:
-        total[0] += layer_handler(layer).macs(layer, output)
+    def hook(layer: nn.Layer, inputs: Sequence[paddle.Tensor], output: paddle.Tensor) -> None:
+        total[0] += layer_handler(layer).call_macs(layer, inputs, output)
 
     for layer in net.sublayers(include_self=True):
         if layer_handler(layer) is not None:
             hooks.append(layer.register_forward_post_hook(hook))
     modes = [(layer, layer.training) for layer in net.sublayers(include_self=True)]
-    net.eval()
+    # BatchNorm's running statistics are parameters in paddle, not buffers: save the whole state
+    saved = [(t, t.numpy().copy()) for t in net.state_dict().values()] if training else []
+    net.train() if training else net.eval()
     try:
         with paddle.no_grad():
             net(paddle.zeros(list(input_shape), dtype="float32"))
     finally:
         for h in hooks:
             h.remove()
+        for t, value in saved:  # a training pass moves BatchNorm's running statistics
+            t.set_value(value)
         for layer, training in modes:  # per layer: a frozen BN inside a training net stays so
             layer.training = training
     return total[0]

@@ -8,19 +8,23 @@ unprunable with a reason. This module only reads the network; it never changes a
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
 import numpy as np
 import paddle
 
 from . import op_handlers  # noqa: F401  (registers the built-in op handlers)
-from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceState,
-                      _components, _compress, build_program, register_op, run_trace, unknown_op)
+from .layers import layer_handler
+from .surgery import allow_plain_parameters, trial_prune
+from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceShapeError,
+                      TraceModes, TraceState, _components, _compress, build_program, register_op, run_trace,
+                      trace_network, unknown_op)
 
 __all__ = ["ChannelGraph", "Group", "ParamAxis", "Role", "MacKind", "register_op", "OpHandler",
            "TraceState", "SourceRec", "MemberRec", "MacRec", "build_program", "run_trace",
-           "unknown_op"]
+           "trace_network", "unknown_op", "TraceShapeError", "TraceModes"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,15 +88,20 @@ class ChannelGraph:
 
     Args:
         net: the network (left unchanged).
-        input_shape: one input's shape, batch first, e.g. [1, 3, 32, 32].
+        input_shape: one input's shape, batch first, e.g. [1, 3, 32, 32]; FLOPs are counted
+            per sample whatever the batch size.
         supports_layer: tells whether surgery knows a layer; channels of parameters in other
             layers are left unpruned.
+        modes: which programs to trace (see `tracing.trace_network`): "auto" adds the
+            training-mode program when the network's graph differs there (branches under
+            `if self.training:`), so groups hold the consumers of both modes.
     """
 
     def __init__(self, net: paddle.nn.Layer, input_shape: Sequence[int],
-                 supports_layer: Callable[[paddle.nn.Layer], bool] = lambda layer: True) -> None:
-        program, outputs = build_program(net, input_shape)
-        state = run_trace(program, outputs)
+                 supports_layer: Callable[[paddle.nn.Layer], bool] = lambda layer: True,
+                 modes: "TraceModes | str" = "auto") -> None:
+        state = trace_network(net, input_shape, modes)
+        self.two_modes = state.two_modes
         self.input_shape = tuple(int(s) for s in input_shape)
         self._owner: Dict[str, Tuple[str, str, paddle.nn.Layer]] = {}  # pname -> key, path, layer
         self._buffers: Dict[str, str] = {}  # tensor name -> structured key
@@ -102,7 +111,10 @@ class ChannelGraph:
             for attr, b in layer.named_buffers(include_sublayers=False):
                 if b is not None:
                     self._buffers[b.name] = f"{path}.{attr}" if path else attr
+        self.plain_params: Set[str] = set()  # per-channel parameters of unregistered layers
         self._build(state, supports_layer)
+        allow_plain_parameters(net, self.plain_params)
+        self._trial_split_groups(net)
 
     # -- construction ----------------------------------------------------------------------
     def _build(self, st: TraceState, supports_layer: Callable[[paddle.nn.Layer], bool]) -> None:
@@ -125,9 +137,11 @@ class ChannelGraph:
         lead = _lead_params(st, classes)
         self.param_axes: Dict[Tuple[str, int], ParamAxis] = {}
         parts = self._add_param_axes(st, classes, reasons, supports_layer)
-        partitions = _block_partitions(st, classes, reasons)
+        partitions, self._split_groups = _block_partitions(st, classes, reasons)
         self.groups: List[Group] = self._make_groups(classes, lead, parts, partitions, reasons)
         self._macs = [_mac_census(m, classes) for m in st.macs if m.param in self._owner]
+        self._train_macs = [_mac_census(m, classes) for m in st.train_macs
+                            if m.param in self._owner]
 
     def _add_param_axes(self, st: TraceState, classes: "_Classes", reasons: "_Reasons",
                         supports_layer: Callable[[paddle.nn.Layer], bool]) -> "_GroupParts":
@@ -152,7 +166,14 @@ class ChannelGraph:
                             f"parameter {key} is used with different channels")
                 continue
             self.param_axes[(key, m.axis)] = ParamAxis(key, m.axis, grp, ch, m.role)
-            if not supports_layer(layer):
+            # a plain parameter used in arithmetic (a LayerScale `x * self.gamma`) by a layer
+            # with no handler: its forward reads the tensor itself, so slicing it is enough,
+            # unless the layer also keeps the count as a number (that needs a registered sync)
+            plain = (m.role == Role.NORM and layer_handler(layer) is None
+                     and not _keeps_count(layer, int(m.ids.shape[-1])))
+            if plain:
+                self.plain_params.add(key)
+            if not supports_layer(layer) and not plain:
                 reasons.add(hit, f"layer {path or '<root>'} ({type(layer).__name__}) has no "
                                  "registered surgery; see "
                                  "prune_callbacks.layers.register_layer_type")
@@ -183,9 +204,52 @@ class ChannelGraph:
             ))
         return groups
 
+    def _trial_split_groups(self, net: paddle.nn.Layer) -> None:
+        """A group cut into equal parts prunes only if the forward computes the part sizes from
+        the channel count: prune one channel per part on a copy and compare with masking
+        (`surgery.trial_prune`); sizes written into the code leave the group whole."""
+        for gi in sorted(self._split_groups):
+            g = self.groups[gi]
+            if not g.prunable or g.partition is None:
+                continue
+            drop = np.zeros(g.channels, dtype=bool)
+            for b in np.unique(g.partition):
+                drop[np.flatnonzero(g.partition == b)[-1]] = True
+            if drop.all():
+                continue
+            keep_sl, drop_sl = self.group_slices(gi, ~drop)
+            failure = trial_prune(net, self.input_shape, keep_sl, drop_sl)
+            if failure is not None:
+                g.prunable = False
+                g.reason = ("split or slice sizes written into the code: pruning one channel per "
+                            f"part on a copy did not reproduce masking ({failure})")
+                warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
+
+    def group_slices(self, gi: int, kept: np.ndarray) -> Tuple[Dict[str, Dict[int, Any]],
+                                                                Dict[str, Dict[int, Any]]]:
+        """Kept and removed indices per parameter (state_dict key) and axis when group `gi`
+        keeps the channels where the boolean mask `kept` is True."""
+        keep_sl: Dict[str, Dict[int, Any]] = {}
+        drop_sl: Dict[str, Dict[int, Any]] = {}
+        for (key, axis), pa in self.param_axes.items():
+            sel = pa.group == gi
+            if not sel.any():
+                continue
+            keep = np.ones(pa.group.shape, dtype=bool)
+            keep[sel] = kept[pa.channel[sel]]
+            if keep.ndim == 2:
+                keep_sl.setdefault(key, {})[axis] = [np.flatnonzero(r).tolist() for r in keep]
+                drop_sl.setdefault(key, {})[axis] = [np.flatnonzero(~r).tolist() for r in keep]
+            else:
+                keep_sl.setdefault(key, {})[axis] = np.flatnonzero(keep).tolist()
+                drop_sl.setdefault(key, {})[axis] = np.flatnonzero(~keep).tolist()
+        return keep_sl, drop_sl
+
     # -- queries -------------------------------------------------------------------------
-    def flops(self, kept: Optional[Dict[int, int]] = None) -> int:
-        """Multiply-accumulates of convs and linears when group i keeps `kept[i]` channels.
+    def flops(self, kept: Optional[Dict[int, int]] = None, training: bool = False) -> int:
+        """Multiply-accumulates of convs and linears, per sample, when group i keeps `kept[i]`
+        channels: of the eval-mode network (what is deployed), or of the training-mode one
+        (auxiliary heads included) with `training=True`.
 
         Exact when each channel of a group occupies the same number of positions in a layer
         (true for every layer we have seen: flatten repeats each channel H*W times).
@@ -201,7 +265,7 @@ class ChannelGraph:
             return total
 
         total = 0
-        for mac in self._macs:
+        for mac in (self._train_macs if training else self._macs):
             out = round(count(mac.out))
             if mac.kind == MacKind.DEPTHWISE:
                 inp = 1
@@ -211,6 +275,12 @@ class ChannelGraph:
                 inp = round(count(mac.inp))
             total += out * inp * mac.kernel_spatial
         return int(total)
+
+
+def _keeps_count(layer: paddle.nn.Layer, count: int) -> bool:
+    """Whether a layer stores `count` as a number (`self.channels = 8`), which slicing its
+    parameters would leave stale."""
+    return any(type(v) is int and v == count for v in vars(layer).values())
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:
@@ -328,6 +398,11 @@ def _class_signatures(st: TraceState, root: np.ndarray, gcomp: np.ndarray,
         w = axis_weight.setdefault((m.param, m.axis), np.uint64(rng.integers(1, 2**63)))
         cls, counts = np.unique(root[m.ids.ravel()], return_counts=True)
         sig[cls] += w * counts.astype(np.uint64)
+    for entry in st.partitions:
+        if isinstance(entry, tuple):  # equal parts of a split: one group, blocks kept equal
+            cls = np.unique(root[entry[0].ravel()])
+            if len(np.unique(gcomp[cls])) == 1:
+                sig[cls] = np.bitwise_xor.reduce(np.unique(sig[cls])) | np.uint64(1)
     if blocked:
         frozen = gcomp[root[np.concatenate([ids.ravel() for ids, _ in blocked])]]
         sig[np.isin(gcomp, frozen)] = 0
@@ -377,27 +452,36 @@ def _lead_params(st: TraceState, classes: _Classes) -> Dict[int, str]:
 
 
 def _block_partitions(st: TraceState, classes: _Classes,
-                      reasons: _Reasons) -> Dict[int, np.ndarray]:
-    """Grouped convolutions: each block of a group must lose the same number of channels.
+                      reasons: _Reasons) -> Tuple[Dict[int, np.ndarray], Set[int]]:
+    """Blocks of a group that must each lose the same number of channels: the input and output
+    blocks of grouped convolutions, and the equal parts a split or a half-slice cuts a tensor
+    into (the forward computes their sizes from the pruned count, so they must stay equal).
 
     Returns:
-        group index -> block label of each of its channels (-1: in no block).
+        (group index -> block label of each of its channels (-1: in no block), the groups cut
+        by a split or a slice).
     """
     partitions: Dict[int, np.ndarray] = {}
-    for part in st.partitions:
+    split_groups: Set[int] = set()
+    for entry in st.partitions:
+        part, what = entry if isinstance(entry, tuple) else (entry, "grouped convolution")
         grp, ch = classes.locate(part)
         gi_set = set(grp.ravel().tolist())
         if len(gi_set) != 1 or -1 in gi_set or len(np.unique(ch)) != ch.size:
-            reasons.add(gi_set - {-1}, "grouped convolution spans several channel groups")
+            reasons.add(gi_set - {-1}, f"{what} spans several channel groups, so its parts "
+                                       "cannot be kept equal")
             continue
         gi = gi_set.pop()
         labels = np.full(int(classes.channels[gi]), -1, dtype=np.int64)
         for k in range(ch.shape[0]):
             labels[ch[k]] = k
         if gi in partitions and not _same_partition(partitions[gi], labels):
-            reasons.add([gi], "grouped convolutions disagree on channel blocks")
+            reasons.add([gi], f"{what} and another split or grouped convolution disagree on "
+                              "channel blocks")
         partitions[gi] = labels
-    return partitions
+        if isinstance(entry, tuple):
+            split_groups.add(gi)
+    return partitions, split_groups
 
 
 def _mac_census(m: MacRec, classes: _Classes) -> _Mac:

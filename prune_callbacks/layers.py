@@ -19,6 +19,7 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "LayerPruning", "ConvPruning", "NormPruning", "LinearPruning", "MaskOnlyPruning",
+    "ConvTransposePruning", "PReLUPruning", "GroupNormPruning",
     "register_layer_type", "override_layer", "register_output_axis", "layer_handler",
     "supports_layer", "output_channel_axis", "data_format_channel_axis", "lookup_by_class",
 ]
@@ -85,6 +86,13 @@ class LayerPruning:
         """Axis of the layer's output that carries its channels, or None when the output cannot
         be masked channel by channel (sensitivity analysis then recomputes it)."""
         return None
+
+    def call_macs(self, layer: nn.Layer, inputs: Sequence[paddle.Tensor],
+                  output: paddle.Tensor) -> int:
+        """Multiply-accumulates of one call, seeing its inputs too (what `count_flops` calls);
+        override it instead of `macs` when the count depends on the input (a transposed conv
+        works once per input position). Defaults to `macs(layer, output)`."""
+        return self.macs(layer, output)
 
 
 _HANDLERS: Dict[type, LayerPruning] = {}
@@ -194,6 +202,13 @@ class _Overrides(LayerPruning):
             return int(self.fns["macs"](layer, output))
         fallback = self._fallback()
         return 0 if fallback is None else fallback.macs(layer, output)
+
+    def call_macs(self, layer: nn.Layer, inputs: Sequence[paddle.Tensor],
+                  output: paddle.Tensor) -> int:
+        fallback = self._fallback()
+        if "macs" in self.fns or fallback is None:
+            return self.macs(layer, output)
+        return fallback.call_macs(layer, inputs, output)
 
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         if "output_channel_axis" in self.fns:
@@ -311,7 +326,55 @@ class MaskOnlyPruning(LayerPruning):
         return data_format_channel_axis(layer)
 
 
+class ConvTransposePruning(LayerPruning):
+    """`nn.Conv2DTranspose` (groups 1, or depthwise): filter [in, out/groups, kh, kw]; one MAC per
+    filter element per input position."""
+
+    def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
+        w = layer.weight.shape
+        depthwise = layer._groups > 1 and layer._groups == layer._in_channels
+        layer._in_channels = w[0]
+        if depthwise:
+            layer._groups = w[0]
+        layer._out_channels = w[1] * layer._groups
+
+    def call_macs(self, layer: nn.Layer, inputs: Sequence[paddle.Tensor],
+                  output: paddle.Tensor) -> int:
+        shape = inputs[0].shape
+        ch_axis = 1 if layer._data_format.startswith("NC") else len(shape) - 1
+        positions = int(np.prod([s for i, s in enumerate(shape) if i not in (0, ch_axis)]))
+        return int(np.prod(layer.weight.shape)) * positions
+
+    def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        return data_format_channel_axis(layer)
+
+
+class PReLUPruning(LayerPruning):
+    """`nn.PReLU`: one slope per channel is sliced with them; a single slope stays."""
+
+    def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
+        layer._num_parameters = int(np.prod(layer._weight.shape))
+
+    def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        return data_format_channel_axis(layer)
+
+
+class GroupNormPruning(NormPruning):
+    """`nn.GroupNorm`: the tracer joins each group's channels, so whole groups go and the group
+    size stays; the group count follows the channel count."""
+
+    def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
+        old = old_shapes.get("weight", old_shapes.get("bias"))
+        per_group = old[0] // layer._num_groups if old is not None else None
+        super().sync(layer, old_shapes)
+        if per_group:
+            layer._num_groups = layer._num_channels // per_group
+
+
 register_layer_type(nn.Conv2D, ConvPruning())
+register_layer_type(nn.Conv2DTranspose, ConvTransposePruning())
+register_layer_type(nn.PReLU, PReLUPruning())
+register_layer_type(nn.GroupNorm, GroupNormPruning())
 register_layer_type([nn.layer.norm._BatchNormBase, nn.BatchNorm, nn.layer.norm._InstanceNormBase],
                     NormPruning())
 register_layer_type(nn.Linear, LinearPruning())

@@ -9,8 +9,8 @@ from typing import Any, Callable, List, Optional
 
 import numpy as np
 
-from .tracing import (MacKind, MacRec, MemberRec, Role, SourceRec, TraceState, _compress,
-                      _expand, _op_key, _Val, register_op, unknown_op)
+from .tracing import (MacKind, MacRec, MemberRec, Role, SourceRec, TraceShapeError, TraceState,
+                      _compress, _expand, _op_key, _Val, register_op, unknown_op)
 
 
 _POINTWISE = (
@@ -65,7 +65,7 @@ def _conv(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
     groups = int(op.attrs().get("groups", 1))
     c_in, c_out = x.shape[ax], out.shape[ax]
     if len(w.shape) > 1 and c_in != w.shape[1] * groups:  # PIR's shape inference lets this by
-        raise ValueError(
+        raise TraceShapeError(
             f"(InvalidArgument) a convolution with filter {w.param} {list(w.shape)} expects "
             f"{w.shape[1] * groups} input channels but gets {c_in} (input {list(x.shape)})")
     in_ids = state.channel_ids(x, ax)
@@ -108,7 +108,7 @@ def _norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
     params = [v.param for v in ins[1:] if v.param is not None]
     for v in ins[1:]:
         if v.param is not None and v.shape and v.shape[0] != x.shape[ax]:
-            raise ValueError(
+            raise TraceShapeError(
                 f"(InvalidArgument) a normalisation with {v.param} {list(v.shape)} gets "
                 f"{x.shape[ax]} channels (input {list(x.shape)})")
     if ids is None:
@@ -125,24 +125,39 @@ def _matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
     attrs = op.attrs()
     if w.param is None or attrs.get("transpose_x", False) or len(w.shape) != 2:
         unknown_op(state, op, ins, outs, why="matmul of two activations")
+        if w.param is not None and len(w.shape) == 2 and len(x.shape) >= 1:
+            _count_untraced_linear(state, w, x, out)
         return
     in_axis = 1 if attrs.get("transpose_y", False) else 0
     xi = state.ids_of(x)
-    if xi is None:
-        outs[0].ids = None
-        return
     # ids along the last axis; constant along leading (batch/sequence) axes
-    if any(s != 1 for s in xi.shape[:-1]):
-        unknown_op(state, op, ins, outs, why="linear input whose features vary across rows")
-        return
+    if xi is None or any(s != 1 for s in xi.shape[:-1]):
+        if xi is None:
+            xi = state.fresh(x.shape[-1]).reshape((1,) * (len(x.shape) - 1) + (-1,))
+            state.sources.append(SourceRec(xi.ravel(), None, blocked="untraced linear input"))
+        else:
+            unknown_op(state, op, ins, outs, why="linear input whose features vary across rows")
+            _count_untraced_linear(state, w, x, out)
+            return
     in_ids = _expand(xi.reshape(-1), (x.shape[-1],)).copy()
     out_ids = state.fresh(out.shape[-1])
     state.sources.append(SourceRec(out_ids, w.param))
     state.members.append(MemberRec(w.param, 1 - in_axis, out_ids, Role.OUT))
     state.members.append(MemberRec(w.param, in_axis, in_ids, Role.IN))
-    rows = int(np.prod(out.shape[:-1]))
+    rows = int(np.prod(out.shape[1:-1]))  # per sample: the batch axis is not counted
     state.macs.append(MacRec(w.param, out_ids, in_ids, 1, rows, MacKind.DENSE))
     out.ids = out_ids.reshape((1,) * (len(out.shape) - 1) + (-1,))
+
+
+def _count_untraced_linear(state: TraceState, w: _Val, x: _Val, out: _Val) -> None:
+    """A linear layer on a path we cannot follow still costs MACs: count them on fixed ids, so
+    predicted FLOPs equal counted FLOPs (issue 12.7)."""
+    out_ids = np.asarray(out.ids).ravel() if out.ids is not None else state.fresh(out.shape[-1])
+    if out_ids.size != out.shape[-1]:
+        out_ids = state.fresh(out.shape[-1])
+    rows = int(np.prod(out.shape[1:-1]))
+    state.macs.append(MacRec(w.param, out_ids, state.fresh(x.shape[-1]), 1, rows,
+                             MacKind.DENSE))
 
 
 _ELEMENTWISE = "add subtract multiply divide maximum minimum elementwise_pow".split()
@@ -212,9 +227,14 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
     _reshape_like(state, ins[0], outs[0], lambda a: a)
     before, after = state.ids_of(ins[0]), outs[0].ids
     if _varying_axes(after) > _varying_axes(before):  # a channel axis split in two (a shuffle)
-        state.block(before, f"reshape splits a channel axis; {_SHAPE_COMPUTED}")
+        state.block(before, "reshape splits a channel axis (a channel shuffle): after pruning "
+                            "the shuffle would interleave the kept channels of its groups in "
+                            "another order than the masked network, unless every group kept "
+                            "the same channel indices")
     target = ins[1].const if len(ins) > 1 else None
-    if _op_key(op.name()) == "reshape" and after is not None:
+    # paddle reshapes a bias to [1, C, 1, 1] with sizes read from the parameter at run time
+    param_view = ins[0].param is not None and _varying_axes(before) == _varying_axes(after) == 1
+    if _op_key(op.name()) == "reshape" and after is not None and not param_view:
         literal = target is None or any(
             after.shape[ax] > 1 and target[ax] not in (-1, 0) for ax in range(len(target)))
         if literal:  # a channel count written into the code (e.g. reshape(x, [-1, 2048]))
@@ -287,15 +307,40 @@ def _concat(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
     out.ids = _compress(np.concatenate(pieces, axis=axis))
 
 
+def _equal_parts(state: TraceState, ids: np.ndarray, axis: int, size: int, parts: int,
+                 what: str) -> bool:
+    """Record that the channels along `axis` are cut into `parts` equal runs that must stay
+    equal after pruning; False when they cannot be (ids vary elsewhere, or do not divide)."""
+    line = ids.reshape(-1) if _varying_axes(ids) == 1 and ids.shape[axis] > 1 else None
+    if line is None or parts < 2 or size % parts:
+        return False
+    state.partitions.append((_expand(line, (size,)).reshape(parts, size // parts).copy(), what))
+    return True
+
+
+_EQUAL_PARTS = ("split into equal parts: the forward computes the part sizes from the channel "
+                "count, so every part loses the same number of channels")
+
+
 @register_op("split", "split_with_num")
 def _split(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
     axis_val = ins[-1].const if ins[-1].const is not None else op.attrs().get("axis", 0)
-    axis = int(np.asarray(axis_val).ravel()[0]) % len(ins[0].shape)
-    outs[0].items = [ins[0]]
+    x = ins[0]
+    axis = int(np.asarray(axis_val).ravel()[0]) % len(x.shape)
+    outs[0].items = [x]
     outs[0].split_axis = axis
-    ids = state.ids_of(ins[0])
-    if ids is not None and ids.shape[axis] > 1:
-        state.block(ids, f"split along channels; {_SHAPE_COMPUTED}")
+    ids = state.ids_of(x)
+    if ids is None or ids.shape[axis] == 1:
+        return
+    if _op_key(op.name()) == "split_with_num":
+        parts = int(op.attrs().get("num", 0))
+    else:  # sections: equal ones are what `x.shape[1] // n` gives; unequal ones are literal
+        sections = ins[1].const if len(ins) > 2 else op.attrs().get("sections")
+        sizes = np.asarray(sections if sections is not None else [], dtype=np.int64).ravel()
+        parts = len(sizes) if len(sizes) and (sizes == sizes[0]).all() else 0
+    if not _equal_parts(state, ids, axis, x.shape[axis], parts, "split"):
+        state.block(ids, f"split along channels into unequal or literal sizes; "
+                         f"{_SHAPE_COMPUTED}")
 
 
 @register_op("builtin.split")
@@ -320,6 +365,16 @@ def _unpack(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
         start += n
 
 
+def _slice_part(size: int, start: int, end: int) -> Optional[int]:
+    """n when [start, end) is one of n equal parts of `size` channels (`x[:, :c // 2]`, the
+    bounds computed from the count), else None."""
+    start, end = (start + size if start < 0 else start), min(end + size if end < 0 else end, size)
+    width = end - start
+    if width <= 0 or size % width or start % width:
+        return None
+    return size // width
+
+
 @register_op("slice")
 def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
     x, out = ins[0], outs[0]
@@ -338,6 +393,234 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
     for a, s, e in zip(attrs["axes"], starts, ends):
         index[a] = slice(int(s), int(e))
         if ids.shape[a] > 1 and out.shape[a] != x.shape[a]:
-            # x[:, :4] keeps writing 4 after pruning: the bounds cannot follow the channels
-            state.block(ids, f"slice along channels; {_SHAPE_COMPUTED}")
+            part = _slice_part(x.shape[a], int(s), int(e))
+            if part is None or not _equal_parts(state, ids, a, x.shape[a], part, "slice"):
+                # x[:, 3:] keeps writing 3 after pruning: the bounds cannot follow the channels
+                state.block(ids, f"slice along channels; {_SHAPE_COMPUTED}")
     out.ids = _compress(full[tuple(index)].reshape(out.shape))
+
+
+# ---------------------------------------------------------------------------------------------
+# Ops that keep channels where they are (issue 12): each checks that the axes it moves, mixes or
+# resizes carry no varying channel ids, and gives up otherwise.
+# ---------------------------------------------------------------------------------------------
+
+
+def _axes_operand(op: Any, ins: List[_Val], ndim: int, operand: int = 1) -> Optional[List[int]]:
+    """The axes an op works along, from its `axis` attribute or a constant operand."""
+    value = op.attrs().get("axis")
+    if value is None and len(ins) > operand:
+        value = ins[operand].const
+    if value is None:
+        return None
+    axes = np.asarray(value).ravel().tolist()
+    return sorted({int(a) % max(ndim, 1) for a in axes})
+
+
+def _keeps_channels(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val],
+                    axes: Optional[List[int]], what: str) -> bool:
+    """True (and the output's ids set, broadcast to its shape) when `axes` carry no varying ids;
+    else the op is given up on."""
+    x, out = ins[0], outs[0]
+    ids = state.ids_of(x)
+    if ids is None:
+        out.ids = None
+        return True
+    if axes is None or any(ids.shape[a] > 1 for a in axes if a < ids.ndim):
+        unknown_op(state, op, ins, outs, why=f"{what} along channels")
+        return False
+    shape = [1 if ids.shape[a] == 1 else s for a, s in enumerate(out.shape)]
+    out.ids = ids.reshape(shape)
+    return True
+
+
+@register_op("roll")
+def _roll(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    ndim = len(ins[0].shape)
+    axes = op.attrs().get("axis")
+    # roll without an axis flattens first: every axis moves
+    axes = list(range(ndim)) if not axes else sorted({int(a) % ndim for a in axes})
+    _keeps_channels(state, op, ins, outs, axes, "roll")
+
+
+@register_op("index_select")
+def _index_select(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    axis = int(op.attrs().get("axis", 0)) % max(len(ins[0].shape), 1)
+    _keeps_channels(state, op, ins, outs, [axis], "index_select")
+
+
+@register_op("gather")
+def _gather(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    if len(ins[0].shape) != len(outs[0].shape):
+        unknown_op(state, op, ins, outs, why="gather that changes the rank")
+        return
+    axes = _axes_operand(op, ins, len(ins[0].shape), operand=2) or [0]
+    _keeps_channels(state, op, ins, outs, axes, "gather")
+
+
+@register_op("expand", "expand_as", "broadcast_to", "tile")
+def _expand_op(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    x, out = ins[0], outs[0]
+    ids = state.ids_of(x)
+    if ids is None:
+        out.ids = None
+        return
+    pad = len(out.shape) - ids.ndim
+    ids = ids.reshape((1,) * pad + ids.shape)
+    real = (1,) * pad + tuple(x.shape)
+    grown = [a for a in range(len(out.shape)) if ids.shape[a] > 1 and out.shape[a] != real[a]]
+    if grown:  # tile repeats channels: a copy the pruned count cannot follow
+        unknown_op(state, op, ins, outs, why="repeating channels")
+        return
+    out.ids = ids
+
+
+@register_op("unfold")
+def _unfold(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    """[N, C, H, W] -> [N, C*kh*kw, L]: channel c owns rows c*kh*kw .. (c+1)*kh*kw - 1."""
+    x, out = ins[0], outs[0]
+    ids = state.ids_of(x)
+    if ids is None:
+        out.ids = None
+        return
+    if any(ids.shape[a] > 1 for a in range(ids.ndim) if a != 1):
+        unknown_op(state, op, ins, outs, why="unfold of a mixed channel layout")
+        return
+    patch = int(np.prod(op.attrs().get("kernel_sizes", [1])))
+    line = np.repeat(_expand(ids.reshape(-1), (x.shape[1],)), patch)
+    out.ids = _compress(line.reshape(1, -1, 1))
+
+
+@register_op("set_value", "set_value_", "set_value_with_tensor", "set_value_with_tensor_")
+def _set_value(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    """`x[..., a:b, ...] = v` along axes that carry no channels: channels pass; a tensor value
+    written into them shares their channels."""
+    x, out = ins[0], outs[0]
+    ids = state.ids_of(x)
+    axes = [int(a) % len(x.shape) for a in op.attrs().get("axes", [])]
+    if ids is None or any(ids.shape[a] > 1 for a in axes):
+        unknown_op(state, op, ins, outs, why="set_value on channel slices")
+        return
+    value = ins[1] if _op_key(op.name()).startswith("set_value_with_tensor") else None
+    vids = state.ids_of(value) if value is not None else None
+    if vids is not None and _varying_axes(vids):
+        pad = len(x.shape) - vids.ndim
+        vids = vids.reshape((1,) * pad + vids.shape)
+        joint = tuple(max(a, b) for a, b in zip(vids.shape, ids.shape))
+        if any(vids.shape[a] > 1 for a in axes):
+            unknown_op(state, op, ins, outs, why="set_value with a value mixing channels")
+            return
+        state.uf.union_arrays(_expand(vids, joint), _expand(ids, joint))
+    out.ids = ids
+
+
+@register_op("prelu")
+def _prelu(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    """PReLU: one slope for all channels passes them; one slope per channel is a per-channel
+    affine of the channel axis (sliced with it); one per element is given up on."""
+    x, alpha = ins[0], ins[1]
+    mode = op.attrs().get("mode", "channel")
+    ids = state.ids_of(x)
+    size = int(np.prod(alpha.shape)) if alpha.shape else 1
+    if mode == "all" or size == 1:
+        outs[0].ids = ids
+        return
+    ax = _channel_axis(op, len(x.shape))
+    line = state.channel_ids(x, ax) if ids is not None else None
+    if mode != "channel" or alpha.param is None or line is None:
+        unknown_op(state, op, ins, outs, why=f"prelu mode {mode!r} over a mixed layout")
+        return
+    state.members.append(MemberRec(alpha.param, 0, line, Role.NORM))
+    outs[0].ids = ids
+
+
+@register_op("conv2d_transpose", "depthwise_conv2d_transpose")
+def _conv_transpose(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    """Transposed convolution: filter [in, out/groups, kh, kw], so its axis 0 reads the input's
+    channels and axis 1 makes the output's. MACs scale with the input's positions."""
+    x, w, out = ins[0], ins[1], outs[0]
+    ax = _channel_axis(op, len(x.shape))
+    groups = int(op.attrs().get("groups", 1))
+    in_ids = state.channel_ids(x, ax) if state.ids_of(x) is not None else None
+    if w.param is None or in_ids is None or groups not in (1, x.shape[ax]):
+        unknown_op(state, op, ins, outs, why="transposed conv with groups, a computed filter "
+                                             "or a mixed channel layout")
+        return
+    c_out = out.shape[ax]
+    kernel = int(np.prod(w.shape[2:]))
+    spatial = int(np.prod([s for i, s in enumerate(x.shape) if i not in (0, ax)]))
+    shape = [1] * len(out.shape)
+    shape[ax] = c_out
+    if groups == 1:
+        out_ids = state.fresh(c_out)
+        state.sources.append(SourceRec(out_ids, w.param))
+        state.members.append(MemberRec(w.param, 1, out_ids, Role.OUT))
+        state.members.append(MemberRec(w.param, 0, in_ids, Role.IN))
+        state.macs.append(MacRec(w.param, out_ids, in_ids, kernel, spatial, MacKind.DENSE))
+    elif c_out == x.shape[ax]:  # depthwise: channel k in, channel k out
+        out_ids = in_ids
+        state.members.append(MemberRec(w.param, 0, in_ids, Role.PASS))
+        state.macs.append(MacRec(w.param, out_ids, in_ids[:1], kernel, spatial,
+                                 MacKind.DEPTHWISE))
+    else:
+        unknown_op(state, op, ins, outs, why="depthwise transposed conv with a multiplier")
+        return
+    out.ids = out_ids.reshape(shape)
+
+
+LAYER_NORM_REASON = (
+    "LayerNorm normalises over these channels: removing some changes the mean and variance "
+    "every kept channel is normalised with, so the pruned network would not equal the masked "
+    "one; they stay whole (the layers between LayerNorms, e.g. MLP hidden channels, prune)")
+
+
+@register_op("layer_norm", "rms_norm")
+def _layer_norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    """Normalisation over the trailing axes from `begin_norm_axis`: channels on the leading axes
+    pass through; channels on the normalised axes pass but stay whole (LAYER_NORM_REASON)."""
+    x = ins[0]
+    ids = state.ids_of(x)
+    begin = int(op.attrs().get("begin_norm_axis", len(x.shape) - 1)) % max(len(x.shape), 1)
+    if ids is not None and any(ids.shape[a] > 1 for a in range(begin, ids.ndim)):
+        state.block(ids, LAYER_NORM_REASON)
+    outs[0].ids = ids
+
+
+@register_op("group_norm")
+def _group_norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    """GroupNorm prunes whole groups: a group's statistics mix its channels, so they are joined
+    into one prunable unit (removing a whole group leaves every other group's statistics, and
+    so the network, exactly as masking would). One channel per group is a per-channel norm."""
+    x = ins[0]
+    ax = _channel_axis(op, len(x.shape))
+    groups = int(op.attrs().get("groups", 1))
+    ids = state.ids_of(x)
+    line = state.channel_ids(x, ax) if ids is not None else None
+    if ids is None:
+        outs[0].ids = None
+        return
+    if line is None or groups < 1 or x.shape[ax] % groups:
+        unknown_op(state, op, ins, outs, why="group_norm over a mixed channel layout")
+        return
+    runs = line.reshape(groups, -1)
+    state.uf.union_arrays(np.repeat(runs[:, :1], runs.shape[1], axis=1), runs)
+    for v in ins[1:]:
+        if v.param is not None:
+            state.members.append(MemberRec(v.param, 0, line, Role.NORM))
+    outs[0].ids = ids
+
+
+@register_op("stack")
+def _stack(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    """Stacking shape scalars (`[paddle.shape(x)[0], 8, 256]`) carries no channels; stacking
+    traced tensors is given up on."""
+    parts = ins[0].items or []
+    if any(state.ids_of(p) is not None for p in parts):
+        unknown_op(state, op, ins, outs, why="stacking traced tensors")
+        return
+    outs[0].ids = None
+    # a shape vector: literal sizes where written, -1 where computed at run time (those follow
+    # a pruned channel count, like -1 and 0 do)
+    consts = [np.asarray(p.const).ravel() if p.const is not None else None for p in parts]
+    if all(c is None or c.size == 1 for c in consts):
+        outs[0].const = [int(c[0]) if c is not None else -1 for c in consts]

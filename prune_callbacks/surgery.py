@@ -2,12 +2,16 @@
 
 Each layer type's `LayerPruning.sync` (prune_callbacks.layers) re-reads sizes from the (already
 sliced) parameters. Parameters keep their identity (optimizers and hooks still point at them); no
-backup copy is ever left in the network or its state_dict.
+backup copy is ever left in the network or its state_dict. `trial_prune` prunes a deep copy to
+check a slicing against masking, leaving the network itself unchanged.
 """
 from __future__ import annotations
 
+import copy
 import logging
-from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, Union
+import weakref
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type,
+                    Union)
 
 import numpy as np
 import paddle
@@ -16,7 +20,7 @@ import paddle.nn as nn
 from .layers import layer_handler, override_layer, supports_layer
 
 __all__ = ["AxisSlice", "ParamSlices", "Mask", "apply_slices", "slice_array", "register_layer",
-           "layer_sync", "supports_layer"]
+           "layer_sync", "supports_layer", "allow_plain_parameters", "trial_prune"]
 
 logger = logging.getLogger(__name__)
 
@@ -84,6 +88,19 @@ def _set(p: paddle.Tensor, value: np.ndarray) -> None:
     p.get_tensor().set(np.ascontiguousarray(value.astype(p.numpy().dtype, copy=False)), target)
 
 
+# Per network, parameters of layers with no handler that a trace found used only as per-channel
+# values in arithmetic (`x * self.gamma`): the layer's forward reads the tensor itself, so they
+# are sliced without a sync. Held weakly: the table never keeps a network alive.
+_PLAIN: "weakref.WeakKeyDictionary[nn.Layer, frozenset]" = weakref.WeakKeyDictionary()
+
+
+def allow_plain_parameters(net: nn.Layer, keys: Iterable[str]) -> None:
+    """Let `apply_slices` slice these parameters (state_dict keys) of `net` although their
+    layers have no registered handler (what `ChannelGraph` records for per-channel parameters
+    used in arithmetic, such as a LayerScale)."""
+    _PLAIN[net] = frozenset(keys)
+
+
 def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
     """Slice the parameters named in `slices` (state_dict keys) and sync their layers."""
     layers = dict(net.named_sublayers(include_self=True))
@@ -98,8 +115,12 @@ def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
         _set(p, new)
         path, _, attr = key.rpartition(".")
         touched.setdefault(path, {})[attr] = old_shape
+    plain = _PLAIN.get(net, frozenset())
     for path, old in touched.items():
         layer = layers[path]
+        if layer_handler(layer) is None and all(
+                (f"{path}.{attr}" if path else attr) in plain for attr in old):
+            continue  # plain per-channel parameters (a LayerScale): nothing to sync
         if not supports_layer(layer):
             raise TypeError(
                 f"layer {path!r} ({type(layer).__name__}) has no registered surgery: register "
@@ -144,3 +165,64 @@ class Mask:
 
     def __exit__(self, *exc: object) -> None:
         self.restore()
+
+
+# ---------------------------------------------------------------------------------------------
+# Trial pruning on a copy. Some forward code computes sizes from the channel count
+# (`x[:, :c // 2]`, `split(x, 2)`), other code writes them in (`x[:, :self.half]`); the traced
+# program shows both as the same constants, so a group cut into equal parts is pruned on a deep
+# copy and compared with the masked original. The network checked is left unchanged.
+# ---------------------------------------------------------------------------------------------
+
+
+def _leaves(out: Any) -> List[np.ndarray]:
+    if isinstance(out, dict):
+        return [t for k in sorted(out) for t in _leaves(out[k])]
+    if isinstance(out, (list, tuple)):
+        return [t for item in out for t in _leaves(item)]
+    return [out.numpy()] if hasattr(out, "numpy") else []
+
+
+def _outputs(net: nn.Layer, x: paddle.Tensor) -> List[np.ndarray]:
+    modes = [(layer, layer.training) for layer in net.sublayers(include_self=True)]
+    net.eval()
+    try:
+        with paddle.no_grad():
+            return _leaves(net(x))
+    finally:
+        for layer, training in modes:
+            layer.training = training
+
+
+def trial_prune(net: nn.Layer, input_shape: Sequence[int], keep: ParamSlices,
+                drop: ParamSlices, rtol: float = 1e-3) -> Optional[str]:
+    """Prune a deep copy of `net` to `keep` and compare it with `net` masked by `drop`.
+
+    Args:
+        net: the network (restored bit for bit afterwards).
+        input_shape: batch first.
+        keep, drop: kept and removed indices per parameter and axis (state_dict keys).
+        rtol: largest relative difference accepted.
+
+    Returns:
+        None when the pruned copy reproduces the masked outputs, else what went wrong.
+    """
+    x = paddle.to_tensor(np.random.default_rng(0).normal(size=list(input_shape))
+                         .astype("float32"))
+    try:
+        with Mask(net, drop):
+            masked = _outputs(net, x)
+        pruned_net = copy.deepcopy(net)
+        apply_slices(pruned_net, keep)
+        pruned = _outputs(pruned_net, x)
+    except Exception as e:  # a size written into forward no longer fits: that is the answer
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+    if len(pruned) != len(masked):
+        return "the pruned copy returns another number of outputs"
+    for p, m in zip(pruned, masked):
+        if p.shape != m.shape:
+            return f"output shape {list(p.shape)} instead of {list(m.shape)}"
+        err = float(np.abs(p - m).max() / max(float(np.abs(m).max()), 1e-12))
+        if err > rtol:
+            return f"outputs differ from masking by {err:.2g}"
+    return None

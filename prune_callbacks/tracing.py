@@ -3,14 +3,19 @@
 We read the PIR program that `paddle.jit.to_static` builds (every op with its attributes and static
 shapes): each producer (conv, linear) mints one id per output channel; every op says how ids flow
 from its inputs to its outputs (an op handler registry: `register_op`; the built-in handlers live
-in `op_handlers`). Anything no handler understands blocks the ids it touches (`unknown_op`). This
-module only reads the network; it never changes a parameter, and it knows nothing of groups.
+in `op_handlers`). Anything no handler understands blocks the ids it touches (`unknown_op`); a
+handler that fails does the same (only `TraceShapeError` means the input shape is wrong). A
+network whose graph differs in training (branches under `if self.training:`) is traced in both
+modes and the couplings merged (`trace_network`). This module only reads the network; it never
+changes a parameter, and it knows nothing of groups.
 """
 from __future__ import annotations
 
 import contextlib
 import enum
+import inspect
 import logging
+import re
 import threading
 import traceback
 import warnings
@@ -188,11 +193,15 @@ class TraceState:
         self.sources: List[SourceRec] = []
         self.blocks: List[Tuple[np.ndarray, str]] = []
         self.macs: List[MacRec] = []
-        self.partitions: List[np.ndarray] = []  # [blocks, per_block] id arrays to split equally
+        # [blocks, per_block] id arrays whose blocks lose equal counts, or (array, what) pairs
+        self.partitions: List[Any] = []
         self.param_elems: Dict[str, np.ndarray] = {}  # param name -> element ids (full shape)
         self.unknown_ops: Dict[str, int] = {}
         # parameters some use of which we do not follow (control flow, unknown ops) -> why
         self.opaque_params: Dict[str, str] = {}
+        self.train_macs: List[MacRec] = []  # conv/linear ops of the training-mode program
+        self.two_modes = False  # whether a training-mode program was traced too
+        self.batch: Optional[int] = None  # the input's batch size, for run-time shapes
 
     # -- helpers for handlers -----------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:
@@ -241,6 +250,11 @@ def register_op(*names: str) -> Callable[[OpHandler], OpHandler]:
     - `state.block(ids, reason)`: channels that must never be pruned, and why;
     - `unknown_op(state, op, ins, outs, why)`: give up on this op as if it had no handler.
 
+    Raise `TraceShapeError` only when the network cannot take the input shape; any other
+    exception gives up on the op (its channels stay unpruned) with a logged warning.
+    Sizes PIR could not infer (shapes computed at run time) arrive as -1 where the tracer could
+    not fill them in from the batch size or the element count.
+
     Channel ids are arrays of the value's rank, of size 1 along axes where they do not vary.
 
     Args:
@@ -286,13 +300,30 @@ def unknown_op(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val],
                 state.opaque_params.setdefault(item.param, f"also read by {reason}")
             else:
                 state.block(state.ids_of(item), reason)
+    axis = _carrier_axis(state, ins, outs)
     for o in outs:
         if o.shape:
-            n = o.shape[1] if len(o.shape) >= 2 else o.shape[0]
+            ax = axis if axis is not None and axis < len(o.shape) else (
+                1 if len(o.shape) >= 2 else 0)
             shape = [1] * len(o.shape)
-            shape[1 if len(o.shape) >= 2 else 0] = n
-            o.ids = state.fresh(n).reshape(shape)
+            shape[ax] = max(o.shape[ax], 1)
+            o.ids = state.fresh(shape[ax]).reshape(shape)
             state.sources.append(SourceRec(o.ids.ravel(), None, blocked=reason))
+
+
+def _carrier_axis(state: TraceState, ins: List[_Val], outs: List[_Val]) -> Optional[int]:
+    """The axis that carries channels in an op's first traced input (the one axis along which
+    its ids vary), when the outputs have that input's rank: token tensors [N, L, C] keep their
+    channels last, so whatever follows an op we cannot follow still sees channels there."""
+    for v in ins:
+        ids = state.ids_of(v) if v.items is None else None
+        if ids is None or v.param is not None:
+            continue
+        varying = [a for a in range(ids.ndim) if ids.shape[a] > 1]
+        if len(varying) == 1 and all(len(o.shape) in (0, ids.ndim) for o in outs):
+            return varying[0]
+        return None
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -307,8 +338,27 @@ def _shape_of(value: Any) -> Tuple[int, ...]:
         return ()
 
 
-def build_program(net: paddle.nn.Layer, input_shape: Sequence[int]) -> Tuple[Any, List[Any]]:
-    """The PIR main program of `net` for one input of `input_shape`, and its output values.
+def flat_outputs(outputs: Any) -> List[Any]:
+    """The values of a network's outputs, however nested (a tensor, or lists, tuples and dicts
+    of them, as detection and segmentation nets return); non-tensor leaves are dropped."""
+    if isinstance(outputs, dict):
+        return [v for item in outputs.values() for v in flat_outputs(item)]
+    if isinstance(outputs, (list, tuple)):
+        return [v for item in outputs for v in flat_outputs(item)]
+    return [outputs] if hasattr(outputs, "id") else []
+
+
+def build_program(net: paddle.nn.Layer, input_shape: Sequence[int],
+                  training: bool = False) -> Tuple[Any, List[Any]]:
+    """The PIR main program of `net` for one input of `input_shape`, and its output values
+    (flattened: a network may return a list, tuple or dict of tensors).
+
+    Args:
+        net: the network; each layer's mode is restored afterwards.
+        input_shape: batch first.
+        training: build the training-mode program (branches under `if self.training:`)
+            instead of the eval-mode one. Building never runs the network, so BatchNorm
+            statistics are untouched.
 
     `paddle.jit.to_static` replaces `net.forward` in place; we undo that before returning.
     """
@@ -317,14 +367,14 @@ def build_program(net: paddle.nn.Layer, input_shape: Sequence[int]) -> Tuple[Any
     had_forward = "forward" in net.__dict__
     old_forward = net.__dict__.get("forward")
     modes = [(layer, layer.training) for layer in net.sublayers(include_self=True)]
-    net.eval()
+    net.train() if training else net.eval()
     try:
         static = paddle.jit.to_static(
             net, input_spec=[InputSpec(list(input_shape), "float32", "x")], full_graph=True
         )
         with _no_op_callstacks():
             concrete = static.forward.concrete_program
-        return concrete.main_program, list(concrete.outputs)
+        return concrete.main_program, flat_outputs(concrete.outputs)
     except OSError as e:  # inspect could not read forward's source
         raise TypeError(
             f"cannot trace {type(net).__name__}: paddle.jit.to_static reads the source code of "
@@ -415,45 +465,224 @@ def _enter_control_flow(state: TraceState, op: Any, blocks: List[Any]) -> None:
                     state.block(state.ids_of(v), reason)
 
 
-def run_trace(program: Any, outputs: Sequence[Any]) -> TraceState:
+def run_trace(program: Any, outputs: Sequence[Any], state: Optional[TraceState] = None,
+              warn: bool = True) -> TraceState:
     """Walk the program's ops in order, letting each op handler move channel ids (the built-in
-    handlers register when `prune_callbacks.op_handlers` is imported, as `graph` does)."""
-    state = TraceState()
+    handlers register when `prune_callbacks.op_handlers` is imported, as `graph` does).
+
+    Args:
+        program: a PIR program (`build_program`).
+        outputs: its output values; their channels are never pruned.
+        state: continue in this state (a second program of the same network: parameters keep
+            their element ids); a new one when None.
+        warn: warn about ops no handler understands.
+    """
+    state = TraceState() if state is None else state
+    state.vals = {}  # value ids are only unique within one program
     for op in program.global_block().ops:
-        name = op.name()
-        ins = []
-        for operand in op.operands():
-            src = operand.source()
-            if not src.initialized():  # an absent optional input
-                ins.append(_Val())
-                continue
-            ins.append(state.vals.get(src.id) or _Val(shape=_shape_of(src)))
-        outs = []
-        for res in op.results():
-            v = _Val(shape=_shape_of(res))
-            state.vals[res.id] = v
-            outs.append(v)
-        if name == "builtin.parameter":
-            pname = op.attrs()["parameter_name"]
-            outs[0].param = pname
-            continue
-        blocks = list(op.blocks())  # the container itself is always truthy
-        if blocks:
-            _enter_control_flow(state, op, blocks)
-        handler = _OP_HANDLERS.get(_op_key(name))
-        if handler is None:
-            unknown_op(state, op, ins, outs)
-        else:
-            handler(state, op, ins, outs)
+        _trace_op(state, op)
     for out in outputs:
         v = state.vals.get(out.id)
         if v is not None:
             state.block(state.ids_of(v), "network output is never pruned")
+    if warn:
+        _warn_unknown(state, stacklevel=3)
+    return state
+
+
+def _warn_unknown(state: TraceState, stacklevel: int) -> None:
     if state.unknown_ops:
         ops = ", ".join(f"{k} (x{v})" for k, v in sorted(state.unknown_ops.items()))
         warnings.warn(
             f"channels touching these ops are left unpruned: {ops}. Register a handler with "
             "prune_callbacks.graph.register_op to prune through them.",
-            stacklevel=3,
+            stacklevel=stacklevel + 1,
         )
+
+
+class TraceShapeError(ValueError):
+    """The network does not fit the input shape (raised by handlers that check channel counts,
+    e.g. a conv reading more channels than its filter has). Any other failure inside a handler
+    is the tracer's own: the op is given up on (`unknown_op`) and the trace goes on."""
+
+
+_RESHAPES = ("pd_op.reshape", "pd_op.reshape_", "pd_op.view_shape", "pd_op.flatten",
+             "pd_op.flatten_")
+
+
+def _known_shapes(state: TraceState, name: str, op_attrs: Callable[[], Dict[str, Any]],
+                  ins: List[_Val], outs: List[_Val]) -> None:
+    """Fill in sizes PIR could not infer (-1, shapes computed at run time): the batch axis takes
+    the input's batch size, and one remaining -1 of a reshape follows from the element count."""
+    for o in outs:
+        if -1 not in o.shape:
+            continue
+        shape = list(o.shape)
+        if shape[0] == -1 and state.batch is not None:
+            shape[0] = state.batch
+        known = [v for v in ins if v.shape and -1 not in v.shape]
+        if name in _RESHAPES:
+            if shape.count(-1) == 1 and known:
+                rest = int(np.prod([s for s in shape if s != -1]))
+                total = int(np.prod(known[0].shape))
+                if rest and total % rest == 0:
+                    shape[shape.index(-1)] = total // rest
+        elif name in ("pd_op.transpose", "pd_op.transpose_") and ins and -1 not in ins[0].shape:
+            shape = [ins[0].shape[p] for p in op_attrs()["perm"]]
+        else:  # elementwise, activations, linear rows: the same axis of a same-rank input
+            for ax, size in enumerate(shape):
+                if size == -1:
+                    sizes = [v.shape[ax] for v in ins if len(v.shape) == len(shape)
+                             and v.shape[ax] > 0]
+                    shape[ax] = max(sizes) if sizes else -1
+        o.shape = tuple(shape)
+
+
+def _call_handler(state: TraceState, handler: OpHandler, op: Any, ins: List[_Val],
+                  outs: List[_Val]) -> None:
+    try:
+        handler(state, op, ins, outs)
+    except TraceShapeError:
+        raise
+    except Exception as e:  # the tracer's failure, never the user's input shape
+        logger.warning("tracing %s failed (%s: %s); its channels stay unpruned", op.name(),
+                       type(e).__name__, e)
+        for o in outs:
+            o.ids = None
+        unknown_op(state, op, ins, outs, why=f"its handler failed: {type(e).__name__}")
+
+
+def _trace_op(state: TraceState, op: Any) -> None:
+    name = op.name()
+    ins = []
+    for operand in op.operands():
+        src = operand.source()
+        if not src.initialized():  # an absent optional input
+            ins.append(_Val())
+            continue
+        ins.append(state.vals.get(src.id) or _Val(shape=_shape_of(src)))
+    outs = []
+    for res in op.results():
+        v = _Val(shape=_shape_of(res))
+        state.vals[res.id] = v
+        outs.append(v)
+    if name == "builtin.parameter":
+        outs[0].param = op.attrs()["parameter_name"]
+        return
+    blocks = list(op.blocks())  # the container itself is always truthy
+    if blocks:
+        _enter_control_flow(state, op, blocks)
+    _known_shapes(state, name, op.attrs, ins, outs)
+    if name == "pd_op.data" and outs and outs[0].shape:
+        state.batch = outs[0].shape[0] if outs[0].shape[0] > 0 else None
+    handler = _OP_HANDLERS.get(_op_key(name))
+    if handler is None:
+        unknown_op(state, op, ins, outs)
+    else:
+        _call_handler(state, handler, op, ins, outs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Both modes: branches that run only in training
+# ---------------------------------------------------------------------------------------------
+
+_TRAINING_WORD = re.compile(r"\btraining\b")
+
+
+def _forward_reads_training(net: paddle.nn.Layer) -> bool:
+    """Whether some user-defined layer's forward mentions `training` (paddle's own layers only
+    switch kernels, e.g. dropout or batch statistics, never the graph's shape)."""
+    seen = set()
+    for layer in net.sublayers(include_self=True):
+        cls = type(layer)
+        if cls in seen or cls.__module__.startswith("paddle."):
+            continue
+        seen.add(cls)
+        try:
+            source = inspect.getsource(cls.forward)
+        except (OSError, TypeError):  # no source: be safe and trace both modes
+            return True
+        if _TRAINING_WORD.search(source):
+            return True
+    return False
+
+
+def _op_names(program: Any) -> List[str]:
+    return [op.name() for op in program.global_block().ops]
+
+
+class TraceModes(str, enum.Enum):
+    """Which programs `trace_network` reads. A `str` enum: `"auto"` works where one is asked."""
+
+    AUTO = "auto"  # the training program too when the graph differs there
+    BOTH = "both"  # always both
+    EVAL = "eval"  # the eval program only (what is deployed)
+
+    def __str__(self) -> str:
+        return self.value
+
+
+def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
+                  modes: "TraceModes | str" = TraceModes.AUTO) -> TraceState:
+    """Trace `net` in eval mode and, where its graph differs there, in training mode too.
+
+    The two programs run through one TraceState; each parameter axis used in both gets its ids
+    of the two traces united (`merge_training_members`), so a channel group holds every consumer
+    of both modes (a train-only auxiliary head included) and the pruned network runs in both.
+    FLOPs records stay apart: `state.macs` (eval, what is deployed), `state.train_macs`.
+
+    Args:
+        net: the network (left unchanged, each layer's mode restored).
+        input_shape: batch first.
+        modes: "auto" (train program only when a user-defined forward mentions `training` and
+            the two programs' op lists differ), "both", or "eval".
+
+    Raises:
+        ValueError: unknown `modes`.
+    """
+    try:
+        modes = TraceModes(modes)
+    except ValueError:
+        raise ValueError(f"modes must be 'auto', 'both' or 'eval' (a TraceModes), got "
+                         f"{modes!r}") from None
+    program, outputs = build_program(net, input_shape)
+    state = run_trace(program, outputs, warn=False)
+    state.train_macs = list(state.macs)
+    both = modes == TraceModes.BOTH
+    if both or (modes == TraceModes.AUTO and _forward_reads_training(net)):
+        train_program, train_outputs = build_program(net, input_shape, training=True)
+        if both or _op_names(train_program) != _op_names(program):
+            n_members, n_macs = len(state.members), len(state.macs)
+            run_trace(train_program, train_outputs, state, warn=False)
+            state.train_macs = state.macs[n_macs:]
+            del state.macs[n_macs:]
+            merge_training_members(state, n_members)
+            state.two_modes = True
+    _warn_unknown(state, stacklevel=2)
     return state
+
+
+def merge_training_members(state: TraceState, n_eval: int) -> None:
+    """Unite the ids of each parameter axis across the eval trace (`state.members[:n_eval]`) and
+    the training trace (the rest): the k-th use of an axis in one program with its k-th use in
+    the other (the first when the counts differ). Training members whose axis the eval trace
+    holds are dropped; the others (train-only layers) stay."""
+    eval_uses: Dict[Tuple[str, int, int], List[MemberRec]] = {}
+    for m in state.members[:n_eval]:
+        eval_uses.setdefault((m.param, m.axis, m.blocks), []).append(m)
+    train_seen: Dict[Tuple[str, int, int], int] = {}
+    kept: List[MemberRec] = []
+    for m in state.members[n_eval:]:
+        key = (m.param, m.axis, m.blocks)
+        uses = eval_uses.get(key)
+        if not uses:
+            kept.append(m)
+            continue
+        k = train_seen.get(key, 0)
+        train_seen[key] = k + 1
+        twin = uses[k] if k < len(uses) else uses[0]
+        if twin.ids.shape == m.ids.shape:
+            state.uf.union_arrays(twin.ids, m.ids)
+        else:  # the two modes use the layer on different inputs: keep both, graph blocks it
+            kept.append(m)
+    state.members[n_eval:] = kept

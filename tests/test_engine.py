@@ -401,7 +401,9 @@ def test_random_networks_pruned_equal_masked(spec, width, head, data):
     _randomise(net, seed=1)
     net.eval()
     with warnings.catch_warnings():
-        warnings.simplefilter("error")  # every op in these networks must be understood
+        # every op in these networks must be understood (a literal swap of halves is, and is
+        # left whole with its own warning once a trial prune shows its sizes are written in)
+        warnings.filterwarnings("error", message="channels touching these ops")
         pruner = FilterPruner(net, shape)
     names = [g.name for g in pruner.groups if g.prunable]
     # one prunable group per conv that mints channels (not depthwise) and the hidden fc input
