@@ -119,7 +119,6 @@ def test_distill_with_pruning_in_one_fit():
     assert distill.teacher is None and model._loss is original_loss
 
 
-@pytest.mark.xfail(reason="train-only heads need train-mode tracing (issue 9.3)", strict=True)
 def test_distill_multi_output_net_distils_the_main_output():
     paddle.seed(0)
     net = _Net(aux=True)
