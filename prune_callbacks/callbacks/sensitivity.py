@@ -104,12 +104,12 @@ class SensitivityCallback(paddle.callbacks.Callback):
     # -- fit hooks --------------------------------------------------------------------------
     def on_train_begin(self, logs: Optional[Dict] = None) -> None:
         """Check everything that can be checked before the first batch; reset per-fit state."""
+        self.result, self.ran_at = None, None  # a callback reused by another fit starts afresh
         epochs = (self.params or {}).get("epochs")
         if epochs is not None and self.at_epoch >= epochs:
             raise ValueError(
                 f"SensitivityCallback(at_epoch={self.at_epoch}) never runs: fit has {epochs} "
                 f"epochs (0..{epochs - 1}); lower at_epoch or fit longer")
-        self.result, self.ran_at = None, None  # a callback reused by another fit starts afresh
         pruner = self._pruner()  # checks input_shape and skip names before any training
         for name in self.skip:
             pruner.group_index(name)
