@@ -10,6 +10,8 @@ import json
 import logging
 import os
 import pickle
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any, Union
@@ -20,7 +22,8 @@ import paddle.nn as nn
 
 from .graph import ChannelGraph
 from .modes import eval_mode
-from .plan import PrunePlan, atomic_path, record_plan, recorded_plans, write_json_atomic
+from .plan import (PrunePlan, atomic_path, record_plan, recorded_plans, replace_with,
+                   write_json_atomic)
 from .surgery import apply_slices, supports_layer
 
 logger = logging.getLogger(__name__)
@@ -507,10 +510,21 @@ def export(net: Target, path_prefix: PathLike, input_spec: Any = None) -> list[s
     _, layer = _unwrap(net, "net")
     prefix = _prefix(path_prefix, "path_prefix")
     specs = _input_specs(input_spec, layer)
-    before = {p: os.stat(p).st_mtime_ns for p in (prefix + s for s in _EXPORT_SUFFIXES) if os.path.exists(p)}
-    with eval_mode(layer):
-        paddle.jit.save(layer, prefix, input_spec=specs)
-    written = [p for p in (prefix + s for s in _EXPORT_SUFFIXES)
-               if os.path.exists(p) and before.get(p) != os.stat(p).st_mtime_ns]
+    directory = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(directory, exist_ok=True)
+    # saved under a temp prefix beside the real one, then each file renamed over the old one:
+    # a kill while saving leaves the previous export whole
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(prefix)}.", suffix=".tmp", dir=directory)
+    try:
+        with eval_mode(layer):
+            paddle.jit.save(layer, os.path.join(tmp, "model"), input_spec=specs)
+        written = []
+        for suffix in _EXPORT_SUFFIXES:
+            part = os.path.join(tmp, "model" + suffix)
+            if os.path.exists(part):
+                replace_with(part, prefix + suffix)
+                written.append(prefix + suffix)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("exported %s for inference: %s", type(layer).__name__, written)
     return written

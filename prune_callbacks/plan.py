@@ -174,15 +174,21 @@ def atomic_path(path: Union[str, "os.PathLike[str]"]) -> Iterator[str]:
     os.close(fd)
     try:
         yield tmp
-        with open(tmp, "rb+") as f:  # whatever wrote it (paddle.save too), it is on disk now
-            os.fsync(f.fileno())
-        os.chmod(tmp, _file_mode(path))
-        os.replace(tmp, path)
+        replace_with(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.remove(tmp)
         raise
-    _fsync_dir(directory)
+
+
+def replace_with(tmp: str, path: str) -> None:
+    """Put the finished file `tmp` (in `path`'s directory) in place of `path`, durably: flushed
+    to disk, given the mode `open(path, "w")` would give, renamed, the directory flushed."""
+    with open(tmp, "rb+") as f:  # whatever wrote it (paddle.save too), it is on disk now
+        os.fsync(f.fileno())
+    os.chmod(tmp, _file_mode(path))
+    os.replace(tmp, path)
+    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def check_writable(path: Union[str, "os.PathLike[str]"], what: str = "file") -> str:

@@ -22,7 +22,7 @@ from paddle.vision import models
 
 import prune_callbacks
 from prune_callbacks import (FilterPruneCallback, FilterPruner, PruneVisualDL, SensitivityCallback,
-                             SensitivityResult, load_pruned, read_plans, save_pruned)
+                             SensitivityResult, export, load_pruned, read_plans, save_pruned)
 from prune_callbacks.planning import n_keep
 from prune_callbacks.sensitivity import EvalData
 
@@ -340,6 +340,10 @@ def test_files_follow_the_umask_as_paddle_save_does(tiny: Any, tmp_path: Path) -
         os.chmod(written[0], 0o600)  # an existing file keeps its mode, as with open(path, "w")
         save_pruned(net, str(tmp_path / "b"))
         assert stat.S_IMODE(os.stat(written[0]).st_mode) == 0o600
+        exported = export(net, str(tmp_path / "inf" / "net"), [None, 3, 12, 12])
+        exported += export(net, str(tmp_path / "inf" / "net"), [None, 3, 12, 12])  # overwrite
+        assert exported and {stat.S_IMODE(os.stat(p).st_mode) for p in exported} == {0o640}
+        assert not [f for f in os.listdir(tmp_path / "inf") if f.startswith(".")]
     finally:
         os.umask(old)
     assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -83,7 +84,8 @@ class SensitivityCallback(paddle.callbacks.Callback):
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a file path or None, got {type(path).__name__}")
         self.path = os.fspath(path) if path is not None else None
-        if max_loss is not None and not isinstance(max_loss, (int, float)):
+        if max_loss is not None and (isinstance(max_loss, bool)
+                                     or not isinstance(max_loss, numbers.Real)):
             raise TypeError(f"max_loss must be a number or None, got {max_loss!r}")
         get_criterion(criterion)  # unknown criterion: fail now, not epochs later
         self.criterion = criterion

@@ -105,7 +105,7 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
             of 0 or NaN (a diverged network).
     """
     ratios = _check_ratios(ratios)
-    skip_idx = {pruner.group_index(s) for s in skip}
+    skip_idx = {pruner.group_index(s) for s in ([skip] if isinstance(skip, str) else skip)}
     groups = [(i, g) for i, g in enumerate(pruner.groups) if g.prunable and i not in skip_idx]
     channels = {g.name: g.channels for _, g in groups}
     data = _start(pruner, evaluate, ratios, path, channels)
