@@ -128,9 +128,11 @@ def save_pruned(model_or_net: Target, path_prefix: PathLike,
     ``<prefix>.pdopt`` and ``<prefix>.pdscaler`` (the files ``model.save(prefix)`` writes), and
     ``<prefix>.prune.json``: a format-versioned header with the plans as dicts, oldest first.
     Every file is written to a temp file beside it, flushed to disk and renamed over the old one,
-    in that order (weights first, plans last): a kill at any moment leaves each file whole, old or
-    new, and an earlier checkpoint under the same prefix loadable. Modes follow the umask, as
-    ``paddle.save``'s.
+    in that order (weights first, plans last): a kill at any moment leaves every file whole, old
+    or new, so the previous checkpoint under the same prefix still loads. (Only a kill in the
+    milliseconds between the renames of a save whose plans differ from the previous save's can
+    pair new weights with old plans; ``load_pruned`` then says the shapes do not fit.) Modes
+    follow the umask, as ``paddle.save``'s.
     :func:`load_pruned` reads them back into a freshly built network.
 
     Args:
