@@ -9,6 +9,9 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
+import shutil
+import tempfile
 import warnings
 from collections.abc import Sequence
 from typing import Any, Union
@@ -19,7 +22,8 @@ import paddle.nn as nn
 
 from .graph import ChannelGraph
 from .modes import eval_mode
-from .plan import PrunePlan, record_plan, recorded_plans, write_json_atomic
+from .plan import (PrunePlan, atomic_path, record_plan, recorded_plans, replace_with,
+                   write_json_atomic)
 from .surgery import apply_slices, supports_layer
 
 logger = logging.getLogger(__name__)
@@ -121,8 +125,14 @@ def save_pruned(model_or_net: Target, path_prefix: PathLike,
     """Save a (pruned) network's weights and the plans that shaped it.
 
     Writes ``<prefix>.pdparams`` (the state_dict, as ``paddle.save``), for a ``paddle.Model`` also
-    ``<prefix>.pdopt`` (exactly as ``model.save(prefix)``), and ``<prefix>.prune.json``: a
-    format-versioned header with the plans as dicts, oldest first, written atomically.
+    ``<prefix>.pdopt`` and ``<prefix>.pdscaler`` (the files ``model.save(prefix)`` writes), and
+    ``<prefix>.prune.json``: a format-versioned header with the plans as dicts, oldest first.
+    Every file is written to a temp file beside it, flushed to disk and renamed over the old one,
+    in that order (weights first, plans last): a kill at any moment leaves every file whole, old
+    or new, so the previous checkpoint under the same prefix still loads. (Only a kill in the
+    milliseconds between the renames of a save whose plans differ from the previous save's can
+    pair new weights with old plans; ``load_pruned`` then says the shapes do not fit.) Modes
+    follow the umask, as ``paddle.save``'s.
     :func:`load_pruned` reads them back into a freshly built network.
 
     Args:
@@ -151,15 +161,29 @@ def save_pruned(model_or_net: Target, path_prefix: PathLike,
     directory = os.path.dirname(prefix)
     if directory:
         os.makedirs(directory, exist_ok=True)
-    if model is not None:
-        if paddle.distributed.ParallelEnv().local_rank != 0:
-            return []
-        model.save(prefix)
-        written = [prefix + s for s in (".pdparams", ".pdopt", ".pdscaler") if os.path.exists(prefix + s)]
-    else:
-        paddle.save(net.state_dict(), prefix + ".pdparams")
-        written = [prefix + ".pdparams"]
+    if model is not None and paddle.distributed.ParallelEnv().local_rank != 0:
+        return []
+    written = []
+    for suffix, state in _states(model, net):
+        with atomic_path(prefix + suffix) as tmp:
+            paddle.save(state, tmp)
+        written.append(prefix + suffix)
     return written + [_write_plans(prefix, net, plans)]
+
+
+def _states(model: paddle.Model | None, net: nn.Layer) -> list[tuple[str, Any]]:
+    """What ``model.save(prefix)`` writes, by file suffix: weights, optimizer and AMP scaler state
+    (the last two only when not empty, as paddle does)."""
+    out: list[tuple[str, Any]] = [(".pdparams", net.state_dict())]
+    if model is None:
+        return out
+    opt = model._optimizer
+    if opt is not None and opt.state_dict():
+        out.append((".pdopt", opt.state_dict()))
+    scaler = getattr(model, "_scaler", None)
+    if scaler is not None and scaler.state_dict():
+        out.append((".pdscaler", scaler.state_dict()))
+    return out
 
 
 # -- loading -----------------------------------------------------------------------------------
@@ -234,6 +258,38 @@ def _check_shapes(net: nn.Layer, state: dict[str, Any], where: str, n_plans: int
             f"and load into a network built like the saved one.")
 
 
+def _load_file(path: str) -> Any:
+    """``paddle.load(path)``, with an error naming the file when it is empty or damaged."""
+    if os.path.getsize(path) == 0:
+        raise ValueError(f"{path!r} is empty (0 bytes): it was cut off while being written (a kill "
+                         f"during a save by another tool); load an earlier checkpoint")
+    try:
+        return paddle.load(path)
+    except (EOFError, ValueError, RuntimeError, OSError, TypeError, KeyError, IndexError,
+            AttributeError, pickle.UnpicklingError) as e:
+        raise ValueError(f"{path!r} cannot be read ({type(e).__name__}: {e}); it is damaged or not "
+                         f"a paddle.save file: load an earlier checkpoint") from e
+
+
+def _load_scaler(model: paddle.Model, prefix: str) -> bool:
+    """Restore the AMP GradScaler state ``model.save`` wrote (``<prefix>.pdscaler``), if both exist."""
+    path = prefix + ".pdscaler"
+    if not os.path.exists(path):
+        return False
+    scaler = getattr(model, "_scaler", None)
+    adapter = getattr(model, "_adapter", None)
+    if scaler is None and getattr(adapter, "_amp_level", "O0") != "O0":
+        # paddle makes the scaler on the first training batch, only when there is none yet: made
+        # here the same way, it is the one fit trains with
+        scaler = model._scaler = paddle.amp.GradScaler(**adapter._amp_configs)
+    if scaler is None:
+        logger.info("%s not loaded: the model was prepared without AMP (amp_configs) and has no loss "
+                    "scaler", path)
+        return False
+    scaler.load_state_dict(_load_file(path))
+    return True
+
+
 def _rename_state(saved: dict[str, Any], rename: dict[str, str]) -> tuple[dict[str, Any], list[str]]:
     """Optimizer state keyed by this process's parameter names instead of the saving process's."""
     olds = sorted(rename, key=len, reverse=True)  # longest first: 'fc_1.w_0' before 'fc_1.w'
@@ -265,7 +321,7 @@ def _load_optimizer(model: paddle.Model, net: nn.Layer, prefix: str, header: dic
         return False
     old_names = header.get("param_names") or {k: v.name for k, v in state.items()}
     rename = {old_names[k]: p.name for k, p in net.named_parameters() if k in old_names}
-    saved, unmatched = _rename_state(paddle.load(opt_path), rename)
+    saved, unmatched = _rename_state(_load_file(opt_path), rename)
     if unmatched:
         logger.warning("%d optimizer tensors of %s belong to no parameter of the network: %s",
                        len(unmatched), opt_path, unmatched[:5])
@@ -298,7 +354,28 @@ def reapply_plan(net: nn.Layer, plan: PrunePlan) -> None:
             raise ValueError(
                 f"plan was made for {gp.channels} channels in group {gp.name!r}, but this "
                 f"network has {g.channels}; apply plans in the order they were made")
+    _check_slices(net, plan)
     apply_slices(net, {k: dict(axes) for k, axes in plan.param_slices.items()})
+
+
+def _check_slices(net: nn.Layer, plan: PrunePlan) -> None:
+    """Every parameter and index of the plan exists in `net`: a damaged plan must not half-prune."""
+    params = dict(net.named_parameters())
+    for key, axes in plan.param_slices.items():
+        if key not in params:
+            raise ValueError(f"the plan slices parameter {key!r}, which this network does not have")
+        shape = list(params[key].shape)
+        for axis, idx in axes.items():
+            if not 0 <= int(axis) < len(shape):
+                raise ValueError(f"the plan slices axis {axis} of {key!r}, which has shape {shape}")
+            flat = [i for block in idx for i in block] if idx and isinstance(idx[0], (list, tuple)) \
+                else list(idx)
+            size = shape[int(axis)]  # per-block indices count within a block, as the axis does
+            bad = [i for i in flat if not 0 <= int(i) < size]
+            if bad or not flat:
+                raise ValueError(f"the plan keeps index {bad[0] if bad else 'none'} on axis {axis} "
+                                 f"of {key!r}, whose size is {size}: the plan is damaged or was made "
+                                 f"for another network")
 
 
 def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True) -> nn.Layer:
@@ -313,7 +390,8 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
     exists and the model was
     prepared with an optimizer, its state (accumulators of the kept channels, LR scheduler) is
     loaded too, matched to the parameters by their structured names, so ``model.fit`` resumes
-    where it stopped. The optimizer must not have stepped yet: its parameters are shrunk in place
+    where it stopped; so is the AMP loss scaler's state (``<prefix>.pdscaler``) when the model was
+    prepared with ``amp_configs``. The optimizer must not have stepped yet: its parameters are shrunk in place
     (same objects), so it needs no rebuild. A model with no optimizer gets only the weights.
 
     Args:
@@ -329,7 +407,8 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
         TypeError: not a Model or Layer, or ``path`` not a str or PathLike.
         ValueError: a bad path; a plan that does not fit the network (the message names the plan
             and the group); keys or shapes that do not match after re-applying the plans; optimizer
-            state that does not fit the model's optimizer. The network may be partly pruned when a
+            state that does not fit the model's optimizer; an empty (0-byte) or damaged ``.pdparams``
+            or ``.pdopt``; a plan whose indices do not fit the network. The network may be partly pruned when a
             plan or the weights do not fit: build it afresh before trying again.
         FileNotFoundError: no ``.pdparams``, or no plan file (a checkpoint not made by
             ``save_pruned`` or ``PrunedModelCheckpoint``).
@@ -349,7 +428,7 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
     header = _read_header(prefix)
     plans: list[PrunePlan] = header["plans"]
     where = prefix + PLANS_SUFFIX
-    state = paddle.load(params_path)
+    state = _load_file(params_path)
     _check_keys(net, state, params_path, header.get("network"))
     todo = _plans_to_apply(net, plans, where)
     opt = model._optimizer if model is not None and optimizer else None
@@ -367,11 +446,12 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
     _check_shapes(net, state, params_path, len(plans))
     net.set_state_dict(state)
 
-    opt_loaded = False
+    opt_loaded = scaler_loaded = False
     if model is not None and optimizer:
         opt_loaded = _load_optimizer(model, net, prefix, header, state)
-    logger.info("loaded %s: %d plan(s) re-applied, %d tensors%s", prefix, len(todo), len(state),
-                ", optimizer state" if opt_loaded else "")
+        scaler_loaded = _load_scaler(model, prefix)
+    logger.info("loaded %s: %d plan(s) re-applied, %d tensors%s%s", prefix, len(todo), len(state),
+                ", optimizer state" if opt_loaded else "", ", AMP scaler state" if scaler_loaded else "")
     return net
 
 
@@ -432,10 +512,21 @@ def export(net: Target, path_prefix: PathLike, input_spec: Any = None) -> list[s
     _, layer = _unwrap(net, "net")
     prefix = _prefix(path_prefix, "path_prefix")
     specs = _input_specs(input_spec, layer)
-    before = {p: os.stat(p).st_mtime_ns for p in (prefix + s for s in _EXPORT_SUFFIXES) if os.path.exists(p)}
-    with eval_mode(layer):
-        paddle.jit.save(layer, prefix, input_spec=specs)
-    written = [p for p in (prefix + s for s in _EXPORT_SUFFIXES)
-               if os.path.exists(p) and before.get(p) != os.stat(p).st_mtime_ns]
+    directory = os.path.dirname(os.path.abspath(prefix))
+    os.makedirs(directory, exist_ok=True)
+    # saved under a temp prefix beside the real one, then each file renamed over the old one:
+    # a kill while saving leaves the previous export whole
+    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(prefix)}.", suffix=".tmp", dir=directory)
+    try:
+        with eval_mode(layer):
+            paddle.jit.save(layer, os.path.join(tmp, "model"), input_spec=specs)
+        written = []
+        for suffix in _EXPORT_SUFFIXES:
+            part = os.path.join(tmp, "model" + suffix)
+            if os.path.exists(part):
+                replace_with(part, prefix + suffix)
+                written.append(prefix + suffix)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     logger.info("exported %s for inference: %s", type(layer).__name__, written)
     return written

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import math
+import numbers
 from dataclasses import dataclass
 from enum import Enum
 from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -56,8 +57,18 @@ class PlanGroup:
 
 
 def n_keep(n: int, ratio: float, rounding: int = 1) -> int:
-    """Channels kept out of `n` at `ratio`: floor(ratio*n) go, round up to `rounding`, keep >= 1."""
-    keep = n - int(math.floor(ratio * n + 1e-9))
+    """Channels kept out of `n` at `ratio`, as PaddleSlim counts them.
+
+    `round(ratio * n)` channels go (Python's `round`: to nearest, ties to even, exactly as
+    PaddleSlim's `int(round(len(idx) * ratio))`, so the same ratio gives the same shapes: 0.6 of
+    256 keeps 102); the kept count is then rounded up to a multiple of `rounding`, and at least
+    one channel always stays (PaddleSlim would remove them all).
+
+    Examples:
+        >>> n_keep(256, 0.6), n_keep(10, 0.25), n_keep(4, 0.9), n_keep(10, 0.25, 4)
+        (102, 8, 1, 8)
+    """
+    keep = n - int(round(ratio * n))
     if rounding > 1:
         keep = min(n, int(math.ceil(keep / rounding) * rounding))
     return max(1, keep)
@@ -82,10 +93,38 @@ def _interp_ratio(curve: Sequence[Tuple[float, float]], threshold: float) -> flo
     return best
 
 
+def check_fraction(value: Any, what: str = "flops") -> float:
+    """`value` as a float in (0, 1): Python and numpy numbers accepted, bools refused.
+
+    Raises:
+        ValueError: not a real number in (0, 1) (the message names `what` and the value).
+    """
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
+            or not 0.0 < float(value) < 1.0:
+        raise ValueError(f"{what} must be a fraction in (0, 1) such as 0.4 (the share of FLOPs to "
+                         f"remove); got {value!r}")
+    return float(value)
+
+
+def _check_curves(curves: Mapping[str, Mapping[float, Any]]) -> None:
+    """Curves planning can trust: every loss a finite number (NaN means a diverged evaluation)."""
+    if not isinstance(curves, Mapping):
+        raise TypeError(f"sensitivities must map group names to {{ratio: loss}}, got "
+                        f"{type(curves).__name__}")
+    for name, pts in curves.items():
+        if not isinstance(pts, Mapping):
+            raise TypeError(f"the sensitivity of group {name!r} must be a {{ratio: loss}} mapping, "
+                            f"got {type(pts).__name__}")
+        for r, loss in pts.items():
+            if not isinstance(loss, numbers.Real) or not math.isfinite(float(loss)):
+                raise ValueError(
+                    f"the sensitivity of group {name!r} at ratio {r} is {loss!r}, not a finite "
+                    f"loss: the network diverged (NaN) while it was analysed; analyse it again "
+                    f"at an epoch where its metric is finite, or use strategy='uniform'")
+
+
 def _check(flops: Any, strategy: Any, curves: Optional[Mapping[str, Any]]) -> Strategy:
-    if isinstance(flops, bool) or not isinstance(flops, (int, float)) \
-            or not 0.0 < float(flops) < 1.0:
-        raise ValueError(f"FLOPs target must be a fraction in (0, 1), e.g. 0.4; got {flops!r}")
+    check_fraction(flops, "FLOPs target")
     try:
         strategy = Strategy(strategy)
     except ValueError:
@@ -93,6 +132,8 @@ def _check(flops: Any, strategy: Any, curves: Optional[Mapping[str, Any]]) -> St
     if strategy is Strategy.SENSITIVITY and curves is None:
         raise ValueError("strategy 'sensitivity' needs sensitivities: run pruner.sensitivity(...) "
                          "first, pass sensitivities=..., or use strategy='uniform'")
+    if strategy is Strategy.SENSITIVITY:
+        _check_curves(curves)
     return strategy
 
 
@@ -113,7 +154,8 @@ def _candidates(groups: Sequence[PlanGroup], skip: Sequence[str],
             pts = sorted(curves[groups[i].name].items())
             out[i] = [(0.0, 0.0)] + [(float(r), float(l)) for r, l in pts]
     if not cands:
-        raise ValueError("no group can be pruned (all skipped, unprunable or without curves)")
+        raise ValueError("no group can be pruned: every group is skipped, unprunable or without "
+                         "a sensitivity curve; skip fewer groups")
     return cands, out
 
 
@@ -154,28 +196,58 @@ def plan_group_ratios(groups: Sequence[PlanGroup], flops_fn: FlopsFn,
         {'a': 0.5, 'b': 0.5}
     """
     strategy = _check(flops, strategy, curves)
-    cands, curve = _candidates(groups, skip, curves, strategy)
+    flops = float(flops)
+    cands, curve, top = _reachable(groups, flops, skip, curves, strategy, round_to, flops_fn)
     base = flops_fn({})
 
     def reduction(ratios: Mapping[int, float]) -> float:
         counts = {i: kept_count(groups[i], r, round_to) for i, r in ratios.items()}
         return 1.0 - flops_fn(counts) / base
 
-    if strategy is Strategy.UNIFORM:
-        top = {i: _MAX_RATIO for i in cands}
-    else:
-        top = {i: max(curve[i][-1][0], 0.0) for i in cands}
-    reachable = reduction(top)
-    if flops > reachable + 1e-9:
-        raise ValueError(
-            f"a FLOPs reduction of {flops:.3f} cannot be reached: the largest reachable with these "
-            f"groups{' and sensitivity ratios' if strategy is Strategy.SENSITIVITY else ''} is "
-            f"{reachable:.3f}; lower the target or skip fewer groups")
     ratios = _bisect(cands, curve, top, strategy, lambda r: reduction(r) >= flops)
     ratios = _top_up(groups, flops_fn, ratios, curve, top, flops, base, round_to)
     logger.info("planned a %.3f FLOPs reduction: achieved %.4f, %d of %d groups pruned", flops,
                 reduction(ratios), sum(r > 0 for r in ratios.values()), len(ratios))
     return {groups[i].name: r for i, r in ratios.items() if r > 0}
+
+
+def _reachable(groups: Sequence[PlanGroup], flops: float, skip: Sequence[str],
+               curves: Optional[Mapping[str, Mapping[float, float]]], strategy: Strategy,
+               round_to: int, flops_fn: FlopsFn) -> Tuple[List[int], Dict[int, Curve],
+                                                          Dict[int, float]]:
+    """Candidates, their curves and largest ratios; raises if `flops` is out of their reach."""
+    cands, curve = _candidates(groups, skip, curves, strategy)
+    if strategy is Strategy.UNIFORM:
+        top = {i: _MAX_RATIO for i in cands}
+    else:
+        top = {i: max(curve[i][-1][0], 0.0) for i in cands}
+    base = flops_fn({})
+    reachable = 1.0 - flops_fn({i: kept_count(groups[i], r, round_to)
+                                for i, r in top.items()}) / base if base else 0.0
+    if flops > reachable + 1e-9:
+        raise ValueError(
+            f"a FLOPs reduction of {flops:.3f} cannot be reached: the largest reachable with these "
+            f"groups{' and sensitivity ratios' if strategy is Strategy.SENSITIVITY else ''} is "
+            f"{reachable:.3f}; lower the target, skip fewer groups"
+            f"{', or analyse larger ratios' if strategy is Strategy.SENSITIVITY else ''}")
+    return cands, curve, top
+
+
+def check_reachable(groups: Sequence[PlanGroup], flops_fn: FlopsFn, flops: float,
+                    skip: Sequence[str] = (), strategy: str = "uniform",
+                    curves: Optional[Mapping[str, Mapping[float, float]]] = None,
+                    round_to: int = 1) -> None:
+    """Raise now if `plan_group_ratios` could not reach `flops`: from channel counts alone.
+
+    For strategy "sensitivity" only each curve's largest ratio matters, so curves not measured
+    yet can be stood in for by `{group: {largest ratio to analyse: 0.0}}`.
+
+    Raises:
+        ValueError: as `plan_group_ratios` for a bad target, no prunable group, or a target
+            beyond the largest reachable reduction (the message gives it).
+    """
+    strategy_ = _check(flops, strategy, curves)
+    _reachable(groups, float(flops), skip, curves, strategy_, round_to, flops_fn)
 
 
 def _bisect(cands: List[int], curve: Dict[int, Curve], top: Dict[int, float],
@@ -245,7 +317,7 @@ def _next_ratio(group: PlanGroup, ratio: float, round_to: int) -> Optional[float
             return None
         return (n - new_keep) / n
     u = min(units)
-    removed = int(math.floor(ratio * u + 1e-9))
+    removed = u - n_keep(u, ratio)
     if removed + 1 >= u:
         return None
     return (removed + 1) / u

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import difflib
 import logging
+import math
+import numbers
 import os
 from typing import Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
@@ -20,13 +22,16 @@ from .flops import count_params
 from .graph import ChannelGraph, Group
 from .importance import Criterion, Source, get_criterion
 from .plan import GroupPlan, PrunePlan, record_plan
-from .planning import PlanGroup, n_keep, plan_group_ratios
+from .planning import PlanGroup, check_reachable, n_keep, plan_group_ratios
 from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
+from .sensitivity.fingerprint import network_signature
 from .surgery import Mask, apply_slices, supports_layer
 
 logger = logging.getLogger(__name__)
 
 Kept = Dict[int, np.ndarray]  # group index -> sorted kept channel indices
+Names = Union[str, Sequence[str]]  # group names, or one name
+Sensitivities = Union[SensitivityResult, str, "os.PathLike[str]", Mapping[str, Mapping[float, float]]]
 
 
 def _validate_shape(input_shape: Any) -> Tuple[int, ...]:
@@ -72,13 +77,22 @@ class FilterPruner:
         self.criterion = get_criterion(criterion)
         self._graph: Optional[ChannelGraph] = None
         self._param_map: Optional[Dict[str, Any]] = None
+        self._traced_as: Optional[Tuple[Any, ...]] = None
         self._trace()
-        self._sensitivity = None
+        self._sensitivity: Optional[SensitivityResult] = None
 
     # -- graph ----------------------------------------------------------------------------
+    def _structure(self) -> Tuple[Any, ...]:
+        """A cheap signature of what the trace depends on: the sublayers (by identity) and every
+        parameter's structured name and shape. Pruning, surgery or a replaced layer change it."""
+        return (tuple(id(layer) for layer in self.net.sublayers()),
+                tuple((key, tuple(p.shape)) for key, p in self.net.named_parameters()))
+
     def _trace(self) -> ChannelGraph:
         # No eager pass to check the shape: it cost as much as the trace, which reports shape
         # errors itself (PIR shape inference, plus the tracer's channel checks).
+        self._param_map = None
+        self._traced_as = self._structure()
         try:
             self._graph = ChannelGraph(self.net, self.input_shape, supports_layer)
         except (ValueError, RuntimeError) as e:  # paddle reports shape errors as these
@@ -92,7 +106,18 @@ class FilterPruner:
 
     @property
     def graph(self) -> ChannelGraph:
-        return self._graph if self._graph is not None else self._trace()
+        """The traced channel graph of the network as it is now.
+
+        The network is traced again whenever it changed since the last trace (another pruner, a
+        callback or a hand edit pruned or replaced layers): plans never rest on stale channel
+        counts.
+        """
+        if self._graph is None or self._structure() != self._traced_as:
+            if self._graph is not None:
+                logger.info("the network changed since it was traced (pruned or edited): tracing "
+                            "it again")
+            return self._trace()
+        return self._graph
 
     @property
     def groups(self) -> List[Group]:
@@ -170,8 +195,9 @@ class FilterPruner:
     def select(self, ratios: Mapping[str, float], round_to: int = 1) -> Kept:
         """Channels each named group keeps when it loses `ratio` of its least important ones.
 
-        Rounding: floor(ratio * channels) go, at least one stays, and with `round_to=N` the kept
-        count is rounded up to a multiple of N. Groups feeding grouped convolutions lose the same
+        Rounding (PaddleSlim's): round(ratio * channels) go, to nearest, at least one stays
+        (`planning.n_keep`), and with `round_to=N` the kept count is rounded up to a multiple
+        of N. Groups feeding grouped convolutions lose the same
         number of channels in every block (round_to does not apply to them).
         """
         if not isinstance(round_to, int) or round_to < 1:
@@ -182,7 +208,8 @@ class FilterPruner:
         for name, ratio in ratios.items():
             gi = self.group_index(name)
             g = self.groups[gi]
-            if not isinstance(ratio, (int, float)) or not 0.0 <= float(ratio) < 1.0:
+            if isinstance(ratio, (bool, np.bool_)) or not isinstance(ratio, numbers.Real) \
+                    or not 0.0 <= float(ratio) < 1.0:
                 raise ValueError(f"ratio for {name!r} must be in [0, 1), got {ratio!r}")
             if not g.prunable:
                 raise ValueError(f"group {g.name!r} cannot be pruned: {g.reason}")
@@ -317,7 +344,7 @@ class FilterPruner:
             raise TypeError(
                 "eval_fn must be a callable returning a float, or a dataset of (input, label) "
                 f"samples; got {type(eval_fn).__name__}")
-        result = analyse(self, evaluate, ratios, path, skip, max_loss, cache)
+        result = analyse(self, evaluate, ratios, path, _names(skip, "skip"), max_loss, cache)
         self._sensitivity = result
         return result
 
@@ -336,57 +363,149 @@ class FilterPruner:
             skip += [g.name for i, g in enumerate(self.groups) if g.prunable and i not in keep]
         return self.sensitivity(eval_func, path=sen_file, skip=skip).curves()
 
-    def plan(self, flops: float, sensitivities: Optional[SensitivityResult] = None,
-             skip: Sequence[str] = (), strategy: str = "sensitivity", round_to: int = 1) -> Kept:
+    def plan(self, flops: float, sensitivities: Optional[Sensitivities] = None,
+             skip: Names = (), strategy: Optional[str] = None, round_to: int = 1) -> Kept:
         """Channels each group keeps so that the network loses `flops` of its FLOPs.
 
         Describes the groups to `planning.plan_group_ratios` (FLOPs from channel counts, through
         the traced graph) and selects the channels of the ratios it returns. Prunes nothing.
+        The target is relative to the network as it is now (pruned before or not).
 
         Args:
             flops, sensitivities, skip, strategy, round_to: see `prune_to_flops`.
 
         Returns:
             Group index -> kept channel indices (for `apply`).
+
+        Raises:
+            ValueError: see `prune_to_flops`.
         """
-        curves = sensitivities.curves() if sensitivities is not None else None
-        skip_names = [self.groups[self.group_index(s)].name for s in skip]
-        groups = [PlanGroup(g.name, g.channels, _units(g), g.prunable) for g in self.groups]
-        ratios = plan_group_ratios(groups, self.graph.flops, curves, flops, skip_names,
-                                   strategy, round_to)
+        curves = self._curves(sensitivities)
+        strategy = _auto_strategy(strategy, curves)
+        skip_names = [self.groups[self.group_index(s)].name for s in _names(skip, "skip")]
+        ratios = plan_group_ratios(self._plan_groups(), self.graph.flops, curves, flops,
+                                   skip_names, strategy, round_to)
         return self.select(ratios, round_to)
 
-    def prune_to_flops(self, flops: float, sensitivities: Optional[SensitivityResult] = None,
-                       skip: Sequence[str] = (), strategy: str = "sensitivity",
+    def check_target(self, flops: float, skip: Names = (), strategy: Optional[str] = None,
+                     sensitivities: Optional[Sensitivities] = None,
+                     max_ratio: Optional[float] = None, round_to: int = 1) -> None:
+        """Raise now if `plan(flops, ...)` could not reach `flops`, from channel counts alone.
+
+        Args:
+            flops, skip, strategy, round_to: as for `plan`.
+            sensitivities: the curves, when known already.
+            max_ratio: for strategy "sensitivity" before the curves exist: the largest ratio the
+                analysis will measure (every group not in `skip` is then assumed to have a curve).
+
+        Raises:
+            ValueError: the target is not a fraction, every group is skipped or unprunable, or
+                the target exceeds the largest reachable reduction.
+        """
+        curves = self._curves(sensitivities)
+        if curves is None and max_ratio is not None:
+            curves = {g.name: {float(max_ratio): 0.0} for g in self.prunable_groups}
+        strategy = _auto_strategy(strategy, curves)
+        skip_names = [self.groups[self.group_index(s)].name for s in _names(skip, "skip")]
+        check_reachable(self._plan_groups(), self.graph.flops, flops, skip_names, strategy,
+                        curves, round_to)
+
+    def _plan_groups(self) -> List[PlanGroup]:
+        return [PlanGroup(g.name, g.channels, _units(g), g.prunable) for g in self.groups]
+
+    def _curves(self, sens: Optional[Sensitivities]) -> Optional[Dict[str, Dict[float, float]]]:
+        """`{group: {ratio: loss}}` from a SensitivityResult (checked to fit this network and
+        criterion), its file, or a plain mapping (PaddleSlim's format, taken as it is)."""
+        if sens is None:
+            return None
+        if isinstance(sens, (str, os.PathLike)):
+            sens = SensitivityResult.load(os.fspath(sens))
+        if isinstance(sens, SensitivityResult):
+            self.check_sensitivity(sens)
+            return sens.curves()
+        if isinstance(sens, Mapping):  # keys may be PaddleSlim parameter names: group aliases
+            return {self.groups[self.group_index(g)].name:
+                    {float(r): l for r, l in pts.items()} if isinstance(pts, Mapping) else pts
+                    for g, pts in sens.items()}
+        raise TypeError(f"sensitivities must be a SensitivityResult, the path of its file, or a "
+                        f"{{group: {{ratio: loss}}}} mapping; got {type(sens).__name__}")
+
+    def check_sensitivity(self, sens: SensitivityResult, where: str = "the sensitivity result") -> None:
+        """Raise unless `sens` was measured on this network as it is now, with this criterion.
+
+        Raises:
+            ValueError: another criterion, another network (the message says what differs), or a
+                baseline that is not a finite number (a diverged network).
+        """
+        if sens.criterion != self.criterion.name:
+            raise ValueError(
+                f"{where} was measured with criterion {sens.criterion!r}, but this pruner removes "
+                f"channels by {self.criterion.name!r}: the curves would describe other channels. "
+                f"Use criterion={sens.criterion!r}, or analyse with {self.criterion.name!r}")
+        if sens.baseline is None or not math.isfinite(float(sens.baseline)):
+            raise ValueError(f"{where} has baseline metric {sens.baseline!r}: the network had "
+                             f"diverged when it was analysed; analyse it again")
+        sens.check_network(network_signature(self.net, self.groups), where)
+
+    def prune_to_flops(self, flops: float, sensitivities: Optional[Sensitivities] = None,
+                       skip: Names = (), strategy: Optional[str] = None,
                        round_to: int = 1) -> PrunePlan:
         """Prune so that the network loses `flops` of its FLOPs (see `planning.plan_group_ratios`).
 
+        The share is of the network's FLOPs as it is now: pruning twice by 0.2 leaves 0.64 of
+        the original FLOPs.
+
         Args:
-            flops: share of FLOPs to remove, in (0, 1).
-            sensitivities: a SensitivityResult (or a path to its JSON); defaults to the last
-                analysis run by this pruner. Needed for strategy "sensitivity".
-            skip: groups left untouched.
-            strategy: "sensitivity" (less sensitive groups lose more) or "uniform".
+            flops: share of FLOPs to remove, in (0, 1) (a Python or numpy number).
+            sensitivities: a SensitivityResult (or the path of its JSON file), measured on this
+                network as it is now with this pruner's criterion; or a plain
+                `{group: {ratio: loss}}` mapping (PaddleSlim's `sensitive()` format), taken as
+                it is. Defaults to the last analysis run by this pruner.
+            skip: group names (a list, or one name as a str) left untouched.
+            strategy: "sensitivity" (less sensitive groups lose more), "uniform", or None
+                (default): "sensitivity" when there are curves, else "uniform".
             round_to: keep channel counts multiples of this.
 
         Raises:
-            ValueError: see `planning.plan_group_ratios`; an unknown group in `skip`.
+            ValueError: see `planning.plan_group_ratios`; an unknown group in `skip`; curves
+                measured with another criterion or on another network, or holding NaN.
+            TypeError: `sensitivities` of another type.
         """
         sens = sensitivities if sensitivities is not None else self._sensitivity
-        if isinstance(sens, (str, os.PathLike)):
-            sens = SensitivityResult.load(str(sens))
         return self.apply(self.plan(flops, sens, skip, strategy, round_to))
 
     def sensitive_prune(self, pruned_flops: float, skip_vars: Sequence[str] = (),
                         align: Optional[int] = None) -> PrunePlan:
         """PaddleSlim's `sensitive_prune(0.4, skip_vars=[...])`, on the last analysis."""
-        return self.prune_to_flops(pruned_flops, skip=skip_vars, round_to=align or 1)
+        return self.prune_to_flops(pruned_flops, skip=skip_vars, strategy="sensitivity",
+                                   round_to=align or 1)
 
     # -- FLOPs ---------------------------------------------------------------------------
     def flops(self, ratios: Optional[Mapping[str, float]] = None, round_to: int = 1) -> int:
         """MACs the network would have after `prune(ratios)`, computed without pruning."""
         counts = {gi: len(k) for gi, k in self.select(ratios or {}, round_to).items()}
         return self.graph.flops(counts)
+
+
+def _names(value: Any, arg: str) -> List[str]:
+    """Group names from a list, or from one name given as a str (never its characters)."""
+    if isinstance(value, str):
+        return [value]
+    try:
+        names = list(value or ())
+    except TypeError:
+        raise TypeError(f"{arg} must be a list of group names, got {value!r}") from None
+    bad = [v for v in names if not isinstance(v, str)]
+    if bad:
+        raise TypeError(f"{arg} must hold group names (str), got {bad!r}")
+    return names
+
+
+def _auto_strategy(strategy: Optional[str], curves: Optional[Mapping[str, Any]]) -> str:
+    """None means "sensitivity" when curves are given, else "uniform"."""
+    if strategy is None:
+        return "sensitivity" if curves is not None else "uniform"
+    return strategy
 
 
 def _units(group: Group) -> Tuple[int, ...]:

@@ -103,7 +103,8 @@ def test_end_to_end_mobilenet_on_digits(digits: Any, tmp_path: Path, make_model:
 
 
 def test_sensitivity_file_reused_and_steps(digits: Any, tmp_path: Path, make_model: Any) -> None:
-    """A complete file is reused without evaluating; steps=2 reaches the target over 2 epochs."""
+    """A complete file is reused after one baseline evaluation that checks it; steps=2 reaches
+    the target over 2 epochs."""
     paddle.seed(1)
     train, val = digits
     net = models.mobilenet_v1(num_classes=10, scale=0.25)
@@ -111,9 +112,11 @@ def test_sensitivity_file_reused_and_steps(digits: Any, tmp_path: Path, make_mod
     model = make_model(net)
     calls = []
 
-    def eval_fn() -> float:
+    def eval_fn() -> float:  # depends on which filters are masked, not on training: same baseline
         calls.append(1)
-        return 0.5 + 0.01 * len(calls) % 0.3
+        convs = [p.numpy() for p in net.parameters() if len(p.shape) == 4]
+        zeroed = sum(int((np.abs(w).reshape(w.shape[0], -1).sum(1) == 0).sum()) for w in convs)
+        return 0.6 - zeroed / sum(w.shape[0] for w in convs)
 
     first = SensitivityCallback(eval_fn, at_epoch=0, ratios=(0.5, 0.9), path=path)
     first.set_model(model)
@@ -124,7 +127,7 @@ def test_sensitivity_file_reused_and_steps(digits: Any, tmp_path: Path, make_mod
     prune = FilterPruneCallback(flops=0.5, at_epoch=0, steps=2, sensitivity=again)
     model.fit(subset(train, 64), epochs=3, batch_size=32, verbose=0,
               callbacks=[again, prune])
-    assert len(calls) == n  # nothing evaluated again
+    assert len(calls) == n + 1  # only the baseline, which matched the file's
     assert again.result.losses == SensitivityResult.load(path).losses
     assert len(prune.plans) == 2
     first_step = 1 - prune.plans[0].flops_after / prune.plans[0].flops_before

@@ -223,11 +223,12 @@ def test_zoo_pruned_equals_masked(build, shape):
     net = build()
     params = count_params(net)
     plan = _prune_and_check(net, shape)
-    # every prunable group lost channels, never more than 30%, and the network got smaller
+    # every prunable group lost channels, about 30% (each block of a grouped conv loses
+    # round(0.3 * its size), to nearest as PaddleSlim: at most 2 of 5), and the network got smaller
     assert plan.groups
     for gp in plan.groups:
         assert len(gp.kept) + len(gp.removed) == gp.channels, gp.name
-        assert 0 < len(gp.removed) <= 0.3 * gp.channels, gp.name
+        assert 0 < len(gp.removed) <= 0.4 * gp.channels, gp.name
     assert count_params(net) == plan.params_after < params
 
 
@@ -582,7 +583,8 @@ def test_round_to_keeps_multiples_and_one_channel_stays():
     plan = pruner.prune(ratios, round_to=8)
     assert len(plan.groups) == len(ratios)
     for gp in plan.groups:
-        assert len(gp.kept) % 8 == 0 and len(gp.kept) >= gp.channels * 0.63, gp
+        # round(0.37 * channels) go (to nearest, as PaddleSlim), then rounded up to a multiple of 8
+        assert len(gp.kept) % 8 == 0 and len(gp.kept) >= gp.channels - round(gp.channels * 0.37), gp
     for layer in net.sublayers():
         if isinstance(layer, nn.Conv2D):
             assert layer._out_channels % 8 == 0

@@ -64,7 +64,7 @@ def check_flops(out: str, target: float) -> int:
 def check_outputs(out_dir: Path, flops_after: int) -> None:
     """Sensitivity JSON, a checkpoint that reloads into a fresh net, an export that matches it."""
     sens = json.loads((out_dir / "sensitivity.json").read_text())
-    assert sens["format"] == "prune_callbacks.sensitivity/1"
+    assert sens["format"] == "prune_callbacks.sensitivity/2"
     assert len(sens["losses"]) == GROUPS and all(len(p) == 9 for p in sens["losses"].values())
     assert 0 < sens["baseline"] <= 1
 

@@ -105,7 +105,8 @@ def test_eval_fn_and_file_format(tiny: Any, tmp_path: Path) -> None:
     groups = pruner.prunable_groups
     assert len(calls) == 1 + len(groups) * len(RATIOS)  # the baseline is evaluated once
     data = json.loads(path.read_text())
-    assert data["format"] == "prune_callbacks.sensitivity/1"
+    assert data["format"] == "prune_callbacks.sensitivity/2"
+    assert data["network"]["groups"]["c1.0"] == [12, True] and len(data["fingerprint"]) == 16
     assert data["criterion"] == "l1" and data["ratios"] == list(RATIOS)
     assert data["groups"] == {g.name: g.channels for g in groups}
     assert data["baseline"] == res.baseline
@@ -140,12 +141,15 @@ def test_resume_after_kill_evaluates_only_missing_points(tiny: Any, tmp_path: Pa
     assert done == 5  # baseline + 5 points finished; the 6th call was killed
     calls.clear()
     res = pruner.sensitivity(dying(10**6), ratios=RATIOS, path=path)
-    assert len(calls) == total - done  # no baseline, no finished point evaluated again
+    # the baseline once (checked against the file's), no finished point evaluated again
+    assert len(calls) == 1 + total - done
     for g in full.losses:
         for r in RATIOS:
             assert res.losses[g][r] == pytest.approx(full.losses[g][r], abs=1e-9)
     calls.clear()
-    pruner.sensitivity(dying(0), ratios=RATIOS, path=path)  # complete: nothing is evaluated
+    calls.clear()
+    pruner.sensitivity(dying(1), ratios=RATIOS, path=path)  # complete: only the baseline check
+    assert len(calls) == 1
 
 
 def test_file_errors(tiny: Any, tmp_path: Path, tiny_net: Any, array_ds: Any) -> None:
@@ -287,7 +291,10 @@ def test_unreachable_and_bad_targets() -> None:
         with pytest.raises(ValueError, match=r"in \(0, 1\)"):
             pruner.prune_to_flops(bad, sensitivities=sens)
     with pytest.raises(ValueError, match="needs sensitivities"):
-        FilterPruner(net, [1, 3, 32, 32]).prune_to_flops(0.4)
+        FilterPruner(net, [1, 3, 32, 32]).prune_to_flops(0.4, strategy="sensitivity")
+    # no curves and no strategy: uniform (the default is chosen from whether curves are given)
+    plan = FilterPruner(net, [1, 3, 32, 32]).prune_to_flops(0.4)
+    assert len({round(g.ratio, 1) for g in plan.groups}) <= 2
 
 
 def test_paddleslim_aliases(tiny: Any, tmp_path: Path) -> None:

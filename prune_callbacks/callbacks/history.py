@@ -17,7 +17,8 @@ _ATTR = "_prune_history"
 @dataclass(frozen=True)
 class PruneEvent:
     """One pruning step: at the end of `epoch`'s training, `plan` was applied aiming to have
-    removed `flops` (a share of the FLOPs before the first step) by then."""
+    removed `flops` by then: a share of the FLOPs before its callback's first step (for a second
+    FilterPruneCallback in the same fit, of the network as the first one left it)."""
 
     epoch: int
     step: int

@@ -11,7 +11,7 @@ from ..distributed import check_agree, rebuild_data_parallel
 from ..importance import get_criterion
 from ..optim import rebuild_optimizer
 from ..plan import PrunePlan, record_plan
-from ..planning import STRATEGIES
+from ..planning import STRATEGIES, check_fraction
 from ..pruner import FilterPruner
 from ..sensitivity import SensitivityResult
 from ._common import check_epoch, check_names, infer_input_shape
@@ -34,6 +34,17 @@ class FilterPruneCallback(paddle.callbacks.Callback):
     group's kept channel count moves 1/k of the way to the final plan, which is made once, on
     the first step.
 
+    Pruning more than once: several FilterPruneCallbacks may share one fit (an iterative
+    schedule), on the same groups or others. Each one's `flops` is a share of the network's
+    FLOPs as it is when that callback makes its first step (two callbacks of 0.2 leave
+    0.8 * 0.8 = 64% of the original FLOPs), and each plan's `flops_before` is the network's
+    FLOPs at that moment: the pruner re-traces a network that changed since it was traced.
+
+    Before the first training batch (`on_train_begin`) it checks the epochs, the optimizer, the
+    input shape, the skip names, the sensitivity source (a file that exists, is a sensitivity
+    file, and was made for this network with this criterion) and that the target can be
+    reached at all (from channel counts, the largest analysed ratio and the skipped groups).
+
     Args:
         flops: share of FLOPs (multiply-accumulates, see `count_flops`) to remove, in (0, 1).
         at_epoch: 0-based epoch at whose end pruning (its first step) happens.
@@ -42,11 +53,17 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         sensitivity: where the per-group sensitivity curves come from, for strategy
             "sensitivity": a SensitivityCallback in the same fit, a SensitivityResult, or the
             path of a saved analysis.
-        strategy: "sensitivity" (less sensitive groups lose more, PaddleSlim's rule) or
-            "uniform" (the same ratio everywhere).
+        strategy: "sensitivity" (less sensitive groups lose more, PaddleSlim's rule),
+            "uniform" (the same ratio everywhere), or None (default): "sensitivity" when
+            `sensitivity` is given, else "uniform".
         round_to: keep channel counts multiples of this.
         steps: number of epochs over which the target is reached.
         input_shape: one input's shape, batch first; default: from the model's input spec.
+
+    Raises:
+        ValueError / TypeError: at construction for bad arguments, or curves measured with
+            another criterion; at `on_train_begin` for everything listed above; from
+            `prune_now` once all `steps` steps were made.
 
     Attributes:
         plans: the PrunePlan of each step, in order (also in `history_of(model).events`).
@@ -59,20 +76,18 @@ class FilterPruneCallback(paddle.callbacks.Callback):
 
     def __init__(self, flops: float = 0.4, at_epoch: int = 0, criterion: str = "l1",
                  skip: Sequence[str] = (), sensitivity: SensitivitySource = None,
-                 strategy: str = "sensitivity", round_to: int = 1, steps: int = 1,
+                 strategy: Optional[str] = None, round_to: int = 1, steps: int = 1,
                  input_shape: Optional[Sequence[int]] = None) -> None:
         super().__init__()
-        if isinstance(flops, bool) or not isinstance(flops, (int, float)) \
-                or not 0.0 < float(flops) < 1.0:
-            raise ValueError(f"flops must be the share of FLOPs to remove, in (0, 1) such as 0.4; "
-                             f"got {flops!r}")
-        self.flops = float(flops)
+        self.flops = check_fraction(flops, "flops")
         self.at_epoch = check_epoch("at_epoch", at_epoch)
         get_criterion(criterion)
         self.criterion = criterion
         self.skip = check_names("skip", skip)
+        if strategy is None:  # auto: the curves decide
+            strategy = "sensitivity" if sensitivity is not None else "uniform"
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+            raise ValueError(f"strategy must be one of {STRATEGIES} or None (auto), got {strategy!r}")
         self.strategy = strategy
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
@@ -80,20 +95,13 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1 (epochs to reach the target), got {steps!r}")
         self.steps = steps
-        if strategy == "sensitivity":
-            if sensitivity is None:
-                raise ValueError(
-                    "strategy='sensitivity' needs sensitivity=<SensitivityCallback | "
-                    "SensitivityResult | path of a saved analysis>; or use strategy='uniform'")
-            if not isinstance(sensitivity, (SensitivityCallback, SensitivityResult, str,
-                                            os.PathLike)):
-                raise TypeError("sensitivity must be a SensitivityCallback, a SensitivityResult "
-                                f"or a file path; got {type(sensitivity).__name__}")
+        _check_source(sensitivity, strategy, criterion)
         self.sensitivity = sensitivity
         self.input_shape = list(input_shape) if input_shape is not None else None
         self.plans: List[PrunePlan] = []
         self._final: Optional[Dict[str, tuple]] = None  # group -> (channels at step 1, final kept)
         self._pruner: Optional[FilterPruner] = None
+        self._loaded: Optional[SensitivityResult] = None  # the file of `sensitivity`, read once
 
     @property
     def epochs(self) -> List[int]:
@@ -102,6 +110,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
 
     # -- fit hooks --------------------------------------------------------------------------
     def on_train_begin(self, logs: Optional[Dict] = None) -> None:
+        """Check everything that can be checked before the first batch (see the class doc)."""
         epochs = (self.params or {}).get("epochs")
         last = self.epochs[-1]
         if epochs is not None and last >= epochs and not self.plans:
@@ -121,10 +130,26 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             raise ValueError(f"sensitivity file {os.fspath(sens)!r} does not exist: run a "
                              "SensitivityCallback (or pruner.sensitivity(..., path=...)) first, "
                              "or pass the callback itself")
-        if not self.plans:  # trace now: a bad input shape or skip name fails before training
+        if not self.plans:  # trace now: a bad input shape, skip name or target fails before training
             self._pruner = self._new_pruner()
-            for name in self.skip:
-                self._pruner.group_index(name)
+            self._check_plan(self._pruner)
+
+    def _check_plan(self, pruner: FilterPruner) -> None:
+        """Skip names, the sensitivity source and the target's reachability, from channel counts."""
+        for name in self.skip:
+            pruner.group_index(name)
+        sens, max_ratio, skip = self.sensitivity, None, list(self.skip)
+        if isinstance(sens, (str, os.PathLike)):
+            self._loaded = sens = SensitivityResult.load(os.fspath(sens))
+            pruner.check_sensitivity(sens, f"sensitivity file {os.fspath(self.sensitivity)!r}")
+        elif isinstance(sens, SensitivityResult):
+            pruner.check_sensitivity(sens)
+        elif isinstance(sens, SensitivityCallback):  # not run yet: its largest ratio and skips
+            sens, max_ratio = None, max(self.sensitivity.ratios)
+            skip += self.sensitivity.skip
+        if self.strategy == "uniform":
+            sens = max_ratio = None
+        pruner.check_target(self.flops, skip, self.strategy, sens, max_ratio, self.round_to)
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict] = None) -> None:
         if epoch in self.epochs and len(self.plans) == self.epochs.index(epoch):
@@ -134,6 +159,11 @@ class FilterPruneCallback(paddle.callbacks.Callback):
     def prune_now(self, epoch: Optional[int] = None) -> PrunePlan:
         """Run the next pruning step on `self.model` now (fit calls this for you)."""
         step = len(self.plans) + 1
+        if step > self.steps:
+            raise ValueError(
+                f"this FilterPruneCallback made all its {self.steps} pruning step(s) already (see "
+                f".plans); to prune again, use another FilterPruneCallback (its target is then a "
+                f"share of the network's FLOPs at that moment)")
         pruner = self._pruner or self._new_pruner()
         self._pruner = None
         net = self.model.network
@@ -194,7 +224,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                 sens.run(epoch)
             return sens.result
         if isinstance(sens, (str, os.PathLike)):
-            sens = SensitivityResult.load(os.fspath(sens))
+            sens = self._loaded or SensitivityResult.load(os.fspath(sens))
         hist = history_of(self.model)
         if hist.sensitivity is None:  # let PruneVisualDL show the curves the plan came from
             hist.sensitivity, hist.sensitivity_epoch = sens, epoch
@@ -206,3 +236,22 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             ds = self.sensitivity._dataset
         shape = self.input_shape or infer_input_shape(self.model, ds)
         return FilterPruner(self.model.network, shape, self.criterion)
+
+
+def _check_source(sensitivity: SensitivitySource, strategy: str, criterion: str) -> None:
+    """The sensitivity source fits the strategy and was (or will be) measured with `criterion`."""
+    if strategy != "sensitivity":
+        return
+    if sensitivity is None:
+        raise ValueError(
+            "strategy='sensitivity' needs sensitivity=<SensitivityCallback | "
+            "SensitivityResult | path of a saved analysis>; or use strategy='uniform'")
+    if not isinstance(sensitivity, (SensitivityCallback, SensitivityResult, str, os.PathLike)):
+        raise TypeError("sensitivity must be a SensitivityCallback, a SensitivityResult "
+                        f"or a file path; got {type(sensitivity).__name__}")
+    measured = getattr(sensitivity, "criterion", None)
+    if measured is not None and get_criterion(measured).name != get_criterion(criterion).name:
+        raise ValueError(
+            f"the sensitivity curves are measured with criterion {measured!r} but this callback "
+            f"prunes by {criterion!r}: the curves would describe other channels. Give both the "
+            f"same criterion")

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import numbers
 import os
 from typing import Any, Callable, Dict, Optional, Sequence
 
@@ -10,6 +11,7 @@ import paddle
 from ..importance import get_criterion
 from ..pruner import FilterPruner
 from ..sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, _check_ratios, top1_metric
+from ..sensitivity.analysis import check_file
 from ._common import check_epoch, check_names, infer_input_shape
 from .history import history_of
 
@@ -22,8 +24,16 @@ class SensitivityCallback(paddle.callbacks.Callback):
     It runs after that epoch's training and before fit's evaluation of it, leaves the network's
     train/eval mode, its weights and the model's metrics as they were, and publishes the result
     (`self.result`, and `history_of(model).sensitivity`) for `FilterPruneCallback` and
-    `PruneVisualDL`. With `path`, every point is saved as it is measured; a complete analysis
-    in `path` that matches the network is reused without evaluating anything.
+    `PruneVisualDL`. With `path`, every point is saved as it is measured; an analysis in `path`
+    is resumed (or, complete, reused) when it was made for this very network (every group,
+    layer type and parameter shape) with the same criterion, ratios and data, and the baseline
+    measured when the analysis runs equals the one in the file (one evaluation pass).
+
+    Before the first training batch (`on_train_begin`) it checks the input shape, the skip
+    names, that `path` is a writable file (not a directory) and, if it exists, that it is a
+    sensitivity file made for this network; then it reads the evaluation samples into batches
+    (never in `__init__`), which it frees once the analysis is done. Each fit starts with no
+    result.
 
     Args:
         eval_data: a dataset of (input, label) samples (batched by the engine, which can then
@@ -31,6 +41,12 @@ class SensitivityCallback(paddle.callbacks.Callback):
         at_epoch: 0-based epoch at whose end the analysis runs.
         ratios: pruning ratios to try per group, each in (0, 1).
         path: JSON file for the results (resumed if it exists); None keeps them in memory.
+
+    Raises:
+        TypeError / ValueError: at construction for bad arguments; at `on_train_begin`, before
+            any training, for an epoch past the fit, a bad input shape or skip name, or a `path`
+            that is a directory, cannot be written, or holds a corrupt file, an older format or
+            an analysis of another network, criterion, ratio set or data.
         num_samples: evaluate on the first `num_samples` samples only (datasets).
         batch_size: evaluation batch size (datasets).
         metric: `metric(logits, labels) -> (correct, count)` per batch (datasets); top-1
@@ -68,7 +84,8 @@ class SensitivityCallback(paddle.callbacks.Callback):
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise TypeError(f"path must be a file path or None, got {type(path).__name__}")
         self.path = os.fspath(path) if path is not None else None
-        if max_loss is not None and not isinstance(max_loss, (int, float)):
+        if max_loss is not None and (isinstance(max_loss, bool)
+                                     or not isinstance(max_loss, numbers.Real)):
             raise TypeError(f"max_loss must be a number or None, got {max_loss!r}")
         get_criterion(criterion)  # unknown criterion: fail now, not epochs later
         self.criterion = criterion
@@ -88,6 +105,8 @@ class SensitivityCallback(paddle.callbacks.Callback):
 
     # -- fit hooks --------------------------------------------------------------------------
     def on_train_begin(self, logs: Optional[Dict] = None) -> None:
+        """Check everything that can be checked before the first batch; reset per-fit state."""
+        self.result, self.ran_at = None, None  # a callback reused by another fit starts afresh
         epochs = (self.params or {}).get("epochs")
         if epochs is not None and self.at_epoch >= epochs:
             raise ValueError(
@@ -96,6 +115,10 @@ class SensitivityCallback(paddle.callbacks.Callback):
         pruner = self._pruner()  # checks input_shape and skip names before any training
         for name in self.skip:
             pruner.group_index(name)
+        if self.path is not None:  # a bad, foreign or unwritable file: fail now, not at the end
+            check_file(pruner, self._evaluate(), self.ratios, self.path)
+        if self.eval_data is not None:
+            self.eval_data.load()
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict] = None) -> None:
         if epoch == self.at_epoch:
@@ -108,16 +131,21 @@ class SensitivityCallback(paddle.callbacks.Callback):
         if self.result is not None and self.ran_at == epoch:
             return self.result
         pruner = self._pruner()
-        evaluate = self.eval_data if self.eval_data is not None else self.eval_fn
+        evaluate = self._evaluate()
         logger.info("sensitivity analysis at the end of epoch %s (%d prunable groups, ratios %s)",
                     epoch, len(pruner.prunable_groups), list(self.ratios))
         self.result = pruner.sensitivity(evaluate, ratios=self.ratios, path=self.path,
                                          skip=self.skip, max_loss=self.max_loss)
         self.ran_at = epoch
+        if self.eval_data is not None:
+            self.eval_data.release()  # the analysis is done: free the evaluation tensors
         if self.model is not None:
             hist = history_of(self.model)
             hist.sensitivity, hist.sensitivity_epoch = self.result, epoch
         return self.result
+
+    def _evaluate(self) -> Any:
+        return self.eval_data if self.eval_data is not None else self.eval_fn
 
     def _pruner(self) -> FilterPruner:
         shape = self.input_shape or infer_input_shape(self.model, self._dataset)

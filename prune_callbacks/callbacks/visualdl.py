@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
@@ -36,11 +37,12 @@ class PruneVisualDL(paddle.callbacks.Callback):
 
     Raises:
         TypeError: `log_dir` is not a str/PathLike, or `tag_prefix`/`run` is not a str.
-        ValueError: `log_dir` is empty, or `run` is absolute or leaves `log_dir`.
+        ValueError: `log_dir` is empty, or `run` is absolute or leaves `log_dir`; at
+            `on_train_begin` (before any training), a log directory that cannot be written.
 
     Examples:
         >>> model.fit(train_ds, epochs=10, callbacks=[
-        ...     FilterPruneCallback(flops=0.4, at_epoch=4), PruneVisualDL("vdl_log"),
+        ...     FilterPruneCallback(flops=0.4, at_epoch=4), PruneVisualDL("vdl_log"),  # uniform
         ...     paddle.callbacks.VisualDL("vdl_log")])
     """
 
@@ -69,6 +71,27 @@ class PruneVisualDL(paddle.callbacks.Callback):
         self._events_done = 0
         self._figures = 0
         self._dirty = False
+
+    def on_train_begin(self, logs: Optional[Dict] = None) -> None:
+        """Fail before the first batch if the log directory cannot be written (rank 0 writes)."""
+        if paddle.distributed.get_rank() != 0 or self._writer is not None:
+            return
+        probe = self.run_dir
+        while probe and not os.path.isdir(probe):  # probe the nearest existing directory: no
+            parent = os.path.dirname(probe)        # empty log directory is left behind
+            if parent == probe:
+                break
+            probe = parent
+        probe = probe or "."
+        try:
+            with tempfile.TemporaryFile(dir=probe):
+                pass
+        except OSError as e:
+            raise ValueError(f"PruneVisualDL cannot write its logs to {self.run_dir!r}: "
+                             f"{e.strerror} in {probe!r}; pass a writable log_dir") from e
+        if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
+            raise ValueError(f"PruneVisualDL log directory {self.run_dir!r} is a file; pass a "
+                             f"directory path as log_dir")
 
     # hooks: flush whatever the other callbacks published, whatever their order in fit()
     def on_epoch_begin(self, epoch: Optional[int] = None, logs: Optional[Dict] = None) -> None:

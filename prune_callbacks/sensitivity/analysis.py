@@ -6,6 +6,7 @@ to the network (masks are always restored) and never touches paddle.Model or Vis
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from typing import (Any, Callable, Dict, Iterator, Mapping, Optional, Protocol, Sequence, Tuple,
@@ -17,12 +18,17 @@ import paddle.nn as nn
 from ..distributed import (all_gather, broadcast_state, check_agree, is_main, rank,
                            world_size)
 from ..modes import eval_mode
+from ..plan import check_writable
 from .evaluation import EvalData
+from .fingerprint import fingerprint, network_signature
 from .replay import EvaluateFn, ParamSlices, Runner
 from .result import (DEFAULT_RATIOS, FORMAT, SensitivityResult, _check_header, _key, _read,
                      _save)
 
 logger = logging.getLogger(__name__)
+
+BASELINE_RTOL = 1e-6
+"""How closely a re-measured baseline must match a file's before the file is resumed or reused."""
 
 
 class GroupLike(Protocol):
@@ -85,7 +91,8 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
         evaluate: `eval_fn() -> float` (higher is better), or an `EvalData`, which lets the
             engine batch once and replay the unaffected start of the network from a cache.
         ratios: ratios to try, each in (0, 1).
-        path: JSON file, rewritten atomically after every point; an existing file is resumed.
+        path: JSON file, rewritten atomically after every point; an existing file is resumed
+            (or, complete, reused) once the baseline measured now matches the one it holds.
         skip: groups (names or parameter names) not to analyse.
         max_loss: stop a group's curve once its loss exceeds this; later ratios stay None.
         cache: replay unaffected layers from a cache (EvalData only). Same numbers either way.
@@ -95,11 +102,13 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
         unchanged afterwards.
 
     Raises:
-        ValueError: bad ratios, a corrupt file, or a file made for another network, criterion,
-            ratio set or data, or a baseline metric of 0.
+        ValueError: bad or duplicate ratios, a corrupt file, or a file made for another network
+            (any group, layer type or parameter shape differs), criterion, ratio set or data, or
+            on other weights (its baseline differs from the one measured now); a baseline metric
+            of 0 or NaN (a diverged network).
     """
     ratios = _check_ratios(ratios)
-    skip_idx = {pruner.group_index(s) for s in skip}
+    skip_idx = {pruner.group_index(s) for s in ([skip] if isinstance(skip, str) else skip)}
     groups = [(i, g) for i, g in enumerate(pruner.groups) if g.prunable and i not in skip_idx]
     channels = {g.name: g.channels for _, g in groups}
     data = _shared(lambda: _start(pruner, evaluate, ratios, path, channels))
@@ -120,7 +129,8 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
         else:  # one process, or an opaque eval_fn (which may itself use collectives)
             _curves(pruner, runner, todo, data, ratios, baseline, max_loss, path)
     res = SensitivityResult(baseline=baseline, ratios=tuple(ratios),
-                            channels=dict(data["groups"]), criterion=data["criterion"])
+                            channels=dict(data["groups"]), criterion=data["criterion"],
+                            network=data["network"])
     res.losses = {g: {float(r): l for r, l in pts.items()} for g, pts in data["losses"].items()
                   if g in channels}
     res.channels = {g: c for g, c in res.channels.items() if g in channels}
@@ -232,31 +242,43 @@ def _start(pruner: SensitivityPruner, evaluate: Any, ratios: Tuple[float, ...],
            path: Optional[str], channels: Dict[str, int]) -> Dict[str, Any]:
     """The analysis file's content: resumed from `path` (checked to match), or a new one."""
     describe = evaluate.describe() if isinstance(evaluate, EvalData) else ""
+    network = network_signature(pruner.net, pruner.groups)
     if path and os.path.exists(path):
         data = _read(path)
-        _check_header(path, data, channels, pruner.criterion.name, ratios, describe)
+        _check_header(path, data, network, pruner.criterion.name, ratios, describe)
         data["groups"].update(channels)
         logger.info("resuming sensitivity analysis from %s", path)
         return data
     return {"format": FORMAT, "producer": "prune_callbacks", "criterion": pruner.criterion.name,
             "ratios": list(ratios), "input_shape": list(pruner.input_shape), "data": describe,
+            "fingerprint": fingerprint(network), "network": network,
             "groups": channels, "baseline": None, "losses": {}}
 
 
 def _baseline(runner: Runner, data: Dict[str, Any], path: Optional[str], todo: bool) -> float:
-    """The unpruned metric (measured when unknown, or to fill the replay cache)."""
-    if data["baseline"] is None or (runner.cache and todo):
-        metric = float(runner.baseline())  # also fills the replay cache
-        if data["baseline"] is None:
-            data["baseline"] = metric
-            _save(path, data)
-    baseline = data["baseline"]
-    if baseline == 0:
+    """The unpruned metric, measured every time (it also fills the replay cache): a resumed or
+    reused file must hold the baseline of these very weights, or its losses describe others."""
+    metric = float(runner.baseline())
+    if not math.isfinite(metric):
+        raise ValueError(
+            f"the unpruned network scores {metric} on the evaluation data: it has diverged (NaN "
+            "or infinite outputs), so no sensitivity can be measured; lower the learning rate or "
+            "analyse an earlier epoch")
+    stored = data["baseline"]
+    if stored is None:
+        data["baseline"] = stored = metric
+        _save(path, data)
+    elif not math.isclose(stored, metric, rel_tol=BASELINE_RTOL, abs_tol=1e-12):
+        raise ValueError(
+            f"{path!r} was measured on other weights: its baseline metric is {stored!r}, these "
+            f"weights score {metric!r} on the same data (the curves would not describe them); "
+            f"delete it or pass another path to analyse these weights afresh")
+    if stored == 0:
         raise ValueError(
             "the baseline metric is 0 on the evaluation data, so relative losses are "
             "undefined: analyse a network that has learned something (a later at_epoch) or "
             "evaluate on more samples (num_samples)")
-    return baseline
+    return stored
 
 
 def _curve(pruner: SensitivityPruner, name: str, run: EvaluateFn,
@@ -290,4 +312,23 @@ def _check_ratios(ratios: Sequence[float]) -> Tuple[float, ...]:
         raise TypeError(f"ratios must be numbers in (0, 1), got {ratios!r}") from e
     if not out or any(not 0.0 < r < 1.0 for r in out):
         raise ValueError(f"ratios must be numbers in (0, 1), got {list(ratios)!r}")
+    keys = [_key(r) for r in out]
+    dupes = sorted({k for k in keys if keys.count(k) > 1})
+    if dupes:
+        raise ValueError(f"ratios must be distinct (to 6 decimals, the precision of the file's keys); "
+                         f"{', '.join(dupes)} appear(s) more than once in {list(ratios)!r}")
     return out
+
+
+def check_file(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], EvalData],
+               ratios: Sequence[float], path: str) -> None:
+    """Check now, before any work, that `analyse(pruner, evaluate, ratios, path)` can use `path`:
+    a writable file (not a directory) that, if it exists, is a sensitivity file made for this
+    network, criterion, ratio set and data. The baseline is checked when the analysis runs.
+
+    Raises:
+        ValueError: what `analyse` would raise about the file, and an unwritable path.
+    """
+    check_writable(path, "sensitivity file")
+    if os.path.exists(path):
+        _start(pruner, evaluate, _check_ratios(ratios), path, {})

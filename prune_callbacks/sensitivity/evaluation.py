@@ -28,6 +28,9 @@ def top1_metric(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, int]:
 class EvalData:
     """A dataset turned into ready batches, evaluated with a metric (default: top-1 accuracy).
 
+    The samples are read on first use of `batches` (or `load()`), not at construction, so
+    building one (e.g. inside a callback's `__init__`) costs nothing.
+
     Args:
         dataset: a `paddle.io.Dataset` (or any indexable) of (input, label) samples.
         metric: `metric(logits, labels) -> (correct, count)` over numpy arrays, summed over
@@ -59,20 +62,35 @@ class EvalData:
         n = len(self.dataset)
         if n == 0:
             raise ValueError("the evaluation dataset is empty")
-        n = min(n, self.num_samples or n)
+        self.size = min(n, self.num_samples or n)
+        self._batches: Optional[List[Tuple[paddle.Tensor, np.ndarray]]] = None
+
+    @property
+    def batches(self) -> List[Tuple[paddle.Tensor, np.ndarray]]:
+        """The ready (input tensor, labels) batches, read from the dataset on first use."""
+        if self._batches is None:
+            self.load()
+        return self._batches
+
+    def load(self) -> "EvalData":
+        """Read the samples into batches now (done on first use otherwise); returns self."""
+        if self._batches is not None:
+            return self
         xs, ys = [], []
-        for i in range(n):
+        for i in range(self.size):
             sample = self.dataset[i]
             xs.append(np.asarray(sample[0], dtype=np.float32))
             ys.append(np.asarray(sample[1]))
         x, y = np.stack(xs), np.stack(ys)
         if y.size == len(y):  # class indices: a vector, as the (correct, count) metrics expect
             y = y.reshape(-1)
-        self.batches: List[Tuple[paddle.Tensor, np.ndarray]] = [
-            (paddle.to_tensor(x[i:i + self.batch_size]), y[i:i + self.batch_size])
-            for i in range(0, n, self.batch_size)
-        ]
-        self.size = n
+        self._batches = [(paddle.to_tensor(x[i:i + self.batch_size]), y[i:i + self.batch_size])
+                         for i in range(0, self.size, self.batch_size)]
+        return self
+
+    def release(self) -> None:
+        """Drop the batches (they are read again on next use): frees their memory."""
+        self._batches = None
 
     def describe(self) -> str:
         return f"{type(self.dataset).__name__}: {self.size} samples"

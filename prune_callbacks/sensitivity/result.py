@@ -5,12 +5,19 @@ Plain data and file format only: never evaluates or touches a network.
 from __future__ import annotations
 
 import json
+import math
+import os
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Sequence, Tuple
+from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
 from ..plan import write_json_atomic
+from .fingerprint import differences, fingerprint
 
-FORMAT = "prune_callbacks.sensitivity/1"
+FORMAT = "prune_callbacks.sensitivity/2"
+"""Format 2 records the network the file was measured on (`network`, `fingerprint`)."""
+_OLD_FORMATS = ("prune_callbacks.sensitivity/1",)
+_REQUIRED = ("criterion", "ratios", "groups", "baseline", "losses", "network")
+_FIX = "delete it or pass another path to start afresh"
 DEFAULT_RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 
@@ -19,6 +26,8 @@ class SensitivityResult:
     """Losses per group and ratio: `(baseline - metric) / baseline` (PaddleSlim's definition).
 
     `losses[group][ratio]` is None for a point that was not evaluated (early stop by `max_loss`).
+    `network` is the signature of the network it was measured on
+    (`fingerprint.network_signature`); None for results built by hand.
     """
 
     baseline: float
@@ -26,6 +35,21 @@ class SensitivityResult:
     losses: Dict[str, Dict[float, Optional[float]]] = field(default_factory=dict)
     channels: Dict[str, int] = field(default_factory=dict)
     criterion: str = "l1"
+    network: Optional[Dict[str, Any]] = None
+
+    @property
+    def fingerprint(self) -> Optional[str]:
+        """Short hash of `network` (None when unknown)."""
+        return fingerprint(self.network) if self.network is not None else None
+
+    def check_network(self, signature: Mapping[str, Any], where: str = "the sensitivity result") -> None:
+        """Raise unless this result was measured on a network with `signature`.
+
+        Raises:
+            ValueError: the networks differ (the message says how); nothing is checked for a
+                result built by hand (`network` None).
+        """
+        check_same_network(where, self.network, signature)
 
     def curves(self) -> Dict[str, Dict[float, float]]:
         """Evaluated points only, as `{group: {ratio: loss}}` (PaddleSlim's `sensitive()` format)."""
@@ -42,7 +66,8 @@ class SensitivityResult:
         """Read an analysis written by `analyse` (complete or not)."""
         data = _read(path)
         res = cls(baseline=data["baseline"], ratios=tuple(data["ratios"]),
-                  channels=dict(data["groups"]), criterion=data["criterion"])
+                  channels=dict(data["groups"]), criterion=data["criterion"],
+                  network=data["network"])
         res.losses = {g: {float(r): l for r, l in pts.items()}
                       for g, pts in data["losses"].items()}
         return res
@@ -50,6 +75,10 @@ class SensitivityResult:
 
 
 def _read(path: str) -> Dict[str, Any]:
+    """The content of a sensitivity file, checked to be one of this version, whole."""
+    if os.path.isdir(path):
+        raise ValueError(f"sensitivity path {path!r} is a directory: pass a file path such as "
+                         f"{os.path.join(path, 'sensitivity.json')!r}")
     try:
         with open(path, encoding="utf-8") as f:
             data = json.load(f)
@@ -57,10 +86,26 @@ def _read(path: str) -> Dict[str, Any]:
         raise ValueError(
             f"sensitivity file {path!r} is corrupt ({e}); it was left untouched: move or delete "
             "it, or pass another path, to start afresh") from e
-    if not isinstance(data, dict) or data.get("format") != FORMAT:
+    if not isinstance(data, dict):
+        raise ValueError(f"{path!r} holds a JSON {type(data).__name__} ({json.dumps(data)[:40]}), not "
+                         f"a sensitivity analysis; {_FIX}")
+    if data.get("format") in _OLD_FORMATS:
         raise ValueError(
-            f"{path!r} is not a sensitivity file of this version (format {data.get('format')!r} "
-            f"if a dict, expected {FORMAT!r}); delete it or pass another path to start afresh")
+            f"{path!r} was written by an older prune_callbacks (format {data['format']!r}) that did "
+            f"not record which network and weights it was measured on, so it cannot be checked "
+            f"against this one; run the analysis again: {_FIX}")
+    if data.get("format") != FORMAT:
+        raise ValueError(
+            f"{path!r} is not a sensitivity file of this version (format {data.get('format')!r}, "
+            f"expected {FORMAT!r}); {_FIX}")
+    missing = [k for k in _REQUIRED if k not in data]
+    if missing:
+        raise ValueError(f"sensitivity file {path!r} is damaged: it has no {', '.join(missing)}; "
+                         f"{_FIX}")
+    baseline = data["baseline"]
+    if baseline is not None and (not isinstance(baseline, (int, float)) or not math.isfinite(baseline)):
+        raise ValueError(f"sensitivity file {path!r} has baseline metric {baseline!r}: the network "
+                         f"had diverged (NaN) when it was analysed; {_FIX}")
     return data
 
 
@@ -68,24 +113,27 @@ def _key(r: float) -> str:
     return repr(round(float(r), 6))
 
 
-def _check_header(path: str, data: Dict[str, Any], channels: Dict[str, int], criterion: str,
+def check_same_network(where: str, made_for: Optional[Mapping[str, Any]],
+                       now: Mapping[str, Any]) -> None:
+    """Raise unless the network signature `made_for` (None: unknown, not checked) equals `now`."""
+    if made_for is None or fingerprint(made_for) == fingerprint(now):
+        return
+    diff = "; ".join(differences(made_for, now)) or "their signatures differ"
+    raise ValueError(f"{where} was made for a different network: {diff}. Its curves do not "
+                     f"describe this network: {_FIX} (or analyse this network)")
+
+
+def _check_header(path: str, data: Dict[str, Any], network: Mapping[str, Any], criterion: str,
                   ratios: Sequence[float], describe: str) -> None:
-    fix = "delete it or pass another path to start afresh"
     if data["criterion"] != criterion:
         raise ValueError(f"{path!r} was made with criterion {data['criterion']!r}, not "
-                         f"{criterion!r}; {fix}")
+                         f"{criterion!r}; {_FIX}")
     if [_key(r) for r in data["ratios"]] != [_key(r) for r in ratios]:
-        raise ValueError(f"{path!r} was made for ratios {data['ratios']}, not {list(ratios)}; {fix}")
-    for g, c in data["groups"].items():
-        if channels.get(g) != c:
-            now = channels.get(g)
-            what = "no such group" if now is None else f"{now} channels"
-            raise ValueError(f"{path!r} was made for a different network: group {g!r} had {c} "
-                             f"channels there, this network has {what}; {fix}")
+        raise ValueError(f"{path!r} was made for ratios {data['ratios']}, not {list(ratios)}; {_FIX}")
+    check_same_network(repr(path), data["network"], network)
     if describe and data.get("data") and data["data"] != describe:
         raise ValueError(f"{path!r} was made on other data ({data['data']!r}, now {describe!r}); "
-                         f"{fix}")
-
+                         f"{_FIX}")
 
 
 def _save(path: Optional[str], data: Dict[str, Any]) -> None:
