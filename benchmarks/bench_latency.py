@@ -35,7 +35,7 @@ import paddle
 from paddle.vision import models
 
 from prune_callbacks import FilterPruner
-from prune_callbacks.latency import LatencyOptions, LatencyStats, Runner, build_runner, plan_for_latency, time_runners
+from prune_callbacks.latency import CLOCKS, LatencyOptions, LatencyStats, Runner, build_runner, plan_for_latency, time_runners
 
 BACKENDS: Dict[str, Tuple[str, bool]] = {  # name -> (latency backend, oneDNN)
     "pi": ("paddle_inference", False),
@@ -93,7 +93,7 @@ def bench_model(name: str, size: int, args: argparse.Namespace) -> List[float]:
             base: Runner = build_runner(net, shape, **kw)
             for (f, r), (cand, cut) in pruned.items():
                 b, c = time_runners([base, build_runner(cand, shape, **kw)], warmup=args.warmup,
-                                    repeats=args.repeats)
+                                    repeats=args.repeats, clock=CLOCKS[args.clock])
                 print(_row(name, size, batch, key, f, r, cut, b, c), flush=True)
                 ratios.append((1.0 - c.median / b.median) / cut)
     return ratios
@@ -108,7 +108,7 @@ def search_model(name: str, size: int, args: argparse.Namespace) -> None:
         for key in args.backends:
             backend, onednn = BACKENDS[key]
             options = LatencyOptions(batch=batch, backend=backend, threads=args.threads, onednn=onednn,
-                                     warmup=args.warmup, repeats=args.repeats)
+                                     warmup=args.warmup, repeats=args.repeats, clock=args.clock)
             for r in args.round_to:
                 pruner = FilterPruner(net, shape)
                 start = time.perf_counter()
@@ -133,6 +133,9 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--repeats", type=int, default=30)
     ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--clock", choices=list(CLOCKS), default="wall",
+                    help="wall: perf_counter; cpu: this thread's CPU time (with --threads 1 the engines "
+                         "compute in the calling thread, so time other processes take drops out)")
     ap.add_argument("--search", type=float, default=None, metavar="SHARE",
                     help="run the latency search to this share of the original latency instead")
     args = ap.parse_args()
@@ -153,7 +156,8 @@ def main() -> None:
                 search_model(name, size, args)
         print(f"{time.perf_counter() - start:.0f} s; {_machine()}")
         return
-    print(f"warm-up {args.warmup}, median of {args.repeats} alternating calls, {args.threads} thread(s), "
+    print(f"{args.clock} clock, warm-up {args.warmup}, median of {args.repeats} alternating calls, "
+          f"{args.threads} thread(s), "
           f"strategy uniform, criterion l1")
     print(f"{'model':<13}{'px':>4}{'bs':>4}  {'backend':<10}{'tgt':>5}{'rnd':>4}{'FLOPs cut':>10}"
           f"{'base ms':>10}{'pruned ms':>10}{'lat cut':>9}{'ratio':>7}{'(p10)':>7}")

@@ -7,7 +7,9 @@ never changes the live network, and returns the plan for the caller to apply.
 Noise: each timed call is preceded by `warmup` untimed ones; baseline and candidate are timed
 alternately, call by call (their order flipping every round), so a burst of load from other
 processes falls on both; a share is the ratio of their medians; the search takes any share within
-`tolerance` of the target as meeting it, since the noise cannot tell those apart.
+`tolerance` of the target as meeting it, since the noise cannot tell those apart. On a shared
+machine, time with `clock="cpu"` (`time.thread_time`) and `threads=1`: the engines then compute in
+the calling thread, so time the scheduler gives other processes drops out of the measurement.
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ from .surgery import apply_slices
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["Backend", "LatencyStats", "LatencyOptions", "LatencyMeter", "LatencySearch", "Trial",
+__all__ = ["Backend", "CLOCKS", "LatencyStats", "LatencyOptions", "LatencyMeter", "LatencySearch", "Trial",
            "build_runner", "time_runners", "measure_latency", "pruned_copy", "search_latency",
            "plan_for_latency", "check_latency_target"]
 
@@ -40,6 +42,8 @@ Clock = Callable[[], float]
 Runner = Callable[[], Any]
 """One inference call on a fixed input: what is timed."""
 Kept = Dict[int, np.ndarray]
+CLOCKS: Dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.thread_time}
+"""Timers by name: wall time, or the calling thread's CPU time (only with one engine thread)."""
 RunnerFactory = Callable[..., Runner]
 _RESOLUTION = 0.005  # FLOPs shares closer than this give (nearly) the same plan: stop refining
 _INNER = 0.2  # a guess keeps this share of the bracket's width from each measured end
@@ -119,6 +123,8 @@ class LatencyOptions:
         tolerance: a measured share within this of the target meets it (noise).
         max_trials: pruned copies measured at most by the search.
         max_flops: the largest FLOPs cut the search tries.
+        clock: "wall" (`time.perf_counter`) or "cpu" (`time.thread_time`, this thread's CPU time:
+            robust to other processes' load, and right only with `threads=1`).
 
     Raises:
         ValueError: a value out of range, naming it.
@@ -133,6 +139,7 @@ class LatencyOptions:
     tolerance: float = 0.02
     max_trials: int = 8
     max_flops: float = 0.9
+    clock: str = "wall"
 
     def __post_init__(self) -> None:
         _positive_int("batch", self.batch)
@@ -149,6 +156,11 @@ class LatencyOptions:
         if isinstance(self.max_flops, bool) or not isinstance(self.max_flops, (int, float)) \
                 or not 0.0 < self.max_flops < 1.0:
             raise ValueError(f"max_flops must be a FLOPs share in (0, 1) such as 0.9, got {self.max_flops!r}")
+        if self.clock not in CLOCKS:
+            raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {self.clock!r}")
+        if self.clock == "cpu" and (self.threads != 1 or self.backend == Backend.EAGER.value):
+            raise ValueError("clock='cpu' times only the calling thread: use it with threads=1 and the "
+                             "paddle_inference or onnxruntime backend, or use clock='wall'")
 
     def measure_kwargs(self) -> Dict[str, Any]:
         return {"batch": self.batch, "backend": self.backend, "threads": self.threads, "onednn": self.onednn}
@@ -307,7 +319,7 @@ class LatencyMeter:
         baseline: the original network (exported once, now).
         input_shape: one input's shape, batch first.
         options: batch, backend, threads, oneDNN, warm-up and repeats.
-        clock: the timer; runner_factory: `build_runner` (tests inject fakes).
+        clock: the timer (default: `options.clock`); runner_factory: `build_runner` (tests inject fakes).
 
     Examples:
         >>> meter = LatencyMeter(net, [1, 3, 32, 32])
@@ -315,11 +327,11 @@ class LatencyMeter:
     """
 
     def __init__(self, baseline: nn.Layer, input_shape: Sequence[int],
-                 options: LatencyOptions = LatencyOptions(), clock: Clock = time.perf_counter,
+                 options: LatencyOptions = LatencyOptions(), clock: Optional[Clock] = None,
                  runner_factory: RunnerFactory = build_runner) -> None:
         self.input_shape = list(input_shape)
         self.options = options
-        self.clock = clock
+        self.clock = clock if clock is not None else CLOCKS[options.clock]
         self.factory = runner_factory
         self.baseline = runner_factory(baseline, self.input_shape, **options.measure_kwargs())
         self.last: Optional[Tuple[LatencyStats, LatencyStats]] = None  # (baseline, candidate)
@@ -488,7 +500,7 @@ def _outcome(measured: List[Tuple[float, Kept, float]], trials: List[Trial], tar
 
 
 def plan_for_latency(pruner: Any, target: float, plan_for_flops: Callable[[float], Kept],
-                     options: LatencyOptions = LatencyOptions(), clock: Clock = time.perf_counter,
+                     options: LatencyOptions = LatencyOptions(), clock: Optional[Clock] = None,
                      runner_factory: RunnerFactory = build_runner) -> LatencySearch:
     """`search_latency` measured by a `LatencyMeter` on `pruner.net` at `pruner.input_shape`.
 
@@ -497,7 +509,7 @@ def plan_for_latency(pruner: Any, target: float, plan_for_flops: Callable[[float
         target: latency share to reach, in (0, 1).
         plan_for_flops: FLOPs cut -> kept channels (the planner, with its strategy and round_to).
         options: measurement and search settings.
-        clock, runner_factory: injected by tests.
+        clock: the timer (default: `options.clock`); runner_factory: injected by tests.
 
     Returns:
         LatencySearch; apply it with `pruner.apply(found.kept)`.

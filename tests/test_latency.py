@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import logging
 import math
+import time
 from typing import Any, Callable, List
 
 import numpy as np
@@ -73,6 +74,15 @@ def test_measure_latency_backends(tiny_net, backend, onednn) -> None:
     assert all(np.array_equal(v.numpy(), weights[k]) for k, v in net.state_dict().items())
 
 
+def test_cpu_clock_times_the_calling_thread(tiny_net) -> None:
+    """With one engine thread the work runs in the caller: its CPU time is the latency, load aside."""
+    net = tiny_net()
+    cpu = measure_latency(net, SHAPE, batch=8, warmup=1, repeats=5, clock=time.thread_time)
+    wall = measure_latency(net, SHAPE, batch=8, warmup=1, repeats=5)
+    assert 0 < cpu.median < 1 and 0 < wall.median < 1
+    assert cpu.median > 0.05 * wall.median  # not a clock that sat still while the engine ran
+
+
 def test_measure_latency_errors_name_the_fix(tiny_net) -> None:
     with pytest.raises(ValueError, match="unknown backend 'tvm'; choose one of"):
         measure_latency(tiny_net(), SHAPE, backend="tvm")
@@ -86,6 +96,10 @@ def test_measure_latency_errors_name_the_fix(tiny_net) -> None:
         LatencyOptions(tolerance=0.7)
     with pytest.raises(ValueError, match="max_flops must be"):
         LatencyOptions(max_flops=1.0)
+    with pytest.raises(ValueError, match="clock='cpu' times only the calling thread"):
+        LatencyOptions(clock="cpu", threads=2)
+    with pytest.raises(ValueError, match="clock must be one of"):
+        LatencyOptions(clock="sundial")
 
 
 # -- the search ------------------------------------------------------------------------------------
