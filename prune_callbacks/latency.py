@@ -47,6 +47,7 @@ CLOCKS: Dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.thread_time}
 RunnerFactory = Callable[..., Runner]
 _RESOLUTION = 0.005  # FLOPs shares closer than this give (nearly) the same plan: stop refining
 _INNER = 0.2  # a guess keeps this share of the bracket's width from each measured end
+_OPEN_INNER = 0.05  # ... and only this much from the lower end while the upper one is untried
 
 
 class Backend(str, Enum):
@@ -397,15 +398,15 @@ def _next_guess(lo: float, lo_share: float, hi: float, hi_share: Optional[float]
     """Where the share should cross the target, by linear interpolation, kept inside the bracket.
 
     Unmeasured upper end: extrapolate the line from the original (0, 1) through `lo`; `hi` itself
-    may be tried unless `hi_tried` (it could not be planned). The guess
-    stays `_INNER` of the width away from each tried end, so the bracket shrinks every step
-    even when latency does not follow FLOPs (bisection's guarantee, faster when it does).
+    may be tried unless `hi_tried` (it could not be planned). Otherwise the guess stays `_INNER`
+    of the width away from each end, so the bracket shrinks every step even when latency does not
+    follow FLOPs (bisection's guarantee, faster when it does).
     """
     width = hi - lo
     if hi_share is None:
         slope = (1.0 - lo_share) / lo if lo > 0 and lo_share < 1.0 else 1.0
         guess = lo + (lo_share - target) / slope
-        return min(max(guess, lo + _INNER * width), hi - _INNER * width if hi_tried else hi)
+        return min(max(guess, lo + _OPEN_INNER * width), hi - _INNER * width if hi_tried else hi)
     if lo_share <= hi_share:  # noise inverted the bracket: bisect
         return lo + width / 2
     guess = lo + (lo_share - target) * width / (lo_share - hi_share)

@@ -179,6 +179,7 @@ def test_search_below_a_cut_the_planner_cannot_reach(tiny_net) -> None:
 def test_next_guess_stays_inside_the_bracket() -> None:
     assert _next_guess(0.4, 0.7, 0.9, None, 0.6) == pytest.approx(0.4 + 0.1 / 0.75)  # line from (0, 1)
     assert _next_guess(0.0, 1.0, 0.7, None, 0.3) == pytest.approx(0.7)  # max_flops may be tried
+    assert _next_guess(0.4, 0.628, 0.9, None, 0.6) == pytest.approx(0.4 + 0.028 / 0.93)  # a small step
     assert _next_guess(0.0, 1.0, 0.7, None, 0.3, hi_tried=True) == pytest.approx(0.56)  # not twice
     g = _next_guess(0.4, 0.7, 0.5, 0.69, 0.6)  # a flat stretch: interpolation would leave the bracket
     assert 0.4 < g < 0.5 and g == pytest.approx(0.5 - 0.2 * 0.1)
