@@ -152,7 +152,8 @@ class LatencyOptions:
         _positive_int("repeats", self.repeats)
         if isinstance(self.tolerance, bool) or not isinstance(self.tolerance, (int, float)) \
                 or not 0.0 <= self.tolerance < 0.5:
-            raise ValueError(f"tolerance must be a latency share in [0, 0.5) such as 0.02, got {self.tolerance!r}")
+            raise ValueError(f"tolerance must be a latency share in [0, 0.5) such as 0.02, "
+                             f"got {self.tolerance!r}")
         _positive_int("max_trials", self.max_trials)
         if isinstance(self.max_flops, bool) or not isinstance(self.max_flops, (int, float)) \
                 or not 0.0 < self.max_flops < 1.0:
