@@ -30,9 +30,9 @@ ONNX_EXTRA = 'pip install -e ".[onnx]"'
 """How to install what the ONNX export and the onnxruntime backend need (paddle2onnx, onnxruntime)."""
 DEFAULT_OPSET = 13
 # polygraphy (paddle2onnx's default optimiser) pip-installs onnx_graphsurgeon at run time and took
-# 20 s on MobileNetV1; onnxoptimizer ships with paddle2onnx and takes 0.4 s. ONNX Runtime folds
-# constants itself when it loads the model, so nothing is lost for inference.
-_OPTIMIZE_TOOL = "onnxoptimizer"
+# 20 s on MobileNetV1; paddle2onnx 2.1's onnxoptimizer pass list names a pass that does not exist
+# and falls back with a warning. ONNX Runtime folds constants itself when it loads the model.
+_OPTIMIZE_TOOL = "None"
 
 PathLike = Union[str, "os.PathLike[str]"]
 
