@@ -484,8 +484,8 @@ def _input_specs(input_spec: Any, net: nn.Layer) -> list[paddle.static.InputSpec
     return [paddle.static.InputSpec(list(s), "float32") for s in shapes]
 
 
-def export(net: Target, path_prefix: PathLike, input_spec: Any = None) -> list[str]:
-    """Save the (pruned) network for inference with ``paddle.jit.save``, traced in eval mode.
+def export(net: Target, path_prefix: PathLike, input_spec: Any = None, format: str = "paddle") -> list[str]:
+    """Save the (pruned) network for inference with ``paddle.jit.save`` (or to ONNX), traced in eval mode.
 
     The train/eval mode of every sublayer is restored afterwards. Load the result with
     ``paddle.jit.load(prefix)`` or ``paddle.inference.Config(prefix + ".json", prefix + ".pdiparams")``
@@ -497,21 +497,29 @@ def export(net: Target, path_prefix: PathLike, input_spec: Any = None) -> list[s
         input_spec: the input shape (``[None, 3, 32, 32]``, ``None`` for a free batch size), a list
             of shapes for several inputs, or a list of ``paddle.static.InputSpec``. Default: the
             input shape of the last recorded plan with a free batch size.
+        format: "paddle" (``paddle.jit.save``) or "onnx" (``<prefix>.onnx`` through paddle2onnx, the
+            optional extra ``pip install -e ".[onnx]"``; see :func:`prune_callbacks.onnx.export_onnx`).
 
     Returns:
         The paths written.
 
     Raises:
         TypeError: not a Layer or Model, a bad path or a bad ``input_spec`` type.
-        ValueError: a bad path or shape, or no ``input_spec`` and no recorded plan.
+        ValueError: a bad path or shape, or no ``input_spec`` and no recorded plan, or an unknown format.
+        ImportError: format "onnx" without paddle2onnx (the message names the extra).
 
     Examples:
         >>> export(net, "inference/pruned", [None, 3, 32, 32])
         >>> loaded = paddle.jit.load("inference/pruned")
     """
+    if format not in ("paddle", "onnx"):
+        raise ValueError(f"format must be 'paddle' or 'onnx', got {format!r}")
     _, layer = _unwrap(net, "net")
     prefix = _prefix(path_prefix, "path_prefix")
     specs = _input_specs(input_spec, layer)
+    if format == "onnx":
+        from .onnx import export_onnx  # layer 1, imports nothing of io: no cycle
+        return [export_onnx(layer, prefix, specs)]
     directory = os.path.dirname(os.path.abspath(prefix))
     os.makedirs(directory, exist_ok=True)
     # saved under a temp prefix beside the real one, then each file renamed over the old one:

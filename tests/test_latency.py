@@ -8,6 +8,7 @@ import time
 from typing import Any, Callable, List
 
 import numpy as np
+import paddle
 import pytest
 
 from prune_callbacks import FilterPruner, count_flops, recorded_plans
@@ -217,3 +218,30 @@ def test_meter_times_baseline_and_candidate_alternately(tiny_net) -> None:
                          lambda n, s, **kw: (lambda: clock.advance(0.01 if n is net else 0.004)))
     share = meter(pruned_copy(pruner, pruner.plan(0.5, strategy="uniform")))
     assert share == pytest.approx(0.4) and meter.last[0].median == pytest.approx(0.01)
+
+
+def test_filter_prune_callback_prunes_toward_a_latency_target():
+    """FilterPruneCallback(latency=...) in a real fit: the search measures pruned copies (eager
+    backend: cheap) and the network is pruned once, to its plan."""
+    import paddle.nn as nn
+    from paddle.static import InputSpec
+
+    from prune_callbacks import FilterPruneCallback
+    from prune_callbacks.latency import LatencyOptions
+
+    paddle.seed(0)
+    net = nn.Sequential(nn.Conv2D(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2D(64, 64, 3, padding=1),
+                        nn.ReLU(), nn.AdaptiveAvgPool2D(1), nn.Flatten(), nn.Linear(64, 4))
+    model = paddle.Model(net, [InputSpec([None, 3, 16, 16], "float32", "x")],
+                         [InputSpec([None, 1], "int64", "y")])
+    model.prepare(paddle.optimizer.SGD(0.01, parameters=net.parameters()), nn.CrossEntropyLoss())
+    rng = np.random.RandomState(0)
+    data = [(rng.randn(3, 16, 16).astype("float32"), np.array([i % 4], "int64")) for i in range(16)]
+    cb = FilterPruneCallback(latency=0.8, strategy="uniform", latency_options=LatencyOptions(
+        backend="eager", batch=8, warmup=1, repeats=5, max_trials=4))
+    model.fit(data, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
+    assert cb.search is not None and 1 <= len(cb.search.trials) <= 4
+    assert 0 < cb.flops <= 0.9 and len(cb.plans) == 1
+    assert net[0].weight.shape[0] < 64  # the live network was pruned, once
+    with pytest.raises(ValueError, match="give exactly one of flops"):
+        FilterPruneCallback(flops=0.4, latency=0.6)

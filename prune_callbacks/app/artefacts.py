@@ -104,3 +104,15 @@ class ResumePoint(paddle.callbacks.Callback):
             os.replace(file, self.path + file[len(tmp):])
         state = {"producer": "prune_callbacks.app", "epochs_done": self.offset + epoch + 1, **self.extra()}
         write_json_atomic(self.path + STATE_SUFFIX, state)
+
+
+class OnnxExport(InferenceExport):
+    """When fit ends, export the network to ONNX (`<path>.onnx`; needs `pip install -e ".[onnx]"`).
+
+    Examples:
+        >>> model.fit(train_ds, epochs=3, callbacks=[pruner, OnnxExport("inference/model")])
+    """
+
+    def on_train_end(self, logs: Optional[dict] = None) -> None:
+        if is_main():
+            export(self.model.network, self.path, self.model._inputs, format="onnx")

@@ -26,6 +26,7 @@ from .. import distributed
 from ..callbacks import DistillCallback, FilterPruneCallback, SensitivityCallback
 from ..data import subset
 from ..io import load_pruned
+from ..latency import LatencyOptions
 from ..plan import PrunePlan
 from .artefacts import ResumePoint
 from .model import build_model, build_network, check_network, input_shape
@@ -189,7 +190,9 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
                 num_samples=p.sensitivity_samples, batch_size=t.eval_batch_size, skip=list(p.skip),
                 max_loss=p.max_loss, criterion=p.criterion, input_shape=shape)
         run.pruner = FilterPruneCallback(
-            flops=p.flops, at_epoch=at, criterion=p.criterion, skip=list(p.skip),
+            flops=None if p.latency is not None else p.flops, latency=p.latency,
+            latency_options=LatencyOptions(**p.latency_options), at_epoch=at,
+            criterion=p.criterion, skip=list(p.skip),
             sensitivity=sensitivity, strategy=p.strategy, round_to=p.round_to, steps=p.steps,
             input_shape=shape)
         if p.distill.alpha:

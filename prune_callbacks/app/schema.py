@@ -65,7 +65,9 @@ class PruneConf:
     both, and every range, when the app builds them.
     """
 
-    flops: float = 0.4
+    flops: Optional[float] = 0.4
+    latency: Optional[float] = None
+    latency_options: Dict[str, Any] = field(default_factory=dict)
     criterion: str = "l1"
     strategy: str = "sensitivity"
     at_epoch: Optional[int] = None

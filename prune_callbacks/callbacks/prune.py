@@ -5,10 +5,12 @@ import logging
 import os
 from typing import Dict, List, Optional, Sequence, Union
 
+import numpy as np
 import paddle
 
-from ..distributed import check_agree, rebuild_data_parallel
+from ..distributed import all_gather, check_agree, is_main, rebuild_data_parallel
 from ..importance import get_criterion
+from ..latency import LatencyOptions, LatencySearch, check_latency_target, plan_for_latency
 from ..optim import rebuild_optimizer
 from ..plan import PrunePlan, record_plan
 from ..planning import STRATEGIES, check_fraction
@@ -74,12 +76,24 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         ...     PrunedModelCheckpoint(save_dir="checkpoints")])  # reload: load_pruned(net, prefix)
     """
 
-    def __init__(self, flops: float = 0.4, at_epoch: int = 0, criterion: str = "l1",
+    def __init__(self, flops: Optional[float] = None, at_epoch: int = 0, criterion: str = "l1",
                  skip: Sequence[str] = (), sensitivity: SensitivitySource = None,
                  strategy: Optional[str] = None, round_to: int = 1, steps: int = 1,
-                 input_shape: Optional[Sequence[int]] = None) -> None:
+                 input_shape: Optional[Sequence[int]] = None, latency: Optional[float] = None,
+                 latency_options: Optional[LatencyOptions] = None) -> None:
         super().__init__()
-        self.flops = check_fraction(flops, "flops")
+        if flops is not None and latency is not None:
+            raise ValueError(f"give exactly one of flops={flops!r} (a FLOPs cut) and latency={latency!r} "
+                             f"(a share of the measured latency)")
+        if flops is None and latency is None:
+            flops = 0.4
+        if latency_options is not None and not isinstance(latency_options, LatencyOptions):
+            raise TypeError(f"latency_options must be a prune_callbacks.latency.LatencyOptions, "
+                            f"got {type(latency_options).__name__}")
+        self.latency = check_latency_target(latency) if latency is not None else None
+        self.latency_options = latency_options or LatencyOptions()
+        self.search: Optional[LatencySearch] = None  # the latency search's trials, once run
+        self.flops = check_fraction(flops, "flops") if latency is None else None
         self.at_epoch = check_epoch("at_epoch", at_epoch)
         get_criterion(criterion)
         self.criterion = criterion
@@ -149,7 +163,8 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             skip += self.sensitivity.skip
         if self.strategy == "uniform":
             sens = max_ratio = None
-        pruner.check_target(self.flops, skip, self.strategy, sens, max_ratio, self.round_to)
+        if self.flops is not None:  # a latency target is checked by measuring, when it prunes
+            pruner.check_target(self.flops, skip, self.strategy, sens, max_ratio, self.round_to)
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict] = None) -> None:
         if epoch in self.epochs and len(self.plans) == self.epochs.index(epoch):
@@ -168,8 +183,20 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         self._pruner = None
         net = self.model.network
         if step == 1:
-            kept = pruner.plan(self.flops, self._sensitivities(epoch), self.skip,
-                               self.strategy, self.round_to)
+            sens = self._sensitivities(epoch)
+
+            def plan_for_flops(f: float) -> Dict[int, np.ndarray]:
+                return pruner.plan(f, sens, self.skip, self.strategy, self.round_to)
+
+            if self.latency is not None:  # prunes copies to measure; the network itself once, below
+                if is_main():  # one measurement decides for every rank (timings differ by rank)
+                    self.search = plan_for_latency(pruner, self.latency, plan_for_flops,
+                                                   self.latency_options)
+                # the FLOPs cut found; later steps move toward it
+                self.flops = all_gather(self.search.flops if self.search else None)[0]
+                kept = self.search.kept if self.search else plan_for_flops(self.flops)
+            else:
+                kept = plan_for_flops(self.flops)
             groups = pruner.groups
             self._final = {groups[gi].name: (groups[gi].channels, len(k))
                            for gi, k in kept.items()}
