@@ -236,7 +236,8 @@ def test_filter_prune_callback_prunes_toward_a_latency_target():
                          [InputSpec([None, 1], "int64", "y")])
     model.prepare(paddle.optimizer.SGD(0.01, parameters=net.parameters()), nn.CrossEntropyLoss())
     rng = np.random.RandomState(0)
-    data = [(rng.randn(3, 16, 16).astype("float32"), np.array([i % 4], "int64")) for i in range(16)]
+    from prune_callbacks.data import ArrayDataset
+    data = ArrayDataset(rng.randn(16, 3, 16, 16).astype("float32"), np.arange(16) % 4)
     cb = FilterPruneCallback(latency=0.8, strategy="uniform", latency_options=LatencyOptions(
         backend="eager", batch=8, warmup=1, repeats=5, max_trials=4))
     model.fit(data, epochs=1, batch_size=8, verbose=0, callbacks=[cb])
