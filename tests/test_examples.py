@@ -184,3 +184,13 @@ def test_bad_options_stop_before_any_work(script: str, bad: List[str], message: 
     with pytest.raises(SystemExit) as exc:
         load_example(script).parse_args(bad)
     assert exc.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_segmentation_example_with_train_only_head() -> None:
+    """A UNet whose auxiliary head runs only in training, pruned inside fit with an mIoU
+    sensitivity metric: it prunes to the target and fine-tunes (train and eval graphs agree)."""
+    proc = run_example("segmentation.py", "--tiny")
+    for line in ("mIoU before pruning: ", "mIoU right after pruning: ", "mIoU fine-tuned: "):
+        assert re.search(re.escape(line) + r"0\.\d{4}", proc.stdout), proc.stdout
+    cut = float(re.search(r"pruned FLOPs: ([\d.]+)% \(target 40%\)", proc.stdout).group(1))
+    assert 40.0 <= cut <= 41.0
