@@ -83,6 +83,18 @@ class _Mac:
     inp: Tuple[Dict[int, int], int]
 
 
+def add_axis_slices(keep_sl: Dict[str, Dict[int, Any]], drop_sl: Dict[str, Dict[int, Any]],
+                    key: str, axis: int, keep: np.ndarray) -> None:
+    """Record the kept and removed positions of one parameter axis from its boolean `keep`
+    (2-D for a grouped conv's input axis: one row of positions per block)."""
+    if keep.ndim == 2:
+        keep_sl.setdefault(key, {})[axis] = [np.flatnonzero(r).tolist() for r in keep]
+        drop_sl.setdefault(key, {})[axis] = [np.flatnonzero(~r).tolist() for r in keep]
+    else:
+        keep_sl.setdefault(key, {})[axis] = np.flatnonzero(keep).tolist()
+        drop_sl.setdefault(key, {})[axis] = np.flatnonzero(~keep).tolist()
+
+
 class ChannelGraph:
     """Coupled channel groups of a network, read from its PIR program.
 
@@ -237,12 +249,7 @@ class ChannelGraph:
                 continue
             keep = np.ones(pa.group.shape, dtype=bool)
             keep[sel] = kept[pa.channel[sel]]
-            if keep.ndim == 2:
-                keep_sl.setdefault(key, {})[axis] = [np.flatnonzero(r).tolist() for r in keep]
-                drop_sl.setdefault(key, {})[axis] = [np.flatnonzero(~r).tolist() for r in keep]
-            else:
-                keep_sl.setdefault(key, {})[axis] = np.flatnonzero(keep).tolist()
-                drop_sl.setdefault(key, {})[axis] = np.flatnonzero(~keep).tolist()
+            add_axis_slices(keep_sl, drop_sl, key, axis, keep)
         return keep_sl, drop_sl
 
     # -- queries -------------------------------------------------------------------------

@@ -19,7 +19,7 @@ import paddle
 import paddle.nn as nn
 
 from .flops import count_params
-from .graph import ChannelGraph, Group
+from .graph import ChannelGraph, Group, add_axis_slices
 from .importance import Criterion, Source, get_criterion
 from .plan import GroupPlan, PrunePlan, record_plan
 from .planning import PlanGroup, check_reachable, n_keep, plan_group_ratios
@@ -245,14 +245,8 @@ class FilterPruner:
             for gi in hit:
                 sel = pa.group == gi
                 keep[sel] = masks[gi][pa.channel[sel]]
-            if keep.all():
-                continue
-            if keep.ndim == 2:
-                keep_sl.setdefault(key, {})[axis] = [np.flatnonzero(r).tolist() for r in keep]
-                drop_sl.setdefault(key, {})[axis] = [np.flatnonzero(~r).tolist() for r in keep]
-            else:
-                keep_sl.setdefault(key, {})[axis] = np.flatnonzero(keep).tolist()
-                drop_sl.setdefault(key, {})[axis] = np.flatnonzero(~keep).tolist()
+            if not keep.all():
+                add_axis_slices(keep_sl, drop_sl, key, axis, keep)
         return keep_sl, drop_sl
 
     # -- actions --------------------------------------------------------------------------

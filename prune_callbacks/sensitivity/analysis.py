@@ -145,9 +145,11 @@ def _curves(pruner: SensitivityPruner, runner: Runner, todo: Sequence[Tuple[int,
     progress = _Progress(total)
     for n, (_, g) in enumerate(todo, 1):
         pts = data["losses"].setdefault(g.name, {})
+        filled = 0
         with runner.group(g) as run:
-            filled = _curve(pruner, g.name, run, pts, ratios, baseline, max_loss,
-                            lambda: _save(path, data))
+            for _ in _fill(pruner, g.name, run, pts, ratios, baseline, max_loss):
+                filled += 1
+                _save(path, data)
         progress.log(filled, f"[{n}/{len(todo)}] {g.name}")
 
 
@@ -190,15 +192,8 @@ def _points(pruner: SensitivityPruner, runner: Runner, mine: Sequence[Tuple[int,
     for _, g in mine:
         pts = dict(data["losses"].get(g.name, {}))
         with runner.group(g) as run:
-            for r in ratios:
-                if _key(r) in pts:
-                    continue
-                if _stopped(pts, max_loss):
-                    pts[_key(r)] = None
-                else:
-                    _, drop = pruner.slices(pruner.select({g.name: r}))
-                    pts[_key(r)] = (baseline - run(drop)) / baseline
-                yield g.name, _key(r), pts[_key(r)]
+            for key, loss in _fill(pruner, g.name, run, pts, ratios, baseline, max_loss):
+                yield g.name, key, loss
 
 
 class _Progress:
@@ -281,11 +276,10 @@ def _baseline(runner: Runner, data: Dict[str, Any], path: Optional[str], todo: b
     return stored
 
 
-def _curve(pruner: SensitivityPruner, name: str, run: EvaluateFn,
-           pts: Dict[str, Optional[float]], ratios: Sequence[float], baseline: float,
-           max_loss: Optional[float], save: Callable[[], None]) -> int:
-    """Fill the missing points of one group's curve; returns how many were filled."""
-    done = 0
+def _fill(pruner: SensitivityPruner, name: str, run: EvaluateFn,
+          pts: Dict[str, Optional[float]], ratios: Sequence[float], baseline: float,
+          max_loss: Optional[float]) -> Iterator[Tuple[str, Optional[float]]]:
+    """Fill the missing points of one group's curve in `pts`, yielding each (ratio key, loss)."""
     for r in ratios:
         if _key(r) in pts:
             continue
@@ -294,9 +288,7 @@ def _curve(pruner: SensitivityPruner, name: str, run: EvaluateFn,
         else:
             _, drop = pruner.slices(pruner.select({name: r}))
             pts[_key(r)] = (baseline - run(drop)) / baseline
-        done += 1
-        save()
-    return done
+        yield _key(r), pts[_key(r)]
 
 
 def _stopped(pts: Mapping[str, Optional[float]], max_loss: Optional[float]) -> bool:
