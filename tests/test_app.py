@@ -524,3 +524,17 @@ def test_cli_multirun_writes_a_comparison_csv(tmp_path: Path) -> None:
     assert float(rows[0]["flops_reduction"]) < float(rows[1]["flops_reduction"])
     assert "Sweep results" in proc.stdout and "prune.flops=0.5" in proc.stdout
     assert (tmp_path / "0" / "results.json").exists() and (tmp_path / "1" / "results.json").exists()
+
+
+def test_results_table_names_a_latency_target() -> None:
+    """A latency run's table says which target chose the FLOPs cut, not a FLOPs target it had not."""
+    from collections import defaultdict
+
+    from prune_callbacks.app import format_results
+    base = {"flops_before": 1000, "flops_after": 550, "flops_reduction": 0.45, "model": "m",
+            "data": "d", "criterion": "l1", "strategy": "uniform", "at_epoch": 0, "paths": {}}
+    latency = format_results(defaultdict(lambda: None, base, flops_target=None,
+                                         latency_target=0.7))
+    assert "45.00% (latency target 70.00% of the original)" in latency
+    flops = format_results(defaultdict(lambda: None, base, flops_target=0.4, latency_target=None))
+    assert "45.00% (target 40.00%)" in flops
