@@ -17,7 +17,6 @@ import tempfile
 import time
 from typing import List
 
-import numpy as np
 import paddle
 import paddle.distributed as dist
 

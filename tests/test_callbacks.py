@@ -2,7 +2,6 @@
 optimizer rebuilt in place, training going on, VisualDL records, early argument checks."""
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Optional

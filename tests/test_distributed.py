@@ -12,7 +12,6 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 import paddle.nn as nn
-import pytest
 from paddle.static import InputSpec
 
 from prune_callbacks import FilterPruneCallback, SensitivityCallback

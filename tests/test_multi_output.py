@@ -5,13 +5,11 @@ it, train for a step, and have the FLOPs the pruner predicted.
 """
 from __future__ import annotations
 
-import time
 import warnings
 
 import numpy as np
 import paddle
 import paddle.nn as nn
-import paddle.nn.functional as F
 import pytest
 
 from prune_callbacks import FilterPruner, count_flops

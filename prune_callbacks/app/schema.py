@@ -9,7 +9,6 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import inspect
-import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
