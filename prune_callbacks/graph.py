@@ -150,6 +150,11 @@ class ChannelGraph:
         self.param_axes: Dict[Tuple[str, int], ParamAxis] = {}
         parts = self._add_param_axes(st, classes, reasons, supports_layer)
         partitions, self._split_groups = _block_partitions(st, classes, reasons)
+        self._trial_whats: Dict[int, str] = {}
+        for ids, what in st.trials:  # a channel shuffle: verified like a split
+            for gi in classes.groups_of(ids):
+                self._split_groups.add(gi)
+                self._trial_whats.setdefault(gi, what)
         self.groups: List[Group] = self._make_groups(classes, lead, parts, partitions, reasons)
         self._macs = [_mac_census(m, classes) for m in st.macs if m.param in self._owner]
         self._train_macs = [_mac_census(m, classes) for m in st.train_macs
@@ -217,23 +222,29 @@ class ChannelGraph:
         return groups
 
     def _trial_split_groups(self, net: paddle.nn.Layer) -> None:
-        """A group cut into equal parts prunes only if the forward computes the part sizes from
-        the channel count: prune one channel per part on a copy and compare with masking
-        (`surgery.trial_prune`); sizes written into the code leave the group whole."""
+        """A group cut into equal parts, or passing a channel shuffle, prunes only if the
+        forward computes the part sizes (and the shuffle's reshape sizes) from the channel
+        count: prune one channel per part (one channel if it has no parts) on a copy and
+        compare with masking (`surgery.trial_prune`); sizes written into the code leave the
+        group whole."""
         for gi in sorted(self._split_groups):
             g = self.groups[gi]
-            if not g.prunable or g.partition is None:
+            if not g.prunable:
                 continue
             drop = np.zeros(g.channels, dtype=bool)
-            for b in np.unique(g.partition):
-                drop[np.flatnonzero(g.partition == b)[-1]] = True
+            if g.partition is None:
+                drop[-1] = True
+            else:
+                for b in np.unique(g.partition):
+                    drop[np.flatnonzero(g.partition == b)[-1]] = True
             if drop.all():
                 continue
             keep_sl, drop_sl = self.group_slices(gi, ~drop)
             failure = trial_prune(net, self.input_shape, keep_sl, drop_sl)
             if failure is not None:
                 g.prunable = False
-                g.reason = ("split or slice sizes written into the code: pruning one channel per "
+                what = self._trial_whats.get(gi, "split or slice")
+                g.reason = (f"{what} sizes written into the code: pruning one channel per "
                             f"part on a copy did not reproduce masking ({failure})")
                 warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
 
@@ -474,9 +485,15 @@ def _block_partitions(st: TraceState, classes: _Classes,
         part, what = entry if isinstance(entry, tuple) else (entry, "grouped convolution")
         grp, ch = classes.locate(part)
         gi_set = set(grp.ravel().tolist())
-        if len(gi_set) != 1 or -1 in gi_set or len(np.unique(ch)) != ch.size:
+        if len(gi_set) != 1 or -1 in gi_set:
             reasons.add(gi_set - {-1}, f"{what} spans several channel groups, so its parts "
                                        "cannot be kept equal")
+            continue
+        if not _disjoint_rows(ch):
+            reasons.add(gi_set, f"a channel shuffle tied channels together (so that every "
+                                f"shuffled run keeps the same positions) and the {what} cuts "
+                                "tied channels apart or holds them unevenly, so its parts "
+                                "cannot be kept equal")
             continue
         gi = gi_set.pop()
         labels = np.full(int(classes.channels[gi]), -1, dtype=np.int64)
@@ -484,11 +501,24 @@ def _block_partitions(st: TraceState, classes: _Classes,
             labels[ch[k]] = k
         if gi in partitions and not _same_partition(partitions[gi], labels):
             reasons.add([gi], f"{what} and another split or grouped convolution disagree on "
-                              "channel blocks")
+                              "channel blocks (in ShuffleNetV2 stages, splits of the shuffled "
+                              "channels nest: the channels masking keeps would reach the "
+                              "pruned network's splits in another order unless each stage "
+                              "kept a width-dependent pattern, which groups cannot express)")
         partitions[gi] = labels
         if isinstance(entry, tuple):
             split_groups.add(gi)
     return partitions, split_groups
+
+
+def _disjoint_rows(ch: np.ndarray) -> bool:
+    """Whether no channel appears in two blocks and every channel of the blocks appears equally
+    often: a channel shuffle ties channels together, so one channel may hold several positions
+    of a block; equal counts of positions then follow from equal counts of channels."""
+    rows = [np.unique(r, return_counts=True) for r in ch.reshape(ch.shape[0], -1)]
+    chans = np.concatenate([c for c, _ in rows])
+    counts = np.concatenate([n for _, n in rows])
+    return len(np.unique(chans)) == len(chans) and bool((counts == counts[0]).all())
 
 
 def _mac_census(m: MacRec, classes: _Classes) -> _Mac:

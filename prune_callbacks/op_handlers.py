@@ -5,7 +5,7 @@ this module registers them; it reads op attributes and shapes only, never a para
 """
 from __future__ import annotations
 
-from typing import Any, Callable, List, Optional
+from typing import Any, Callable, List, Optional, Sequence
 
 import numpy as np
 
@@ -222,16 +222,47 @@ def _varying_axes(ids: Optional[np.ndarray]) -> int:
     return 0 if ids is None else sum(1 for s in ids.shape if s > 1)
 
 
+_SHUFFLE_TRIAL = "channel shuffle"
+
+
+def _tie_runs(state: TraceState, after: np.ndarray, target: Optional[Sequence[int]]) -> bool:
+    """A reshape cutting one channel axis into two (`[n, c] -> [n, g, c // g]`, the first
+    step of a channel shuffle): tie position i of every run together, so every run keeps the
+    same positions. Then the pruned network, which reshapes its `c'` channels into runs of
+    `c' // g`, meets the kept channels of each run at the same places as the masked network
+    meets them, and whatever it does next (transpose and merge back: a shuffle) keeps them in
+    the original relative order. The runs are the outer axis unless the code wrote -1 for it
+    (`[n, -1, g]`): then the inner axis holds the runs' positions and whole rows are tied.
+    A trial prune checks the guess (`TraceState.trials`). Returns False if not such a cut."""
+    varying = [ax for ax, s in enumerate(after.shape) if s > 1]
+    if len(varying) != 2:
+        return False
+    outer, inner = varying
+    grid = np.moveaxis(after, (outer, inner), (0, 1)).reshape(after.shape[outer],
+                                                               after.shape[inner])
+    if target is not None and len(target) == after.ndim and target[outer] == -1:
+        state.uf.union_arrays(grid, np.repeat(grid[:, :1], grid.shape[1], axis=1))
+    else:
+        state.uf.union_arrays(grid, np.repeat(grid[:1, :], grid.shape[0], axis=0))
+    return True
+
+
 @register_op("reshape", "flatten", "squeeze", "unsqueeze", "view_shape")
 def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
     _reshape_like(state, ins[0], outs[0], lambda a: a)
     before, after = state.ids_of(ins[0]), outs[0].ids
-    if _varying_axes(after) > _varying_axes(before):  # a channel axis split in two (a shuffle)
-        state.block(before, "reshape splits a channel axis (a channel shuffle): after pruning "
-                            "the shuffle would interleave the kept channels of its groups in "
-                            "another order than the masked network, unless every group kept "
-                            "the same channel indices")
     target = ins[1].const if len(ins) > 1 else None
+    target = list(np.asarray(target).ravel()) if target is not None else None
+    cut = _varying_axes(before) == 1 and _varying_axes(after) == 2
+    joined = _varying_axes(before) == 2 and _varying_axes(after) == 1
+    if cut and _tie_runs(state, after, target):
+        state.trials.append((np.unique(before), _SHUFFLE_TRIAL))
+        return
+    if _varying_axes(after) > _varying_axes(before):  # cut in more than two: not followed
+        state.block(before, "reshape splits a channel axis into more than two axes")
+    if joined:  # sizes of a shuffle's second reshape: a trial prune checks they follow
+        state.trials.append((np.unique(before), _SHUFFLE_TRIAL))
+        return
     # paddle reshapes a bias to [1, C, 1, 1] with sizes read from the parameter at run time
     param_view = ins[0].param is not None and _varying_axes(before) == _varying_axes(after) == 1
     if _op_key(op.name()) == "reshape" and after is not None and not param_view:

@@ -195,6 +195,9 @@ class TraceState:
         self.macs: List[MacRec] = []
         # [blocks, per_block] id arrays whose blocks lose equal counts, or (array, what) pairs
         self.partitions: List[Any] = []
+        # (ids, what): channels whose pruning rests on sizes the forward must compute from the
+        # channel count (a channel shuffle's reshapes); verified by a trial prune on a copy
+        self.trials: List[Tuple[np.ndarray, str]] = []
         self.param_elems: Dict[str, np.ndarray] = {}  # param name -> element ids (full shape)
         self.unknown_ops: Dict[str, int] = {}
         # parameters some use of which we do not follow (control flow, unknown ops) -> why
