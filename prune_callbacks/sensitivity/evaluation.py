@@ -40,7 +40,9 @@ class EvalData:
             label map), except that one-element labels are flattened to a vector.
         batch_size: evaluation batch size.
         num_samples: use only the first `num_samples` samples (all when None).
-        workers: threads evaluating batches in parallel (default: CPU cores, at most 4).
+        workers: threads evaluating batches in parallel (default: CPU cores, at most 4); with
+            more than one, batches are cut into balanced pieces (`work_pieces`) that give every
+            sample the same outputs as its whole batch.
     """
 
     dataset: Any
@@ -103,6 +105,39 @@ class EvalData:
             c, t = self.metric(out, y)
             correct, total = correct + c, total + t
         return correct / total
+
+
+ROW_BLOCK = 8
+"""Rows a CPU kernel computes together (the AVX width for float32): a batch cut at multiples of
+this from its start gives every sample the same float outputs as the whole batch (checked on
+MobileNetV1/V2 and ResNet18; a cut elsewhere, e.g. 50 rows of 128, changes the last bits)."""
+
+
+def work_pieces(sizes: Sequence[int], workers: int) -> List[Tuple[int, int, int]]:
+    """Cut batches into pieces that keep `workers` threads equally busy: (batch, start, stop).
+
+    Batches of uneven count or size leave threads idle (4 batches of 128, 128, 128, 16 on two
+    threads take 256 rows' time instead of 200). Pieces are cut at multiples of `ROW_BLOCK` rows
+    from each batch's start, so every sample is computed exactly as in its whole batch, and are
+    listed largest first so a pool handing them out in order balances them greedily.
+
+    Args:
+        sizes: the batches' row counts.
+        workers: threads that will evaluate the pieces.
+
+    Returns:
+        One (batch index, first row, end row) per piece; the batches whole when `workers` is 1.
+
+    Examples:
+        >>> work_pieces([16], 2)
+        [(0, 0, 8), (0, 8, 16)]
+    """
+    if workers <= 1:
+        return [(b, 0, n) for b, n in enumerate(sizes)]
+    rows = -(-sum(sizes) // (4 * workers))  # about 4 pieces per thread: a greedy fill evens out
+    step = max(ROW_BLOCK, -(-rows // ROW_BLOCK) * ROW_BLOCK)
+    pieces = [(b, a, min(a + step, n)) for b, n in enumerate(sizes) for a in range(0, n, step)]
+    return sorted(pieces, key=lambda p: (p[1] - p[2], p[0], p[1]))
 
 
 def main_output(outputs: Any) -> paddle.Tensor:

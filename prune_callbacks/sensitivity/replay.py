@@ -19,7 +19,7 @@ import paddle.nn as nn
 
 from ..layers import output_channel_axis, register_output_axis  # noqa: F401 (re-export)
 from ..surgery import Mask
-from .evaluation import EvalData, main_output
+from .evaluation import EvalData, main_output, work_pieces
 
 logger = logging.getLogger(__name__)
 
@@ -224,7 +224,7 @@ EvaluateFn = Callable[[ParamSlices], float]
 class Runner:
     """Evaluates the network on `EvalData` batches, in worker threads, replaying from a cache.
 
-    The baseline pass stores, per batch, the outputs of every call some group replays (prefix
+    The baseline pass stores, per piece of a batch (`work_pieces`), the outputs of every call some group replays (prefix
     and region, see `_group_replay`) when they fit in `cache_mb`; otherwise each group replays
     only its prefix, which it captures during its first ratio. Paddle's kernels release the
     GIL, so batches run in parallel threads on a multi-core CPU.
@@ -247,6 +247,7 @@ class Runner:
         self.plans: Dict[str, _GroupReplay] = {}
         self.store: Dict[Tuple[int, int], Any] = {}
         self.shared: set = set()  # calls stored by the baseline pass, kept for every group
+        self.pieces: Optional[List[Tuple[int, int, paddle.Tensor]]] = None  # see _pieces
         if self.cache:
             self._plan_replays(groups, param_axes or {}, cache_mb)
 
@@ -319,24 +320,42 @@ class Runner:
         return ev.score(outs)
 
     def _run_batches(self, outs: List[Any]) -> None:
+        """Every batch's output into `outs`, computed in pieces (`work_pieces`) so the worker
+        threads stay equally busy; each piece is one replay-cache slot."""
         ev = self.evaluate
         local = self.local
+        pieces = self._pieces()
+        parts: List[Any] = [None] * len(pieces)
 
-        def work(b: int) -> None:
-            local.batch, local.counts, local.seen = b, {}, {}
+        def work(k: int) -> None:
+            local.batch, local.counts, local.seen = k, {}, {}
             with paddle.no_grad():
-                y = self.net(ev.batches[b][0])
+                y = self.net(pieces[k][2])
             y = y[0] if isinstance(y, (tuple, list)) else y
-            outs[b] = main_output(y).numpy()
+            parts[k] = main_output(y).numpy()
 
         with paddle.no_grad():
-            workers = min(ev.workers, len(ev.batches))
+            workers = min(ev.workers, len(pieces))
             if workers > 1:
                 with ThreadPoolExecutor(workers) as pool:
-                    list(pool.map(work, range(len(ev.batches))))
+                    list(pool.map(work, range(len(pieces))))
             else:
-                for b in range(len(ev.batches)):
-                    work(b)
+                for k in range(len(pieces)):
+                    work(k)
+        for b in range(len(ev.batches)):
+            mine = sorted((a, k) for k, (pb, a, _) in enumerate(pieces) if pb == b)
+            outs[b] = parts[mine[0][1]] if len(mine) == 1 else np.concatenate(
+                [parts[k] for _, k in mine])
+
+    def _pieces(self) -> List[Tuple[int, int, paddle.Tensor]]:
+        """(batch index, first row, input rows) per piece; cut once."""
+        if self.pieces is None:
+            ev = self.evaluate
+            cuts = work_pieces([len(y) for _, y in ev.batches], ev.workers)
+            x = [xb for xb, _ in ev.batches]
+            self.pieces = [(b, a, x[b] if (a, z) == (0, len(x[b])) else x[b][a:z])
+                           for b, a, z in cuts]
+        return self.pieces
 
     def _capture_hooks(self, capture: set) -> List[Any]:
         by_path: Dict[str, Dict[int, int]] = {}
