@@ -12,7 +12,7 @@ from typing import Any, Callable, Dict, Optional, Union
 import paddle
 
 from ..distributed import is_main
-from ..io import export, recorded_plans, save_pruned
+from ..io import export, save_pruned
 from ..plan import write_json_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -43,7 +43,7 @@ class PrunedCheckpoint(paddle.callbacks.Callback):
 
     def on_train_end(self, logs: Optional[dict] = None) -> None:
         # recorded on the network: a resumed run's plans (load_pruned) and this fit's (the history)
-        save_pruned(self.model, self.path, recorded_plans(self.model))
+        save_pruned(self.model, self.path)  # with the plans recorded on the model
 
 
 class InferenceExport(paddle.callbacks.Callback):
@@ -75,8 +75,8 @@ class ResumePoint(paddle.callbacks.Callback):
     """After every epoch, save what `trainer.resume` needs to continue the run: weights, optimizer,
     plans (`save_pruned`) and `<path>.state.json` (epochs done, the phase figures so far).
 
-    Files go to a temporary prefix first and are renamed over the previous point, the state file
-    last, so a kill leaves the previous point or the new one. Only rank 0 writes.
+    `save_pruned` replaces each file atomically (the plans after the weights) and the state file
+    comes last, so a kill leaves every file whole. Only rank 0 writes.
 
     Args:
         path: file prefix, e.g. `<output_dir>/resume/last`.
@@ -97,11 +97,7 @@ class ResumePoint(paddle.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
         if not is_main():
             return
-        plans = recorded_plans(self.model)
-        tmp = os.path.join(os.path.dirname(self.path) or ".", ".tmp-" + os.path.basename(self.path))
-        written = save_pruned(self.model, tmp, plans)
-        for file in written:
-            os.replace(file, self.path + file[len(tmp):])
+        save_pruned(self.model, self.path)  # with the plans recorded on the model
         state = {"producer": "prune_callbacks.app", "epochs_done": self.offset + epoch + 1, **self.extra()}
         write_json_atomic(self.path + STATE_SUFFIX, state)
 
