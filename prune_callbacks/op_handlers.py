@@ -55,6 +55,25 @@ def _channel_axis(op: Any, ndim: int) -> int:
     return ndim - 1 if fmt in ("NHWC", "NDHWC", "NLC") else 1
 
 
+def _dense_filters(state: TraceState, param: str, in_ids: np.ndarray, c_out: int,
+                   out_axis: int, in_axis: int, kernel: int, spatial: int) -> np.ndarray:
+    """A dense convolution's filters: new output channels on the filter's `out_axis`, the input's
+    channels on its `in_axis`; returns the output channel ids."""
+    out_ids = state.fresh(c_out)
+    state.sources.append(SourceRec(out_ids, param))
+    state.members.append(MemberRec(param, out_axis, out_ids, Role.OUT))
+    state.members.append(MemberRec(param, in_axis, in_ids, Role.IN))
+    state.macs.append(MacRec(param, out_ids, in_ids, kernel, spatial, MacKind.DENSE))
+    return out_ids
+
+
+def _depthwise_filters(state: TraceState, param: str, in_ids: np.ndarray, out_ids: np.ndarray,
+                       kernel: int, spatial: int) -> None:
+    """A depthwise convolution's filters: axis 0 follows the channels it passes through."""
+    state.members.append(MemberRec(param, 0, out_ids, Role.PASS))
+    state.macs.append(MacRec(param, out_ids, in_ids[:1], kernel, spatial, MacKind.DEPTHWISE))
+
+
 @register_op("conv2d", "depthwise_conv2d")
 def _conv(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
     x, w, out = ins[0], ins[1], outs[0]
@@ -78,16 +97,10 @@ def _conv(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
         in_ids = state.fresh(c_in)
         state.sources.append(SourceRec(in_ids, None, blocked="unknown channel layout"))
     if groups == 1:
-        out_ids = state.fresh(c_out)
-        state.sources.append(SourceRec(out_ids, w.param))
-        state.members.append(MemberRec(w.param, 0, out_ids, Role.OUT))
-        state.members.append(MemberRec(w.param, 1, in_ids, Role.IN))
-        state.macs.append(MacRec(w.param, out_ids, in_ids, kernel, spatial, MacKind.DENSE))
+        out_ids = _dense_filters(state, w.param, in_ids, c_out, 0, 1, kernel, spatial)
     elif groups == c_in and c_out % c_in == 0:
-        mult = c_out // c_in
-        out_ids = np.repeat(in_ids, mult)
-        state.members.append(MemberRec(w.param, 0, out_ids, Role.PASS))
-        state.macs.append(MacRec(w.param, out_ids, in_ids[:1], kernel, spatial, MacKind.DEPTHWISE))
+        out_ids = np.repeat(in_ids, c_out // c_in)
+        _depthwise_filters(state, w.param, in_ids, out_ids, kernel, spatial)
     else:
         out_ids = state.fresh(c_out)
         state.sources.append(SourceRec(out_ids, w.param))
@@ -582,17 +595,11 @@ def _conv_transpose(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val
     spatial = int(np.prod([s for i, s in enumerate(x.shape) if i not in (0, ax)]))
     shape = [1] * len(out.shape)
     shape[ax] = c_out
-    if groups == 1:
-        out_ids = state.fresh(c_out)
-        state.sources.append(SourceRec(out_ids, w.param))
-        state.members.append(MemberRec(w.param, 1, out_ids, Role.OUT))
-        state.members.append(MemberRec(w.param, 0, in_ids, Role.IN))
-        state.macs.append(MacRec(w.param, out_ids, in_ids, kernel, spatial, MacKind.DENSE))
+    if groups == 1:  # filter [in, out, ...]: the transpose of a conv's
+        out_ids = _dense_filters(state, w.param, in_ids, c_out, 1, 0, kernel, spatial)
     elif c_out == x.shape[ax]:  # depthwise: channel k in, channel k out
         out_ids = in_ids
-        state.members.append(MemberRec(w.param, 0, in_ids, Role.PASS))
-        state.macs.append(MacRec(w.param, out_ids, in_ids[:1], kernel, spatial,
-                                 MacKind.DEPTHWISE))
+        _depthwise_filters(state, w.param, in_ids, out_ids, kernel, spatial)
     else:
         unknown_op(state, op, ins, outs, why="depthwise transposed conv with a multiplier")
         return
