@@ -171,13 +171,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="mobilenet_v1 (width 0.5), cut 0.5, l1 and random, 1 seed, 3+1 epochs")
+                   help="mobilenet_v1 (width 0.5), cut 0.5, l1 and random, 3+1 epochs, seed 0 "
+                        "unless --seeds is given")
     p.add_argument("--models", nargs="+", default=["mobilenet_v1", "resnet18"])
     p.add_argument("--width", type=float, default=0.5, help="MobileNet width multiplier")
     p.add_argument("--cuts", nargs="+", type=float, default=[0.3, 0.5, 0.7])
     p.add_argument("--allocations", nargs="+", default=["sensitivity", "uniform", "global"])
     p.add_argument("--criteria", nargs="+", default=["l1", "l2", "fpgm", "bn_scale", "random"])
-    p.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    p.add_argument("--seeds", nargs="+", type=int, default=None,
+                   help="default 0 1 2 (0 with --quick)")
     p.add_argument("--no-distill", dest="distill", action="store_const", const=[False],
                    default=[False, True], help="skip the runs with distillation")
     p.add_argument("--alpha", type=float, default=0.5)
@@ -194,8 +196,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--csv", default="bench_quality.csv")
     args = p.parse_args(argv)
     if args.quick:
-        args.models, args.cuts, args.seeds = ["mobilenet_v1"], [0.5], [0]
+        args.models, args.cuts = ["mobilenet_v1"], [0.5]
         args.criteria, args.epochs_before, args.epochs_after = ["l1", "random"], 3, 1
+    if args.seeds is None:
+        args.seeds = [0] if args.quick else [0, 1, 2]
     return args
 
 
