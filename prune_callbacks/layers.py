@@ -71,6 +71,12 @@ class LayerPruning:
     """
 
     sliceable: bool = True
+    channel_separable: bool = False
+    """True when each output channel depends on the same channel of the input only through the
+    layer's own per-channel parameters or on the whole input for a conv or linear (a value in
+    one channel never leaks into another's statistics): conv, linear, BatchNorm, PReLU. Then
+    zeroing a channel's parameters and zeroing that channel where the next mixing layer reads
+    it give the same network output (the compiled sensitivity path relies on it)."""
 
     def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
         """Make the layer's attributes agree with its parameters, which surgery has just sliced
@@ -85,6 +91,11 @@ class LayerPruning:
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         """Axis of the layer's output that carries its channels, or None when the output cannot
         be masked channel by channel (sensitivity analysis then recomputes it)."""
+        return None
+
+    def input_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        """Axis of the layer's (first) input whose channels its weight mixes, or None when
+        unknown (the compiled sensitivity path then evaluates the layer's groups eagerly)."""
         return None
 
     def call_macs(self, layer: nn.Layer, inputs: Sequence[paddle.Tensor],
@@ -191,6 +202,15 @@ class _Overrides(LayerPruning):
         fallback = self._fallback()
         return "sync" in self.fns or (fallback is not None and fallback.sliceable)
 
+    @property  # type: ignore[override]
+    def channel_separable(self) -> bool:
+        fallback = self._fallback()
+        return fallback is not None and fallback.channel_separable
+
+    def input_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        fallback = self._fallback()
+        return None if fallback is None else fallback.input_channel_axis(layer)
+
     def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
         if "sync" in self.fns:
             self.fns["sync"](layer, dict(old_shapes))
@@ -264,6 +284,8 @@ def register_output_axis(*types: Type[nn.Layer]) -> Callable:
 class ConvPruning(LayerPruning):
     """`nn.Conv2D`: dense, grouped and depthwise (channel multiplier kept)."""
 
+    channel_separable = True
+
     def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
         w = layer.weight.shape
         old_w = old_shapes.get("weight", tuple(w))
@@ -284,9 +306,14 @@ class ConvPruning(LayerPruning):
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         return data_format_channel_axis(layer)
 
+    def input_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        return data_format_channel_axis(layer)
+
 
 class NormPruning(LayerPruning):
     """Per-channel norms: BatchNorm*, SyncBatchNorm, the legacy BatchNorm, InstanceNorm*."""
+
+    channel_separable = True
 
     def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
         n = None
@@ -307,6 +334,8 @@ class NormPruning(LayerPruning):
 class LinearPruning(LayerPruning):
     """`nn.Linear`: it reads its sizes from `weight.shape`, so slicing needs no sync."""
 
+    channel_separable = True
+
     def macs(self, layer: nn.Layer, output: paddle.Tensor) -> int:
         shape = output.shape
         rows = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
@@ -315,20 +344,29 @@ class LinearPruning(LayerPruning):
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         return -1
 
+    def input_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        return -1
+
 
 class MaskOnlyPruning(LayerPruning):
     """Layers whose outputs can be masked but whose parameters surgery does not slice yet
     (Conv1D, Conv3D): their channels stay unpruned."""
 
     sliceable = False
+    channel_separable = True
 
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        return data_format_channel_axis(layer)
+
+    def input_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         return data_format_channel_axis(layer)
 
 
 class ConvTransposePruning(LayerPruning):
     """`nn.Conv2DTranspose` (groups 1, or depthwise): filter [in, out/groups, kh, kw]; one MAC per
     filter element per input position."""
+
+    channel_separable = True
 
     def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
         w = layer.weight.shape
@@ -348,9 +386,14 @@ class ConvTransposePruning(LayerPruning):
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         return data_format_channel_axis(layer)
 
+    def input_channel_axis(self, layer: nn.Layer) -> Optional[int]:
+        return data_format_channel_axis(layer)
+
 
 class PReLUPruning(LayerPruning):
     """`nn.PReLU`: one slope per channel is sliced with them; a single slope stays."""
+
+    channel_separable = True
 
     def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
         layer._num_parameters = int(np.prod(layer._weight.shape))
@@ -362,6 +405,8 @@ class PReLUPruning(LayerPruning):
 class GroupNormPruning(NormPruning):
     """`nn.GroupNorm`: the tracer joins each group's channels, so whole groups go and the group
     size stays; the group count follows the channel count."""
+
+    channel_separable = False  # its statistics mix the channels of a norm group
 
     def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
         old = old_shapes.get("weight", old_shapes.get("bias"))

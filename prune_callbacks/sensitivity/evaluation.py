@@ -24,6 +24,9 @@ def top1_metric(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, int]:
     return float((pred == labels.reshape(-1)).sum()), len(pred)
 
 
+ENGINES = ("auto", "eager")
+
+
 @dataclass
 class EvalData:
     """A dataset turned into ready batches, evaluated with a metric (default: top-1 accuracy).
@@ -43,6 +46,11 @@ class EvalData:
         workers: threads evaluating batches in parallel (default: CPU cores, at most 4); with
             more than one, batches are cut into balanced pieces (`work_pieces`) that give every
             sample the same outputs as its whole batch.
+        engine: "auto" (default): on the CPU, with the top-1 metric, the analysis runs the
+            network exported once to Paddle Inference with oneDNN (`sensitivity.compiled`),
+            recomputing eagerly every sample whose top-1 could differ, so the top-1 counts are
+            those of eager masked evaluation; elsewhere, and for groups or networks it cannot
+            serve, it evaluates eagerly. "eager": always evaluate eagerly.
     """
 
     dataset: Any
@@ -50,8 +58,11 @@ class EvalData:
     batch_size: int = 64
     num_samples: Optional[int] = None
     workers: Optional[int] = None
+    engine: str = "auto"
 
     def __post_init__(self) -> None:
+        if self.engine not in ENGINES:
+            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
         if self.workers is None:
             self.workers = _default_workers()
         if not isinstance(self.workers, int) or self.workers < 1:

@@ -19,6 +19,7 @@ import paddle.nn as nn
 
 from ..layers import output_channel_axis, register_output_axis  # noqa: F401 (re-export)
 from ..surgery import Mask
+from .compiled import CompiledEval, compilable
 from .evaluation import EvalData, main_output, work_pieces
 
 logger = logging.getLogger(__name__)
@@ -248,6 +249,10 @@ class Runner:
         self.store: Dict[Tuple[int, int], Any] = {}
         self.shared: set = set()  # calls stored by the baseline pass, kept for every group
         self.pieces: Optional[List[Tuple[int, int, paddle.Tensor]]] = None  # see _pieces
+        self.compiled: Optional[CompiledEval] = None
+        self._compile = (list(groups), param_axes or {}) if self.cache and compilable(evaluate) \
+            else None
+        self._outputs: List[Any] = []
         if self.cache:
             self._plan_replays(groups, param_axes or {}, cache_mb)
 
@@ -270,8 +275,16 @@ class Runner:
                           for gi, g in groups}
 
     def baseline(self) -> float:
-        """Score the unmasked network, filling the shared replay cache."""
-        return self._score(capture=self.shared)
+        """Score the unmasked network, filling the shared replay cache, and export the compiled
+        path (`sensitivity.compiled`) when the evaluation allows it."""
+        metric = self._score(capture=self.shared)
+        if self._compile is not None and self._compile[0]:
+            groups, param_axes = self._compile
+            compiled = CompiledEval.build(self.net, self.evaluate, groups, param_axes)
+            if compiled is not None and compiled.calibrate(self._outputs):
+                self.compiled = compiled
+        self._compile = None
+        return metric
 
     @contextlib.contextmanager
     def group(self, group: Any) -> Iterator[EvaluateFn]:
@@ -290,7 +303,19 @@ class Runner:
             else:  # the first ratio runs in full and captures the prefix for the others
                 state["pending"] = plan.needed
 
+        compiled = self.compiled if self.compiled and self.compiled.covers(group.name) else None
+        verify = [True]
+
         def evaluate(drop: ParamSlices) -> float:
+            nonlocal compiled
+            if compiled is not None:
+                outs = compiled.outputs(drop, verify[0])
+                verify[0] = False
+                if outs is not None:
+                    return self.evaluate.score(outs)
+                logger.info("group %s: compiled outputs disagree with eager masking; "
+                            "evaluating it eagerly", group.name)
+                compiled = None
             with Mask(self.net, drop):
                 metric = self._score(state["pending"], drop, plan, state["replay"])
             if state["pending"]:  # captured now: later ratios replay it
@@ -317,6 +342,7 @@ class Runner:
                 keep = self._keep_vectors(plan, drop or {})
                 stack.enter_context(replay.installed(lambda i: self._cached(i, keep)))
             self._run_batches(outs)
+        self._outputs = outs
         return ev.score(outs)
 
     def _run_batches(self, outs: List[Any]) -> None:
