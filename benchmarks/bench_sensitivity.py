@@ -1,34 +1,23 @@
 """Sensitivity analysis cost in eval-equivalents, per model and form, with its exactness checked.
 
-One process, one run. For each model: the time of one plain `paddle.Model.evaluate` of the
-evaluation samples (the unit), then the analysis in both forms, each divided by that unit:
+One process, one run. For each model, trained briefly on digits (`--epochs`, 1,397 training
+images; 400 held-out evaluation images): the time of one plain `paddle.Model.evaluate` of the
+evaluation samples (the unit), then the analysis in three forms, each divided by that unit:
 - opaque: `pruner.sensitivity(eval_fn)` where `eval_fn` runs `model.evaluate` (masks applied
-  and restored around every call; the ideal is points + 1 evaluations);
-- dataset: `pruner.sensitivity(EvalData(...))` (replay of what a group cannot change, worker
-  threads).
-The dataset form's losses are compared with the opaque form's (plain masked evaluation) in top-1
-counts: the largest difference must be 0. Optionally the naive prune-a-copy-and-evaluate loop
-(what PaddleSlim does) runs on the first model.
-
-The networks are untrained (training them on digits first cost more than the whole run); the
-labels are the network's own predictions with 20% replaced at random, so the losses are
-informative (a network that is 80% right loses accuracy when pruned).
+  and restored around every call; the ideal is points + 1 evaluations). Its losses are plain
+  masked evaluation: the reference;
+- dataset: `pruner.sensitivity(EvalData(...))`, the default: the compiled path (the network
+  exported once to Paddle Inference with oneDNN, the mask as an input; doubtful samples
+  recomputed eagerly) where it applies;
+- eager: `EvalData(..., engine="eager")`: replay of what a group cannot change, worker threads.
+The dataset and eager forms' losses are compared with the opaque form's in top-1 counts: the
+largest difference must be 0. The naive prune-a-copy-and-evaluate loop (what PaddleSlim does)
+runs on the first model (`--no-naive` skips it).
 
     python benchmarks/bench_sensitivity.py            # 3 models, 400 images, 9 ratios, batch 128
-    python benchmarks/bench_sensitivity.py --quick    # 3 models, 128 images, 3 ratios
-    python benchmarks/bench_sensitivity.py --naive    # also the naive loop on the first model
+    python benchmarks/bench_sensitivity.py --quick    # 3 models, 128 images, 3 ratios, no naive
 
-Measured (2-core x86_64 VM, paddle 3.3.1 CPU, OMP_NUM_THREADS=1, one other job sharing the machine
-at times, load average 0.3-1.1), `--quick` (128 images, 3 ratios), eval-equivalents:
-
-    model          points  opaque (x own evals)  dataset before  dataset after (row pieces)
-    mobilenet_v1       42     41.9 (1.008)            28.4            16.7
-    resnet18           36     38.1 (1.017)            22.0            13.8
-    mobilenet_v2       75     80.8 (1.009)            44.7            29.2
-
-Top-1 count difference from masked evaluation: 0 at every point, before and after.
-Defaults (400 images, 9 ratios), mobilenet_v1 only, after: opaque 127.2 eq (1.002 x (points+1)),
-dataset 37.8 eq, top-1 count difference 0 (issue 16 measured 43.4 before, on an idle machine).
+Measured: see the README's "Measured" table (machine, load and figures).
 """
 from __future__ import annotations
 
@@ -46,7 +35,9 @@ import paddle
 from paddle.vision import models
 
 from prune_callbacks import EvalData, FilterPruner
+from prune_callbacks.data import digits_dataset
 from prune_callbacks.sensitivity import DEFAULT_RATIOS
+from prune_callbacks.sensitivity.compiled import CompiledEval
 
 MODELS = ("mobilenet_v1", "resnet18", "mobilenet_v2")
 
@@ -62,14 +53,28 @@ class Images(paddle.io.Dataset):
         return self.x[i], self.y[i]
 
 
-def make_data(net: paddle.nn.Layer, samples: int, size: int, seed: int = 0) -> Images:
-    rng = np.random.RandomState(seed)
-    x = rng.randn(samples, 3, size, size).astype("float32")
-    with paddle.no_grad():  # labels the network mostly gets right, so losses are informative
-        y = net(paddle.to_tensor(x)).numpy().argmax(1)
-    flip = rng.rand(samples) < 0.2
-    y[flip] = rng.randint(0, 10, flip.sum())
-    return Images(x, y.reshape(-1, 1).astype("int64"))
+def digits_split(samples: int) -> Tuple[Images, Images]:
+    """Training images, and `samples` held-out evaluation images (the digits test split, topped
+    up from the end of the training split, which is then left out of training)."""
+    train, test = digits_dataset("train"), digits_dataset("test")
+    tx = np.stack([np.asarray(train[i][0]) for i in range(len(train))])
+    ty = np.stack([np.asarray(train[i][1]) for i in range(len(train))]).reshape(-1, 1)
+    vx = np.stack([np.asarray(test[i][0]) for i in range(len(test))])
+    vy = np.stack([np.asarray(test[i][1]) for i in range(len(test))]).reshape(-1, 1)
+    extra = max(0, samples - len(vx))
+    vx, vy = np.concatenate([vx, tx[len(tx) - extra:]]), np.concatenate([vy, ty[len(ty) - extra:]])
+    tx, ty = tx[:len(tx) - extra], ty[:len(ty) - extra]
+    return (Images(tx.astype("float32"), ty.astype("int64")),
+            Images(vx[:samples].astype("float32"), vy[:samples].astype("int64")))
+
+
+def train_briefly(net: paddle.nn.Layer, train: Images, epochs: int) -> None:
+    model = paddle.Model(net)
+    model.prepare(paddle.optimizer.Momentum(0.02, momentum=0.9, weight_decay=1e-4,
+                                            parameters=net.parameters()),
+                  paddle.nn.CrossEntropyLoss())
+    model.fit(train, epochs=epochs, batch_size=32, verbose=0, shuffle=True)
+    net.eval()
 
 
 def model_eval_fn(net: paddle.nn.Layer, ds: Images, batch_size: int) -> Callable[[], float]:
@@ -114,12 +119,33 @@ def count_diff(a: Dict[str, Dict[float, float]], b: Dict[str, Dict[float, float]
     return counts, losses
 
 
+class CompiledStats:
+    """What the compiled path did in the last analysis (groups served, samples recomputed)."""
+
+    last: object = None
+    _build = CompiledEval.build.__func__
+
+    @classmethod
+    def install(cls) -> None:
+        def build(klass: type, *a: object, **kw: object) -> object:
+            cls.last = cls._build(klass, *a, **kw)
+            return cls.last
+        CompiledEval.build = classmethod(build)
+
+    @classmethod
+    def describe(cls) -> str:
+        c = cls.last
+        if c is None:
+            return "eager (not compiled)"
+        return f"compiled: {len(c.groups)} groups, {c.recomputed} samples recomputed eagerly"
+
+
 def bench_model(name: str, args: argparse.Namespace, ratios: Sequence[float],
-                run_naive: bool) -> List[str]:
+                run_naive: bool, data_split: Tuple[Images, Images]) -> List[str]:
     paddle.seed(0)
     net = getattr(models, name)(num_classes=10)
-    net.eval()
-    ds = make_data(net, args.samples, args.size)
+    train, ds = data_split
+    _, t_train = timed(lambda: train_briefly(net, train, args.epochs))
     shape = [1, 3, args.size, args.size]
     pruner = FilterPruner(net, shape)
     points = len(pruner.prunable_groups) * len(ratios)
@@ -133,20 +159,30 @@ def bench_model(name: str, args: argparse.Namespace, ratios: Sequence[float],
         return value
 
     recorded()
+    CompiledStats.last = None
     data = EvalData(ds, batch_size=args.batch_size, workers=args.workers)
     fast, t_fast = timed(lambda: pruner.sensitivity(data, ratios=ratios))
+    how = CompiledStats.describe()
+    recorded()
+    eager_data = EvalData(ds, batch_size=args.batch_size, workers=args.workers, engine="eager")
+    eager, t_eager = timed(lambda: pruner.sensitivity(eager_data, ratios=ratios))
     recorded()
     opaque, t_opaque = timed(lambda: pruner.sensitivity(recorded, ratios=ratios))
     # the unit: the median plain evaluation, taken before, between and during the analyses,
     # so a change of machine load moves numerator and denominator alike
     unit = float(np.median(calls))
-    inside = sum(calls[2:])
+    inside = sum(calls[3:])
     counts, dloss = count_diff(fast.losses, opaque.losses, opaque.baseline, len(ds))
-    lines = [f"{name:13s} {points:4d} points  eval {unit:6.2f} s (min {min(calls):.2f}, max "
-             f"{max(calls):.2f})  opaque {t_opaque / unit:6.1f} eq = "
-             f"{t_opaque / unit / (points + 1):.3f} x (points+1), {t_opaque / inside:.3f} x its "
-             f"own evaluations  dataset {t_fast / unit:6.1f} eq  top-1 count diff {counts}  "
-             f"loss diff {dloss:.3g}"]
+    c_eager, d_eager = count_diff(eager.losses, opaque.losses, opaque.baseline, len(ds))
+    lines = [f"{name:13s} {points:4d} points, top-1 {opaque.baseline:.3f} after {args.epochs} "
+             f"epoch(s) ({t_train:.0f} s)  eval {unit:6.2f} s (min {min(calls):.2f}, max "
+             f"{max(calls):.2f})",
+             f"{'':13s} opaque  {t_opaque / unit:6.1f} eq = {t_opaque / unit / (points + 1):.3f} x "
+             f"(points+1), {t_opaque / inside:.3f} x its own evaluations",
+             f"{'':13s} dataset {t_fast / unit:6.1f} eq  ({how})  top-1 count diff {counts}, "
+             f"loss diff {dloss:.3g}",
+             f"{'':13s} eager   {t_eager / unit:6.1f} eq  top-1 count diff {c_eager}, loss diff "
+             f"{d_eager:.3g}"]
     if run_naive:
         def ev(n: paddle.nn.Layer) -> float:
             return model_eval_fn(n, ds, args.batch_size)()
@@ -166,20 +202,26 @@ def main() -> None:
     ap.add_argument("--ratios", type=float, nargs="+", default=list(DEFAULT_RATIOS))
     ap.add_argument("--workers", type=int, default=None,
                     help="threads for the dataset form (default: cores, max 4)")
-    ap.add_argument("--naive", action="store_true", help="also time the naive loop (first model)")
-    ap.add_argument("--quick", action="store_true", help="128 images, 3 ratios")
+    ap.add_argument("--epochs", type=int, default=2, help="training epochs on digits")
+    ap.add_argument("--no-naive", dest="naive", action="store_false",
+                    help="skip the naive prune-a-copy loop (run on the first model by default)")
+    ap.add_argument("--quick", action="store_true", help="128 images, 3 ratios, no naive loop")
     args = ap.parse_args()
     ratios = [0.3, 0.6, 0.9] if args.quick else args.ratios
     if args.quick:
-        args.samples = 128
+        args.samples, args.naive = 128, False
+    if args.size != 32:
+        ap.error("--size: the digits images are 32x32")
     warnings.filterwarnings("ignore")
     logging.getLogger("prune_callbacks").setLevel(logging.WARNING)
     print(f"{args.size}x{args.size}, {args.samples} images, {len(ratios)} ratios, eval batch "
           f"{args.batch_size}; {os.cpu_count()} CPUs, {platform.processor() or platform.machine()}, "
           f"paddle {paddle.__version__}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}, "
-          f"load average {os.getloadavg()[0]:.2f} at start; untrained networks")
+          f"load average {os.getloadavg()[0]:.2f} at start")
+    CompiledStats.install()
+    split = digits_split(args.samples)
     for i, name in enumerate(args.models):
-        for line in bench_model(name, args, ratios, args.naive and i == 0):
+        for line in bench_model(name, args, ratios, args.naive and i == 0, split):
             print(line, flush=True)
     print(f"load average {os.getloadavg()[0]:.2f} at end")
 

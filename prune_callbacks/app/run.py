@@ -42,6 +42,7 @@ ARGUMENT_KEYS = {
     "flops": "prune.flops", "criterion": "prune.criterion", "strategy": "prune.strategy",
     "at_epoch": "prune.at_epoch", "steps": "prune.steps", "skip": "prune.skip",
     "ratios": "prune.ratios", "round_to": "prune.round_to", "num_samples": "prune.sensitivity_samples",
+    "engine": "prune.sensitivity_engine",
     "path": "prune.sensitivity_file", "max_loss": "prune.max_loss",
     "batch_size": "trainer.eval_batch_size", "input_shape": "data.image_size", "eval_data": "data.val",
     "alpha": "prune.distill.alpha", "temperature": "prune.distill.temperature",
@@ -188,7 +189,8 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
             sensitivity = SensitivityCallback(
                 run.val_ds, at_epoch=at, ratios=tuple(p.ratios), path=run.paths["sensitivity"],
                 num_samples=p.sensitivity_samples, batch_size=t.eval_batch_size, skip=list(p.skip),
-                max_loss=p.max_loss, criterion=p.criterion, input_shape=shape)
+                max_loss=p.max_loss, criterion=p.criterion, input_shape=shape,
+                engine=p.sensitivity_engine)
         run.pruner = FilterPruneCallback(
             flops=None if p.latency is not None else p.flops, latency=p.latency,
             latency_options=LatencyOptions(**p.latency_options), at_epoch=at,

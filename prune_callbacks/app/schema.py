@@ -75,6 +75,7 @@ class PruneConf:
     ratios: List[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     round_to: int = 1
     sensitivity_samples: Optional[int] = 64
+    sensitivity_engine: str = "auto"
     sensitivity_file: Optional[str] = None
     max_loss: Optional[float] = None
     distill: DistillConf = field(default_factory=DistillConf)

@@ -57,6 +57,9 @@ class SensitivityCallback(paddle.callbacks.Callback):
         input_shape: one input's shape, batch first; default: from the model's input spec,
             else from the first sample of `eval_data`.
         workers: threads evaluating batches in parallel (default: CPU cores, at most 4).
+        engine: "auto" (default; datasets with the top-1 metric on the CPU: the network runs
+            compiled by Paddle Inference with oneDNN, the same top-1 counts as eager masking)
+            or "eager" (see `EvalData`).
 
     Examples:
         >>> sens = SensitivityCallback(val_ds, at_epoch=1, path="sen.json", num_samples=512)
@@ -70,7 +73,7 @@ class SensitivityCallback(paddle.callbacks.Callback):
                  metric: Optional[Callable] = None, skip: Sequence[str] = (),
                  max_loss: Optional[float] = None, criterion: str = "l1",
                  input_shape: Optional[Sequence[int]] = None,
-                 workers: Optional[int] = None) -> None:
+                 workers: Optional[int] = None, engine: str = "auto") -> None:
         super().__init__()
         is_dataset = hasattr(eval_data, "__getitem__") and hasattr(eval_data, "__len__")
         if not is_dataset and not callable(eval_data):
@@ -97,7 +100,7 @@ class SensitivityCallback(paddle.callbacks.Callback):
         self._dataset = eval_data if is_dataset else None
         if is_dataset:
             self.eval_data = EvalData(eval_data, metric or top1_metric, batch_size, num_samples,
-                                      workers)
+                                      workers, engine)
         else:
             self.eval_fn = eval_data
         self.result: Optional[SensitivityResult] = None
