@@ -29,6 +29,7 @@ import csv
 import itertools
 import logging
 import os
+import sys
 import time
 import warnings
 from typing import Any, Dict, List, Optional, Sequence
@@ -171,8 +172,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--quick", action="store_true",
-                   help="mobilenet_v1 (width 0.5), cut 0.5, l1 and random, 3+1 epochs, seed 0 "
-                        "unless --seeds is given")
+                   help="mobilenet_v1 (width 0.5), cut 0.5, l1 and random, 3+1 epochs, seed 0; "
+                        "options given explicitly override these")
     p.add_argument("--models", nargs="+", default=["mobilenet_v1", "resnet18"])
     p.add_argument("--width", type=float, default=0.5, help="MobileNet width multiplier")
     p.add_argument("--cuts", nargs="+", type=float, default=[0.3, 0.5, 0.7])
@@ -195,11 +196,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--data-file", default=None)
     p.add_argument("--csv", default="bench_quality.csv")
     args = p.parse_args(argv)
-    if args.quick:
-        args.models, args.cuts = ["mobilenet_v1"], [0.5]
-        args.criteria, args.epochs_before, args.epochs_after = ["l1", "random"], 3, 1
+    given = {a.split("=")[0] for a in (argv if argv is not None else sys.argv[1:])}
+    quick = {"--models": ("models", ["mobilenet_v1"]), "--cuts": ("cuts", [0.5]),
+             "--criteria": ("criteria", ["l1", "random"]), "--seeds": ("seeds", [0]),
+             "--epochs-before": ("epochs_before", 3), "--epochs-after": ("epochs_after", 1)}
+    for flag, (name, value) in quick.items():
+        if args.quick and flag not in given:  # --quick only fills what was not given
+            setattr(args, name, value)
     if args.seeds is None:
-        args.seeds = [0] if args.quick else [0, 1, 2]
+        args.seeds = [0, 1, 2]
     return args
 
 
