@@ -26,7 +26,6 @@ import logging
 import os
 import tempfile
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
@@ -88,14 +87,13 @@ class CompiledEval:
 
     def __init__(self, net: nn.Layer, ev: EvalData, sites: Dict[str, _Site],
                  members: Dict[Tuple[str, int], _Member], groups: Set[str],
-                 predictors: List[Any]) -> None:
+                 predictor: Any) -> None:
         self.net, self.ev = net, ev
         self.sites, self.members, self.groups = sites, members, groups
-        self.predictors = predictors
+        self.predictor = predictor
         self.size = sum(s.channels for s in sites.values())
         self.delta: Optional[float] = None
         self.recomputed = 0  # samples recomputed eagerly, for the benchmark's report
-        self._rows = np.concatenate([x.numpy() for x, _ in ev.batches])
         self._starts = np.cumsum([0] + [len(y) for _, y in ev.batches])
 
     # -- building --------------------------------------------------------------------------
@@ -115,12 +113,12 @@ class CompiledEval:
             sites, members, names = _sites(wanted, seen, layers)
             if not names:
                 return None
-            predictors = _export(net, layers, sites, x, ev.workers)
+            predictor = _export(net, layers, sites, x, ev.workers)
         except Exception as e:  # any failure to export leaves the eager path, same numbers
             logger.info("compiled sensitivity path unavailable (%s: %s); evaluating eagerly",
                         type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
             return None
-        return cls(net, ev, sites, members, names, predictors)
+        return cls(net, ev, sites, members, names, predictor)
 
     def calibrate(self, eager: Sequence[np.ndarray]) -> bool:
         """Measure the largest difference from the eager baseline's outputs; False (do not use
@@ -178,24 +176,10 @@ class CompiledEval:
         return [out[a:z] for a, z in zip(self._starts[:-1], self._starts[1:])]
 
     def _run(self, keep: np.ndarray) -> np.ndarray:
-        """Outputs of every evaluation row, in chunks shared by the predictors' threads."""
-        n = len(self._rows)
-        chunks = max(len(self.predictors), -(-n // 128))
-        chunks = -(-chunks // len(self.predictors)) * len(self.predictors)
-        bounds = np.linspace(0, n, chunks + 1).astype(int)
-        parts: List[Any] = [None] * chunks
-
-        def work(p: int) -> None:
-            predictor = self.predictors[p]
-            for c in range(p, chunks, len(self.predictors)):
-                parts[c] = _predict(predictor, self._rows[bounds[c]:bounds[c + 1]], keep)
-
-        if len(self.predictors) > 1:
-            with ThreadPoolExecutor(len(self.predictors)) as pool:
-                list(pool.map(work, range(len(self.predictors))))
-        else:
-            work(0)
-        return np.concatenate([p for p in parts if p is not None and len(p)])
+        """Outputs of every evaluation row, batch by batch (the predictor spreads each batch over
+        `workers` oneDNN threads); inputs are copied out of the batches per run, not kept."""
+        return np.concatenate([_predict(self.predictor, x.numpy(), keep)
+                               for x, _ in self.ev.batches])
 
     def _tolerance(self, out: np.ndarray) -> np.ndarray:
         flat = out.reshape(len(out), -1)
@@ -222,7 +206,9 @@ class CompiledEval:
         out = {}
         with Mask(self.net, drop), paddle.no_grad():
             for a, z in blocks:
-                y = self.net(paddle.to_tensor(self._rows[a:z]))
+                b = int(np.searchsorted(self._starts, a, side="right") - 1)
+                start = int(self._starts[b])
+                y = self.net(self.ev.batches[b][0][a - start:z - start])
                 out[(a, z)] = main_output(y[0] if isinstance(y, (tuple, list)) else y).numpy()
         return out
 
@@ -339,8 +325,8 @@ class _KeepNet(nn.Layer):
 
 
 def _export(net: nn.Layer, layers: Mapping[str, nn.Layer], sites: Mapping[str, _Site],
-            x: paddle.Tensor, workers: int) -> List[Any]:
-    """Save `net` with its site hooks as an inference program and load it `workers` times."""
+            x: paddle.Tensor, workers: int) -> Any:
+    """Save `net` with its site hooks as an inference program; load it on `workers` threads."""
     keeps = _Keeps()
     order = list(sites.values())
 
@@ -355,7 +341,7 @@ def _export(net: nn.Layer, layers: Mapping[str, nn.Layer], sites: Mapping[str, _
     hooks = [layers[s.path].register_forward_pre_hook(make(i, s.axis))
              for i, s in enumerate(order)]
     wrapper = _KeepNet(net, [(s.offset, s.channels) for s in order], keeps)
-    specs = [InputSpec([None, *x.shape[1:]], "float32", "x"),
+    specs = [InputSpec([None, *x.shape[1:]], x.dtype, "x"),
              InputSpec([sum(s.channels for s in order)], "float32", "keep")]
     try:
         with tempfile.TemporaryDirectory(prefix="prune_sensitivity_") as tmp, \
@@ -364,7 +350,7 @@ def _export(net: nn.Layer, layers: Mapping[str, nn.Layer], sites: Mapping[str, _
             prefix = os.path.join(tmp, "keep")
             paddle.jit.save(wrapper, prefix, input_spec=specs)
             model = prefix + ".json" if os.path.exists(prefix + ".json") else prefix + ".pdmodel"
-            return [_predictor(model, prefix + ".pdiparams", workers)]
+            return _predictor(model, prefix + ".pdiparams", workers)
     finally:
         for h in hooks:
             h.remove()
