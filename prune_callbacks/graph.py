@@ -130,9 +130,9 @@ class ChannelGraph:
         self.plain_params: Set[str] = set()  # per-channel parameters of unregistered layers
         self._build(state, supports_layer)
         allow_plain_parameters(net, self.plain_params)
-        self._trial_split_groups(net)
         # group index -> its routes, for groups that shuffles route differently at each width
         self.routed: Dict[int, RoutedGroup] = {}
+        self._trial_split_groups(net)
         self._route_groups(net, state)
 
     # -- construction ----------------------------------------------------------------------
