@@ -278,10 +278,9 @@ class ChannelGraph:
             except Unroutable as e:
                 logger.info("group %s keeps its reason: no route model (%s)", g.name, e)
                 continue
-            tried = _first_widths(rg.width)
-            if not any(rg.feasible(w) for w in tried):
-                g.reason += (f"; nor do routes prune it: no width among {tried} of "
-                             f"{rg.width} per producer prunes exactly ({rg.why_not(tried[0])})")
+            why = _first_fit(rg)
+            if why:
+                g.reason += f"; nor do routes prune it: {why}"
                 continue
             self.routed[gi] = rg
             for ax, pa in axes.items():
@@ -367,6 +366,21 @@ def _first_widths(width: int) -> List[int]:
     half = width // 2
     order = [half, width - 1, width // 4, half - 1, half + 1]
     return list(dict.fromkeys(w for w in order if 1 <= w < width))
+
+
+def _first_fit(rg: RoutedGroup) -> str:
+    """'' when one of the first widths tried (`_first_widths`) prunes `rg` exactly, else why
+    not; a forward that fails or differs from masking at one width is not tried at others."""
+    tried: List[int] = []
+    for w in _first_widths(rg.width):
+        tried.append(w)
+        if rg.feasible(w):
+            return ""
+        why = rg.why_not(w)
+        if not why.other_widths_may_fit:
+            return why
+    return (f"no width among {tried} of {rg.width} per producer prunes exactly "
+            f"({rg.why_not(tried[0]) if tried else 'it has one channel per producer'})")
 
 
 def _keeps_count(layer: paddle.nn.Layer, count: int) -> bool:

@@ -102,6 +102,19 @@ def routing(lines: Lines) -> Routing:
     return Routing(classes, tuple(tuple(p) for p in parts), idx)
 
 
+class Refusal(str):
+    """Why a width does not prune exactly. `other_widths_may_fit` is False when the forward
+    itself failed or differed from masking (sizes written into the code): no width will do."""
+
+    other_widths_may_fit: bool = False
+
+
+class _Shortage(Refusal):
+    """The width's routes do not fit the original's (another width may)."""
+
+    other_widths_may_fit = True
+
+
 @dataclass(frozen=True)
 class _Width:
     """The pruned network at one width: channels per route, and per parameter axis the
@@ -157,7 +170,7 @@ class RoutedGroup:
         self.width = int((self.labels == 0).sum())  # channels per producer
         self.positions = {ax: {c: np.flatnonzero(line == c).tolist() for c in np.unique(line)}
                           for ax, line in self.base.lines.items()}
-        self._widths: Dict[int, Union[_Width, str]] = {self.width: _width_table(self.base)}
+        self._widths: Dict[int, Union[_Width, Refusal]] = {self.width: _width_table(self.base)}
 
     @property
     def channels(self) -> int:
@@ -185,10 +198,10 @@ class RoutedGroup:
         """Whether every producer keeping `width` channels prunes exactly (computed once)."""
         return isinstance(self._table(width), _Width)
 
-    def why_not(self, width: int) -> str:
+    def why_not(self, width: int) -> Refusal:
         """Why a width does not prune exactly ('' when it does)."""
         t = self._table(width)
-        return t if isinstance(t, str) else ""
+        return t if isinstance(t, Refusal) else Refusal("")
 
     def nearest(self, width: int) -> int:
         """The feasible width closest to `width` (the smaller one on a tie); the full width
@@ -200,7 +213,7 @@ class RoutedGroup:
                     return w
         return self.width
 
-    def _table(self, width: int) -> Union[_Width, str]:
+    def _table(self, width: int) -> Union[_Width, Refusal]:
         if width not in self._widths:
             if not 1 <= width <= self.width:
                 raise ValueError(f"group {self.name!r} has {self.width} channels per producer; "
@@ -208,36 +221,41 @@ class RoutedGroup:
             self._widths[width] = self._measure(width)
         return self._widths[width]
 
-    def _measure(self, width: int) -> Union[_Width, str]:
+    def _measure(self, width: int) -> Union[_Width, Refusal]:
         """Prune a copy to `width`, trace it and compare its routes with the original's; then
         prune a copy in the routes' order and check it against masking."""
         keep: Slices = {}
         for (key, axis), line in self.base.lines.items():
             size = len(line) * width
             if size % self.width:
-                return f"axis {axis} of {key} would hold {size / self.width:g} channels"
+                return _Shortage(f"axis {axis} of {key} would hold {size / self.width:g} "
+                                 "channels")
             keep.setdefault(key, {})[axis] = list(range(size // self.width))
         try:
             st, key_of = self.probe.trace(keep)
             lines, _ = group_lines(st.members, key_of, st.uf.root_table(untied=True),
                                    lambda ax, line: ax in self.base.lines)
         except Unroutable as e:
-            return f"the copy at width {width}: {e}"
+            return Refusal(f"the copy at width {width}: {e}")
         except Exception as e:  # the forward could not run at this width
-            return f"the copy at width {width} failed: {type(e).__name__}: {e}"
+            detail = str(e).strip().splitlines()
+            return Refusal(f"the copy at width {width} failed: {type(e).__name__}: "
+                           f"{detail[-1] if detail else ''}")
         if set(lines) != set(self.base.lines):
-            return f"the copy at width {width} uses other parameter axes"
+            return Refusal(f"the copy at width {width} uses other parameter axes")
         leak = _leak(st, key_of, lines)
         if leak:
-            return f"at width {width} {leak}"
+            return _Shortage(f"at width {width} {leak}")
         table = _width_table(routing(lines))
         have = {r: len(cs) for r, cs in self.base.by_route().items()}
         if any(n > have.get(r, 0) for r, n in table.counts.items()):
-            return f"at width {width} some routes need more channels than the original holds"
+            return _Shortage(f"at width {width} some routes need more channels than the "
+                             "original holds")
         first = self._pick(table, np.zeros(self.channels))
         failure = self.probe.trial(*self._slices(first, table))
         if failure is not None:
-            return f"pruning a copy to width {width} did not reproduce masking ({failure})"
+            return Refusal(f"pruning a copy to width {width} did not reproduce masking "
+                           f"({failure})")
         return table
 
     # -- channels --------------------------------------------------------------------------
@@ -248,7 +266,7 @@ class RoutedGroup:
             ValueError: `width` does not prune exactly (see `nearest`).
         """
         table = self._table(width)
-        if isinstance(table, str):
+        if isinstance(table, Refusal):
             raise ValueError(f"group {self.name!r} cannot keep {width} channels per producer: "
                              f"{table}; use nearest() for a width that prunes exactly")
         return self._pick(table, scores)
@@ -274,7 +292,7 @@ class RoutedGroup:
                              f"channels (>= 1), got {per.tolist()}; choose channels with "
                              "FilterPruner.select")
         table = self._table(int(per[0]))
-        if isinstance(table, str):
+        if isinstance(table, Refusal):
             raise ValueError(f"group {self.name!r} cannot keep {per[0]} channels per producer: "
                              f"{table}")
         got: Dict[Route, int] = {}

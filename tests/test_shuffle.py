@@ -133,11 +133,33 @@ def test_literal_shuffle_sizes_are_caught_by_a_trial_prune():
     assert not g.prunable and "did not reproduce masking" in g.reason
 
 
-def _cbr(cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1,
-         act: bool = True) -> nn.Sequential:
-    layers = [nn.Conv2D(cin, cout, k, stride=stride, padding=k // 2, groups=groups,
-                        bias_attr=False), nn.BatchNorm2D(cout)]
-    return nn.Sequential(*(layers + [nn.ReLU()] if act else layers))
+class ConvBN(nn.Layer):
+    """conv -> BatchNorm (-> ReLU); plain attributes, no nn.Sequential: tracing a Sequential's
+    loop costs several times more, and routed groups trace a copy per width."""
+
+    def __init__(self, cin: int, cout: int, k: int = 1, stride: int = 1, groups: int = 1,
+                 act: bool = True) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(cin, cout, k, stride=stride, padding=k // 2, groups=groups,
+                              bias_attr=False)
+        self.bn = nn.BatchNorm2D(cout)
+        self.act = nn.ReLU() if act else nn.Identity()
+
+    def forward(self, x):
+        return self.act(self.bn(self.conv(x)))
+
+
+class Branch(nn.Layer):
+    """pointwise -> depthwise (stride) -> pointwise, ShuffleNetV2's branch."""
+
+    def __init__(self, cin: int, c: int, stride: int = 1) -> None:
+        super().__init__()
+        self.pw = ConvBN(cin, c)
+        self.dw = ConvBN(c, c, 3, stride, c, act=False)
+        self.linear = ConvBN(c, c)
+
+    def forward(self, x):
+        return self.linear(self.dw(self.pw(x)))
 
 
 class Unit(nn.Layer):
@@ -145,8 +167,7 @@ class Unit(nn.Layer):
 
     def __init__(self, c: int) -> None:
         super().__init__()
-        h = c // 2
-        self.branch = nn.Sequential(_cbr(h, h), _cbr(h, h, 3, groups=h, act=False), _cbr(h, h))
+        self.branch = Branch(c // 2, c // 2)
 
     def halves(self, x: paddle.Tensor) -> list:
         return paddle.split(x, [x.shape[1] // 2, x.shape[1] // 2], axis=1)
@@ -176,12 +197,12 @@ class Down(nn.Layer):
 
     def __init__(self, cin: int, c: int) -> None:
         super().__init__()
-        h = c // 2
-        self.b1 = nn.Sequential(_cbr(cin, cin, 3, 2, cin, act=False), _cbr(cin, h))
-        self.b2 = nn.Sequential(_cbr(cin, h), _cbr(h, h, 3, 2, h, act=False), _cbr(h, h))
+        self.dw = ConvBN(cin, cin, 3, 2, cin, act=False)
+        self.linear = ConvBN(cin, c // 2)
+        self.branch = Branch(cin, c // 2, stride=2)
 
     def forward(self, x):
-        return shuffle(paddle.concat([self.b1(x), self.b2(x)], 1), 2)
+        return shuffle(paddle.concat([self.linear(self.dw(x)), self.branch(x)], 1), 2)
 
 
 class TinyShuffleNetV2(nn.Layer):
@@ -190,19 +211,20 @@ class TinyShuffleNetV2(nn.Layer):
 
     def __init__(self, unit: type = Unit) -> None:
         super().__init__()
-        self.stem = _cbr(3, 8, 3)
-        self.stage1 = nn.Sequential(Down(8, 16), unit(16), unit(16))
-        self.stage2 = nn.Sequential(Down(16, 32), unit(32), unit(32))
-        self.last = _cbr(32, 24)
+        self.stem = ConvBN(3, 8, 3)
+        self.down1, self.unit1a, self.unit1b = Down(8, 16), unit(16), unit(16)
+        self.down2, self.unit2a, self.unit2b = Down(16, 32), unit(32), unit(32)
+        self.last = ConvBN(32, 24)
         self.fc = nn.Linear(24, 10)
 
     def forward(self, x):
-        x = self.last(self.stage2(self.stage1(self.stem(x))))
+        x = self.unit1b(self.unit1a(self.down1(self.stem(x))))
+        x = self.last(self.unit2b(self.unit2a(self.down2(x))))
         return self.fc(paddle.flatten(F.adaptive_avg_pool2d(x, 1), 1))
 
 
 TINY = [2, 3, 16, 16]
-STAGES = ["stage1.0.b1.1.0", "stage2.0.b1.1.0"]
+STAGES = ["down1.linear.conv", "down2.linear.conv"]
 
 
 def test_nested_shuffle_stages_are_routed():
@@ -216,22 +238,21 @@ def test_nested_shuffle_stages_are_routed():
     gi = pruner.group_index(STAGES[0])
     assert np.bincount(groups[STAGES[0]].partition).tolist() == [8, 8, 8, 8]
     rg = pruner.graph.routed[gi]
-    assert rg.width == 8 and [w for w in range(1, 9) if rg.feasible(w)] == list(range(2, 9))
+    assert rg.width == 8 and rg.feasible(3) and rg.nearest(1) == 2
     assert "blocked" in rg.why_not(1)  # [n, 2, 1, h, w]: the tracer reads a literal 1
     kept = pruner.select({STAGES[0]: 0.5})[gi]
     assert np.bincount(groups[STAGES[0]].partition[kept]).tolist() == [4, 4, 4, 4]
 
 
-@pytest.mark.parametrize("ratio", [0.25, 0.5, 0.7])
+@pytest.mark.parametrize("ratio", [0.25, 0.7])
 def test_nested_shuffle_stages_prune_exactly(ratio):
     paddle.seed(0)
     net = TinyShuffleNetV2()
-    ratios = {g.name: ratio for g in FilterPruner(net, TINY).prunable_groups}
-    out = check_pruned(net, TINY, ratios=ratios)
+    out = check_pruned(net, TINY, ratio=ratio, expect_groups=STAGES)
     plan = {g.name: g for g in out["plan"].groups}
     kept = [len(plan[n].kept) // 4 for n in STAGES]
-    assert net.stage1[2].branch[0][0].weight.shape[1] == kept[0]
-    assert net.last[0].weight.shape[1] == 2 * kept[1]
+    assert net.unit1b.branch.pw.conv.weight.shape[1] == kept[0]
+    assert net.last.conv.weight.shape[1] == 2 * kept[1]
 
 
 def test_kept_channels_that_break_the_routes_are_refused():
@@ -269,7 +290,7 @@ def test_literal_sizes_in_nested_shuffles_leave_the_stage_whole():
     g = {g.name: g for g in pruner.groups}[STAGES[0]]
     assert not g.prunable and "disagree on channel blocks" in g.reason
     assert "nor do routes prune it" in g.reason and "failed" in g.reason
-    check_pruned(TinyShuffleNetV2(LiteralUnit), TINY, ratios={"stem.0": 0.5})
+    assert pruner.groups[pruner.group_index("stem.conv")].prunable
 
 
 SHUFFLENET = [1, 3, 32, 32]
@@ -292,8 +313,9 @@ def test_shufflenet_v2_stage_widths_are_prunable():
 @pytest.mark.parametrize("ratio", [0.3, 0.6])
 def test_shufflenet_v2_prunes_every_group_at_once(ratio):
     net = _shufflenet()
-    prunable = [n for n, g in _groups(net, SHUFFLENET).items() if g.prunable]
-    out = check_pruned(net, SHUFFLENET, ratios={n: ratio for n in prunable})
+    out = check_pruned(net, SHUFFLENET, ratio=ratio, expect_groups=[
+        f"{s}_1._conv_linear_1.0" for s in (2, 3, 4)])
+    assert len(out["plan"].groups) == 21
     kept = {g.name: len(g.kept) for g in out["plan"].groups}
     # stage 3 (8 blocks, 24 per producer) prunes at 2..8 and 17..24 channels only: 0.6 -> 10
     # rounds to 8
