@@ -273,7 +273,7 @@ class ChannelGraph:
             try:
                 if any((pa.group != gi).any() for pa in axes.values()):
                     raise Unroutable("a parameter axis also holds channels of other groups")
-                lines, _ = group_lines(st.members, key_of, root, lambda ax, line: ax in axes)
+                lines = group_lines(st.members, key_of, root, lambda ax: ax in axes)
                 rg = RoutedGroup(g.name, lines, g.producers, probe)
             except Unroutable as e:
                 logger.info("group %s keeps its reason: no route model (%s)", g.name, e)

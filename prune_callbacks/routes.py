@@ -14,7 +14,7 @@ from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Uni
 
 import numpy as np
 
-from .tracing import MemberRec, Role, TraceState
+from .tracing import MemberRec, TraceState
 
 logger = logging.getLogger(__name__)
 
@@ -58,36 +58,32 @@ class Routing:
 
 
 def group_lines(members: Sequence[MemberRec], key_of: Mapping[str, str], root: np.ndarray,
-                wanted: Callable[[AxisKey, np.ndarray], bool]) -> Tuple[Lines, Dict[AxisKey, Role]]:
+                wanted: Callable[[AxisKey], bool]) -> Lines:
     """The untied classes at each position of every member axis `wanted` picks.
 
     Args:
         members: the trace's members (parameter axes and the ids at their positions).
         key_of: Paddle parameter name -> state_dict key (members of other tensors are skipped).
         root: untied root table of the trace (`root_table(untied=True)`).
-        wanted: `wanted(axis, classes)` says whether an axis belongs to the group.
+        wanted: `wanted((key, axis))` says whether a parameter axis belongs to the group.
 
     Raises:
         Unroutable: an axis of grouped blocks, or one used twice with different channels.
     """
     lines: Lines = {}
-    roles: Dict[AxisKey, Role] = {}
     for m in members:
         key = key_of.get(m.param)
-        if key is None:
+        if key is None or not wanted((key, m.axis)):
             continue
         line = root[np.asarray(m.ids, dtype=np.int64)]
         ax = (key, m.axis)
-        if not wanted(ax, line):
-            continue
         if line.ndim != 1:
             raise Unroutable(f"parameter {key} reads the channels in blocks (a grouped "
                              "convolution), which routes do not describe")
         if ax in lines and not np.array_equal(lines[ax], line):
             raise Unroutable(f"parameter {key} is used on different channels")
         lines[ax] = line
-        roles.setdefault(ax, m.role)
-    return lines, roles
+    return lines
 
 
 def routing(lines: Lines) -> Routing:
@@ -233,11 +229,13 @@ class RoutedGroup:
             keep.setdefault(key, {})[axis] = list(range(size // self.width))
         try:
             st, key_of = self.probe.trace(keep)
-            lines, _ = group_lines(st.members, key_of, st.uf.root_table(untied=True),
-                                   lambda ax, line: ax in self.base.lines)
+            lines = group_lines(st.members, key_of, st.uf.root_table(untied=True),
+                                lambda ax: ax in self.base.lines)
         except Unroutable as e:
             return Refusal(f"the copy at width {width}: {e}")
         except Exception as e:  # the forward could not run at this width
+            logger.debug("group %s: the copy at width %d failed", self.name, width,
+                         exc_info=True)
             detail = str(e).strip().splitlines()
             return Refusal(f"the copy at width {width} failed: {type(e).__name__}: "
                            f"{detail[-1] if detail else ''}")
@@ -283,10 +281,14 @@ class RoutedGroup:
         """The width table `kept` fits.
 
         Raises:
-            ValueError: producers keep different counts, or the routes do not fit.
+            ValueError: channels repeated or out of range, producers keeping different counts,
+                or channels that do not follow the routes.
         """
-        per = np.bincount(self.labels[np.asarray(kept, dtype=np.int64)],
-                          minlength=len(self.producers))
+        kept = np.asarray(kept, dtype=np.int64)
+        if len(np.unique(kept)) != len(kept) or ((kept < 0) | (kept >= self.channels)).any():
+            raise ValueError(f"group {self.name!r}: kept channels must be distinct indices in "
+                             f"0..{self.channels - 1}, got {kept.tolist()}")
+        per = np.bincount(self.labels[kept], minlength=len(self.producers))
         if len(set(per.tolist())) != 1 or per[0] == 0:
             raise ValueError(f"group {self.name!r}: every producer must keep the same number of "
                              f"channels (>= 1), got {per.tolist()}; choose channels with "
