@@ -267,6 +267,7 @@ class ChannelGraph:
         root = st.uf.root_table(untied=True)
         key_of = {pname: key for pname, (key, _, _) in self._owner.items()}
         probe = self._probe(net)
+        known = _width_caches(net, (self.input_shape, str(self._modes)))
         for gi in self._reroute:
             g = self.groups[gi]
             axes = {ax: pa for ax, pa in self.param_axes.items() if (pa.group == gi).any()}
@@ -274,13 +275,15 @@ class ChannelGraph:
                 if any((pa.group != gi).any() for pa in axes.values()):
                     raise Unroutable("a parameter axis also holds channels of other groups")
                 lines = group_lines(st.members, key_of, root, lambda ax: ax in axes)
-                rg = RoutedGroup(g.name, lines, g.producers, probe)
+                rg = RoutedGroup(g.name, lines, g.producers, probe,
+                                 known.setdefault(tuple(sorted(axes)), {}))
             except Unroutable as e:
                 logger.info("group %s keeps its reason: no route model (%s)", g.name, e)
                 continue
             why = _first_fit(rg)
             if why:
                 g.reason += f"; nor do routes prune it: {why}"
+                warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
                 continue
             self.routed[gi] = rg
             for ax, pa in axes.items():
@@ -358,6 +361,24 @@ class ChannelGraph:
                 inp = round(count(mac.inp))
             total += out * inp * mac.kernel_spatial
         return int(total)
+
+
+# Per network: the widths its routed groups were measured at, while its structure (layers,
+# parameter shapes) stays the same; held weakly, so the table never keeps a network alive.
+_WIDTHS: "weakref.WeakKeyDictionary[paddle.nn.Layer, Tuple[Any, Dict[Any, Any]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _width_caches(net: paddle.nn.Layer, how: Tuple[Any, ...]) -> Dict[Any, Any]:
+    """The width caches of `net`'s routed groups (keyed by the group's parameter axes) for
+    this trace setting `how`; emptied when a layer or a parameter shape changed since."""
+    structure = (how, tuple(id(layer) for layer in net.sublayers()),
+                 tuple((key, tuple(p.shape)) for key, p in net.named_parameters()))
+    held = _WIDTHS.get(net)
+    if held is None or held[0] != structure:
+        held = (structure, {})
+        _WIDTHS[net] = held
+    return held[1]
 
 
 def _first_widths(width: int) -> List[int]:

@@ -137,6 +137,9 @@ def _width_table(copy_routing: Routing) -> _Width:
     return _Width(counts, order)
 
 
+WidthCache = Dict[int, Union[_Width, Refusal]]  # width -> its table, or why it does not prune
+
+
 class RoutedGroup:
     """A group whose channels shuffles route differently at each width.
 
@@ -151,13 +154,15 @@ class RoutedGroup:
         lines: untied class per position of every parameter axis holding the group.
         producers: the producers' output axes, in group order.
         probe: traces and trial-prunes copies of the network (`CopyProbe`).
+        known: widths measured on an earlier trace of the same unchanged network (filled in
+            as new widths are measured).
 
     Raises:
         Unroutable: the producers do not each mint their own, equally many channels.
     """
 
     def __init__(self, name: str, lines: Lines, producers: Sequence[AxisKey],
-                 probe: CopyProbe) -> None:
+                 probe: CopyProbe, known: Optional[WidthCache] = None) -> None:
         self.name = name
         self.base = routing(lines)
         self.probe = probe
@@ -166,7 +171,10 @@ class RoutedGroup:
         self.width = int((self.labels == 0).sum())  # channels per producer
         self.positions = {ax: {c: np.flatnonzero(line == c).tolist() for c in np.unique(line)}
                           for ax, line in self.base.lines.items()}
-        self._widths: Dict[int, Union[_Width, Refusal]] = {self.width: _width_table(self.base)}
+        # what each width gave; `known` (shared with earlier traces of the same, unchanged
+        # network) saves tracing its copies again
+        self._widths: WidthCache = known if known is not None else {}
+        self._widths.setdefault(self.width, _width_table(self.base))
 
     @property
     def channels(self) -> int:
