@@ -59,7 +59,12 @@ class ParamAxis:
 
 @dataclass
 class Group:
-    """A set of coupled channels that must be removed together, index by index."""
+    """A set of coupled channels that must be removed together, index by index.
+
+    A group that channel shuffles route differently at each width (`ChannelGraph.routed`,
+    ShuffleNetV2 stages) holds every channel of every producer; `partition` labels the
+    producer, and every producer keeps the same count.
+    """
 
     name: str
     param_name: str  # Paddle name of the leading weight (PaddleSlim style), "" if none
@@ -163,7 +168,6 @@ class ChannelGraph:
                 self._split_groups.add(gi)
                 self._trial_whats.setdefault(gi, what)
         self.groups: List[Group] = self._make_groups(classes, lead, parts, partitions, reasons)
-        self._classes = classes
         # groups left whole only because shuffles nest splits: the route model may prune them
         self._reroute = sorted(gi for gi in reasons.fixable if gi in self._trial_whats)
         self._macs = [_mac_census(m, classes) for m in st.macs if m.param in self._owner]
@@ -599,7 +603,7 @@ def _block_partitions(st: TraceState, classes: _Classes,
         gi_set = set(grp.ravel().tolist())
         if len(gi_set) != 1 or -1 in gi_set:
             reasons.add(gi_set - {-1}, f"{what} spans several channel groups, so its parts "
-                                       "cannot be kept equal", fixable=True)
+                                       "cannot be kept equal")
             continue
         if not _disjoint_rows(ch):
             reasons.add(gi_set, f"a channel shuffle tied channels together (so that every "
