@@ -268,6 +268,8 @@ class ChannelGraph:
         group's channels, and a width prunes when a pruned, traced copy shows it exactly (tried
         here at a few widths, `_first_widths`; others when asked for). Groups it cannot
         describe, or that no width tried prunes, keep their reason."""
+        if not self._reroute:
+            return
         root = st.uf.root_table(untied=True)
         key_of = {pname: key for pname, (key, _, _) in self._owner.items()}
         probe = self._probe(net)
