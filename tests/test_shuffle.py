@@ -192,6 +192,17 @@ class LiteralUnit(Unit):
         return y.reshape([n, self.c, h, w])
 
 
+class SlicedUnit(Unit):
+    """The unit written another way: half slices, the shuffle's run length left to reshape
+    (-1) and merged back by flatten."""
+
+    def forward(self, x):
+        c = x.shape[1]
+        y = paddle.concat([x[:, :c // 2], self.branch(x[:, c // 2:])], 1)
+        n, _, h, w = y.shape
+        return paddle.flatten(y.reshape([n, 2, -1, h, w]).transpose([0, 2, 1, 3, 4]), 1, 2)
+
+
 class Down(nn.Layer):
     """The first block of a stage (stride 2): two branches on the whole input, concat, shuffle."""
 
@@ -253,6 +264,11 @@ def test_nested_shuffle_stages_prune_exactly(ratio):
     kept = [len(plan[n].kept) // 4 for n in STAGES]
     assert net.unit1b.branch.pw.conv.weight.shape[1] == kept[0]
     assert net.last.conv.weight.shape[1] == 2 * kept[1]
+
+
+def test_nested_shuffles_written_another_way_prune_exactly():
+    paddle.seed(0)
+    check_pruned(TinyShuffleNetV2(SlicedUnit), TINY, ratio=0.5, expect_groups=STAGES)
 
 
 def test_kept_channels_that_break_the_routes_are_refused():
