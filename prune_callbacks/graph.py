@@ -284,7 +284,7 @@ class ChannelGraph:
                 rg = RoutedGroup(g.name, lines, g.producers, probe,
                                  known.setdefault(tuple(sorted(axes)), {}))
             except Unroutable as e:
-                logger.info("group %s keeps its reason: no route model (%s)", g.name, e)
+                g.reason += f"; nor can routes describe it: {e}"
                 continue
             why = _first_fit(rg)
             if why:
@@ -622,7 +622,8 @@ def _block_partitions(st: TraceState, classes: _Classes,
                               "channel blocks (in ShuffleNetV2 stages, splits of the shuffled "
                               "channels nest: the channels masking keeps would reach the "
                               "pruned network's splits in another order unless each stage "
-                              "kept a width-dependent pattern, which groups cannot express)",
+                              "kept a width-dependent pattern, which tied channels cannot "
+                              "express)",
                         fixable=True)
         partitions[gi] = labels
         if isinstance(entry, tuple):

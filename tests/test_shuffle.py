@@ -89,6 +89,7 @@ def test_split_cutting_tied_channels_unevenly_stays_whole():
     net = Repro(runs_first=False)  # rows of a tie in pairs, the conv's inputs do not
     g = _groups(net)["conv1"]
     assert not g.prunable and "holds them unevenly" in g.reason
+    assert "nor can routes describe it: a parameter axis also holds channels" in g.reason
 
 
 class ShuffleUnit(nn.Layer):
@@ -115,6 +116,7 @@ def test_shuffle_between_grouped_convs_stays_whole_with_a_reason():
     net = ShuffleUnit()
     g = _groups(net)["gconv1"]
     assert not g.prunable and "channel shuffle tied channels" in g.reason
+    assert "routes do not describe" in g.reason  # a grouped conv reads them in blocks
     check_pruned(net, SHAPE, ratios={"stem": 0.5})  # the rest still prunes exactly
 
 
