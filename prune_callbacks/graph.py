@@ -308,7 +308,7 @@ class ChannelGraph:
                 raise RuntimeError("the network of this channel graph no longer exists")
             return target
 
-        def trace(keep: Slices) -> Tuple[TraceState, Dict[str, str]]:
+        def trace(keep: Slices) -> Tuple[TraceState, Dict[str, str], paddle.nn.Layer]:
             pruned = copy.deepcopy(alive())
             allow_plain_parameters(pruned, plain)
             apply_slices(pruned, keep)
@@ -316,9 +316,12 @@ class ChannelGraph:
                 warnings.simplefilter("ignore")
                 state = trace_network(pruned, shape, modes)
             _blocked_channels(state)  # as _build does: generic parameters become members
-            return state, {p.name: key for key, p in pruned.named_parameters()}
+            return state, {p.name: key for key, p in pruned.named_parameters()}, pruned
 
-        return CopyProbe(trace, lambda keep, drop: trial_prune(alive(), shape, keep, drop))
+        def trial(keep: Slices, drop: Slices, pruned: paddle.nn.Layer) -> Optional[str]:
+            return trial_prune(alive(), shape, keep, drop, pruned_copy=pruned)
+
+        return CopyProbe(trace, trial)
 
     def group_slices(self, gi: int, kept: np.ndarray) -> Tuple[Dict[str, Dict[int, Any]],
                                                                 Dict[str, Dict[int, Any]]]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -26,13 +26,14 @@ Slices = Dict[str, Dict[int, List[int]]]
 
 @dataclass(frozen=True)
 class CopyProbe:
-    """What a routed group may do with the network: `trace(keep)` traces a copy pruned to
-    `keep` (returning its trace and Paddle parameter name -> state_dict key); `trial(keep,
-    drop)` prunes a copy and compares it with masking (`surgery.trial_prune`: None if equal,
-    else what differed). Neither changes the network."""
+    """What a routed group may do with the network: `trace(keep)` prunes a copy to `keep` and
+    traces it (returning the trace, the copy's Paddle parameter name -> state_dict key, and
+    the copy); `trial(keep, drop, copy)` fills that copy with the network's `keep` slices and
+    compares it with the network masked by `drop` (`surgery.trial_prune`: None if equal, else
+    what differed). Neither changes the network."""
 
-    trace: Callable[[Slices], Tuple[TraceState, Dict[str, str]]]
-    trial: Callable[[Slices, Slices], Optional[str]]
+    trace: Callable[[Slices], Tuple[TraceState, Dict[str, str], Any]]
+    trial: Callable[[Slices, Slices, Any], Optional[str]]
 
 
 class Unroutable(Exception):
@@ -236,7 +237,7 @@ class RoutedGroup:
                                  "channels")
             keep.setdefault(key, {})[axis] = list(range(size // self.width))
         try:
-            st, key_of = self.probe.trace(keep)
+            st, key_of, pruned = self.probe.trace(keep)
             lines = group_lines(st.members, key_of, st.uf.root_table(untied=True),
                                 lambda ax: ax in self.base.lines)
         except Unroutable as e:
@@ -258,7 +259,7 @@ class RoutedGroup:
             return _Shortage(f"at width {width} some routes need more channels than the "
                              "original holds")
         first = self._pick(table, np.zeros(self.channels))
-        failure = self.probe.trial(*self._slices(first, table))
+        failure = self.probe.trial(*self._slices(first, table), pruned)
         if failure is not None:
             return Refusal(f"pruning a copy to width {width} did not reproduce masking "
                            f"({failure})")
