@@ -7,8 +7,10 @@ unprunable with a reason. This module only reads the network; it never changes a
 """
 from __future__ import annotations
 
+import copy
 import logging
 import warnings
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set, Tuple
 
@@ -17,7 +19,8 @@ import paddle
 
 from . import op_handlers  # noqa: F401  (registers the built-in op handlers)
 from .layers import layer_handler
-from .surgery import allow_plain_parameters, trial_prune
+from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
+from .surgery import allow_plain_parameters, apply_slices, trial_prune
 from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceShapeError,
                       TraceModes, TraceState, _components, _compress, build_program, register_op, run_trace,
                       trace_network, unknown_op)
@@ -56,7 +59,12 @@ class ParamAxis:
 
 @dataclass
 class Group:
-    """A set of coupled channels that must be removed together, index by index."""
+    """A set of coupled channels that must be removed together, index by index.
+
+    A group that channel shuffles route differently at each width (`ChannelGraph.routed`,
+    ShuffleNetV2 stages) holds every channel of every producer; `partition` labels the
+    producer, and every producer keeps the same count.
+    """
 
     name: str
     param_name: str  # Paddle name of the leading weight (PaddleSlim style), "" if none
@@ -113,6 +121,7 @@ class ChannelGraph:
                  supports_layer: Callable[[paddle.nn.Layer], bool] = lambda layer: True,
                  modes: "TraceModes | str" = "auto") -> None:
         state = trace_network(net, input_shape, modes)
+        self._modes = modes
         self.two_modes = state.two_modes
         self.input_shape = tuple(int(s) for s in input_shape)
         self._owner: Dict[str, Tuple[str, str, paddle.nn.Layer]] = {}  # pname -> key, path, layer
@@ -126,7 +135,10 @@ class ChannelGraph:
         self.plain_params: Set[str] = set()  # per-channel parameters of unregistered layers
         self._build(state, supports_layer)
         allow_plain_parameters(net, self.plain_params)
+        # group index -> its routes, for groups that shuffles route differently at each width
+        self.routed: Dict[int, RoutedGroup] = {}
         self._trial_split_groups(net)
+        self._route_groups(net, state)
 
     # -- construction ----------------------------------------------------------------------
     def _build(self, st: TraceState, supports_layer: Callable[[paddle.nn.Layer], bool]) -> None:
@@ -156,6 +168,8 @@ class ChannelGraph:
                 self._split_groups.add(gi)
                 self._trial_whats.setdefault(gi, what)
         self.groups: List[Group] = self._make_groups(classes, lead, parts, partitions, reasons)
+        # groups left whole only because shuffles nest splits: the route model may prune them
+        self._reroute = sorted(gi for gi in reasons.fixable if gi in self._trial_whats)
         self._macs = [_mac_census(m, classes) for m in st.macs if m.param in self._owner]
         self._train_macs = [_mac_census(m, classes) for m in st.train_macs
                             if m.param in self._owner]
@@ -248,10 +262,73 @@ class ChannelGraph:
                             f"part on a copy did not reproduce masking ({failure})")
                 warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
 
+    def _route_groups(self, net: paddle.nn.Layer, st: TraceState) -> None:
+        """Give groups left whole by nested splits of shuffled channels (ShuffleNetV2 stages) a
+        route model (`routes.RoutedGroup`): every channel of every producer becomes one of the
+        group's channels, and a width prunes when a pruned, traced copy shows it exactly (tried
+        here at a few widths, `_first_widths`; others when asked for). Groups it cannot
+        describe, or that no width tried prunes, keep their reason."""
+        if not self._reroute:
+            return
+        root = st.uf.root_table(untied=True)
+        key_of = {pname: key for pname, (key, _, _) in self._owner.items()}
+        probe = self._probe(net)
+        known = _width_caches(net, (self.input_shape, str(self._modes)))
+        for gi in self._reroute:
+            g = self.groups[gi]
+            axes = {ax: pa for ax, pa in self.param_axes.items() if (pa.group == gi).any()}
+            try:
+                if any((pa.group != gi).any() for pa in axes.values()):
+                    raise Unroutable("a parameter axis also holds channels of other groups")
+                lines = group_lines(st.members, key_of, root, lambda ax: ax in axes)
+                rg = RoutedGroup(g.name, lines, g.producers, probe,
+                                 known.setdefault(tuple(sorted(axes)), {}))
+            except Unroutable as e:
+                g.reason += f"; nor can routes describe it: {e}"
+                continue
+            why = _first_fit(rg)
+            if why:
+                g.reason += f"; nor do routes prune it: {why}"
+                warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
+                continue
+            self.routed[gi] = rg
+            for ax, pa in axes.items():
+                self.param_axes[ax] = ParamAxis(pa.key, pa.axis, pa.group,
+                                                rg.base.lines[ax], pa.role)
+            g.channels, g.partition, g.prunable, g.reason = rg.channels, rg.labels, True, ""
+
+    def _probe(self, net: paddle.nn.Layer) -> CopyProbe:
+        """Trace and trial-prune copies of `net` as this graph traced it (held weakly)."""
+        ref = weakref.ref(net)
+        shape, modes, plain = self.input_shape, self._modes, set(self.plain_params)
+
+        def alive() -> paddle.nn.Layer:
+            target = ref()
+            if target is None:
+                raise RuntimeError("the network of this channel graph no longer exists")
+            return target
+
+        def trace(keep: Slices) -> Tuple[TraceState, Dict[str, str], paddle.nn.Layer]:
+            pruned = copy.deepcopy(alive())
+            allow_plain_parameters(pruned, plain)
+            apply_slices(pruned, keep)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                state = trace_network(pruned, shape, modes)
+            _blocked_channels(state)  # as _build does: generic parameters become members
+            return state, {p.name: key for key, p in pruned.named_parameters()}, pruned
+
+        def trial(keep: Slices, drop: Slices, pruned: paddle.nn.Layer) -> Optional[str]:
+            return trial_prune(alive(), shape, keep, drop, pruned_copy=pruned)
+
+        return CopyProbe(trace, trial)
+
     def group_slices(self, gi: int, kept: np.ndarray) -> Tuple[Dict[str, Dict[int, Any]],
                                                                 Dict[str, Dict[int, Any]]]:
         """Kept and removed indices per parameter (state_dict key) and axis when group `gi`
         keeps the channels where the boolean mask `kept` is True."""
+        if gi in self.routed:  # kept in the order the pruned network's shuffles give them
+            return self.routed[gi].slices(np.flatnonzero(kept))
         keep_sl: Dict[str, Dict[int, Any]] = {}
         drop_sl: Dict[str, Dict[int, Any]] = {}
         for (key, axis), pa in self.param_axes.items():
@@ -293,6 +370,47 @@ class ChannelGraph:
                 inp = round(count(mac.inp))
             total += out * inp * mac.kernel_spatial
         return int(total)
+
+
+# Per network: the widths its routed groups were measured at, while its structure (layers,
+# parameter shapes) stays the same; held weakly, so the table never keeps a network alive.
+_WIDTHS: "weakref.WeakKeyDictionary[paddle.nn.Layer, Tuple[Any, Dict[Any, Any]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def _width_caches(net: paddle.nn.Layer, how: Tuple[Any, ...]) -> Dict[Any, Any]:
+    """The width caches of `net`'s routed groups (keyed by the group's parameter axes) for
+    this trace setting `how`; emptied when a layer or a parameter shape changed since."""
+    structure = (how, tuple(id(layer) for layer in net.sublayers()),
+                 tuple((key, tuple(p.shape)) for key, p in net.named_parameters()))
+    held = _WIDTHS.get(net)
+    if held is None or held[0] != structure:
+        held = (structure, {})
+        _WIDTHS[net] = held
+    return held[1]
+
+
+def _first_widths(width: int) -> List[int]:
+    """Widths (per producer) a routed group is first tried at, in order: half, all but one, a
+    quarter, then half's neighbours; the first that prunes exactly verifies the group."""
+    half = width // 2
+    order = [half, width - 1, width // 4, half - 1, half + 1]
+    return list(dict.fromkeys(w for w in order if 1 <= w < width))
+
+
+def _first_fit(rg: RoutedGroup) -> str:
+    """'' when one of the first widths tried (`_first_widths`) prunes `rg` exactly, else why
+    not; a forward that fails or differs from masking at one width is not tried at others."""
+    tried: List[int] = []
+    for w in _first_widths(rg.width):
+        tried.append(w)
+        if rg.feasible(w):
+            return ""
+        why = rg.why_not(w)
+        if not why.other_widths_may_fit:
+            return why
+    return (f"no width among {tried} of {rg.width} per producer prunes exactly "
+            f"({rg.why_not(tried[0]) if tried else 'it has one channel per producer'})")
 
 
 def _keeps_count(layer: paddle.nn.Layer, count: int) -> bool:
@@ -343,9 +461,12 @@ class _Reasons:
 
     def __init__(self) -> None:
         self.by_group: Dict[int, str] = {}
+        self.fixable: Set[int] = set()  # groups whose reason a route model may lift
 
-    def add(self, groups: Iterable[int], why: str) -> None:
+    def add(self, groups: Iterable[int], why: str, fixable: bool = False) -> None:
         for gi in groups:
+            if fixable and gi not in self.by_group:
+                self.fixable.add(gi)
             self.by_group.setdefault(gi, why)
 
 
@@ -493,7 +614,7 @@ def _block_partitions(st: TraceState, classes: _Classes,
             reasons.add(gi_set, f"a channel shuffle tied channels together (so that every "
                                 f"shuffled run keeps the same positions) and the {what} cuts "
                                 "tied channels apart or holds them unevenly, so its parts "
-                                "cannot be kept equal")
+                                "cannot be kept equal", fixable=True)
             continue
         gi = gi_set.pop()
         labels = np.full(int(classes.channels[gi]), -1, dtype=np.int64)
@@ -504,7 +625,9 @@ def _block_partitions(st: TraceState, classes: _Classes,
                               "channel blocks (in ShuffleNetV2 stages, splits of the shuffled "
                               "channels nest: the channels masking keeps would reach the "
                               "pruned network's splits in another order unless each stage "
-                              "kept a width-dependent pattern, which groups cannot express)")
+                              "kept a width-dependent pattern, which tied channels cannot "
+                              "express)",
+                        fixable=True)
         partitions[gi] = labels
         if isinstance(entry, tuple):
             split_groups.add(gi)

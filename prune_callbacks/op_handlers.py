@@ -254,9 +254,9 @@ def _tie_runs(state: TraceState, after: np.ndarray, target: Optional[Sequence[in
     grid = np.moveaxis(after, (outer, inner), (0, 1)).reshape(after.shape[outer],
                                                                after.shape[inner])
     if target is not None and len(target) == after.ndim and target[outer] == -1:
-        state.uf.union_arrays(grid, np.repeat(grid[:, :1], grid.shape[1], axis=1))
+        state.uf.union_arrays(grid, np.repeat(grid[:, :1], grid.shape[1], axis=1), tie=True)
     else:
-        state.uf.union_arrays(grid, np.repeat(grid[:1, :], grid.shape[0], axis=0))
+        state.uf.union_arrays(grid, np.repeat(grid[:1, :], grid.shape[0], axis=0), tie=True)
     return True
 
 

@@ -44,12 +44,16 @@ class PlanGroup:
         units: block sizes when grouped convolutions make each block lose the same count
             (their sum is `channels`); empty for one free block.
         prunable: False for a group that must stay whole.
+        round_width: for a group whose units must keep a count from a set of widths (channel
+            shuffles route its channels differently at each width): the allowed count nearest
+            to a unit's kept count. None: every count is allowed.
     """
 
     name: str
     channels: int
     units: Tuple[int, ...] = ()
     prunable: bool = True
+    round_width: Optional[Callable[[int], int]] = None
 
     @property
     def blocks(self) -> Tuple[int, ...]:
@@ -77,6 +81,8 @@ def n_keep(n: int, ratio: float, rounding: int = 1) -> int:
 def kept_count(group: PlanGroup, ratio: float, round_to: int = 1) -> int:
     """Channels a group keeps at `ratio` (blocks of a grouped conv lose the same share each)."""
     units = group.blocks
+    if group.round_width is not None:  # equal units, each at an allowed width
+        return group.round_width(n_keep(units[0], ratio)) * len(units)
     if len(units) == 1:
         return n_keep(units[0], ratio, round_to)
     return sum(n_keep(u, ratio) for u in units)
@@ -308,6 +314,8 @@ def _top_up(groups: Sequence[PlanGroup], flops_fn: FlopsFn, ratios: Dict[int, fl
 def _next_ratio(group: PlanGroup, ratio: float, round_to: int) -> Optional[float]:
     """The smallest ratio above `ratio` that keeps fewer channels, or None at the minimum."""
     units = group.blocks
+    if group.round_width is not None:
+        return _next_width_ratio(group.round_width, units[0], ratio)
     if len(units) == 1:
         n = units[0]
         keep = n_keep(n, ratio, round_to)
@@ -321,6 +329,16 @@ def _next_ratio(group: PlanGroup, ratio: float, round_to: int) -> Optional[float
     if removed + 1 >= u:
         return None
     return (removed + 1) / u
+
+
+def _next_width_ratio(round_width: Callable[[int], int], unit: int,
+                      ratio: float) -> Optional[float]:
+    """The smallest ratio above `ratio` whose allowed width is smaller, or None at the least."""
+    width = round_width(n_keep(unit, ratio))
+    for smaller in range(width - 1, 0, -1):
+        if round_width(smaller) < width:
+            return (unit - smaller) / unit
+    return None
 
 
 def plan_ratios(pruner: Any, flops: float, sens: Optional[Any], skip: Sequence[str] = (),

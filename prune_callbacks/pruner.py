@@ -198,7 +198,9 @@ class FilterPruner:
         Rounding (PaddleSlim's): round(ratio * channels) go, to nearest, at least one stays
         (`planning.n_keep`), and with `round_to=N` the kept count is rounded up to a multiple
         of N. Groups feeding grouped convolutions lose the same
-        number of channels in every block (round_to does not apply to them).
+        number of channels in every block (round_to does not apply to them). Groups that
+        channel shuffles route (`graph.routed`, ShuffleNetV2 stages) keep, per producer, the
+        width nearest to the ratio's that prunes exactly, and per route their best channels.
         """
         if not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to must be a positive int, got {round_to!r}")
@@ -213,7 +215,12 @@ class FilterPruner:
                 raise ValueError(f"ratio for {name!r} must be in [0, 1), got {ratio!r}")
             if not g.prunable:
                 raise ValueError(f"group {g.name!r} cannot be pruned: {g.reason}")
-            kept[gi] = self._keep(g, self.importance(gi), float(ratio), round_to)
+            routed = self.graph.routed.get(gi)
+            if routed is not None:  # the nearest width the pruned network's shuffles allow
+                width = routed.nearest(n_keep(routed.width, float(ratio)))
+                kept[gi] = routed.select(self.importance(gi), width)
+            else:
+                kept[gi] = self._keep(g, self.importance(gi), float(ratio), round_to)
         return kept
 
     @staticmethod
@@ -233,9 +240,14 @@ class FilterPruner:
         keep_sl: Dict[str, Dict[int, Any]] = {}
         drop_sl: Dict[str, Dict[int, Any]] = {}
         masks = {}
+        routed = self.graph.routed
         for gi, k in kept.items():
             m = np.zeros(self.groups[gi].channels, dtype=bool)
             m[k] = True
+            if gi in routed:  # its axes hold it alone, in the pruned shuffles' order
+                if not m.all():
+                    _merge(keep_sl, drop_sl, *routed[gi].slices(np.flatnonzero(m)))
+                continue
             masks[gi] = m
         for (key, axis), pa in self.graph.param_axes.items():
             hit = [gi for gi in masks if np.any(pa.group == gi)]
@@ -405,7 +417,10 @@ class FilterPruner:
                         curves, round_to)
 
     def _plan_groups(self) -> List[PlanGroup]:
-        return [PlanGroup(g.name, g.channels, _units(g), g.prunable) for g in self.groups]
+        routed = self.graph.routed
+        return [PlanGroup(g.name, g.channels, _units(g), g.prunable,
+                          routed[i].nearest if i in routed else None)
+                for i, g in enumerate(self.groups)]
 
     def _curves(self, sens: Optional[Sensitivities]) -> Optional[Dict[str, Dict[float, float]]]:
         """`{group: {ratio: loss}}` from a SensitivityResult (checked to fit this network and
@@ -507,6 +522,15 @@ def _units(group: Group) -> Tuple[int, ...]:
     if group.partition is None:
         return ()
     return tuple(int((group.partition == b).sum()) for b in np.unique(group.partition))
+
+
+def _merge(keep_sl: Dict[str, Dict[int, Any]], drop_sl: Dict[str, Dict[int, Any]],
+           keep: Mapping[str, Mapping[int, Any]], drop: Mapping[str, Mapping[int, Any]]) -> None:
+    """Add one group's kept and removed positions per parameter axis to the running slices."""
+    for key, axes in keep.items():
+        keep_sl.setdefault(key, {}).update(axes)
+    for key, axes in drop.items():
+        drop_sl.setdefault(key, {}).update(axes)
 
 
 def _nested(v: Any) -> bool:

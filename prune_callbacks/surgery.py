@@ -195,7 +195,8 @@ def _outputs(net: nn.Layer, x: paddle.Tensor) -> List[np.ndarray]:
 
 
 def trial_prune(net: nn.Layer, input_shape: Sequence[int], keep: ParamSlices,
-                drop: ParamSlices, rtol: float = 1e-3) -> Optional[str]:
+                drop: ParamSlices, rtol: float = 1e-3,
+                pruned_copy: Optional[nn.Layer] = None) -> Optional[str]:
     """Prune a deep copy of `net` to `keep` and compare it with `net` masked by `drop`.
 
     Args:
@@ -203,6 +204,9 @@ def trial_prune(net: nn.Layer, input_shape: Sequence[int], keep: ParamSlices,
         input_shape: batch first.
         keep, drop: kept and removed indices per parameter and axis (state_dict keys).
         rtol: largest relative difference accepted.
+        pruned_copy: a copy of `net` already pruned to the shapes `keep` gives (any indices),
+            used instead of a new one: its parameters in `keep` are overwritten with `net`'s
+            slices (saves a deep copy when the caller has one).
 
     Returns:
         None when the pruned copy reproduces the masked outputs, else what went wrong.
@@ -212,8 +216,11 @@ def trial_prune(net: nn.Layer, input_shape: Sequence[int], keep: ParamSlices,
     try:
         with Mask(net, drop):
             masked = _outputs(net, x)
-        pruned_net = copy.deepcopy(net)
-        apply_slices(pruned_net, keep)
+        if pruned_copy is None:
+            pruned_net = copy.deepcopy(net)
+            apply_slices(pruned_net, keep)
+        else:
+            pruned_net = _refill(pruned_copy, net, keep)
         pruned = _outputs(pruned_net, x)
     except Exception as e:  # a size written into forward no longer fits: that is the answer
         return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
@@ -226,3 +233,16 @@ def trial_prune(net: nn.Layer, input_shape: Sequence[int], keep: ParamSlices,
         if err > rtol:
             return f"outputs differ from masking by {err:.2g}"
     return None
+
+
+def _refill(pruned: nn.Layer, net: nn.Layer, keep: ParamSlices) -> nn.Layer:
+    """Set the parameters of `pruned` named in `keep` to `net`'s slices (same shapes)."""
+    source = dict(net.named_parameters())
+    for key, p in pruned.named_parameters():
+        if key in keep:
+            value = slice_array(source[key].numpy(), keep[key])
+            if tuple(value.shape) != tuple(p.shape):
+                raise ValueError(f"{key}: slices give {list(value.shape)}, the copy holds "
+                                 f"{list(p.shape)}")
+            p.set_value(value)
+    return pruned

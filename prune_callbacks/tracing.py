@@ -41,25 +41,38 @@ class _UnionFind:
     def __init__(self) -> None:
         self.size = 0
         self._pairs: List[Tuple[np.ndarray, np.ndarray]] = []
+        self._ties: List[bool] = []  # per pair: a channel shuffle's tie (a guess, not data flow)
         self._root: Optional[np.ndarray] = None
+        self._untied: Optional[np.ndarray] = None
 
     def fresh(self, n: int) -> np.ndarray:
         start = self.size
         self.size += n
         return np.arange(start, start + n, dtype=np.int64)
 
-    def union_arrays(self, a: np.ndarray, b: np.ndarray) -> None:
+    def union_arrays(self, a: np.ndarray, b: np.ndarray, tie: bool = False) -> None:
+        """Join ids a[k] and b[k]; `tie` marks a join that no data flow makes (the positions a
+        channel shuffle keeps in step), which `root_table(untied=True)` leaves out."""
         self._pairs.append((np.asarray(a, dtype=np.int64).ravel(),
                             np.asarray(b, dtype=np.int64).ravel()))
-        self._root = None
+        self._ties.append(tie)
+        self._root = self._untied = None
 
-    def root_table(self) -> np.ndarray:
-        """root_table()[i] is the root of id i."""
-        if self._root is None or len(self._root) != self.size:
-            a = np.concatenate([p[0] for p in self._pairs]) if self._pairs else np.zeros(0, int)
-            b = np.concatenate([p[1] for p in self._pairs]) if self._pairs else np.zeros(0, int)
-            self._root = _components(self.size, a, b)
-        return self._root
+    def root_table(self, untied: bool = False) -> np.ndarray:
+        """root_table()[i] is the root of id i; with `untied`, joined by data flow only (channel
+        shuffles' ties left out: each channel keeps its own class through index ops)."""
+        cached = self._untied if untied else self._root
+        if cached is not None and len(cached) == self.size:
+            return cached
+        pairs = [p for p, t in zip(self._pairs, self._ties) if not (untied and t)]
+        a = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0, np.int64)
+        b = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros(0, np.int64)
+        table = _components(self.size, a, b)
+        if untied:
+            self._untied = table
+        else:
+            self._root = table
+        return table
 
     def roots(self, ids: np.ndarray) -> np.ndarray:
         return self.root_table()[np.asarray(ids, dtype=np.int64)]

@@ -67,8 +67,9 @@ def train_step(net: nn.Layer, shape: Sequence[int]) -> None:
 
 def check_pruned(net: nn.Layer, shape: Sequence[int], ratios: Optional[Mapping[str, float]] = None,
                  modes: Sequence[bool] = (False, True), rtol: float = 1e-4,
-                 expect_groups: Optional[Sequence[str]] = None) -> Dict[str, Any]:
-    """Prune `ratios` (default 0.5 of every prunable group) and check the pruned network against
+                 expect_groups: Optional[Sequence[str]] = None,
+                 ratio: float = 0.5) -> Dict[str, Any]:
+    """Prune `ratios` (default `ratio` of every prunable group) and check the pruned network against
     the masked one in each mode of `modes` (False: eval), then a training step; FLOPs fall and
     `pruner.flops()` equals `count_flops` before and after.
 
@@ -84,7 +85,7 @@ def check_pruned(net: nn.Layer, shape: Sequence[int], ratios: Optional[Mapping[s
     if expect_groups is not None:
         assert set(expect_groups) <= set(names), (names, [(g.name, g.reason) for g in
                                                           pruner.groups if not g.prunable])
-    ratios = dict(ratios) if ratios is not None else {n: 0.5 for n in names}
+    ratios = dict(ratios) if ratios is not None else {n: ratio for n in names}
     assert ratios, "no prunable group"
     assert pruner.flops() == count_flops(net, shape)
     x = paddle.randn(list(shape))

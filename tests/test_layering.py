@@ -23,7 +23,7 @@ LAYERS: Dict[str, int] = {
     "sensitivity": 2, "planning": 2, "optim": 2, "io": 2, "latency": 2,
     "plan": 1, "graph": 1, "surgery": 1, "flops": 1, "importance": 1, "data": 1, "modes": 1,
     # parts of the graph, surgery and distributed helpers (other branches add them)
-    "layers": 1, "tracing": 1, "op_handlers": 1, "distributed": 1, "image_folder": 1, "onnx": 1,
+    "layers": 1, "tracing": 1, "op_handlers": 1, "routes": 1, "distributed": 1, "image_folder": 1, "onnx": 1,
 }
 TOP = "__init__"  # the package's front door re-exports from every layer
 

@@ -297,12 +297,14 @@ def test_literal_and_unequal_sizes_stay_whole():
     assert not conv1.prunable and "unequal or literal sizes" in conv1.reason
 
 
-def test_channel_shuffle_says_why_it_stays_whole():
-    groups = _groups(paddle.vision.models.shufflenet_v2_x0_25(num_classes=10), [1, 3, 32, 32])
-    # one group per stage (the stage's width): the shuffle ties channels, nested splits of them
-    # would need a width-dependent channel order
-    blocked = [g for g in groups.values() if "ShuffleNetV2 stages" in g.reason]
-    assert len(blocked) == 3 and all("width-dependent" in g.reason for g in blocked)
+def test_nested_channel_shuffles_are_routed():
+    pruner = FilterPruner(paddle.vision.models.shufflenet_v2_x0_25(num_classes=10), [1, 3, 32, 32])
+    # one group per stage, once whole (nested splits of shuffled channels would need a
+    # width-dependent channel order): now every producer's channels, routed per width
+    routed = [pruner.groups[gi] for gi in sorted(pruner.graph.routed)]
+    assert [g.name for g in routed] == [f"{s}_1._conv_linear_1.0" for s in (2, 3, 4)]
+    assert all(g.prunable for g in routed)
+    assert not [g for g in pruner.groups if "ShuffleNetV2 stages" in g.reason]
 
 
 def test_half_slices_written_into_the_code_are_caught_by_a_trial_prune():

@@ -94,6 +94,28 @@ def test_blocks_of_grouped_convs_lose_the_same_count() -> None:
     assert kept_count(g, 0.4, round_to=4) == 6  # round_to does not apply to blocks
 
 
+def test_groups_with_allowed_widths_keep_only_those() -> None:
+    """A routed group (ShuffleNetV2 stage): 2 producers of 10 channels, each keeping one of
+    the widths {1, 2, 3, 8, 9, 10}; ratios round to the nearest (the smaller on a tie)."""
+    allowed = (1, 2, 3, 8, 9, 10)
+
+    def nearest(width: int) -> int:
+        return min(allowed, key=lambda a: (abs(a - width), a))
+
+    routed = PlanGroup("r", 20, (10, 10), round_width=nearest)
+    assert kept_count(routed, 0.5) == 2 * 3 and kept_count(routed, 0.2) == 2 * 8
+    assert kept_count(routed, 0.35) == 2 * 8  # 6.5 -> 6 kept (round half to even), nearer 8
+    groups = [routed, PlanGroup("b", 10)]
+
+    def flops(counts: Mapping[int, int]) -> int:
+        return 10 * counts.get(0, 20) + 20 * counts.get(1, 10)
+
+    ratios = plan_group_ratios(groups, flops, None, 0.4, strategy="uniform")
+    counts = {i: kept_count(groups[i], ratios.get(g.name, 0.0)) for i, g in enumerate(groups)}
+    assert counts[0] // 2 in allowed and counts[0] < 20
+    assert 1 - flops(counts) / flops({}) >= 0.4
+
+
 def test_unreachable_target_names_the_reachable_one() -> None:
     # curves stop at 0.9: every group keeps at least 1 of 10 -> at most 0.9 reachable
     with pytest.raises(ValueError, match=r"0\.950 cannot be reached.* is 0\.900"):
