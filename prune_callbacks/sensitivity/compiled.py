@@ -113,7 +113,7 @@ class CompiledEval:
             sites, members, names = _sites(wanted, seen, layers)
             if not names:
                 return None
-            predictor = _export(net, layers, sites, x, ev.workers)
+            predictor = _export(net, layers, sites, x)
         except Exception as e:  # any failure to export leaves the eager path, same numbers
             logger.info("compiled sensitivity path unavailable (%s: %s); evaluating eagerly",
                         type(e).__name__, str(e).splitlines()[0][:200] if str(e) else "")
@@ -176,10 +176,19 @@ class CompiledEval:
         return [out[a:z] for a, z in zip(self._starts[:-1], self._starts[1:])]
 
     def _run(self, keep: np.ndarray) -> np.ndarray:
-        """Outputs of every evaluation row, batch by batch (the predictor spreads each batch over
-        `workers` oneDNN threads); inputs are copied out of the batches per run, not kept."""
-        return np.concatenate([_predict(self.predictor, x.numpy(), keep)
-                               for x, _ in self.ev.batches])
+        """Outputs of every evaluation row, batch by batch; inputs are copied out of the batches
+        per run, not kept. A
+        short last batch is padded to the full size: one input shape for every run, because a
+        new shape makes oneDNN rebuild its kernels (seconds per run, measured on ShuffleNetV2)."""
+        rows = len(self.ev.batches[0][1])
+        outs = []
+        for x, y in self.ev.batches:
+            data = x.numpy()
+            if len(data) < rows:
+                data = np.concatenate([data, np.zeros((rows - len(data),) + data.shape[1:],
+                                                      dtype=data.dtype)])
+            outs.append(_predict(self.predictor, data, keep)[:len(y)])
+        return np.concatenate(outs)
 
     def _tolerance(self, out: np.ndarray) -> np.ndarray:
         flat = out.reshape(len(out), -1)
@@ -325,8 +334,8 @@ class _KeepNet(nn.Layer):
 
 
 def _export(net: nn.Layer, layers: Mapping[str, nn.Layer], sites: Mapping[str, _Site],
-            x: paddle.Tensor, workers: int) -> Any:
-    """Save `net` with its site hooks as an inference program; load it on `workers` threads."""
+            x: paddle.Tensor) -> Any:
+    """Save `net` with its site hooks as an inference program and load it."""
     keeps = _Keeps()
     order = list(sites.values())
 
@@ -350,19 +359,21 @@ def _export(net: nn.Layer, layers: Mapping[str, nn.Layer], sites: Mapping[str, _
             prefix = os.path.join(tmp, "keep")
             paddle.jit.save(wrapper, prefix, input_spec=specs)
             model = prefix + ".json" if os.path.exists(prefix + ".json") else prefix + ".pdmodel"
-            return _predictor(model, prefix + ".pdiparams", workers)
+            return _predictor(model, prefix + ".pdiparams")
     finally:
         for h in hooks:
             h.remove()
 
 
-def _predictor(model: str, params: str, threads: int) -> Any:
-    """A Paddle Inference predictor with oneDNN on `threads` cores. oneDNN binds its state to the
-    thread that first runs it: the predictor is run from the analysis' own thread only (a second
-    predictor or a clone in worker threads fails with a bare std::exception)."""
+def _predictor(model: str, params: str) -> Any:
+    """A Paddle Inference predictor with oneDNN on one thread. oneDNN binds its state to the
+    thread that first runs it, so the predictor runs in the analysis' own thread only (clones or
+    second predictors in worker threads fail with a bare std::exception); and one oneDNN thread
+    because with two, on a CPU shared with other work, OpenMP's spinning barriers stalled runs
+    from 0.02 s to 1-3 s (ShuffleNetV2, load average 4 on 2 cores)."""
     config = paddle.inference.Config(model, params)
     config.disable_gpu()
-    config.set_cpu_math_library_num_threads(max(1, threads))
+    config.set_cpu_math_library_num_threads(1)
     config.enable_onednn()
     config.disable_glog_info()
     return paddle.inference.create_predictor(config)
