@@ -273,6 +273,7 @@ def test_a_registered_criterion_is_a_config_choice(tmp_path: Path, monkeypatch: 
         (["optim.learning_rate=-1"], r"optim\.learning_rate=-1 must be a positive number"),
         (["optim._partial_=false"], r"optim\._partial_ must be true"),
         (["prune.sensitivity_samples=0"], r"prune\.sensitivity_samples=0: num_samples must be a positive int"),
+        (["prune.sensitivity_engine=fast"], r"prune\.sensitivity_engine='fast': engine must be one of auto, eager"),
         (["callbacks.visualdl=true"], r"callbacks\.visualdl=True is neither .*'callbacks=\[default,visualdl\]'"),
         (["callbacks.visualdl._target_=nope.Nope"], r"callbacks\.visualdl\._target_='nope\.Nope' cannot be imported"),
     ],
