@@ -177,9 +177,8 @@ class CompiledEval:
 
     def _run(self, keep: np.ndarray) -> np.ndarray:
         """Outputs of every evaluation row, batch by batch; inputs are copied out of the batches
-        per run, not kept. A
-        short last batch is padded to the full size: one input shape for every run, because a
-        new shape makes oneDNN rebuild its kernels (seconds per run, measured on ShuffleNetV2)."""
+        per run, not kept. A short last batch is padded to the full size: one input shape for
+        every run, so oneDNN never rebuilds its kernels for a new shape."""
         rows = len(self.ev.batches[0][1])
         outs = []
         for x, y in self.ev.batches:
