@@ -365,9 +365,9 @@ def _export(net: nn.Layer, layers: Mapping[str, nn.Layer], sites: Mapping[str, _
 
 
 def _predictor(model: str, params: str) -> Any:
-    """A Paddle Inference predictor with oneDNN on one thread. oneDNN binds its state to the
-    thread that first runs it, so the predictor runs in the analysis' own thread only (clones or
-    second predictors in worker threads fail with a bare std::exception); and one oneDNN thread
+    """A Paddle Inference predictor with oneDNN on one thread. It runs in the analysis' own
+    thread only: predictors (clones, or second ones) run from a new pool's worker threads after
+    running elsewhere failed with a bare std::exception here; and one oneDNN thread
     because with two, on a CPU shared with other work, OpenMP's spinning barriers stalled runs
     from 0.02 s to 1-3 s (ShuffleNetV2, load average 4 on 2 cores)."""
     config = paddle.inference.Config(model, params)
