@@ -4,13 +4,14 @@ FLOPs the pruner predicted (per sample, as `count_flops` counts them)."""
 from __future__ import annotations
 
 import warnings
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
 from prune_callbacks import FilterPruner, count_flops
+from prune_callbacks.sensitivity import top1_metric
 
 
 def leaves(out: Any) -> List[paddle.Tensor]:
@@ -106,3 +107,17 @@ def check_pruned(net: nn.Layer, shape: Sequence[int], ratios: Optional[Mapping[s
         assert FilterPruner(net, shape).flops() == plan.flops_after
     train_step(net, shape)
     return {"pruner": pruner, "plan": plan}
+
+
+def masked_eval_fn(net: nn.Layer, ds: Any, batch_size: int) -> Callable[[], float]:
+    """Plain masked evaluation, the reference of the sensitivity tests: the whole network,
+    eagerly, on whole batches of `ds.x` / `ds.y` (the analysis masks it)."""
+    def evaluate() -> float:
+        correct = total = 0.0
+        with paddle.no_grad():
+            for i in range(0, len(ds.x), batch_size):
+                c, t = top1_metric(net(paddle.to_tensor(ds.x[i:i + batch_size])).numpy(),
+                                   ds.y[i:i + batch_size])
+                correct, total = correct + c, total + t
+        return correct / total
+    return evaluate

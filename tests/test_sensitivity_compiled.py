@@ -4,7 +4,7 @@ network, it must serve every group it can, and fall back (same numbers) for a gr
 network, it cannot serve."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict, List
+from typing import Any, Dict, List
 
 import numpy as np
 import paddle
@@ -14,23 +14,11 @@ from paddle.vision import models
 
 from prune_callbacks import EvalData, FilterPruner
 from prune_callbacks.sensitivity import compiled as compiled_mod
-from prune_callbacks.sensitivity import top1_metric
 from prune_callbacks.sensitivity.compiled import CompiledEval
 
+from pruning_checks import masked_eval_fn
+
 RATIOS = (0.3, 0.6, 0.9)
-
-
-def masked_eval_fn(net: nn.Layer, ds: Any, batch_size: int) -> Callable[[], float]:
-    """Plain masked evaluation: the whole network, eagerly, on whole batches."""
-    def run() -> float:
-        correct = total = 0.0
-        with paddle.no_grad():
-            for i in range(0, len(ds.x), batch_size):
-                c, t = top1_metric(net(paddle.to_tensor(ds.x[i:i + batch_size])).numpy(),
-                                   ds.y[i:i + batch_size])
-                correct, total = correct + c, total + t
-        return correct / total
-    return run
 
 
 class Spy:

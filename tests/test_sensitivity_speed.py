@@ -3,7 +3,7 @@ threads) gives exactly the losses of plainly evaluating the masked network, and 
 the same numbers on a network whose layers it cannot replay."""
 from __future__ import annotations
 
-from typing import Any, Callable, Dict
+from typing import Any, Dict
 
 import numpy as np
 import paddle
@@ -12,23 +12,11 @@ import pytest
 from paddle.vision import models
 
 from prune_callbacks import EvalData, FilterPruner
-from prune_callbacks.sensitivity import top1_metric
 from prune_callbacks.sensitivity.evaluation import ROW_BLOCK, work_pieces
 
+from pruning_checks import masked_eval_fn
+
 RATIOS = (0.3, 0.6, 0.9)
-
-
-def masked_eval_fn(net: nn.Layer, ds: Any, batch_size: int) -> Callable[[], float]:
-    """Plain masked evaluation: the whole network on whole batches (the analysis masks it)."""
-    def run() -> float:
-        correct = total = 0.0
-        with paddle.no_grad():
-            for i in range(0, len(ds.x), batch_size):
-                c, t = top1_metric(net(paddle.to_tensor(ds.x[i:i + batch_size])).numpy(),
-                                   ds.y[i:i + batch_size])
-                correct, total = correct + c, total + t
-        return correct / total
-    return run
 
 
 @pytest.mark.parametrize("sizes,workers", [

@@ -304,13 +304,13 @@ class Runner:
                 state["pending"] = plan.needed
 
         compiled = self.compiled if self.compiled and self.compiled.covers(group.name) else None
-        verify = [True]
+        verify = True  # the group's first compiled point is also checked eagerly
 
         def evaluate(drop: ParamSlices) -> float:
-            nonlocal compiled
+            nonlocal compiled, verify
             if compiled is not None:
-                outs = compiled.outputs(drop, verify[0])
-                verify[0] = False
+                outs = compiled.outputs(drop, verify)
+                verify = False
                 if outs is not None:
                     return self.evaluate.score(outs)
                 logger.info("group %s: compiled outputs disagree with eager masking; "
