@@ -25,8 +25,8 @@ RATIOS = (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
 
 def analyse(model: str, samples: int, out: str) -> None:
     from prune_callbacks import FilterPruner
-    from prune_callbacks.data import digits_dataset, subset
-    from prune_callbacks.distributed import is_main
+    from prune_callbacks.datasets.bundled import digits_dataset, subset
+    from prune_callbacks.training.distributed import is_main
 
     paddle.seed(0)
     net = getattr(paddle.vision.models, model)(num_classes=10)

@@ -4,7 +4,7 @@ For each model and input size, a freshly built network (seed 0, 1000 classes at 
 32x32) is pruned to each FLOPs cut with each `round_to`, strategy "uniform" (the same ratio in
 every group, criterion l1: no data here for sensitivity curves). Baseline and pruned network are
 each exported (paddle.jit.save in eval mode, free batch size; ONNX through paddle2onnx) and timed
-by `prune_callbacks.latency.time_runners`: `--warmup` untimed calls each, then `--repeats` rounds
+by `prune_callbacks.deploy.latency.time_runners`: `--warmup` untimed calls each, then `--repeats` rounds
 that time one call of each, alternating (so load from other processes falls on both), median
 kept; `--clock cpu` times the calling thread's CPU time (right with `--threads 1`, where the
 engines compute in that thread), so time the scheduler gives other processes drops out.
@@ -51,7 +51,7 @@ import paddle
 from paddle.vision import models
 
 from prune_callbacks import FilterPruner
-from prune_callbacks.latency import (CLOCKS, LatencyOptions, LatencyStats, Runner, build_runner,
+from prune_callbacks.deploy.latency import (CLOCKS, LatencyOptions, LatencyStats, Runner, build_runner,
                                      plan_for_latency, time_runners)
 
 BACKENDS: Dict[str, Tuple[str, bool]] = {  # name -> (latency backend, oneDNN)

@@ -40,7 +40,7 @@ from paddle.static import InputSpec
 
 warnings.filterwarnings("ignore")
 from prune_callbacks import DistillCallback, FilterPruner, count_flops  # noqa: E402
-from prune_callbacks.data import cifar10_dataset, hard_digits_dataset, subset  # noqa: E402
+from prune_callbacks.datasets.bundled import cifar10_dataset, hard_digits_dataset, subset  # noqa: E402
 
 SHAPE = [1, 3, 32, 32]
 

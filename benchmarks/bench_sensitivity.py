@@ -43,7 +43,7 @@ import paddle
 from paddle.vision import models
 
 from prune_callbacks import EvalData, FilterPruner
-from prune_callbacks.data import digits_dataset
+from prune_callbacks.datasets.bundled import digits_dataset
 from prune_callbacks.sensitivity import DEFAULT_RATIOS
 from prune_callbacks.sensitivity.compiled import CompiledEval
 

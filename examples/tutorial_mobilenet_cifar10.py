@@ -52,7 +52,7 @@ with warnings.catch_warnings():
 
     from prune_callbacks import (FilterPruneCallback, PruneVisualDL, SensitivityCallback,
                                  export, history_of, save_pruned)
-    from prune_callbacks.data import cifar10_dataset, digits_dataset, subset
+    from prune_callbacks.datasets.bundled import cifar10_dataset, digits_dataset, subset
 
 # The tutorial's skip_vars=["conv2d_26.w_0"]: MobileNetV1's last pointwise conv. The layer path
 # names it whatever else the process built before; the Paddle parameter name works too.

@@ -1,20 +1,20 @@
 """Structured filter pruning for PaddlePaddle, as paddle.Model.fit callbacks and as an engine."""
 from .callbacks import (DistillCallback, FilterPruneCallback, PruneEvent, PruneHistory,
                         PrunedModelCheckpoint, PruneVisualDL, SensitivityCallback, history_of)
-from .flops import count_flops, count_params
-from .graph import Group
-from .importance import register_criterion
-from .layers import LayerPruning, register_layer_type
-from .io import (export, load_pruned, read_plans, reapply_plan, save_pruned, track_plans)
-from .modes import eval_mode
-from .optim import rebuild_optimizer, register_optimizer
-from .plan import GroupPlan, PrunePlan, record_plan, recorded_plans
-from .planning import PlanGroup, plan_group_ratios
+from .layers.flops import count_flops, count_params
+from .graph.channels import Group
+from .planning.importance import register_criterion
+from .layers.registry import LayerPruning, register_layer_type
+from .deploy.io import (export, load_pruned, read_plans, reapply_plan, save_pruned, track_plans)
+from .utils.modes import eval_mode
+from .training.optim import rebuild_optimizer, register_optimizer
+from .planning.plans import GroupPlan, PrunePlan, record_plan, recorded_plans
+from .planning.allocation import PlanGroup, plan_group_ratios
 from .pruner import FilterPruner
 from .sensitivity import EvalData, SensitivityResult, register_output_axis
-from .surgery import register_layer
-from .tracing import register_op
-from .flops import register_flops
+from .layers.surgery import register_layer
+from .graph.tracing import register_op
+from .layers.flops import register_flops
 
 __all__ = [
     "FilterPruner", "PrunePlan", "GroupPlan", "Group", "SensitivityResult", "EvalData",

@@ -18,14 +18,14 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .flops import count_params
-from .graph import ChannelGraph, Group, add_axis_slices
-from .importance import Criterion, Source, get_criterion
-from .plan import GroupPlan, PrunePlan, record_plan
-from .planning import PlanGroup, check_reachable, n_keep, plan_group_ratios
+from .layers.flops import count_params
+from .graph.channels import ChannelGraph, Group, add_axis_slices
+from .planning.importance import Criterion, Source, get_criterion
+from .planning.plans import GroupPlan, PrunePlan, record_plan
+from .planning.allocation import PlanGroup, check_reachable, n_keep, plan_group_ratios
 from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
 from .sensitivity.fingerprint import network_signature
-from .surgery import Mask, apply_slices, supports_layer
+from .layers.surgery import Mask, apply_slices, supports_layer
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +53,7 @@ class FilterPruner:
         net: the network to prune (a `paddle.nn.Layer`, or a `paddle.DataParallel` around one).
         input_shape: the shape of one input, batch first, e.g. [1, 3, 32, 32].
         criterion: channel importance: "l1" (default), "l2", "fpgm", "bn_scale", "random", or a
-            registered name (see `prune_callbacks.importance.register_criterion`).
+            registered name (see `prune_callbacks.register_criterion`).
 
     Raises:
         TypeError: `net` is not a Layer or `input_shape` not a list of ints.

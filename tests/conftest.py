@@ -9,7 +9,7 @@ import paddle.nn as nn
 import pytest
 from paddle.static import InputSpec
 
-from prune_callbacks.data import digits_dataset, subset
+from prune_callbacks.datasets.bundled import digits_dataset, subset
 
 
 class TinyNet(nn.Layer):

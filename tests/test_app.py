@@ -22,10 +22,10 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ValidationError
 
 import prune_callbacks
-from prune_callbacks.plan import recorded_plans
+from prune_callbacks.planning.plans import recorded_plans
 from prune_callbacks.app import (SWEEP_COLUMNS, ConfigError, InferenceExport, PrunedCheckpoint,
                                  ResumePoint, build_callbacks, evaluate_net, format_sweep, train, validate_config)
-from prune_callbacks.importance import get_criterion
+from prune_callbacks.planning.importance import get_criterion
 
 ROOT = Path(__file__).resolve().parents[1]
 CONF = ROOT / "conf"
@@ -244,7 +244,7 @@ def test_unknown_strategy_lists_the_strategies() -> None:
 
 def test_a_registered_criterion_is_a_config_choice(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The choices are the registry's, not a list of the app's: a new criterion needs no app change."""
-    from prune_callbacks import importance
+    from prune_callbacks.planning import importance
 
     monkeypatch.setattr(importance, "_CRITERIA", dict(importance._CRITERIA))  # registered for this test only
     prune_callbacks.register_criterion("l1_copy", importance.l1)
@@ -324,7 +324,7 @@ class _FakePrune(paddle.callbacks.Callback):
     def on_epoch_end(self, epoch: int, logs: Optional[dict] = None) -> None:
         if epoch != self.at_epoch:
             return
-        from prune_callbacks.plan import PrunePlan
+        from prune_callbacks.planning.plans import PrunePlan
 
         _Recorder.events.append(f"prune@{epoch}:{self.model.network.training}")
         for p in self.model.network.parameters():
@@ -362,7 +362,8 @@ def _fake_export(net: Any, path_prefix: str, input_spec: Any) -> None:
 
 def test_train_plumbing_with_stand_ins(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: Any) -> None:
     """The app's own logic (ordering, probes, timings, table, JSON) against stand-in callbacks."""
-    from prune_callbacks.app import artefacts, run
+    from prune_callbacks.app import artefacts
+    from prune_callbacks.app import run
 
     monkeypatch.setattr(run, "SensitivityCallback", _FakeSensitivity)
     monkeypatch.setattr(run, "FilterPruneCallback", _FakePrune)
@@ -406,7 +407,7 @@ def test_train_plumbing_with_stand_ins(tmp_path: Path, monkeypatch: pytest.Monke
 
 def test_evaluate_net_restores_mode_and_counts_all_samples() -> None:
     net = paddle.nn.Sequential(paddle.nn.Flatten(), paddle.nn.Linear(3 * 8 * 8, 10))
-    ds = prune_callbacks.data.synthetic_dataset(num_samples=37, image_shape=(3, 8, 8))
+    ds = prune_callbacks.datasets.bundled.synthetic_dataset(num_samples=37, image_shape=(3, 8, 8))
     net.train()
     metrics = evaluate_net(net, ds, batch_size=16)
     assert net.training

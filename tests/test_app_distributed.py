@@ -14,7 +14,7 @@ import pytest
 
 from prune_callbacks import load_pruned
 from prune_callbacks.app import evaluate_net
-from prune_callbacks.data import digits_dataset, subset
+from prune_callbacks.datasets.bundled import digits_dataset, subset
 from test_app import ROOT, SMALL
 
 

@@ -16,7 +16,7 @@ from visualdl import LogReader
 
 from prune_callbacks import (FilterPruneCallback, PrunedModelCheckpoint, PruneVisualDL, SensitivityCallback,
                              SensitivityResult, count_flops, history_of, load_pruned)
-from prune_callbacks.data import subset
+from prune_callbacks.datasets.bundled import subset
 
 
 class Spy(paddle.callbacks.Callback):

@@ -1,4 +1,4 @@
-"""Tests of prune_callbacks.data: shapes, dtypes, split sizes, a miniature CIFAR-10 tarball."""
+"""Tests of prune_callbacks.datasets.bundled: shapes, dtypes, split sizes, a miniature CIFAR-10 tarball."""
 from __future__ import annotations
 
 import io
@@ -10,7 +10,7 @@ import numpy as np
 import paddle
 import pytest
 
-from prune_callbacks import data as D
+from prune_callbacks.datasets import bundled as D
 
 
 def test_digits_train_and_test_shapes_and_split() -> None:

@@ -15,7 +15,7 @@ import paddle.nn as nn
 from paddle.static import InputSpec
 
 from prune_callbacks import FilterPruneCallback, SensitivityCallback
-from prune_callbacks import distributed as pdist
+from prune_callbacks.training import distributed as pdist
 
 
 class _Net(nn.Layer):

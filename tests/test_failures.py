@@ -24,7 +24,7 @@ from paddle.vision import models
 import prune_callbacks
 from prune_callbacks import (FilterPruneCallback, FilterPruner, PruneVisualDL, SensitivityCallback,
                              SensitivityResult, export, load_pruned, read_plans, save_pruned)
-from prune_callbacks.planning import n_keep
+from prune_callbacks.planning.allocation import n_keep
 
 RATIOS = (0.25, 0.5)
 SHAPE = [1, 3, 12, 12]

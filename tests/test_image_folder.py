@@ -19,7 +19,7 @@ import pytest
 from PIL import Image
 
 from prune_callbacks.app import ConfigError, train
-from prune_callbacks.image_folder import image_folder_dataset, scan_folder
+from prune_callbacks.datasets.folder import image_folder_dataset, scan_folder
 from test_app import make_cfg
 
 CLASSES = ("cat", "dog", "fox")

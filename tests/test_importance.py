@@ -8,7 +8,7 @@ import paddle
 import pytest
 
 from prune_callbacks import FilterPruner, register_criterion
-from prune_callbacks.importance import (_CRITERIA, Criterion, Source, bn_scale, fpgm, get_criterion,
+from prune_callbacks.planning.importance import (_CRITERIA, Criterion, Source, bn_scale, fpgm, get_criterion,
                                         l1, l2, random_score)
 
 # 3 filters of a conv weight [out=3, in=1, 2, 1]: rows (1, -2), (0, 3), (-1, 1)

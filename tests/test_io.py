@@ -1,4 +1,4 @@
-"""Tests of prune_callbacks.io: a pruned network saved with its plans loads into a fresh copy (Layer and
+"""Tests of prune_callbacks.deploy.io: a pruned network saved with its plans loads into a fresh copy (Layer and
 paddle.Model, with optimizer state, through save_pruned and PrunedModelCheckpoint), and exports for inference."""
 from __future__ import annotations
 
@@ -11,9 +11,9 @@ import paddle
 import pytest
 
 from prune_callbacks import FilterPruner, PrunedModelCheckpoint, count_params
-from prune_callbacks.io import (PLANS_SUFFIX, export, load_pruned, read_plans, record_plan, recorded_plans,
+from prune_callbacks.deploy.io import (PLANS_SUFFIX, export, load_pruned, read_plans, record_plan, recorded_plans,
                                 save_pruned, track_plans)
-from prune_callbacks.optim import rebuild_optimizer
+from prune_callbacks.training.optim import rebuild_optimizer
 
 SHAPE = [1, 1, 8, 8]
 
@@ -140,7 +140,7 @@ def test_bad_input_raises_clear_errors(tmp_path: Path) -> None:
         load_pruned(_net(), tmp_path / "nowhere")
 
     paddle.save(net.state_dict(), str(tmp_path / "bare.pdparams"))  # a plain paddle checkpoint
-    with pytest.raises(FileNotFoundError, match=r"not made by prune_callbacks.io.save_pruned.*model.load"):
+    with pytest.raises(FileNotFoundError, match=r"not made by prune_callbacks.save_pruned.*model.load"):
         load_pruned(_net(), tmp_path / "bare")
 
     # wrong network: different layers, or the same layers with other channel counts

@@ -12,7 +12,7 @@ import paddle
 import pytest
 
 from prune_callbacks import FilterPruner, count_flops, recorded_plans
-from prune_callbacks.latency import (LatencyMeter, LatencyOptions, LatencyStats, _next_guess,
+from prune_callbacks.deploy.latency import (LatencyMeter, LatencyOptions, LatencyStats, _next_guess,
                                      check_latency_target, measure_latency, plan_for_latency,
                                      pruned_copy, search_latency, time_runners)
 
@@ -148,7 +148,7 @@ def test_search_gives_up_within_max_trials_and_says_so(tiny_net, caplog) -> None
         calls.append(net)
         return 0.99
 
-    with caplog.at_level(logging.WARNING, logger="prune_callbacks.latency"):
+    with caplog.at_level(logging.WARNING, logger="prune_callbacks.deploy.latency"):
         found = search_latency(pruner, 0.5, _uniform(pruner), stubborn, max_trials=5, max_flops=0.8)
     assert not found.met and len(found.trials) <= 5 and len(calls) <= 5
     assert "latency target 0.500 not met" in caplog.text
@@ -227,7 +227,7 @@ def test_filter_prune_callback_prunes_toward_a_latency_target():
     from paddle.static import InputSpec
 
     from prune_callbacks import FilterPruneCallback
-    from prune_callbacks.latency import LatencyOptions
+    from prune_callbacks.deploy.latency import LatencyOptions
 
     paddle.seed(0)
     net = nn.Sequential(nn.Conv2D(3, 64, 3, padding=1), nn.ReLU(), nn.Conv2D(64, 64, 3, padding=1),
@@ -236,7 +236,7 @@ def test_filter_prune_callback_prunes_toward_a_latency_target():
                          [InputSpec([None, 1], "int64", "y")])
     model.prepare(paddle.optimizer.SGD(0.01, parameters=net.parameters()), nn.CrossEntropyLoss())
     rng = np.random.RandomState(0)
-    from prune_callbacks.data import ArrayDataset
+    from prune_callbacks.datasets.bundled import ArrayDataset
     data = ArrayDataset(rng.randn(16, 3, 16, 16).astype("float32"), np.arange(16) % 4)
     cb = FilterPruneCallback(latency=0.8, strategy="uniform", latency_options=LatencyOptions(
         backend="eager", batch=8, warmup=1, repeats=5, max_trials=4))

@@ -10,9 +10,13 @@ import paddle
 import paddle.nn as nn
 import pytest
 
-from prune_callbacks import FilterPruner, count_flops, flops, layers, surgery, tracing
-from prune_callbacks.graph import MacKind, Role
-from prune_callbacks.layers import (ConvPruning, LayerPruning, lookup_by_class,
+from prune_callbacks import FilterPruner, count_flops
+from prune_callbacks.layers import flops
+from prune_callbacks.layers import registry as layers
+from prune_callbacks.layers import surgery
+from prune_callbacks.graph import tracing
+from prune_callbacks.graph.channels import MacKind, Role
+from prune_callbacks.layers.registry import (ConvPruning, LayerPruning, lookup_by_class,
                                     output_channel_axis, register_layer_type, supports_layer)
 
 

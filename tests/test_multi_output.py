@@ -13,7 +13,7 @@ import paddle.nn as nn
 import pytest
 
 from prune_callbacks import FilterPruner, count_flops
-from prune_callbacks.graph import ChannelGraph
+from prune_callbacks.graph.channels import ChannelGraph
 from pruning_checks import check_pruned, run, train_step
 
 SHAPE = [1, 3, 16, 16]
@@ -167,7 +167,7 @@ def test_merging_an_identical_training_trace_changes_nothing():
     """Forcing both modes on a network whose graph is the same in both must give the same groups,
     members and FLOPs as the eval trace alone (the merge unites, never splits or blocks)."""
     from paddle.vision.models import resnet18
-    from prune_callbacks.graph import TraceModes
+    from prune_callbacks.graph.channels import TraceModes
 
     paddle.seed(0)
     net = resnet18(num_classes=10)

@@ -11,7 +11,7 @@ from paddle.static import InputSpec
 from paddle.vision.models import mobilenet_v1, resnet18
 
 from prune_callbacks import FilterPruner
-from prune_callbacks.onnx import as_input_specs, export_onnx, onnx_max_error
+from prune_callbacks.deploy.onnx import as_input_specs, export_onnx, onnx_max_error
 
 MISSING = [m for m in ("paddle2onnx", "onnxruntime") if importlib.util.find_spec(m) is None]
 needs_onnx = pytest.mark.skipif(bool(MISSING), reason=f"{' and '.join(MISSING)} not installed: "

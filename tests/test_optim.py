@@ -1,4 +1,4 @@
-"""Tests of prune_callbacks.optim: a rebuilt optimizer steps a pruned net exactly as the old one steps
+"""Tests of prune_callbacks.training.optim: a rebuilt optimizer steps a pruned net exactly as the old one steps
 the same net with the pruned channels zeroed (masked), and keeps parameters, groups and schedulers."""
 from __future__ import annotations
 
@@ -8,8 +8,8 @@ import numpy as np
 import paddle
 import pytest
 
-from prune_callbacks.optim import rebuild_optimizer, register_optimizer
-from prune_callbacks.surgery import slice_array
+from prune_callbacks.training.optim import rebuild_optimizer, register_optimizer
+from prune_callbacks.layers.surgery import slice_array
 
 KEEP = [0, 2, 3, 5]  # of 6 hidden channels; 1 and 4 are pruned
 DROP = [1, 4]
@@ -283,7 +283,7 @@ def _grouped_cnn(groups: int) -> paddle.nn.Layer:
 @pytest.mark.parametrize("ratios", [{"0": 0.5}, {"0": 0.5, "3": 0.5}], ids=["in", "in+out"])
 def test_grouped_conv_per_block_slices_carry_momentum_state(groups: int, ratios: dict) -> None:
     from prune_callbacks import FilterPruner
-    from prune_callbacks.surgery import Mask
+    from prune_callbacks.layers.surgery import Mask
 
     net_a, opt_a, net_b, opt_b = _twins(lambda: _grouped_cnn(groups), _momentum, "cnn")
     w = net_b[3].weight

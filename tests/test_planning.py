@@ -11,7 +11,7 @@ from typing import Dict, Mapping
 
 import pytest
 
-from prune_callbacks.planning import (STRATEGIES, PlanGroup, Strategy, _interp_ratio, kept_count,
+from prune_callbacks.planning.allocation import (STRATEGIES, PlanGroup, Strategy, _interp_ratio, kept_count,
                                       n_keep, plan_group_ratios)
 
 GROUPS = [PlanGroup("a", 10), PlanGroup("b", 10), PlanGroup("c", 10)]

@@ -15,7 +15,9 @@ import paddle.nn.functional as F
 import pytest
 
 from prune_callbacks import FilterPruner, count_flops
-from prune_callbacks import graph, layers, tracing
+from prune_callbacks.graph import channels as graph
+from prune_callbacks.layers import registry as layers
+from prune_callbacks.graph import tracing
 
 
 @pytest.fixture
@@ -53,8 +55,8 @@ class _Net(nn.Layer):
 
 def _register_as_in_readme():
     # --- the README snippet, verbatim from here -----------------------------------------------
-    from prune_callbacks.graph import register_op
-    from prune_callbacks.layers import LayerPruning, register_layer_type
+    from prune_callbacks.graph.channels import register_op
+    from prune_callbacks.layers.registry import LayerPruning, register_layer_type
 
     @register_layer_type(ChannelScale)  # its surgery, FLOPs and output channels, in one place
     class ChannelScalePruning(LayerPruning):
@@ -92,7 +94,7 @@ def test_unregistered_layer_and_op_keep_their_channels(isolated_registries):
     conv1 = {g.name: g for g in FilterPruner(_Net(), SHAPE).groups}["conv1"]
     assert not conv1.prunable
     assert conv1.reason == ("layer gain (ChannelScale) has no registered surgery; see "
-                            "prune_callbacks.layers.register_layer_type")
+                            "prune_callbacks.register_layer_type")
 
 
 def test_readme_recipe_prunes_the_custom_layer_exactly(isolated_registries):

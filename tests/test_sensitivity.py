@@ -14,7 +14,7 @@ import pytest
 from paddle.vision import models
 
 from prune_callbacks import EvalData, FilterPruner, SensitivityResult, count_flops
-from prune_callbacks.planning import plan_ratios
+from prune_callbacks.planning.allocation import plan_ratios
 from prune_callbacks.sensitivity import top1_metric
 
 

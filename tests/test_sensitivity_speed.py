@@ -91,7 +91,8 @@ def test_unreplayable_network_falls_back_to_the_same_numbers(cache_mb: float,
                                                             make_labelled: Any) -> None:
     """An unregistered per-channel layer (replay stops before it), and (cache_mb=0) a replay
     cache too big to hold (prefix only): every loss is still the plain masked one."""
-    from prune_callbacks.sensitivity import Runner, analysis
+    from prune_callbacks.sensitivity import Runner
+    from prune_callbacks.sensitivity import analysis
     paddle.seed(1)
     net = Gated()
     net.eval()

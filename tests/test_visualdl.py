@@ -22,7 +22,7 @@ from visualdl import LogReader, LogWriter
 
 from prune_callbacks.callbacks.history import PruneEvent, history_of
 from prune_callbacks.callbacks.visualdl import PruneVisualDL, plan_table, render_sensitivity
-from prune_callbacks.plan import GroupPlan, PrunePlan
+from prune_callbacks.planning.plans import GroupPlan, PrunePlan
 from prune_callbacks.sensitivity import SensitivityResult
 
 DOTTED = "conv2_1._pointwise_conv.0"

@@ -11,9 +11,9 @@ from typing import Any, Callable, Dict, Optional, Union
 
 import paddle
 
-from ..distributed import is_main
-from ..io import export, save_pruned
-from ..plan import write_json_atomic
+from ..training.distributed import is_main
+from ..deploy.io import export, save_pruned
+from ..utils.files import write_json_atomic
 
 PathLike = Union[str, "os.PathLike[str]"]
 

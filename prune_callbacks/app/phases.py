@@ -13,7 +13,7 @@ from typing import Dict, Optional
 import numpy as np
 import paddle
 
-from ..distributed import all_gather, shard, world_size
+from ..training.distributed import all_gather, shard, world_size
 
 log = logging.getLogger(__name__)
 

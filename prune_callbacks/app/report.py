@@ -15,7 +15,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from ..plan import write_json_atomic
+from ..utils.files import write_json_atomic
 from .phases import PhaseClock
 
 log = logging.getLogger(__name__)

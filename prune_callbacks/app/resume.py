@@ -1,6 +1,6 @@
 """`trainer.resume`: find where an interrupted run stopped and check that this config can continue it.
 
-Reads checkpoints only (through `prune_callbacks.io`); loading them into the model is `load_pruned`'s
+Reads checkpoints only (through `prune_callbacks.deploy.io`); loading them into the model is `load_pruned`'s
 work. Every mismatch is a ConfigError raised before anything is built or trained.
 """
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
-from ..io import read_plans
-from ..plan import PrunePlan
+from ..deploy.io import read_plans
+from ..planning.plans import PrunePlan
 from .artefacts import STATE_SUFFIX
 from .schema import ConfigError
 

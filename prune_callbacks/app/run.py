@@ -22,12 +22,12 @@ from hydra.errors import InstantiationException
 from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from .. import distributed
+from ..training import distributed
 from ..callbacks import DistillCallback, FilterPruneCallback, SensitivityCallback
-from ..data import subset
-from ..io import load_pruned
-from ..latency import LatencyOptions
-from ..plan import PrunePlan
+from ..datasets.bundled import subset
+from ..deploy.io import load_pruned
+from ..deploy.latency import LatencyOptions
+from ..planning.plans import PrunePlan
 from .artefacts import ResumePoint
 from .model import build_model, build_network, check_network, input_shape
 from .phases import Diverged, DivergenceGuard, PhaseClock, PhaseMark, TrainSpan, evaluate_net

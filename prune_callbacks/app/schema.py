@@ -59,8 +59,8 @@ class DistillConf:
 class PruneConf:
     """What to prune and how: the arguments of SensitivityCallback and FilterPruneCallback.
 
-    `criterion` is a name from `prune_callbacks.importance`'s registry (`register_criterion`
-    adds one) and `strategy` one of `prune_callbacks.planning.STRATEGIES`; the callbacks check
+    `criterion` is a name from `prune_callbacks.planning.importance`'s registry (`register_criterion`
+    adds one) and `strategy` one of `prune_callbacks.planning.allocation.STRATEGIES`; the callbacks check
     both, and every range, when the app builds them.
     """
 

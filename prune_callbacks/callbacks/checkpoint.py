@@ -11,7 +11,7 @@ from typing import Dict, Optional
 
 import paddle
 
-from ..io import save_pruned
+from ..deploy.io import save_pruned
 
 logger = logging.getLogger(__name__)
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, List, Optional
 
-from ..plan import PrunePlan
+from ..planning.plans import PrunePlan
 from ..sensitivity import SensitivityResult
 
 _ATTR = "_prune_history"

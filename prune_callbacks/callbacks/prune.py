@@ -8,12 +8,12 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import paddle
 
-from ..distributed import all_gather, check_agree, is_main, rebuild_data_parallel
-from ..importance import get_criterion
-from ..latency import LatencyOptions, LatencySearch, check_latency_target, plan_for_latency
-from ..optim import rebuild_optimizer
-from ..plan import PrunePlan, record_plan
-from ..planning import STRATEGIES, check_fraction
+from ..training.distributed import all_gather, check_agree, is_main, rebuild_data_parallel
+from ..planning.importance import get_criterion
+from ..deploy.latency import LatencyOptions, LatencySearch, check_latency_target, plan_for_latency
+from ..training.optim import rebuild_optimizer
+from ..planning.plans import PrunePlan, record_plan
+from ..planning.allocation import STRATEGIES, check_fraction
 from ..pruner import FilterPruner
 from ..sensitivity import SensitivityResult
 from ._common import check_epoch, check_names, infer_input_shape
@@ -88,7 +88,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         if flops is None and latency is None:
             flops = 0.4
         if latency_options is not None and not isinstance(latency_options, LatencyOptions):
-            raise TypeError(f"latency_options must be a prune_callbacks.latency.LatencyOptions, "
+            raise TypeError(f"latency_options must be a prune_callbacks.LatencyOptions, "
                             f"got {type(latency_options).__name__}")
         self.latency = check_latency_target(latency) if latency is not None else None
         self.latency_options = latency_options or LatencyOptions()

@@ -8,7 +8,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import paddle
 
-from ..importance import get_criterion
+from ..planning.importance import get_criterion
 from ..pruner import FilterPruner
 from ..sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, _check_ratios, top1_metric
 from ..sensitivity.analysis import check_file

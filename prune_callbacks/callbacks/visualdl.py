@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional, Set, Tuple, Union
 import numpy as np
 import paddle
 
-from ..plan import PrunePlan
+from ..planning.plans import PrunePlan
 from ..sensitivity import SensitivityResult
 from .history import PruneEvent, PruneHistory, history_of
 

@@ -15,10 +15,10 @@ from typing import (Any, Callable, Dict, Iterator, Mapping, Optional, Protocol, 
 import numpy as np
 import paddle.nn as nn
 
-from ..distributed import (all_gather, broadcast_state, check_agree, is_main, rank,
+from ..training.distributed import (all_gather, broadcast_state, check_agree, is_main, rank,
                            world_size)
-from ..modes import eval_mode
-from ..plan import check_writable
+from ..utils.modes import eval_mode
+from ..utils.files import check_writable
 from .evaluation import EvalData
 from .fingerprint import fingerprint, network_signature
 from .replay import EvaluateFn, ParamSlices, Runner
@@ -32,7 +32,7 @@ BASELINE_RTOL = 1e-6
 
 
 class GroupLike(Protocol):
-    """What the analysis reads of a group (`prune_callbacks.graph.Group` is one)."""
+    """What the analysis reads of a group (`prune_callbacks.graph.channels.Group` is one)."""
 
     @property
     def name(self) -> str: ...

@@ -34,8 +34,8 @@ import paddle
 import paddle.nn as nn
 from paddle.static import InputSpec
 
-from ..layers import layer_handler
-from ..surgery import Mask
+from ..layers.registry import layer_handler
+from ..layers.surgery import Mask
 from .evaluation import ROW_BLOCK, EvalData, main_output, top1_metric
 
 logger = logging.getLogger(__name__)

@@ -11,7 +11,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import paddle
 
-from ..distributed import world_size
+from ..training.distributed import world_size
 
 MetricFn = Callable[[np.ndarray, np.ndarray], Tuple[float, int]]
 # a function `(logits, labels) -> (correct, count)` summed over batches, or a paddle.metric.Metric

@@ -17,8 +17,8 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from ..layers import output_channel_axis, register_output_axis  # noqa: F401 (re-export)
-from ..surgery import Mask
+from ..layers.registry import output_channel_axis, register_output_axis  # noqa: F401 (re-export)
+from ..layers.surgery import Mask
 from .compiled import CompiledEval, compilable
 from .evaluation import EvalData, main_output, work_pieces
 
@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 # ---------------------------------------------------------------------------------------------
 
 # Which axis of a layer's output carries its channels comes from the layer registry
-# (`prune_callbacks.layers`), the one place a layer type is described.
+# (`prune_callbacks.layers.registry`), the one place a layer type is described.
 
 
 @dataclass

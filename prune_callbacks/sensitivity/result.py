@@ -10,7 +10,7 @@ import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, Mapping, Optional, Sequence, Tuple
 
-from ..plan import write_json_atomic
+from ..utils.files import write_json_atomic
 from .fingerprint import differences, fingerprint
 
 FORMAT = "prune_callbacks.sensitivity/2"

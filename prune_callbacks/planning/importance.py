@@ -81,7 +81,7 @@ def get_criterion(name: str | Criterion) -> Criterion:
     if name not in _CRITERIA:
         raise ValueError(
             f"unknown criterion {name!r}; choose one of {sorted(_CRITERIA)} or register one with "
-            "prune_callbacks.importance.register_criterion")
+            "prune_callbacks.register_criterion")
     return _CRITERIA[name]
 
 

@@ -17,10 +17,10 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 import numpy as np
 import paddle
 
-from . import op_handlers  # noqa: F401  (registers the built-in op handlers)
-from .layers import layer_handler
+from . import ops  # noqa: F401  (registers the built-in op handlers)
+from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
-from .surgery import allow_plain_parameters, apply_slices, trial_prune
+from ..layers.surgery import allow_plain_parameters, apply_slices, trial_prune
 from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceShapeError,
                       TraceModes, TraceState, _components, _compress, build_program, register_op, run_trace,
                       trace_network, unknown_op)
@@ -207,7 +207,7 @@ class ChannelGraph:
             if not supports_layer(layer) and not plain:
                 reasons.add(hit, f"layer {path or '<root>'} ({type(layer).__name__}) has no "
                                  "registered surgery; see "
-                                 "prune_callbacks.layers.register_layer_type")
+                                 "prune_callbacks.register_layer_type")
             parts.add(hit, key, m.axis, path, m.role)
         return parts
 

@@ -145,7 +145,7 @@ def register_layer_type(layer_types: LayerTypes,
         instance = h() if isinstance(h, type) and issubclass(h, LayerPruning) else h
         if not isinstance(instance, LayerPruning):
             raise TypeError(f"register_layer_type expects a LayerPruning instance or subclass, "
-                            f"got {h!r}; subclass prune_callbacks.layers.LayerPruning")
+                            f"got {h!r}; subclass prune_callbacks.LayerPruning")
         for t in types:
             _HANDLERS[t] = instance
         return h

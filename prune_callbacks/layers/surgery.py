@@ -1,6 +1,6 @@
 """Shrink parameters in place and keep each layer's attributes true to its new shapes.
 
-Each layer type's `LayerPruning.sync` (prune_callbacks.layers) re-reads sizes from the (already
+Each layer type's `LayerPruning.sync` (prune_callbacks.layers.registry) re-reads sizes from the (already
 sliced) parameters. Parameters keep their identity (optimizers and hooks still point at them); no
 backup copy is ever left in the network or its state_dict. `trial_prune` prunes a deep copy to
 check a slicing against masking, leaving the network itself unchanged.
@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .layers import layer_handler, override_layer, supports_layer
+from .registry import layer_handler, override_layer, supports_layer
 
 __all__ = ["AxisSlice", "ParamSlices", "Mask", "apply_slices", "slice_array", "register_layer",
            "layer_sync", "supports_layer", "allow_plain_parameters", "trial_prune"]
@@ -36,7 +36,7 @@ def register_layer(*types: Type[nn.Layer]) -> Callable[[LayerSync], LayerSync]:
     parameters were sliced (its FLOPs and output axis stay those of its base class).
 
     New code registers the whole layer type at once with
-    `prune_callbacks.layers.register_layer_type` and a `LayerPruning` subclass.
+    `prune_callbacks.register_layer_type` and a `LayerPruning` subclass.
     The function receives the layer and `{attr: old_shape}` for each parameter that changed.
 
     Examples:
@@ -124,7 +124,7 @@ def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
         if not supports_layer(layer):
             raise TypeError(
                 f"layer {path!r} ({type(layer).__name__}) has no registered surgery: register "
-                "a LayerPruning for it with prune_callbacks.layers.register_layer_type")
+                "a LayerPruning for it with prune_callbacks.register_layer_type")
         layer_handler(layer).sync(layer, old)
 
 

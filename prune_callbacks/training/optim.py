@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import paddle
 
-from .surgery import AxisSlice, ParamSlices, slice_array
+from ..layers.surgery import AxisSlice, ParamSlices, slice_array
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def rebuild_optimizer(optimizer: paddle.optimizer.Optimizer, net: paddle.nn.Laye
         raise TypeError(
             f"rebuild_optimizer cannot rebuild {type(optimizer).__module__}.{type(optimizer).__name__}; "
             f"supported: {sorted(c.__name__ for c in _READERS)}. Register it with "
-            f"prune_callbacks.optim.register_optimizer(cls, reader), or build a new optimizer over "
+            f"prune_callbacks.register_optimizer(cls, reader), or build a new optimizer over "
             f"net.parameters() yourself (its state then starts afresh).")
     targets = _slices_by_name(net, param_slices)
     groups = optimizer._param_groups

@@ -20,11 +20,11 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .graph import ChannelGraph
-from .modes import eval_mode
-from .plan import (PrunePlan, atomic_path, record_plan, recorded_plans, replace_with,
-                   write_json_atomic)
-from .surgery import apply_slices, supports_layer
+from ..graph.channels import ChannelGraph
+from ..utils.modes import eval_mode
+from ..planning.plans import PrunePlan, record_plan, recorded_plans
+from ..utils.files import atomic_path, replace_with, write_json_atomic
+from ..layers.surgery import apply_slices, supports_layer
 
 logger = logging.getLogger(__name__)
 
@@ -197,7 +197,7 @@ def _read_header(prefix: str) -> dict[str, Any]:
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"no plan file {path!r}: the checkpoint {prefix!r} was not made by "
-            f"prune_callbacks.io.save_pruned nor by the PrunedModelCheckpoint callback (model.save and "
+            f"prune_callbacks.save_pruned nor by the PrunedModelCheckpoint callback (model.save and "
             f"paddle's ModelCheckpoint write no plans: save pruned models with save_pruned). If it holds an "
             f"unpruned network, load it with model.load({prefix!r}) or "
             f"net.set_state_dict(paddle.load({prefix + '.pdparams'!r})).")
@@ -254,7 +254,7 @@ def _check_shapes(net: nn.Layer, state: dict[str, Any], where: str, n_plans: int
             f"{len(bad)} tensor(s) of {where} do not fit the network after re-applying its {n_plans} "
             f"plan(s): {lines}{' ...' if len(bad) > 8 else ''}. The plans saved with the weights must be "
             f"all the plans that pruned the network: record every pruning step with "
-            f"prune_callbacks.io.record_plan(model_or_net, plan) (or pass plans=[...] to save_pruned), "
+            f"prune_callbacks.record_plan(model_or_net, plan) (or pass plans=[...] to save_pruned), "
             f"and load into a network built like the saved one.")
 
 
@@ -498,7 +498,7 @@ def export(net: Target, path_prefix: PathLike, input_spec: Any = None, format: s
             of shapes for several inputs, or a list of ``paddle.static.InputSpec``. Default: the
             input shape of the last recorded plan with a free batch size.
         format: "paddle" (``paddle.jit.save``) or "onnx" (``<prefix>.onnx`` through paddle2onnx, the
-            optional extra ``pip install -e ".[onnx]"``; see :func:`prune_callbacks.onnx.export_onnx`).
+            optional extra ``pip install -e ".[onnx]"``; see :func:`prune_callbacks.deploy.onnx.export_onnx`).
 
     Returns:
         The paths written.

@@ -18,8 +18,8 @@ import paddle
 import paddle.nn as nn
 from paddle.static import InputSpec
 
-from .modes import eval_mode
-from .plan import recorded_plans
+from ..utils.modes import eval_mode
+from ..planning.plans import recorded_plans
 
 logger = logging.getLogger(__name__)
 

@@ -484,7 +484,7 @@ def _enter_control_flow(state: TraceState, op: Any, blocks: List[Any]) -> None:
 def run_trace(program: Any, outputs: Sequence[Any], state: Optional[TraceState] = None,
               warn: bool = True) -> TraceState:
     """Walk the program's ops in order, letting each op handler move channel ids (the built-in
-    handlers register when `prune_callbacks.op_handlers` is imported, as `graph` does).
+    handlers register when `prune_callbacks.graph.ops` is imported, as `graph` does).
 
     Args:
         program: a PIR program (`build_program`).
@@ -511,7 +511,7 @@ def _warn_unknown(state: TraceState, stacklevel: int) -> None:
         ops = ", ".join(f"{k} (x{v})" for k, v in sorted(state.unknown_ops.items()))
         warnings.warn(
             f"channels touching these ops are left unpruned: {ops}. Register a handler with "
-            "prune_callbacks.graph.register_op to prune through them.",
+            "prune_callbacks.register_op to prune through them.",
             stacklevel=stacklevel + 1,
         )
 

@@ -3,7 +3,7 @@
 Convention: FLOPs are multiply-accumulates (MACs) of Conv2D and Linear layers only, one MAC per
 weight element per output position (groups respected; bias, norms, activations and pooling not
 counted), per sample: the batch dimension of the input shape never multiplies the count. Each layer type's `LayerPruning.macs`
-(prune_callbacks.layers) does the counting. Works under numpy 2, where `paddle.flops` crashes.
+(prune_callbacks.layers.registry) does the counting. Works under numpy 2, where `paddle.flops` crashes.
 """
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .layers import layer_handler, override_layer
+from .registry import layer_handler, override_layer
 
 MacFn = Callable[[nn.Layer, paddle.Tensor], int]
 
@@ -22,7 +22,7 @@ def register_flops(layer_type: Type[nn.Layer], fn: MacFn) -> None:
     """Compatibility wrapper: count `fn(layer, output)` MACs for every call of a layer of
     `layer_type`, keeping the type's surgery and output axis (those of its base class if it has
     none). New code overrides `LayerPruning.macs` and registers the whole layer type with
-    `prune_callbacks.layers.register_layer_type`."""
+    `prune_callbacks.register_layer_type`."""
     override_layer(layer_type, macs=fn)
 
 

@@ -28,9 +28,9 @@ import paddle
 import paddle.nn as nn
 from paddle.static import InputSpec
 
-from .modes import eval_mode
+from ..utils.modes import eval_mode
 from .onnx import export_onnx, require_onnx, save_inference
-from .surgery import apply_slices
+from ..layers.surgery import apply_slices
 
 logger = logging.getLogger(__name__)
 

@@ -1,0 +1,4 @@
+"""Layer types: the registry (`LayerPruning` per layer class), in-place surgery and FLOPs.
+
+What a layer is and how it shrinks; knows nothing of graphs, plans or training.
+"""
