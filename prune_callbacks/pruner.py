@@ -53,7 +53,10 @@ class FilterPruner:
         net: the network to prune (a `paddle.nn.Layer`, or a `paddle.DataParallel` around one).
         input_shape: the shape of one input, batch first, e.g. [1, 3, 32, 32].
         criterion: channel importance: "l1" (default), "l2", "fpgm", "bn_scale", "random", or a
-            registered name (see `prune_callbacks.register_criterion`).
+            registered name (see `prune_callbacks.register_criterion`); "group_l2" scores all
+            of a group's parameters; "taylor" and "activation" need `statistics`.
+        statistics: an `ImportanceStats` that watched training steps, for "taylor" and
+            "activation" (FilterPruneCallback passes its own).
 
     Raises:
         TypeError: `net` is not a Layer or `input_shape` not a list of ints.
@@ -67,7 +70,7 @@ class FilterPruner:
     """
 
     def __init__(self, net: nn.Layer, input_shape: Sequence[int] = (1, 3, 32, 32),
-                 criterion: Union[str, Criterion] = "l1") -> None:
+                 criterion: Union[str, Criterion] = "l1", statistics: Any = None) -> None:
         if isinstance(net, paddle.DataParallel):
             net = net._layers
         if not isinstance(net, nn.Layer):
@@ -75,6 +78,8 @@ class FilterPruner:
         self.net = net
         self.input_shape = _validate_shape(input_shape)
         self.criterion = get_criterion(criterion)
+        # training statistics (training.data_importance.ImportanceStats) for data-driven criteria
+        self.statistics = statistics
         self._graph: Optional[ChannelGraph] = None
         self._param_map: Optional[Dict[str, Any]] = None
         self._traced_as: Optional[Tuple[Any, ...]] = None
@@ -173,24 +178,46 @@ class FilterPruner:
         params = self._params()
         pa_map = self.graph.param_axes
         sources = g.producers
-        if self.criterion.source is Source.NORM:
+        crit = self.criterion
+        if crit.source is Source.NORM:
             sources = tuple((k, 0) for k in g.norms)
-            if not sources:
+            if not sources and crit.statistic is not None:  # the producers' own statistic
+                sources = g.producers
+            elif not sources:
                 logger.warning("group %s has no normalisation scale; %s falls back to l1",
-                               g.name, self.criterion.name)
-                return self._score(g, gi, g.producers, params, pa_map, get_criterion("l1"))
-        return self._score(g, gi, sources, params, pa_map, self.criterion)
+                               g.name, crit.name)
+                return self._score(g, gi, g.producers, lambda key: params[key].numpy(), pa_map,
+                                   get_criterion("l1"))
+        elif crit.source is Source.GROUP:
+            sources = tuple(ka for ka, pa in pa_map.items()
+                            if ka[0] in params and (pa.group == gi).any())
+        tensor_of = (lambda key: params[key].numpy()) if crit.statistic is None else \
+            self._statistic_of(crit)
+        return self._score(g, gi, sources, tensor_of, pa_map, crit)
+
+    def _statistic_of(self, crit: Criterion) -> Any:
+        if self.statistics is None:
+            raise ValueError(
+                f"criterion {crit.name!r} scores {crit.statistic!r} statistics of training steps: "
+                f"use it from FilterPruneCallback (it gathers them during its pruning epoch), or "
+                f"pass FilterPruner(..., statistics=ImportanceStats(net, [{crit.statistic!r}]))")
+        return lambda key: self.statistics.tensor(crit.statistic, key)
 
     @staticmethod
-    def _score(g: Group, gi: int, sources: Iterable[Tuple[str, int]], params: Dict[str, Any],
+    def _score(g: Group, gi: int, sources: Iterable[Tuple[str, int]], tensor_of: Any,
                pa_map: Dict[Tuple[str, int], Any], crit: Criterion) -> np.ndarray:
         scores = np.zeros(g.channels, dtype=np.float64)
         for key, axis in sources:
             pa = pa_map[(key, axis)]
-            s = crit.score(params[key].numpy(), axis)
+            w = tensor_of(key)
+            if pa.blocks > 1 and w.ndim > 1:  # a grouped conv's input axis: scored per block
+                w = w.reshape((pa.blocks, w.shape[0] // pa.blocks) + w.shape[1:])
+                s = np.concatenate([crit.score(b, axis) for b in w])
+            else:
+                s = crit.score(w, axis)
             sel = pa.group.ravel() == gi
             np.add.at(scores, pa.channel.ravel()[sel], s[sel])
-        return scores
+        return crit.combine(scores) if crit.combine is not None else scores
 
     def select(self, ratios: Mapping[str, float], round_to: int = 1) -> Kept:
         """Channels each named group keeps when it loses `ratio` of its least important ones.

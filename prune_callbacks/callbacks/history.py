@@ -31,6 +31,16 @@ class PruneEvent:
         return self.flops
 
 
+@dataclass(frozen=True)
+class Scalar:
+    """One training-time figure another callback published (e.g. DistillCallback's teacher
+    top-1), logged by PruneVisualDL as `tag` at `step` (the epoch)."""
+
+    tag: str
+    value: float
+    step: int
+
+
 @dataclass
 class PruneHistory:
     sensitivity: Optional[SensitivityResult] = None
@@ -39,6 +49,8 @@ class PruneHistory:
     # called with the paddle.Model just before each pruning step's surgery (e.g. DistillCallback
     # keeps the unpruned network as its teacher)
     before_prune: List[Callable[[Any], None]] = field(default_factory=list)
+    # figures measured while training (distillation, sparsity), in the order they were published
+    scalars: List[Scalar] = field(default_factory=list)
 
 
 def history_of(model: Any) -> PruneHistory:

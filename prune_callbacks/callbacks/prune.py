@@ -12,6 +12,7 @@ from ..training.distributed import all_gather, check_agree, is_main, rebuild_dat
 from ..planning.importance import get_criterion
 from ..deploy.latency import LatencyOptions, LatencySearch, check_latency_target, plan_for_latency
 from ..training.optim import rebuild_optimizer
+from ..training.data_importance import ImportanceStats
 from ..planning.plans import PrunePlan, record_plan
 from ..planning.allocation import STRATEGIES, check_fraction
 from ..pruner import FilterPruner
@@ -116,6 +117,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         self._final: Optional[Dict[str, tuple]] = None  # group -> (channels at step 1, final kept)
         self._pruner: Optional[FilterPruner] = None
         self._loaded: Optional[SensitivityResult] = None  # the file of `sensitivity`, read once
+        self._stats: Optional[ImportanceStats] = None  # data-driven criteria: this epoch's hooks
 
     @property
     def epochs(self) -> List[int]:
@@ -166,6 +168,20 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         if self.flops is not None:  # a latency target is checked by measuring, when it prunes
             pruner.check_target(self.flops, skip, self.strategy, sens, max_ratio, self.round_to)
 
+    def on_epoch_begin(self, epoch: int, logs: Optional[Dict] = None) -> None:
+        """A data-driven criterion ("taylor", "activation") watches this epoch's training steps
+        when a pruning step ends it: no second pass over the data."""
+        statistic = get_criterion(self.criterion).statistic
+        if statistic is not None and epoch in self.epochs \
+                and len(self.plans) == self.epochs.index(epoch):
+            self._stats = ImportanceStats(self.model.network, [statistic],
+                                          grad_scale=self._loss_scale)
+            self._stats.start()
+
+    def _loss_scale(self) -> float:
+        scaler = getattr(self.model, "_scaler", None)  # AMP's GradScaler scales the gradients
+        return float(scaler._scale) if scaler is not None else 1.0
+
     def on_epoch_end(self, epoch: int, logs: Optional[Dict] = None) -> None:
         if epoch in self.epochs and len(self.plans) == self.epochs.index(epoch):
             self.prune_now(epoch)
@@ -181,6 +197,9 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                 f"share of the network's FLOPs at that moment)")
         pruner = self._pruner or self._new_pruner()
         self._pruner = None
+        if self._stats is not None:
+            self._stats.stop()
+            pruner.statistics, self._stats = self._stats, None
         net = self.model.network
         if step == 1:
             sens = self._sensitivities(epoch)

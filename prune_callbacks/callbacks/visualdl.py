@@ -69,6 +69,7 @@ class PruneVisualDL(paddle.callbacks.Callback):
         self._file_name = ""  # reopened (appended to) by later fits, so one run keeps one file
         self._written: Set[Tuple[str, int]] = set()
         self._events_done = 0
+        self._scalars_done = 0
         self._figures = 0
         self._dirty = False
 
@@ -114,6 +115,9 @@ class PruneVisualDL(paddle.callbacks.Callback):
         for event in new_events:
             self._write_event(event, hist.events[0].plan.flops_before)
         self._events_done += len(new_events)
+        for point in hist.scalars[self._scalars_done:]:
+            self._scalar(point.tag, point.value, point.step)
+        self._scalars_done = len(hist.scalars)
         if self._dirty:  # wait for the writer thread: a live dashboard sees them now
             self._writer.flush()
             self._dirty = False

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Callable, Dict, Union
+from typing import Callable, Dict, Optional, Union
 
 import numpy as np
 
@@ -20,6 +20,7 @@ class Source(str, Enum):
 
     PRODUCER = "producer"  # the weights minting the channels: conv filters, linear columns
     NORM = "norm"  # the scale of the normalisation after them (BatchNorm's gamma)
+    GROUP = "group"  # every trainable parameter of the group: producers, norms, consumers
 
 
 @dataclass(frozen=True)
@@ -30,25 +31,40 @@ class Criterion:
         name: registry key.
         score: `score(weight, axis) -> scores`, one per index along `axis`, higher = keep.
         source: `Source.PRODUCER` scores the weights of the layers minting the channels (conv
-            filters, linear columns); `Source.NORM` the scale of the normalisation after them.
+            filters, linear columns); `Source.NORM` the scale of the normalisation after them;
+            `Source.GROUP` every trainable parameter of the group along its channel axis
+            (producers, norms, biases and the consumers' input slices).
+        combine: applied to the channel scores once summed over the sources (e.g. `np.sqrt`
+            for an L2 norm over all of them); None: the sum.
+        statistic: the criterion scores a statistic gathered over training batches instead of
+            the weights ("taylor": |weight x gradient| per element; "activation": mean |output|
+            per channel of the layer owning the weight), see `training.data_importance`.
     """
 
     name: str
     score: ScoreFn
     source: Source = Source.PRODUCER
+    combine: Optional[Callable[[np.ndarray], np.ndarray]] = None
+    statistic: Optional[str] = None
 
 
 _CRITERIA: Dict[str, Criterion] = {}
+STATISTICS = ("taylor", "activation")  # the kinds training.data_importance gathers
 
 
 def register_criterion(name: str, score: ScoreFn,
-                       source: Union[Source, str] = Source.PRODUCER) -> Criterion:
+                       source: Union[Source, str] = Source.PRODUCER,
+                       combine: Optional[Callable[[np.ndarray], np.ndarray]] = None,
+                       statistic: Optional[str] = None) -> Criterion:
     """Add a criterion usable as `FilterPruner(..., criterion=name)`.
 
     Args:
         name: the registry key (an existing name is replaced).
         score: `score(weight, axis) -> scores`, one float per index along `axis`, higher = keep.
-        source: "producer" (default) or "norm", see `Source`.
+        source: "producer" (default), "norm" or "group", see `Source`.
+        combine: applied to the summed channel scores (see `Criterion`); None: the sum.
+        statistic: score a training statistic ("taylor" or "activation") instead of the
+            weights; the pruner then needs `statistics=` (FilterPruneCallback gathers them).
 
     Returns:
         The registered Criterion.
@@ -70,7 +86,11 @@ def register_criterion(name: str, score: ScoreFn,
         source = Source(source)
     except ValueError:
         raise ValueError(f"source must be one of {[s.value for s in Source]}, got {source!r}") from None
-    crit = Criterion(name, score, source)
+    if combine is not None and not callable(combine):
+        raise TypeError(f"combine must be callable or None, got {combine!r}")
+    if statistic is not None and statistic not in STATISTICS:
+        raise ValueError(f"statistic must be one of {list(STATISTICS)} or None, got {statistic!r}")
+    crit = Criterion(name, score, source, combine, statistic)
     _CRITERIA[name] = crit
     return crit
 
@@ -110,6 +130,17 @@ def bn_scale(w: np.ndarray, axis: int) -> np.ndarray:
     return l1(w, axis)
 
 
+def squares(w: np.ndarray, axis: int) -> np.ndarray:
+    """Sum of squares per index: summed over a group's parameters, then `np.sqrt`, it is the
+    L2 norm of everything the group's channel owns (the quantity group lasso drives down)."""
+    return (_rows(w, axis) ** 2).sum(axis=1)
+
+
+def per_channel(stat: np.ndarray, axis: int) -> np.ndarray:
+    """A statistic already kept per channel (mean activation): used as it is."""
+    return np.asarray(stat, dtype=np.float64).reshape(-1) if stat.ndim == 1 else l1(stat, axis)
+
+
 def random_score(w: np.ndarray, axis: int) -> np.ndarray:
     # seeded by the weights' shape so a plan is repeatable for the same network
     rng = np.random.default_rng(w.shape[axis] * 7919 + w.size)
@@ -121,3 +152,6 @@ register_criterion("l2", l2)
 register_criterion("fpgm", fpgm)
 register_criterion("bn_scale", bn_scale, source=Source.NORM)
 register_criterion("random", random_score)
+register_criterion("group_l2", squares, source=Source.GROUP, combine=np.sqrt)
+register_criterion("taylor", l1, source=Source.GROUP, statistic="taylor")
+register_criterion("activation", per_channel, source=Source.NORM, statistic="activation")
