@@ -190,7 +190,8 @@ class FilterPruner:
                                    get_criterion("l1"))
         elif crit.source is Source.GROUP:
             sources = tuple(ka for ka, pa in pa_map.items()
-                            if ka[0] in params and (pa.group == gi).any())
+                            if ka[0] in params and not params[ka[0]].stop_gradient
+                            and (pa.group == gi).any())  # trained ones: not running statistics
         tensor_of = (lambda key: params[key].numpy()) if crit.statistic is None else \
             self._statistic_of(crit)
         return self._score(g, gi, sources, tensor_of, pa_map, crit)

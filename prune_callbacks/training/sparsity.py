@@ -43,7 +43,8 @@ def _pieces(graph: ChannelGraph, gi: int, keys: Sequence[str],
     out = []
     channels = graph.groups[gi].channels
     for (key, axis), pa in graph.param_axes.items():
-        if key not in keys or key not in param_keys:  # buffers (running mean/var) are not trained
+        p = param_keys.get(key)
+        if key not in keys or p is None or p.stop_gradient:  # running mean/var are not trained
             continue
         grp, ch = pa.group.ravel(), pa.channel.ravel()
         sel = np.flatnonzero(grp == gi)
