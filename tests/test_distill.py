@@ -7,7 +7,7 @@ import paddle.nn as nn
 import pytest
 from paddle.static import InputSpec
 
-from prune_callbacks import DistillCallback, FilterPruneCallback
+from prune_callbacks import DistillCallback, FilterPruneCallback, history_of
 from prune_callbacks.callbacks.distill import distill_loss
 
 
@@ -47,23 +47,55 @@ def _softmax(z):
     return e / e.sum(1, keepdims=True)
 
 
-def test_distill_loss_equals_hand_computation():
+def _zscore(z):
+    return (z - z.mean(1, keepdims=True)) / z.std(1, keepdims=True)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_distill_loss_equals_hand_computation(standardize):
     rng = np.random.RandomState(0)
-    s, t = rng.randn(5, 7).astype("float32"), rng.randn(5, 7).astype("float32")
+    s, t = 3 * rng.randn(5, 7).astype("float32"), 5 * rng.randn(5, 7).astype("float32")
     T = 3.0
-    ps, pt = _softmax(s / T), _softmax(t / T)
+    prep = _zscore if standardize else (lambda z: z)
+    ps, pt = _softmax(prep(s) / T), _softmax(prep(t) / T)
     want = T * T * np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), 1))
-    got = float(distill_loss(paddle.to_tensor(s), paddle.to_tensor(t), T))
+    got = float(distill_loss(paddle.to_tensor(s), paddle.to_tensor(t), T, standardize))
     assert got == pytest.approx(want, rel=1e-5)
     # dense outputs: classes on axis 1, mean over samples and pixels
     s4, t4 = rng.randn(2, 3, 4, 4).astype("float32"), rng.randn(2, 3, 4, 4).astype("float32")
     flat = lambda a: a.transpose(0, 2, 3, 1).reshape(-1, 3)  # noqa: E731
-    ps, pt = _softmax(flat(s4) / T), _softmax(flat(t4) / T)
+    ps, pt = _softmax(prep(flat(s4)) / T), _softmax(prep(flat(t4)) / T)
     want = T * T * np.mean(np.sum(pt * (np.log(pt) - np.log(ps)), 1))
-    assert float(distill_loss(paddle.to_tensor(s4), paddle.to_tensor(t4), T)) == \
+    assert float(distill_loss(paddle.to_tensor(s4), paddle.to_tensor(t4), T, standardize)) == \
         pytest.approx(want, rel=1e-5)
-    assert float(distill_loss(paddle.to_tensor(s), paddle.to_tensor(s), T)) == \
+    assert float(distill_loss(paddle.to_tensor(s), paddle.to_tensor(s), T, standardize)) == \
         pytest.approx(0.0, abs=1e-6)
+
+
+@pytest.mark.parametrize("standardize", [False, True])
+def test_distill_loss_gradient_equals_hand_computation(standardize):
+    rng = np.random.RandomState(1)
+    s, t = 3 * rng.randn(6, 5), 6 * rng.randn(6, 5)
+    T, n = 4.0, 6
+    student = paddle.to_tensor(s.astype("float32"), stop_gradient=False)
+    distill_loss(student, paddle.to_tensor(t.astype("float32")), T, standardize).backward()
+    zs, zt = (_zscore(s), _zscore(t)) if standardize else (s, t)
+    # d/dz_s of T^2 * KL(p_t || p_s), p = softmax(z / T): T * (p_s - p_t), averaged over samples
+    g = T * (_softmax(zs / T) - _softmax(zt / T)) / n
+    if standardize:  # back through (z - mean) / std (population std): the layer-norm backward
+        g = (g - g.mean(1, keepdims=True) - zs * (g * zs).mean(1, keepdims=True)) \
+            / s.std(1, keepdims=True)
+    np.testing.assert_allclose(student.grad.numpy(), g, rtol=1e-4, atol=1e-7)
+    # without standardisation the pull grows with the teacher's logit scale; with it, it does not
+    grads = []
+    for scale in (1.0, 10.0):
+        st = paddle.to_tensor(s.astype("float32"), stop_gradient=False)
+        distill_loss(st, paddle.to_tensor((scale * t).astype("float32")), T, standardize).backward()
+        grads.append(float(np.abs(st.grad.numpy()).sum()))
+    if standardize:
+        assert grads[1] == pytest.approx(grads[0], rel=1e-4)
+    else:
+        assert grads[1] > 1.3 * grads[0]
 
 
 def _model(net):
@@ -117,6 +149,29 @@ def test_distill_with_pruning_in_one_fit():
     assert np.mean(watch.kd[-4:]) < np.mean(watch.kd[:4])
     # dropped at the end of fit, the user's loss is back
     assert distill.teacher is None and model._loss is original_loss
+    # the teacher's worth per distilled epoch (1..3), for PruneVisualDL
+    scalars = {(p.tag, p.step): p.value for p in history_of(model).scalars}
+    for epoch in (1, 2, 3):
+        assert scalars[("distill/term", epoch)] == pytest.approx(np.mean(watch.kd[4 * (epoch - 1):
+                                                                                  4 * epoch]))
+        assert 0 <= scalars[("distill/teacher_top1", epoch)] <= 1
+    assert ("distill/term", 0) not in scalars
+
+
+def test_a_teacher_worse_than_the_labels_is_reported():
+    paddle.seed(0)
+    net = _Net()
+    model = _model(net)
+    model.fit(_Data(), epochs=4, batch_size=16, verbose=0)  # the student learns the labels
+    teacher = _Net()
+    teacher.fc.bias.set_value(np.array([50.0, 0, 0, 0], dtype="float32"))  # always class 0
+    labels = _Data().y.ravel()
+    distill = DistillCallback(alpha=0.5, teacher=teacher)
+    with pytest.warns(UserWarning, match=r"the teacher scored top-1 0\.3.*below the student"):
+        model.fit(_Data(), epochs=1, batch_size=16, verbose=0, callbacks=[distill])
+    scalars = {p.tag: p.value for p in history_of(model).scalars}
+    assert scalars["distill/teacher_top1"] == pytest.approx(np.mean(labels == 0))
+    assert scalars["distill/student_top1"] > scalars["distill/teacher_top1"]
 
 
 def test_distill_multi_output_net_distils_the_main_output():

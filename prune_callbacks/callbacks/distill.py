@@ -7,32 +7,63 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, Callable, Dict, Optional, Union
+import warnings
+from typing import Any, Callable, Dict, Optional, Tuple, Union
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
-from .history import history_of
+from .history import Scalar, history_of
 
 logger = logging.getLogger(__name__)
 
 OutputKey = Union[int, str]
 
 
-def distill_loss(student: paddle.Tensor, teacher: paddle.Tensor,
-                 temperature: float) -> paddle.Tensor:
-    """`T^2 * KL(softmax(teacher/T) || softmax(student/T))`, classes on axis 1, mean over the
-    other axes (samples, and pixels of a dense output).
+def distill_loss(student: paddle.Tensor, teacher: paddle.Tensor, temperature: float,
+                 standardize: bool = True) -> paddle.Tensor:
+    """`T^2 * KL(softmax(z_t/T) || softmax(z_s/T))`, classes on axis 1, mean over the other axes
+    (samples, and pixels of a dense output).
+
+    With `standardize` (the default) each sample's logits are first z-scored over the classes
+    (`(z - mean) / std`, logit standardisation, Sun et al. 2024), so the student matches the
+    teacher's ranking and relative margins, not its raw logit scale. Without it, at T >> 1 the
+    term behaves like an L2 pull of the student's raw logits toward the teacher's (gradient about
+    `(z_s - z_t) / classes`), whose size grows with the teacher's logit range and does not fade
+    as the student becomes right: at a learning rate set for cross-entropy that step is too
+    large (ResNet18 on digits, teacher logits spanning ~28, T = 4: the term rose while training
+    and the student lost 6-30 points; see docs/recover.md).
 
     Examples:
         >>> distill_loss(paddle.randn([8, 10]), paddle.randn([8, 10]), 4.0)
     """
     t = float(temperature)
-    s_log = F.log_softmax(student.astype("float32") / t, axis=1)
-    t_log = F.log_softmax(teacher.astype("float32") / t, axis=1)
+    s, z = student.astype("float32"), teacher.astype("float32")
+    if standardize:
+        s, z = _standardized(s), _standardized(z)
+    s_log = F.log_softmax(s / t, axis=1)
+    t_log = F.log_softmax(z / t, axis=1)
     kl = (t_log.exp() * (t_log - s_log)).sum(axis=1)
     return kl.mean() * (t * t)
+
+
+def _standardized(z: paddle.Tensor) -> paddle.Tensor:
+    mean = z.mean(axis=1, keepdim=True)
+    std = ((z - mean) ** 2).mean(axis=1, keepdim=True).sqrt()
+    return (z - mean) / (std + 1e-6)
+
+
+def _top1_hits(logits: paddle.Tensor, labels: Any) -> Optional[Tuple[int, int]]:
+    """(correct, count) of a classifier's [N, C] logits against [N] or [N, 1] int labels; None
+    for anything else (dense outputs, soft labels)."""
+    if not isinstance(labels, paddle.Tensor) or len(logits.shape) != 2 \
+            or labels.dtype not in (paddle.int64, paddle.int32) \
+            or int(np.prod(labels.shape)) != logits.shape[0]:
+        return None
+    pred = logits.argmax(axis=1).astype("int64")
+    return int((pred == labels.reshape([-1]).astype("int64")).sum()), int(logits.shape[0])
 
 
 def pick_output(outputs: Any, key: OutputKey) -> paddle.Tensor:
@@ -71,8 +102,10 @@ class _DistilledLoss:
         n_out = len(outputs_and_labels) - cb._n_labels
         student_outputs = list(outputs_and_labels[:n_out])
         student = pick_output(student_outputs if n_out > 1 else student_outputs[0], cb.output)
-        kd = distill_loss(student, teacher, cb.temperature)
+        kd = distill_loss(student, teacher, cb.temperature, cb.standardize)
         cb.last_kd = float(kd)
+        labels = outputs_and_labels[n_out] if len(outputs_and_labels) > n_out else None
+        cb._count(teacher, student, labels)
         total = task if isinstance(task, paddle.Tensor) else paddle.add_n(list(task))
         return (1.0 - cb.alpha) * total + cb.alpha * kd
 
@@ -83,9 +116,17 @@ class DistillCallback(paddle.callbacks.Callback):
     When a FilterPruneCallback of the same fit is about to prune (its first step), this callback
     keeps a frozen copy of the network as it is then (the teacher, in eval mode, excluded from
     the optimizer), and from then on the model trains on
-    `(1 - alpha) * task_loss + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))`.
+    `(1 - alpha) * task_loss + alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T))`,
+    on standardised logits by default (see `distill_loss`).
     The teacher runs on each training batch (no gradients); evaluation reports the task loss.
     At `on_train_end` the teacher is dropped and the model's own loss restored.
+
+    What the teacher is worth is visible: at the end of every distilled epoch it publishes to
+    `history_of(model).scalars` (PruneVisualDL logs them) `distill/term` (the mean distillation
+    term), and for classifiers `distill/teacher_top1` and `distill/student_top1` on the training
+    batches both saw; it warns when the teacher scored below the student there (the labels teach
+    better than the teacher does: e.g. a teacher whose eval-mode BatchNorm statistics lag behind
+    its weights after very short training).
 
     Cost: memory of one more copy of the unpruned parameters; time of one teacher forward per
     training step (about a third of a training step).
@@ -97,6 +138,8 @@ class DistillCallback(paddle.callbacks.Callback):
             dict key); the main output, index 0, by default.
         teacher: a network to distil from for the whole fit instead (e.g. when pruning happened
             before this fit); it is copied, frozen and put in eval mode when training begins.
+        standardize: z-score each sample's logits (student and teacher) before the temperature
+            (default); False: Hinton's loss on the raw logits.
 
     Raises:
         ValueError: alpha outside [0, 1], temperature <= 0.
@@ -108,7 +151,7 @@ class DistillCallback(paddle.callbacks.Callback):
     """
 
     def __init__(self, alpha: float = 0.5, temperature: float = 4.0, output: OutputKey = 0,
-                 teacher: Optional[nn.Layer] = None) -> None:
+                 teacher: Optional[nn.Layer] = None, standardize: bool = True) -> None:
         super().__init__()
         if teacher is not None and not isinstance(teacher, nn.Layer):
             raise TypeError(f"teacher must be a paddle.nn.Layer or None, got {type(teacher).__name__}")
@@ -124,12 +167,17 @@ class DistillCallback(paddle.callbacks.Callback):
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.output = output
+        if not isinstance(standardize, bool):
+            raise TypeError(f"standardize must be True or False, got {standardize!r}")
+        self.standardize = standardize
         self.teacher: Optional[nn.Layer] = None
         self.last_kd: Optional[float] = None
         self._teacher_out: Optional[paddle.Tensor] = None
         self._hook: Any = None
         self._task_loss: Optional[Callable] = None
         self._n_labels = 0
+        self._epoch = 0
+        self._reset_counts()
 
     def on_train_begin(self, logs: Optional[Dict] = None) -> None:
         if self.model._loss is None:
@@ -141,7 +189,15 @@ class DistillCallback(paddle.callbacks.Callback):
         else:
             history_of(self.model).before_prune.append(self._on_before_prune)
 
+    def on_epoch_begin(self, epoch: Optional[int] = None, logs: Optional[Dict] = None) -> None:
+        self._epoch = epoch or 0
+        self._reset_counts()
+
+    def on_epoch_end(self, epoch: Optional[int] = None, logs: Optional[Dict] = None) -> None:
+        self._publish()
+
     def on_train_end(self, logs: Optional[Dict] = None) -> None:
+        self._publish()
         hist = history_of(self.model)
         if self._on_before_prune in hist.before_prune:
             hist.before_prune.remove(self._on_before_prune)
@@ -177,3 +233,39 @@ class DistillCallback(paddle.callbacks.Callback):
             return
         with paddle.no_grad():
             self._teacher_out = pick_output(self.teacher(*inputs), self.output).detach()
+
+    # -- what the teacher is worth ------------------------------------------------------------
+    def _reset_counts(self) -> None:
+        self._terms: list = []
+        self._hits = [0, 0, 0]  # teacher correct, student correct, samples
+
+    def _count(self, teacher: paddle.Tensor, student: paddle.Tensor, labels: Any) -> None:
+        self._terms.append(self.last_kd)
+        t_hits = _top1_hits(teacher, labels)
+        s_hits = _top1_hits(student.detach(), labels)
+        if t_hits is not None and s_hits is not None:
+            self._hits[0] += t_hits[0]
+            self._hits[1] += s_hits[0]
+            self._hits[2] += t_hits[1]
+
+    def _publish(self) -> None:
+        """The epoch's figures into the history (once), and a warning for a poor teacher."""
+        if not self._terms or self.model is None:
+            return
+        epoch, scalars = self._epoch, history_of(self.model).scalars
+        scalars.append(Scalar("distill/term", float(np.mean(self._terms)), epoch))
+        teacher_ok, student_ok, seen = self._hits
+        if seen:
+            t1, s1 = teacher_ok / seen, student_ok / seen
+            scalars += [Scalar("distill/teacher_top1", t1, epoch),
+                        Scalar("distill/student_top1", s1, epoch)]
+            logger.info("distillation epoch %d: term %.4f, teacher top-1 %.3f, student top-1 %.3f "
+                        "on %d training samples", epoch, np.mean(self._terms), t1, s1, seen)
+            if t1 < s1:
+                warnings.warn(
+                    f"DistillCallback: on the {seen} training samples of epoch {epoch} the teacher "
+                    f"scored top-1 {t1:.3f}, below the student's {s1:.3f}: the labels teach better "
+                    f"than the teacher. Check the teacher in eval mode (BatchNorm statistics lag "
+                    f"behind the weights after very short training: train longer before pruning), "
+                    f"or lower alpha", stacklevel=2)
+        self._reset_counts()
