@@ -24,6 +24,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..training import distributed
 from ..callbacks import DistillCallback, FilterPruneCallback, SensitivityCallback
+from ..callbacks.sparsity import SparsityCallback
 from ..datasets.bundled import subset
 from ..deploy.io import load_pruned
 from ..deploy.latency import LatencyOptions
@@ -46,6 +47,9 @@ ARGUMENT_KEYS = {
     "path": "prune.sensitivity_file", "max_loss": "prune.max_loss",
     "batch_size": "trainer.eval_batch_size", "input_shape": "data.image_size", "eval_data": "data.val",
     "alpha": "prune.distill.alpha", "temperature": "prune.distill.temperature",
+    "standardize": "prune.distill.standardize", "kind": "prune.sparsity.kind",
+    "strength": "prune.sparsity.strength", "growing": "prune.sparsity.growing",
+    "start_epoch": "prune.sparsity.start_epoch",
 }
 
 
@@ -198,12 +202,19 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
             sensitivity=sensitivity, strategy=p.strategy, round_to=p.round_to, steps=p.steps,
             input_shape=shape)
         if p.distill.alpha:
-            run.distill = DistillCallback(alpha=p.distill.alpha, temperature=p.distill.temperature)
+            run.distill = DistillCallback(alpha=p.distill.alpha, temperature=p.distill.temperature,
+                                          standardize=p.distill.standardize)
+        sparsity_cb = None
+        if p.sparsity.kind:  # regularised until the pruning step
+            sparsity_cb = SparsityCallback(
+                kind=p.sparsity.kind, strength=p.sparsity.strength, growing=p.sparsity.growing,
+                start_epoch=p.sparsity.start_epoch, skip=list(p.skip), input_shape=shape)
     except (ValueError, TypeError) as exc:
         raise as_config_error(exc, cfg, "prune") from None
     clock, val, bs = run.clock, run.val_ds, t.eval_batch_size
     marks: List[paddle.callbacks.Callback] = [TrainSpan(clock), PhaseMark(clock, "before", at, val, bs)]
     marks += [sensitivity] if sensitivity is not None else []
+    marks += [sparsity_cb] if sparsity_cb is not None else []
     marks += [PhaseMark(clock, "sensitivity_done", at), run.pruner]
     marks += [run.distill] if run.distill is not None else []
     return marks + [PhaseMark(clock, "pruned", at, val, bs)]

@@ -53,6 +53,17 @@ class DistillConf:
 
     alpha: Optional[float] = None
     temperature: float = 4.0
+    standardize: bool = True
+
+
+@dataclass
+class SparsityConf:
+    """Sparse training before pruning (`SparsityCallback`): off while `kind` is null."""
+
+    kind: Optional[str] = None
+    strength: float = 1e-4
+    growing: float = 0.0
+    start_epoch: int = 0
 
 
 @dataclass
@@ -79,6 +90,7 @@ class PruneConf:
     sensitivity_file: Optional[str] = None
     max_loss: Optional[float] = None
     distill: DistillConf = field(default_factory=DistillConf)
+    sparsity: SparsityConf = field(default_factory=SparsityConf)
 
 
 @dataclass
@@ -299,6 +311,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
             _check_known_keys(raw[key], schema, key + ".")
     if isinstance(raw.get("prune"), Mapping) and isinstance(raw["prune"].get("distill"), Mapping):
         _check_known_keys(raw["prune"]["distill"], DistillConf, "prune.distill.")
+    if isinstance(raw.get("prune"), Mapping) and isinstance(raw["prune"].get("sparsity"), Mapping):
+        _check_known_keys(raw["prune"]["sparsity"], SparsityConf, "prune.sparsity.")
     typed = OmegaConf.merge(OmegaConf.structured(Config), raw)
     OmegaConf.set_struct(typed, True)
     _check_trainer(typed.trainer, typed.prune)
