@@ -11,6 +11,12 @@ evaluated again, with and without distillation from the unpruned network. Alloca
   group's scores divided by their mean), the least important removed until the cut is met (the
   idea of Torch-Pruning's global pruning).
 
+Accuracy recovery (docs/recover.md) adds three dimensions: `--sparsity group bn_scale` trains
+the last `--sparse-epochs` epochs before pruning with SparsityCallback (a separate pretrained
+network per kind, same epoch count as the plain one); `--criteria taylor activation` scores with
+statistics gathered by hooks during the last pretraining epoch (no extra pass); and
+`--distill-modes raw std` distils on raw (Hinton) or standardised logits.
+
 The task is `hard_digits` (digits warped, tinted, cluttered and occluded; offline) by default, on
 which the unpruned networks stay clearly below 100% top-1; `--data cifar10 --data-file ...` uses
 a local CIFAR-10 tarball instead.
@@ -39,7 +45,9 @@ import paddle
 from paddle.static import InputSpec
 
 warnings.filterwarnings("ignore")
-from prune_callbacks import DistillCallback, FilterPruner, count_flops  # noqa: E402
+from prune_callbacks import (DistillCallback, FilterPruner, ImportanceStats,  # noqa: E402
+                             SparsityCallback, count_flops)
+from prune_callbacks.planning.importance import get_criterion  # noqa: E402
 from prune_callbacks.datasets.bundled import cifar10_dataset, hard_digits_dataset, subset  # noqa: E402
 
 SHAPE = [1, 3, 32, 32]
@@ -101,7 +109,8 @@ def global_ratios(pruner: FilterPruner, cut: float) -> Dict[str, float]:
 
 
 def prune(net, allocation: str, criterion: str, cut: float, sens_data, args) -> float:
-    pruner = FilterPruner(net, SHAPE, criterion=criterion)
+    stats = args.stats.get(args.current) if get_criterion(criterion).statistic else None
+    pruner = FilterPruner(net, SHAPE, criterion=criterion, statistics=stats)
     if allocation == "global":
         pruner.prune(global_ratios(pruner, cut))
     elif allocation == "uniform":
@@ -123,27 +132,32 @@ def run_method(pretrained, method: Dict[str, Any], train, test, args) -> Dict[st
     after_prune = top1(net, test)
     model = new_model(net, args.lr)
     callbacks = ([DistillCallback(alpha=args.alpha, temperature=args.temperature,
-                                  teacher=pretrained)] if method["distill"] else [])
+                                  teacher=pretrained, standardize=method["distill"] == "std")]
+                 if method["distill"] != "no" else [])
     model.fit(train, epochs=args.epochs_after, batch_size=args.batch_size, verbose=0,
               callbacks=callbacks)
     return dict(method, achieved=achieved, pruned=after_prune, finetuned=top1(net, test),
                 seconds=time.perf_counter() - t0)
 
 
-def grid(args: argparse.Namespace) -> List[Dict[str, Any]]:
+def grid(args: argparse.Namespace, sparsity: str) -> List[Dict[str, Any]]:
     rows = []
     for cut, allocation, criterion in itertools.product(args.cuts, args.allocations,
                                                         args.criteria):
-        for distill in args.distill:
-            if distill and criterion != args.criteria[0]:
-                continue  # distillation compared on the first criterion only
+        modes = (["no"] if False in args.distill else []) + \
+            (list(args.distill_modes) if True in args.distill else [])
+        for distill in modes:
+            if distill != "no" and (criterion != args.criteria[0] or sparsity != "none"):
+                continue  # distillation compared on the first criterion, without sparsity
+            if sparsity != "none" and criterion not in args.sparse_criteria:
+                continue  # sparse training compared with its matching criteria only
             rows.append(dict(cut=cut, allocation=allocation, criterion=criterion,
-                             distill=distill))
+                             distill=distill, sparsity=sparsity))
     return rows
 
 
 def summarise(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
-    keys = ("model", "cut", "allocation", "criterion", "distill")
+    keys = ("model", "cut", "allocation", "criterion", "distill", "sparsity")
     out = []
     for key in sorted({tuple(r[k] for k in keys) for r in results}, key=str):
         rs = [r for r in results if tuple(r[k] for k in keys) == key]
@@ -156,15 +170,16 @@ def summarise(results: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
 
 
 def print_table(rows: List[Dict[str, Any]]) -> None:
-    head = (f"{'model':<13} {'cut':>4} {'allocation':<11} {'criterion':<9} {'distil':<6} "
+    head = (f"{'model':<13} {'cut':>4} {'allocation':<11} {'criterion':<10} {'distil':<6} "
+            f"{'sparsity':<8} "
             f"{'FLOPs cut':>9} {'unpruned':>13} {'after prune':>13} {'fine-tuned':>13}")
     print(head)
     print("-" * len(head))
     for r in rows:
         def ms(f: str) -> str:
             return f"{r[f]:.3f}+-{r[f + '_sd']:.3f}"
-        print(f"{r['model']:<13} {r['cut']:>4.1f} {r['allocation']:<11} {r['criterion']:<9} "
-              f"{'yes' if r['distill'] else 'no':<6} {100 * r['achieved']:>8.2f}% "
+        print(f"{r['model']:<13} {r['cut']:>4.1f} {r['allocation']:<11} {r['criterion']:<10} "
+              f"{r['distill']:<6} {r['sparsity']:<8} {100 * r['achieved']:>8.2f}% "
               f"{ms('unpruned'):>13} {ms('pruned'):>13} {ms('finetuned'):>13}")
 
 
@@ -183,6 +198,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                    help="default 0 1 2 (0 with --quick)")
     p.add_argument("--no-distill", dest="distill", action="store_const", const=[False],
                    default=[False, True], help="skip the runs with distillation")
+    p.add_argument("--distill-modes", nargs="+", choices=["raw", "std"], default=["std"],
+                   help="distillation on raw (Hinton) or standardised logits (the default)")
+    p.add_argument("--sparsity", nargs="+", choices=["none", "group", "bn_scale"],
+                   default=["none"], help="sparse training before pruning (SparsityCallback)")
+    p.add_argument("--sparse-epochs", type=int, default=1,
+                   help="how many of --epochs-before are regularised")
+    p.add_argument("--sparse-strength", type=float, default=1e-4)
+    p.add_argument("--sparse-growing", type=float, default=1e-4)
+    p.add_argument("--sparse-criteria", nargs="+", default=["group_l2", "bn_scale", "l1"],
+                   help="criteria compared after sparse training")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--epochs-before", type=int, default=4)
@@ -208,6 +233,21 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
+class _LastEpoch(paddle.callbacks.Callback):
+    """Importance statistics (Taylor, activation) over the training steps of one epoch."""
+
+    def __init__(self, stats: ImportanceStats, epoch: int) -> None:
+        super().__init__()
+        self.stats, self.epoch = stats, epoch
+
+    def on_epoch_begin(self, epoch: int, logs: Optional[Dict] = None) -> None:
+        if epoch == self.epoch:
+            self.stats.start()
+
+    def on_epoch_end(self, epoch: int, logs: Optional[Dict] = None) -> None:
+        self.stats.stop()
+
+
 def main(argv: Optional[Sequence[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
@@ -216,18 +256,29 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
           f"{os.environ.get('OMP_NUM_THREADS', 'unset')}; {os.cpu_count()} CPUs", flush=True)
     results = []
     t_start = time.perf_counter()
-    for model_name, seed in itertools.product(args.models, args.seeds):
+    args.stats, args.sens_cache = {}, {}
+    for model_name, seed, sparsity in itertools.product(args.models, args.seeds, args.sparsity):
+        methods = grid(args, sparsity)
+        if not methods:
+            continue
         paddle.seed(seed)
         np.random.seed(seed)
         net = build(model_name, args.width)
         args.flops_before = count_flops(net, SHAPE)
+        args.current = (model_name, seed, sparsity)
+        args.stats[args.current] = stats = ImportanceStats(net)  # hooks on the last epoch only
+        first_sparse = max(args.epochs_before - args.sparse_epochs, 0)
+        callbacks: List[Any] = [_LastEpoch(stats, args.epochs_before - 1)]
+        if sparsity != "none":
+            callbacks.append(SparsityCallback(kind=sparsity, strength=args.sparse_strength,
+                                              growing=args.sparse_growing,
+                                              start_epoch=first_sparse))
         new_model(net, args.lr).fit(train, epochs=args.epochs_before,
-                                    batch_size=args.batch_size, verbose=0)
+                                    batch_size=args.batch_size, verbose=0, callbacks=callbacks)
         unpruned = top1(net, test)
-        args.current, args.sens_cache = (model_name, seed), getattr(args, "sens_cache", {})
-        print(f"{model_name} seed {seed}: unpruned top-1 {unpruned:.4f} "
+        print(f"{model_name} seed {seed} sparsity {sparsity}: unpruned top-1 {unpruned:.4f} "
               f"({time.perf_counter() - t_start:.0f} s)", flush=True)
-        for method in grid(args):
+        for method in methods:
             r = run_method(net, dict(method, model=model_name, seed=seed), train, test, args)
             r["unpruned"] = unpruned
             results.append(r)
