@@ -109,6 +109,8 @@ def test_data_driven_criterion_without_statistics_says_how_to_get_them():
         pruner.importance("c1")
     with pytest.raises(ValueError, match="kinds must be some of"):
         ImportanceStats(_Net(), ["hessian"])
+    with pytest.raises(ValueError, match="criterion 'taylor' scores statistics .*strategy='uniform'"):
+        FilterPruneCallback(criterion="taylor", strategy="sensitivity", sensitivity="sens.json")
     stats = ImportanceStats(_Net(), ["taylor"])
     with pytest.raises(ValueError, match="no 'taylor' statistics for 'c1.weight'"):
         stats.tensor("taylor", "c1.weight")

@@ -1,13 +1,16 @@
 """Sparse training before pruning: the regulariser's gradient by hand, its effect, its place in fit."""
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import paddle
 import paddle.nn as nn
 import pytest
 from paddle.static import InputSpec
 
-from prune_callbacks import FilterPruneCallback, FilterPruner, SparsityCallback, history_of
+from prune_callbacks import (FilterPruneCallback, FilterPruner, PruneVisualDL, SparsityCallback,
+                             history_of)
 from prune_callbacks.training.sparsity import EPS, GroupSparsity, Regulariser, grow, spread
 
 
@@ -142,7 +145,7 @@ def test_sparsity_drives_the_ranked_channels_toward_zero():
 
 
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
-def test_sparsity_then_pruning_in_one_fit(optimizer):
+def test_sparsity_then_pruning_in_one_fit(optimizer, tmp_path):
     paddle.seed(0)
     net = _Net()
     model = _model(net, optimizer)
@@ -155,14 +158,23 @@ def test_sparsity_then_pruning_in_one_fit(optimizer):
 
     sparsity = SparsityCallback(kind="bn_scale", strength=1e-3, growing=1e-3)
     prune = FilterPruneCallback(flops=0.4, at_epoch=1, criterion="bn_scale", strategy="uniform")
+    vdl = PruneVisualDL(str(tmp_path))
     model.fit(_Data(), epochs=3, batch_size=16, verbose=0,
-              callbacks=[prune, sparsity, Penalties()])
+              callbacks=[prune, sparsity, Penalties(), vdl])
     assert net.c1.weight.shape[0] < 4 or net.c2.weight.shape[0] < 6  # pruned
     assert seen[:8] == [1, 2, 3, 4] * 2 and seen[8:] == [0] * 4  # regularised until pruning only
     tags = [(s.tag, s.step) for s in history_of(model).scalars]
     for tag in ("sparsity/penalty", "sparsity/norm_cv", "sparsity/near_zero"):
         assert (tag, 0) in tags and (tag, 1) in tags and (tag, 2) not in tags
     assert model._loss is task_loss  # the user's loss is back
+    # PruneVisualDL logged what was published
+    from visualdl import LogReader
+    files = [f for f in os.listdir(vdl.run_dir) if "vdlrecords" in f]
+    reader = LogReader(file_path=os.path.join(vdl.run_dir, files[0]))
+    penalty = [(r.id, r.value) for r in reader.get_data("scalar", "sparsity/penalty")]
+    published = [(s.step, s.value) for s in history_of(model).scalars if s.tag == "sparsity/penalty"]
+    assert [step for step, _ in penalty] == [0, 1]
+    np.testing.assert_allclose([v for _, v in penalty], [v for _, v in published], rtol=1e-6)
 
 
 def test_sparsity_arguments_checked():

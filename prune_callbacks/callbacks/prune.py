@@ -104,6 +104,11 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES} or None (auto), got {strategy!r}")
         self.strategy = strategy
+        if strategy == "sensitivity" and get_criterion(criterion).statistic is not None:
+            raise ValueError(
+                f"criterion {criterion!r} scores statistics of the pruning epoch's training steps, "
+                f"which a sensitivity analysis (run before them) cannot use: pass "
+                f"strategy='uniform', or a weight criterion (l1, group_l2, ...) for sensitivity")
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
             raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
         self.round_to = round_to
