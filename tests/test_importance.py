@@ -71,7 +71,7 @@ def test_register_criterion_is_used_by_the_pruner(monkeypatch: Any) -> None:
 
 
 def test_register_criterion_rejects_bad_arguments() -> None:
-    with pytest.raises(ValueError, match=r"source must be one of \['producer', 'norm'\], got 'bn'"):
+    with pytest.raises(ValueError, match=r"source must be one of \['producer', 'norm', 'group'\], got 'bn'"):
         register_criterion("x", l1, source="bn")
     with pytest.raises(TypeError, match="score must be callable"):
         register_criterion("x", 3)
