@@ -233,7 +233,7 @@ def test_bad_model_argument_names_the_model_keys(tmp_path: Path) -> None:
 def test_unknown_criterion_lists_the_criteria(strategy: str) -> None:
     with pytest.raises(ConfigError, match=r"prune\.criterion='l3': unknown criterion 'l3'") as info:
         train(make_cfg(["prune.criterion=l3", f"prune.strategy={strategy}"]))
-    assert "['bn_scale', 'fpgm', 'l1', 'l2', 'random']" in str(info.value)
+    assert "['activation', 'bn_scale', 'fpgm', 'group_l2', 'l1', 'l2', 'random', 'taylor']" in str(info.value)
 
 
 def test_unknown_strategy_lists_the_strategies() -> None:
