@@ -190,3 +190,24 @@ def test_sparsity_arguments_checked():
     with pytest.raises(ValueError, match="unknown group 'c3'"):
         model.fit(_Data(16), epochs=1, batch_size=16, verbose=0,
                   callbacks=[SparsityCallback(skip=["c3"])])
+
+
+def test_sparsity_taylor_and_distillation_under_amp_config():
+    """`prepare(amp_configs=...)` gives the model a GradScaler (inactive on CPU, `_scale` None):
+    the regulariser, the Taylor hooks (which undo the loss scale) and distillation still run."""
+    from prune_callbacks import DistillCallback
+
+    paddle.seed(0)
+    net = _Net()
+    model = paddle.Model(net, [InputSpec([None, 3, 8, 8], "float32", "x")],
+                         [InputSpec([None, 1], "int64", "y")])
+    model.prepare(paddle.optimizer.Momentum(0.05, parameters=net.parameters()),
+                  nn.CrossEntropyLoss(), amp_configs={"level": "O1"})
+    model.fit(_Data(), epochs=3, batch_size=16, verbose=0, callbacks=[
+        SparsityCallback(kind="group", strength=1e-2),
+        FilterPruneCallback(flops=0.4, at_epoch=1, criterion="taylor", strategy="uniform"),
+        DistillCallback()])
+    assert model._scaler is not None
+    assert net.c1.weight.shape[0] < 4 or net.c2.weight.shape[0] < 6
+    tags = {s.tag for s in history_of(model).scalars}
+    assert {"sparsity/penalty", "distill/term"} <= tags

@@ -185,7 +185,8 @@ class FilterPruneCallback(paddle.callbacks.Callback):
 
     def _loss_scale(self) -> float:
         scaler = getattr(self.model, "_scaler", None)  # AMP's GradScaler scales the gradients
-        return float(scaler._scale) if scaler is not None else 1.0
+        scale = getattr(scaler, "_scale", None)  # None where AMP is off (e.g. on CPU)
+        return float(scale) if scale is not None and getattr(scaler, "_enable", True) else 1.0
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict] = None) -> None:
         if epoch in self.epochs and len(self.plans) == self.epochs.index(epoch):
