@@ -211,3 +211,39 @@ def test_sparsity_taylor_and_distillation_under_amp_config():
     assert net.c1.weight.shape[0] < 4 or net.c2.weight.shape[0] < 6
     tags = {s.tag for s in history_of(model).scalars}
     assert {"sparsity/penalty", "distill/term"} <= tags
+
+
+class _Concat(nn.Layer):
+    """Two groups meet in one consumer: c3 reads c1's channels at inputs 0-3 and c2's at 4-7."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2D(3, 4, 3, padding=1)
+        self.c2 = nn.Conv2D(3, 4, 1)
+        self.c3 = nn.Conv2D(8, 5, 1)
+        self.fc = nn.Linear(5, 2)
+
+    def forward(self, x):
+        x = paddle.concat([nn.functional.relu(self.c1(x)), nn.functional.relu(self.c2(x))], axis=1)
+        return self.fc(nn.functional.relu(self.c3(x)).mean([2, 3]))
+
+
+def test_group_lasso_over_a_concatenation_by_hand():
+    net = _randomised(_Concat(), seed=3)
+    reg = _sparsity(net, Regulariser.GROUP)
+    assert reg.names == ["c1", "c2", "c3"]
+    w = {k: p.numpy().astype(np.float64) for k, p in net.named_parameters()}
+    want = {name: np.array([np.sqrt((w[f"{name}.weight"][c] ** 2).sum() + w[f"{name}.bias"][c] ** 2
+                                    + (w["c3.weight"][:, off + c] ** 2).sum() + EPS)
+                            for c in range(4)]) for name, off in (("c1", 0), ("c2", 4))}
+    got = reg.magnitudes()
+    for name in ("c1", "c2"):
+        np.testing.assert_allclose(got[name], want[name], rtol=1e-5)
+    lam = [np.ones(4), 2 * np.ones(4), np.zeros(5)]
+    net.clear_gradients()
+    reg.penalty(lam).backward()
+    g = net.c3.weight.grad.numpy()
+    per_input = lambda n: n[None, :, None, None]  # noqa: E731
+    np.testing.assert_allclose(g[:, :4], w["c3.weight"][:, :4] / per_input(want["c1"]), rtol=1e-4)
+    np.testing.assert_allclose(g[:, 4:], 2 * w["c3.weight"][:, 4:] / per_input(want["c2"]),
+                               rtol=1e-4)

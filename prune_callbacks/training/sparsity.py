@@ -88,6 +88,7 @@ class GroupSparsity:
         self.names: List[str] = []
         self.channels: List[int] = []
         self._pieces: List[List[_Piece]] = []
+        self._scatters: Dict[Tuple[str, int, bytes, int], Tuple[paddle.Tensor, paddle.Tensor]] = {}
         for gi in groups:
             g = graph.groups[gi]
             keys = set(g.norms) if self.kind is Regulariser.BN_SCALE else \
@@ -122,13 +123,19 @@ class GroupSparsity:
                 if pc.whole:
                     part = pos
                 else:  # scatter the positions onto the group's channels (sums repeats)
-                    onehot = np.zeros((len(pc.positions), channels), dtype="float32")
-                    onehot[np.arange(len(pc.positions)), pc.channels] = 1.0
-                    part = paddle.matmul(paddle.gather(pos, paddle.to_tensor(pc.positions)),
-                                         paddle.to_tensor(onehot))
+                    positions, onehot = self._scatter(pc, channels)
+                    part = paddle.matmul(paddle.gather(pos, positions), onehot)
                 total = part if total is None else total + part
             out.append(total if self.kind is Regulariser.BN_SCALE else paddle.sqrt(total + EPS))
         return out
+
+    def _scatter(self, pc: _Piece, channels: int) -> Tuple[paddle.Tensor, paddle.Tensor]:
+        key = (pc.key, pc.axis, pc.positions.tobytes(), channels)  # one per group's share
+        if key not in self._scatters:
+            onehot = np.zeros((len(pc.positions), channels), dtype="float32")
+            onehot[np.arange(len(pc.positions)), pc.channels] = 1.0
+            self._scatters[key] = (paddle.to_tensor(pc.positions), paddle.to_tensor(onehot))
+        return self._scatters[key]
 
     def penalty(self, strengths: Sequence[np.ndarray]) -> paddle.Tensor:
         """`sum_g sum_c strength[g][c] * magnitude[g][c]`: the term added to the loss."""
