@@ -199,9 +199,8 @@ def _read_header(prefix: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no plan file {path!r}: the checkpoint {prefix!r} was not made by "
             f"prune_callbacks.save_pruned nor by the PrunedModelCheckpoint callback (model.save and "
-            f"paddle's ModelCheckpoint write no plans: save pruned models with save_pruned). If it holds an "
-            f"unpruned network, load it with model.load({prefix!r}) or "
-            f"net.set_state_dict(paddle.load({prefix + '.pdparams'!r})).")
+            f"paddle's ModelCheckpoint write no plans). load_pruned still loads it: it reads the "
+            f"architecture from the weights' shapes.")
     try:
         with open(path, encoding="utf-8") as f:
             header = json.load(f)
