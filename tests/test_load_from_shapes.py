@@ -136,3 +136,25 @@ def test_an_unpruned_state_dict_loads_unchanged() -> None:
     assert recorded_plans(net) == []
     x = paddle.ones([1, 3, 32, 32])
     np.testing.assert_array_equal(_out(net, x), _out(src, x))
+
+
+# -- the app: trainer.resume from paddle's own ModelCheckpoint (no plan files) ----------------------------------
+from test_image_folder import folder_cfg, image_folder  # noqa: E402,F401  (the fixture, and its config)
+
+from prune_callbacks.app import ConfigError, train  # noqa: E402
+
+
+def test_app_resumes_a_paddle_model_checkpoint_of_a_pruned_run(image_folder: Path, tmp_path: Path) -> None:
+    first = tmp_path / "first"
+    base = [f"data.path={image_folder}", "prune.strategy=uniform", "callbacks=[none,model_checkpoint]",
+            "callbacks.model_checkpoint._target_=paddle.callbacks.ModelCheckpoint"]
+    done = train(folder_cfg(base, first))
+    ckpt = first / "checkpoints" / "0"  # saved at the end of epoch 0, just after pruning
+    assert not os.path.exists(str(ckpt) + PLANS_SUFFIX)
+    again = train(folder_cfg([*base, "trainer.epochs_after=2", f"trainer.resume={ckpt}"], tmp_path / "second"))
+    assert again["resumed_at_epoch"] == 1
+    assert (again["flops_before"], again["flops_after"]) == (done["flops_before"], done["flops_after"])
+    with pytest.raises(ConfigError, match=r"no plan file and its weights' shapes show a pruned network after 1 "
+                                          r"epoch\(s\), but this config prunes 0 time\(s\)"):
+        train(folder_cfg([*base, "trainer.epochs_before=2", "trainer.epochs_after=1", f"trainer.resume={ckpt}"],
+                         tmp_path / "third"))

@@ -6,6 +6,7 @@ range checks the callbacks already make (it re-raises theirs with the config key
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -27,12 +28,12 @@ from ..callbacks import DistillCallback, FilterPruneCallback, SensitivityCallbac
 from ..datasets.bundled import subset
 from ..deploy.io import load_pruned
 from ..deploy.latency import LatencyOptions
-from ..planning.plans import PrunePlan
+from ..planning.plans import PrunePlan, recorded_plans
 from .artefacts import ResumePoint
 from .model import build_model, build_network, check_network, input_shape
 from .phases import Diverged, DivergenceGuard, PhaseClock, PhaseMark, TrainSpan, evaluate_net
 from .report import RESULTS_FILE, append_sweep_row, collect_results, format_results, write_results
-from .resume import ResumeState, find_resume_point
+from .resume import ResumeState, check_inferred_plans, find_resume_point
 from .schema import ConfigError, validate_config
 
 log = logging.getLogger(__name__)
@@ -175,7 +176,7 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
     """
     p, t = cfg.prune, cfg.trainer
     run.paths["sensitivity"] = None
-    if run.resume is not None and run.resume.plans:
+    if run.resume is not None and (run.resume.plans or run.resume.steps_done):
         if p.distill.alpha:
             log.warning("prune.distill.alpha=%s ignored: the resumed checkpoint is already pruned, and "
                         "distillation's teacher is the network just before pruning", p.distill.alpha)
@@ -316,6 +317,9 @@ def build_checked_model(cfg: DictConfig, run: Run) -> paddle.Model:
             load_pruned(model, run.resume.prefix)
         except (ValueError, OSError) as exc:
             raise ConfigError(f"trainer.resume={cfg.trainer.resume!r}: {exc}") from None
+        if run.resume.from_shapes:  # no plan file: the plan load_pruned read from the shapes
+            run.resume = dataclasses.replace(run.resume, plans=check_inferred_plans(
+                cfg, run.resume, recorded_plans(model.network)))
         log.info("resumed %s after %d epoch(s), %d pruning plan(s)", run.resume.prefix,
                  run.resume.epochs_done, len(run.resume.plans))
     return model
