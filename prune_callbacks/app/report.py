@@ -15,6 +15,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ..callbacks import SensitivityCallback
 from ..utils.files import write_json_atomic
 from .phases import PhaseClock
 
@@ -75,6 +76,7 @@ def collect_results(cfg: DictConfig, run: Any, final: Optional[Dict[str, float]]
     flops_before, flops_after = (int(first.flops_before), int(last.flops_after)) if plans else (None, None)
     params_before, params_after = (int(first.params_before), int(last.params_after)) if plans else (None, None)
     resume = getattr(run, "resume", None)
+    sens = next((c for c in getattr(run, "callbacks", ()) if isinstance(c, SensitivityCallback)), None)
     return finite({
         "model": str(cfg.model._target_).rsplit(".", 1)[-1],
         "data": cfg.data.name,
@@ -108,6 +110,9 @@ def collect_results(cfg: DictConfig, run: Any, final: Optional[Dict[str, float]]
         "loss_finetuned": final.get("loss"),
         **_phase_times(clock, eval_time),
         "ratios": {k: float(v) for k, v in last.ratios.items()} if last else {},
+        "sensitivity_metric": sens.metric_name if sens is not None else None,
+        # what the analysis fell back to when its metric could not resolve the curves
+        "sensitivity_fallback": [f.to_dict() for f in sens.fallbacks] if sens is not None else [],
         "diverged": _diverged(run),
         "paths": run.paths,
     })
@@ -180,6 +185,8 @@ def format_results(r: Dict[str, Any]) -> str:
     lines = [title, "=" * len(title)]
     if r.get("diverged"):
         lines += [f"DIVERGED: {r['diverged']['message']}", ""]
+    for fallback in r.get("sensitivity_fallback") or ():
+        lines += [f"sensitivity fallback: {fallback['metric']} -> {fallback['to']} ({fallback['reason']})", ""]
     if r.get("resumed_from"):
         lines += [f"resumed from {r['resumed_from']} after {r['resumed_at_epoch']} epoch(s)", ""]
     lines += _table(rows) + [""] + _table(acc) + [""]

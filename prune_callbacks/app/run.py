@@ -43,7 +43,7 @@ ARGUMENT_KEYS = {
     "flops": "prune.flops", "criterion": "prune.criterion", "strategy": "prune.strategy",
     "at_epoch": "prune.at_epoch", "steps": "prune.steps", "skip": "prune.skip",
     "ratios": "prune.ratios", "round_to": "prune.round_to", "num_samples": "prune.sensitivity_samples",
-    "engine": "prune.sensitivity_engine",
+    "engine": "prune.sensitivity_engine", "metric": "prune.sensitivity_metric",
     "path": "prune.sensitivity_file", "max_loss": "prune.max_loss",
     "batch_size": "trainer.eval_batch_size", "input_shape": "data.image_size", "eval_data": "data.val",
     "alpha": "prune.distill.alpha", "temperature": "prune.distill.temperature",
@@ -191,7 +191,7 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
                 run.val_ds, at_epoch=at, ratios=tuple(p.ratios), path=run.paths["sensitivity"],
                 num_samples=p.sensitivity_samples, batch_size=t.eval_batch_size, skip=list(p.skip),
                 max_loss=p.max_loss, criterion=p.criterion, input_shape=shape,
-                engine=p.sensitivity_engine)
+                engine=p.sensitivity_engine, metric=p.sensitivity_metric)
         run.pruner = FilterPruneCallback(
             flops=None if p.latency is not None else p.flops, latency=p.latency,
             latency_options=LatencyOptions(**p.latency_options), at_epoch=at,

@@ -76,6 +76,7 @@ class PruneConf:
     round_to: int = 1
     sensitivity_samples: Optional[int] = 64
     sensitivity_engine: str = "auto"
+    sensitivity_metric: str = "top1"
     sensitivity_file: Optional[str] = None
     max_loss: Optional[float] = None
     distill: DistillConf = field(default_factory=DistillConf)

@@ -186,7 +186,9 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             sens = self._sensitivities(epoch)
 
             def plan_for_flops(f: float) -> Dict[int, np.ndarray]:
-                return pruner.plan(f, sens, self.skip, self.strategy, self.round_to)
+                # no curves after a sensitivity fallback (SensitivityCallback.fallbacks): uniform
+                strategy = self.strategy if sens is not None else "uniform"
+                return pruner.plan(f, sens, self.skip, strategy, self.round_to)
 
             if self.latency is not None:  # prunes copies to measure; the network itself once, below
                 if is_main():  # one measurement decides for every rank (timings differ by rank)
