@@ -148,10 +148,26 @@ def test_one_epoch_app_run_on_a_tiny_folder_records_the_fallback(image_folder: P
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         results = train(folder_cfg([f"data.path={image_folder}", "trainer.epochs_after=0",
-                                    "prune.sensitivity_samples=4"], tmp_path))
+                                    "prune.sensitivity_samples=4", "trainer.measure_latency=true"], tmp_path))
     assert results["flops_after"] < results["flops_before"]  # it finished: pruned, reported
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["sensitivity_metric"] == "top1"
     assert [(f["metric"], f["to"]) for f in saved["sensitivity_fallback"]] == [("top1", "loss")]
     assert "correct" in saved["sensitivity_fallback"][0]["reason"]
-    assert "sensitivity fallback: top1 -> loss" in capsys.readouterr().out
+    table = capsys.readouterr().out
+    assert "sensitivity fallback: top1 -> loss" in table
+    # the exported model's latency, timed before/after on the run's backend, next to FLOPs and params
+    measured = saved["latency_measured"]
+    assert measured["backend"] == "paddle_inference" and measured["batch"] == 1
+    assert saved["latency_before_ms"] > 0 and saved["latency_after_ms"] > 0
+    assert saved["latency_reduction"] == pytest.approx(1 - saved["latency_after_ms"] / saved["latency_before_ms"])
+    assert "latency (paddle_inference, batch 1)" in table
+
+
+def test_the_latency_timing_switches_off(image_folder: Path, tmp_path: Path, capsys: Any) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = train(folder_cfg([f"data.path={image_folder}", "trainer.epochs_after=0", "prune.strategy=uniform",
+                                    "trainer.measure_latency=false"], tmp_path))  # FOLDER_RUN's, said here too
+    assert results["latency_measured"] is None and results["latency_before_ms"] is None
+    assert "latency (" not in capsys.readouterr().out

@@ -77,6 +77,7 @@ def collect_results(cfg: DictConfig, run: Any, final: Optional[Dict[str, float]]
     params_before, params_after = (int(first.params_before), int(last.params_after)) if plans else (None, None)
     resume = getattr(run, "resume", None)
     sens = next((c for c in getattr(run, "callbacks", ()) if isinstance(c, SensitivityCallback)), None)
+    latency = getattr(run, "latency", None)
     return finite({
         "model": str(cfg.model._target_).rsplit(".", 1)[-1],
         "data": cfg.data.name,
@@ -99,6 +100,11 @@ def collect_results(cfg: DictConfig, run: Any, final: Optional[Dict[str, float]]
         "params_before": params_before,
         "params_after": params_after,
         "params_reduction": _reduction(params_before, params_after),
+        # the exported model's median latency before and after, timed on the run's backend
+        "latency_before_ms": latency["before_ms"] if latency else None,
+        "latency_after_ms": latency["after_ms"] if latency else None,
+        "latency_reduction": _reduction(latency["before_ms"], latency["after_ms"]) if latency else None,
+        "latency_measured": latency,
         "top1_before": before.get("top1"),
         "top5_before": before.get("top5"),
         "top1_pruned": pruned.get("top1"),
@@ -167,6 +173,11 @@ def format_results(r: Dict[str, Any]) -> str:
          f"{_fmt(r['flops_reduction'], 'pct')} ({_target(r)})"),
         ("params", _fmt(r["params_before"], "n"), _fmt(r["params_after"], "n"), _fmt(r["params_reduction"], "pct")),
     ]
+    measured = r.get("latency_measured")
+    if measured:
+        rows.append((f"latency ({measured['backend']}, batch {measured['batch']})",
+                     f"{r['latency_before_ms']:.3f} ms", f"{r['latency_after_ms']:.3f} ms",
+                     _fmt(r["latency_reduction"], "pct")))
     acc: List[Tuple[str, str, str, str]] = [
         ("accuracy", "before pruning", "pruned, no fine-tune", "fine-tuned"),
         ("top-1", _fmt(r["top1_before"], "acc"), _fmt(r["top1_pruned"], "acc"), _fmt(r["top1_finetuned"], "acc")),

@@ -35,6 +35,7 @@ from .phases import Diverged, DivergenceGuard, PhaseClock, PhaseMark, TrainSpan,
 from .report import RESULTS_FILE, append_sweep_row, collect_results, format_results, write_results
 from .resume import ResumeState, check_inferred_plans, find_resume_point
 from .schema import ConfigError, validate_config
+from .timing import exported_latency
 
 log = logging.getLogger(__name__)
 
@@ -78,6 +79,7 @@ class Run:
     paths: Dict[str, Optional[str]] = field(default_factory=dict)
     resume: Optional[ResumeState] = None
     diverged: Optional[Diverged] = None
+    latency: Optional[Dict[str, Any]] = None  # the exported model's measured latency (`timing`)
 
     @property
     def start_epoch(self) -> int:
@@ -373,6 +375,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         t0 = time.perf_counter()
         final = evaluate_net(model.network, run.val_ds, cfg.trainer.eval_batch_size)
         eval_time = time.perf_counter() - t0
+        if app_rank() == 0:
+            run.latency = exported_latency(cfg, model.network)
     results = collect_results(cfg, run, final, eval_time)
     if app_rank() == 0:
         write_results(run.paths["results"], results)

@@ -94,6 +94,7 @@ class TrainerConf:
     log_freq: int = 10
     verbose: int = 2
     resume: Optional[str] = None
+    measure_latency: bool = True
 
 
 @dataclass
