@@ -104,11 +104,12 @@ def find_resume_point(cfg: DictConfig) -> Optional[ResumeState]:
             f"{key}: the checkpoint holds {len(plans)} pruning plan(s) after {done} epoch(s), but with "
             f"prune.at_epoch={at} and prune.steps={p.steps} this config prunes {expected} time(s) by then; "
             f"resume with the pruning settings of the interrupted run")
-    if 0 < expected < p.steps:
+    steps_state = state.get("prune_steps") or {}
+    if 0 < expected < p.steps and steps_state.get("steps_done") != expected:
         raise ConfigError(
-            f"{key}: the run stopped between two of its {p.steps} pruning steps (after step {expected}); "
-            f"resuming inside a gradual pruning is not supported: resume from a point before epoch {at} "
-            f"or after epoch {at + p.steps - 1}")
+            f"{key}: the run stopped between two of its {p.steps} pruning steps (after step {expected}), and "
+            f"the checkpoint does not hold the final plan the remaining steps move toward (only a resume point, "
+            f"<run>/resume/last, does): resume from a point before epoch {at} or after epoch {at + p.steps - 1}")
     return ResumeState(prefix, done, plans, state, steps_done=expected, from_shapes=from_shapes)
 
 

@@ -89,7 +89,9 @@ class Run:
     def plans(self) -> List[PrunePlan]:
         """The plans of the whole run: a resumed checkpoint's, then this fit's."""
         done = list(self.resume.plans) if self.resume else []
-        return done + list(getattr(self.pruner, "plans", None) or [])
+        # a pruning continued between steps holds the resumed plans too (the same objects)
+        own = [p for p in getattr(self.pruner, "plans", None) or [] if not any(p is d for d in done)]
+        return done + own
 
 
 def _trainers() -> int:
@@ -178,6 +180,8 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
     """
     p, t = cfg.prune, cfg.trainer
     run.paths["sensitivity"] = None
+    if run.resume is not None and 0 < run.resume.steps_done < p.steps:  # between two gradual steps
+        return [TrainSpan(run.clock), _continue_pruning(cfg, run)]
     if run.resume is not None and (run.resume.plans or run.resume.steps_done):
         if p.distill.alpha:
             log.warning("prune.distill.alpha=%s ignored: the resumed checkpoint is already pruned, and "
@@ -210,6 +214,22 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
     marks += [PhaseMark(clock, "sensitivity_done", at), run.pruner]
     marks += [run.distill] if run.distill is not None else []
     return marks + [PhaseMark(clock, "pruned", at, val, bs)]
+
+
+def _continue_pruning(cfg: DictConfig, run: Run) -> FilterPruneCallback:
+    """The FilterPruneCallback of a run resumed between two of its `prune.steps` steps: the
+    remaining steps move toward the final plan saved in the resume point (no new analysis)."""
+    p = cfg.prune
+    try:
+        run.pruner = FilterPruneCallback(at_epoch=0, criterion=p.criterion, skip=list(p.skip),
+                                         strategy="uniform", round_to=p.round_to, steps=p.steps,
+                                         input_shape=input_shape(cfg))
+        run.pruner.continue_from(run.resume.plans, run.resume.state["prune_steps"],
+                                 run.at_epoch + run.resume.steps_done - run.start_epoch)
+    except (ValueError, TypeError) as exc:
+        raise as_config_error(exc, cfg, "trainer.resume") from None
+    log.info("continuing a %d-step pruning after step %d", p.steps, run.resume.steps_done)
+    return run.pruner
 
 
 def build_callbacks(cfg: DictConfig) -> List[paddle.callbacks.Callback]:
@@ -298,7 +318,8 @@ def prepare(cfg: DictConfig) -> Run:
     for callback in run.callbacks:
         if isinstance(callback, ResumePoint):
             callback.offset = run.start_epoch
-            callback.extra = lambda: {"metrics": run.clock.metrics, "sensitivity": run.paths["sensitivity"]}
+            callback.extra = lambda: {"metrics": run.clock.metrics, "sensitivity": run.paths["sensitivity"],
+                                      "prune_steps": run.pruner.resume_state() if run.pruner else None}
     run.paths.update(artefact_paths(cfg, out))
     return run
 
