@@ -15,6 +15,8 @@ from .sensitivity import EvalData, SensitivityResult, register_output_axis
 from .layers.surgery import register_layer
 from .graph.tracing import register_op
 from .layers.flops import register_flops
+from .deploy.shapes import prune_to_state_dict
+from .sensitivity.evaluation import loss_metric
 
 __all__ = [
     "FilterPruner", "PrunePlan", "GroupPlan", "Group", "SensitivityResult", "EvalData",
@@ -25,4 +27,5 @@ __all__ = [
     "read_plans", "recorded_plans", "reapply_plan", "register_optimizer", "register_output_axis",
     "PrunedModelCheckpoint", "PlanGroup", "plan_group_ratios", "eval_mode", "LayerPruning",
     "register_layer_type", "register_op", "register_flops",
+    "prune_to_state_dict", "loss_metric",
 ]

@@ -121,7 +121,7 @@ class SensitivityCallback(paddle.callbacks.Callback):
         if is_dataset:
             chosen = top1_metric if metric in (None, "top1", "loss") else metric  # the loss: at fit start
             self.eval_data = EvalData(eval_data, chosen, batch_size, num_samples, workers, engine,
-                                      lower_is_better=metric == "loss")
+                                      lower_is_better=metric == "loss", min_correct=HANDFUL)
         else:
             self.eval_fn = eval_data
         self.fallbacks: List[SensitivityFallback] = []

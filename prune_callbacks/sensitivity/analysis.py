@@ -19,7 +19,7 @@ from ..training.distributed import (all_gather, broadcast_state, check_agree, is
                            world_size)
 from ..utils.modes import eval_mode
 from ..utils.files import check_writable
-from .evaluation import HANDFUL, EvalData, top1_metric
+from .evaluation import EvalData, top1_metric
 from .fingerprint import fingerprint, network_signature
 from .replay import EvaluateFn, ParamSlices, Runner
 from .result import (DEFAULT_RATIOS, FORMAT, SensitivityResult, _check_header, _key, _read,
@@ -286,15 +286,16 @@ def _baseline(runner: Runner, data: Dict[str, Any], path: Optional[str], todo: b
 
 
 def _check_resolution(baseline: float, evaluate: Any) -> None:
-    """Raise when a top-1 baseline rests on so few correct samples that every point of a curve
-    moves by fewer than `HANDFUL` samples: its relative losses would be noise."""
-    if not isinstance(evaluate, EvalData) or evaluate.metric is not top1_metric:
+    """Raise when a top-1 baseline rests on fewer correct samples than `evaluate.min_correct`
+    (`HANDFUL` from the callback): no point of a curve could move by more than that, so its
+    relative losses would be noise."""
+    if not isinstance(evaluate, EvalData) or evaluate.metric is not top1_metric or not evaluate.min_correct:
         return
     correct = int(round(baseline * evaluate.size))
-    if correct < HANDFUL:
+    if correct < evaluate.min_correct:
         raise UnresolvableMetric(
             f"the baseline top-1 is {baseline:.3f} on {evaluate.size} evaluation samples: {correct} "
-            f"correct, so no point can change by a handful ({HANDFUL}) of samples and relative "
+            f"correct, so no point can change by a handful ({evaluate.min_correct}) of samples and relative "
             f"losses move in steps of {1 / max(correct, 1):.0%}; evaluate on more samples "
             f"(num_samples) or use metric='loss'")
 

@@ -89,6 +89,9 @@ class EvalData:
             serve, it evaluates eagerly. "eager": always evaluate eagerly.
         lower_is_better: the metric is a loss (`loss_metric`): relative losses are then its
             relative increase over the baseline.
+        min_correct: with the top-1 metric, the analysis raises `UnresolvableMetric` when the
+            baseline has fewer correct samples than this (no point could move by more than a
+            few samples); 0 (default) never does. `SensitivityCallback` sets `HANDFUL`.
     """
 
     dataset: Any
@@ -98,6 +101,7 @@ class EvalData:
     workers: Optional[int] = None
     engine: str = "auto"
     lower_is_better: bool = False
+    min_correct: int = 0
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
