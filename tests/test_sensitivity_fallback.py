@@ -154,6 +154,8 @@ def test_one_epoch_app_run_on_a_tiny_folder_records_the_fallback(image_folder: P
     assert saved["sensitivity_metric"] == "top1"
     assert [(f["metric"], f["to"]) for f in saved["sensitivity_fallback"]] == [("top1", "loss")]
     assert "correct" in saved["sensitivity_fallback"][0]["reason"]
+    assert saved["paths"]["sensitivity"] == str(tmp_path / "sensitivity.loss.json")  # the file it fell back to
+    assert os.path.exists(saved["paths"]["sensitivity"])
     table = capsys.readouterr().out
     assert "sensitivity fallback: top1 -> loss" in table
     # the exported model's latency, timed before/after on the run's backend, next to FLOPs and params

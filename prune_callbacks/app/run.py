@@ -319,7 +319,7 @@ def prepare(cfg: DictConfig) -> Run:
         if isinstance(callback, ResumePoint):
             callback.offset = run.start_epoch
             callback.extra = lambda: {"metrics": run.clock.metrics, "sensitivity": run.paths["sensitivity"],
-                                      "prune_steps": run.pruner.resume_state() if run.pruner else None}
+                                      "prune_steps": getattr(run.pruner, "resume_state", lambda: None)()}
     run.paths.update(artefact_paths(cfg, out))
     return run
 
@@ -388,6 +388,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
              cfg.model._target_, cfg.data.name, run.epochs,
              f" (resumed at epoch {run.start_epoch})" if run.resume else "", run.at_epoch, run.out)
     fit(model, cfg, run)
+    sens = next((c for c in run.callbacks if isinstance(c, SensitivityCallback)), None)
+    if getattr(sens, "fallbacks", None):  # the analysis fell back: its file is another, or none
+        run.paths["sensitivity"] = sens.result_path
     final, eval_time = None, 0.0
     if run.diverged is None:
         if not run.plans:

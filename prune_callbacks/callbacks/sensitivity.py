@@ -125,6 +125,7 @@ class SensitivityCallback(paddle.callbacks.Callback):
         else:
             self.eval_fn = eval_data
         self.fallbacks: List[SensitivityFallback] = []
+        self.result_path: Optional[str] = None  # the file of `result`: `path`, or the loss fallback's
         self.result: Optional[SensitivityResult] = None
         self.ran_at: Optional[int] = None
         self._ran = False  # the analysis ran at `ran_at` (its result may be None after a fallback)
@@ -164,6 +165,7 @@ class SensitivityCallback(paddle.callbacks.Callback):
         evaluate = self._evaluate()
         logger.info("sensitivity analysis at the end of epoch %s (%d prunable groups, ratios %s)",
                     epoch, len(pruner.prunable_groups), list(self.ratios))
+        self.result_path = self.path
         try:
             self.result = pruner.sensitivity(evaluate, ratios=self.ratios, path=self.path,
                                              skip=self.skip, max_loss=self.max_loss)
@@ -186,12 +188,14 @@ class SensitivityCallback(paddle.callbacks.Callback):
             d = self.eval_data
             loss_data = EvalData(d.dataset, self._loss_metric(), d.batch_size, d.num_samples, d.workers,
                                  "eager", lower_is_better=True)
+            self.result_path = self._loss_path()
             try:
-                return pruner.sensitivity(loss_data, ratios=self.ratios, path=self._loss_path(),
+                return pruner.sensitivity(loss_data, ratios=self.ratios, path=self.result_path,
                                           skip=self.skip, max_loss=self.max_loss)
             except UnresolvableMetric as again:
                 failed, error = "loss", again
         self._record(failed, "uniform", error)
+        self.result_path = None
         return None
 
     def _record(self, metric: str, to: str, error: Exception) -> None:

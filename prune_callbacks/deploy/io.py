@@ -1,7 +1,8 @@
 """Save a pruned network with the plans that shaped it, load it into a freshly built one, export it.
 
 A checkpoint is paddle's own files (`.pdparams`, `.pdopt`) plus `<prefix>.prune.json`, the ordered
-plans; loading rebuilds the shapes by re-applying those plans. Never pickle layers or plans, never
+plans; loading rebuilds the shapes by re-applying those plans (without a plan file, from the weights'
+shapes: `deploy.shapes`). Never pickle layers or plans, never
 replace a method of the user's Model, never import the pruner facade or the callbacks.
 """
 from __future__ import annotations
