@@ -311,19 +311,6 @@ class FilterPruner:
                     plan.flops_after, 100 * plan.pruned_flops)
         return plan
 
-    def apply_plan(self, plan: PrunePlan) -> PrunePlan:
-        """Re-apply a saved plan (by group name) to this network, e.g. a freshly built copy."""
-        kept: Kept = {}
-        for gp in plan.groups:
-            gi = self.group_index(gp.name)
-            g = self.groups[gi]
-            if g.channels != gp.channels:
-                raise ValueError(
-                    f"plan was made for {gp.channels} channels in group {gp.name!r}, but this "
-                    f"network has {g.channels}; apply plans in the order they were made")
-            kept[gi] = np.asarray(gp.kept, dtype=np.int64)
-        return self.apply(kept)
-
     # -- sensitivity and planning ----------------------------------------------------------
     def sensitivity(self, eval_fn: Any, ratios: Sequence[float] = DEFAULT_RATIOS,
                     path: Optional[str] = None, skip: Sequence[str] = (),

@@ -43,7 +43,7 @@ def test_launch_two_processes_writes_one_run_dir_and_one_table(tmp_path: Path) -
     assert pruned[0] and [l.split("pruned: ")[1] for l in pruned[0]] == [l.split("pruned: ")[1] for l in pruned[1]]
     # the table's figures are over the whole validation set, as one process evaluates the saved net
     net = load_pruned(paddle.vision.models.mobilenet_v1(num_classes=10, scale=0.25),
-                      str(run_dir / "checkpoint" / "pruned"))
+                      str(run_dir / "checkpoint" / "final"))
     val = subset(digits_dataset("test"), 48, seed=0)
     again = evaluate_net(net, val, batch_size=48)
     assert again["top1"] == pytest.approx(results["top1_finetuned"])

@@ -22,7 +22,8 @@ import numpy as np
 import paddle
 import pytest
 
-from prune_callbacks import count_flops, load_pruned, read_plans
+from prune_callbacks import count_flops, load_pruned
+from prune_callbacks.deploy.io import read_plans
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"

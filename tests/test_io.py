@@ -11,8 +11,8 @@ import paddle
 import pytest
 
 from prune_callbacks import FilterPruner, PrunedModelCheckpoint, count_params
-from prune_callbacks.deploy.io import (PLANS_SUFFIX, export, load_pruned, read_plans, record_plan, recorded_plans,
-                                save_pruned, track_plans)
+from prune_callbacks import export, load_pruned, record_plan, recorded_plans, save_pruned
+from prune_callbacks.deploy.io import PLANS_SUFFIX, read_plans
 from prune_callbacks.training.optim import rebuild_optimizer
 
 SHAPE = [1, 1, 8, 8]
@@ -173,8 +173,6 @@ def test_bad_input_raises_clear_errors(tmp_path: Path) -> None:
     plan_file.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_plans(tmp_path / "ck")
-    with pytest.raises(TypeError, match="track_plans needs a paddle.Model"):
-        track_plans(net)
 
 
 # -- paddle.Model: save_pruned, PrunedModelCheckpoint, resumed fit ---------------------------------------------
@@ -236,8 +234,6 @@ def test_model_checkpoint_resumes_a_pruned_fit(tmp_path: Path) -> None:
 def test_model_save_is_left_alone_and_errors(tmp_path: Path) -> None:
     paddle.seed(4)
     model = _model(_net())
-    with pytest.warns(DeprecationWarning, match="save_pruned"):
-        track_plans(model)
     assert "save" not in vars(model)  # the user's Model keeps paddle's own save
     save_pruned(model, tmp_path / "before")  # before any pruning: an empty plan list
     assert read_plans(tmp_path / "before") == []

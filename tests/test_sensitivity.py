@@ -380,7 +380,7 @@ def test_mixed_train_eval_modes_come_back_exactly(tiny: Any) -> None:
 
 
 def test_eval_mode_restores_each_sublayers_flag(tiny: Any) -> None:
-    from prune_callbacks import eval_mode
+    from prune_callbacks.utils.modes import eval_mode
     net, _ = tiny
     net.train()
     net.dw[1].eval()

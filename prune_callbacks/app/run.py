@@ -230,6 +230,10 @@ def build_callbacks(cfg: DictConfig) -> List[paddle.callbacks.Callback]:
     return built
 
 
+def _final(save_dir: Optional[str]) -> Optional[str]:
+    return None if save_dir is None else os.path.join(save_dir, "final")
+
+
 def artefact_paths(cfg: DictConfig, out: str) -> Dict[str, Optional[str]]:
     """Where the built-in callbacks of conf/callbacks/ write, for the results table (None: off)."""
 
@@ -239,7 +243,7 @@ def artefact_paths(cfg: DictConfig, out: str) -> Dict[str, Optional[str]]:
 
     curves = arg("training_curves", "log_dir")
     return {"vdl_log": arg("visualdl", "log_dir") or (os.path.dirname(curves) if curves else None),
-            "checkpoint": arg("checkpoint", "path"), "inference_model": arg("export", "path"),
+            "checkpoint": _final(arg("checkpoint", "save_dir")), "inference_model": arg("export", "path"),
             "resume": arg("resume", "path")}
 
 

@@ -21,13 +21,10 @@ from . import ops  # noqa: F401  (registers the built-in op handlers)
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
 from ..layers.surgery import allow_plain_parameters, apply_slices, trial_prune
-from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceShapeError,
-                      TraceModes, TraceState, _components, _compress, build_program, register_op, run_trace,
-                      trace_network, unknown_op)
+from .tracing import (MacKind, MacRec, MemberRec, Role, TraceModes, TraceState, _components, _compress,
+                      trace_network)
 
-__all__ = ["ChannelGraph", "Group", "ParamAxis", "Role", "MacKind", "register_op", "OpHandler",
-           "TraceState", "SourceRec", "MemberRec", "MacRec", "build_program", "run_trace",
-           "trace_network", "unknown_op", "TraceShapeError", "TraceModes"]
+__all__ = ["ChannelGraph", "Group", "ParamAxis"]
 
 logger = logging.getLogger(__name__)
 

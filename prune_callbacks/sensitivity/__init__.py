@@ -6,8 +6,8 @@ Pure engine code: never keeps a change to the network, never touches paddle.Mode
 """
 from .analysis import SensitivityPruner, _check_ratios, analyse
 from .evaluation import EvalData, Metric, top1_metric
-from .replay import Runner, register_output_axis
+from .replay import Runner
 from .result import DEFAULT_RATIOS, FORMAT, SensitivityResult
 
 __all__ = ["SensitivityResult", "EvalData", "Metric", "DEFAULT_RATIOS", "FORMAT", "top1_metric",
-           "analyse", "SensitivityPruner", "Runner", "register_output_axis"]
+           "analyse", "SensitivityPruner", "Runner"]
