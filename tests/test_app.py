@@ -394,7 +394,7 @@ def test_train_plumbing_with_stand_ins(tmp_path: Path, monkeypatch: pytest.Monke
     assert [s["step"] for s in _LogsSpy.seen] == [2, 2, 2]  # 96 samples / 32 -> last train step 2
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["top1_finetuned"] == pytest.approx(results["top1_finetuned"])
-    assert (tmp_path / "checkpoint" / "final.json").exists()
+    assert (tmp_path / "checkpoint" / "final.prune.json").exists()
     assert (tmp_path / "inference" / "model.pdmodel").exists()
     assert (tmp_path / "resume" / "last.json").exists() and not list((tmp_path / "resume").glob(".tmp-*"))
     state = json.loads((tmp_path / "resume" / "last.state.json").read_text())

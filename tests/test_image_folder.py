@@ -186,7 +186,7 @@ def test_one_folder_split_by_val_fraction(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.path=/no/such/folder"],
-     r"data\.train \(prune_callbacks\.image_folder\.image_folder_dataset\) could not be built "
+     r"data\.train \(prune_callbacks\.datasets\.folder\.image_folder_dataset\) could not be built "
      r"\(data\.path='/no/such/folder'\): FileNotFoundError: image folder '/no/such/folder' does not exist"),
     (["data=folder"], r"data\.train .* could not be built: ValueError: path is required"),
     (["data.num_classes=5"], r"data\.num_classes=5, but the data set has 3 classes \(cat, dog, fox\); set "

@@ -5,10 +5,12 @@ from typing import Any, List, Optional
 
 import numpy as np
 
+from ..utils.errors import tagged
+
 
 def check_epoch(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a 0-based epoch index (an int >= 0), got {value!r}")
+        raise tagged(name, ValueError(f"{name} must be a 0-based epoch index (an int >= 0), got {value!r}"))
     return int(value)
 
 
@@ -18,10 +20,10 @@ def check_names(name: str, value: Any) -> List[str]:
     try:
         names = list(value or ())
     except TypeError:
-        raise TypeError(f"{name} must be a list of group names, got {value!r}") from None
+        raise tagged(name, TypeError(f"{name} must be a list of group names, got {value!r}")) from None
     bad = [v for v in names if not isinstance(v, str)]
     if bad:
-        raise TypeError(f"{name} must hold group names (str), got {bad!r}")
+        raise tagged(name, TypeError(f"{name} must hold group names (str), got {bad!r}"))
     return names
 
 

@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..utils.errors import tagged
+
 logger = logging.getLogger(__name__)
 
 
@@ -107,16 +109,16 @@ def check_fraction(value: Any, what: str = "flops") -> float:
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
             or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{what} must be a fraction in (0, 1) such as 0.4 (the share of FLOPs to "
-                         f"remove); got {value!r}")
+        raise tagged(what, ValueError(f"{what} must be a fraction in (0, 1) such as 0.4 (the share of FLOPs to "
+                         f"remove); got {value!r}"))
     return float(value)
 
 
 def _check_curves(curves: Mapping[str, Mapping[float, Any]]) -> None:
     """Curves planning can trust: every loss a finite number (NaN means a diverged evaluation)."""
     if not isinstance(curves, Mapping):
-        raise TypeError(f"sensitivities must map group names to {{ratio: loss}}, got "
-                        f"{type(curves).__name__}")
+        raise tagged("sensitivities", TypeError(f"sensitivities must map group names to {{ratio: loss}}, got "
+                        f"{type(curves).__name__}"))
     for name, pts in curves.items():
         if not isinstance(pts, Mapping):
             raise TypeError(f"the sensitivity of group {name!r} must be a {{ratio: loss}} mapping, "

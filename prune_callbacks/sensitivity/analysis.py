@@ -15,6 +15,7 @@ from typing import (Any, Callable, Dict, Iterator, Mapping, Optional, Protocol, 
 import numpy as np
 import paddle.nn as nn
 
+from ..utils.errors import tagged
 from ..training.distributed import (all_gather, broadcast_state, check_agree, is_main, rank,
                            world_size)
 from ..utils.modes import eval_mode
@@ -301,14 +302,14 @@ def _check_ratios(ratios: Sequence[float]) -> Tuple[float, ...]:
     try:
         out = tuple(sorted(float(r) for r in ratios))
     except (TypeError, ValueError) as e:
-        raise TypeError(f"ratios must be numbers in (0, 1), got {ratios!r}") from e
+        raise tagged("ratios", TypeError(f"ratios must be numbers in (0, 1), got {ratios!r}")) from e
     if not out or any(not 0.0 < r < 1.0 for r in out):
-        raise ValueError(f"ratios must be numbers in (0, 1), got {list(ratios)!r}")
+        raise tagged("ratios", ValueError(f"ratios must be numbers in (0, 1), got {list(ratios)!r}"))
     keys = [_key(r) for r in out]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
-        raise ValueError(f"ratios must be distinct (to 6 decimals, the precision of the file's keys); "
-                         f"{', '.join(dupes)} appear(s) more than once in {list(ratios)!r}")
+        raise tagged("ratios", ValueError(f"ratios must be distinct (to 6 decimals, the precision of the file's keys); "
+                         f"{', '.join(dupes)} appear(s) more than once in {list(ratios)!r}"))
     return out
 
 
