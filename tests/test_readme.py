@@ -1,6 +1,6 @@
-"""Every `train.py` command shown in README.md runs (issue 13, item 6).
+"""Every `train.py` command shown in README.md and the pages of docs/ runs.
 
-Commands are taken from the README's fenced bash/sh/shell/console blocks and from inline code spans
+Commands are taken from the pages' fenced bash/sh/shell/console blocks and from inline code spans
 that start with `python train.py`. Each runs with tiny settings put in place of its sizes (few samples,
 one epoch per phase, few sensitivity points): in-process through `train(cfg)` composed with Hydra's
 compose API, or as a subprocess for sweeps (`-m`), `--help`/`--cfg`, `hydra.*` overrides and
@@ -31,7 +31,7 @@ from prune_callbacks.app import train
 from test_app import ROOT, make_cfg
 from test_image_folder import _write_images
 
-README = ROOT / "README.md"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # Commands not run, each with the reason. Only what this machine cannot run belongs here.
 SKIP = {
@@ -69,7 +69,7 @@ def readme_commands(text: str) -> List[str]:
     return list(dict.fromkeys(" ".join(c.split()) for c in commands))
 
 
-COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+COMMANDS = list(dict.fromkeys(c for page in PAGES for c in readme_commands(page.read_text(encoding="utf-8"))))
 
 
 def test_the_readme_shows_train_commands() -> None:
