@@ -28,8 +28,7 @@ import numpy as np
 import pytest
 
 from prune_callbacks.app import train
-from test_app import ROOT, make_cfg
-from test_image_folder import _write_images
+from app_helpers import ROOT, make_cfg, write_images
 
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
@@ -107,8 +106,8 @@ def mini_cifar(folder: Path) -> Path:
 
 def mini_folder(folder: Path) -> Path:
     root = folder / "images"
-    _write_images(root / "train", 6, np.random.default_rng(0))
-    _write_images(root / "val", 2, np.random.default_rng(1), start=100)
+    write_images(root / "train", 6, np.random.default_rng(0))
+    write_images(root / "val", 2, np.random.default_rng(1), start=100)
     return root
 
 
