@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -23,6 +22,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..training import distributed
 from ..utils.errors import argument_of
+from ..utils.files import directory_problem
 from ..callbacks import DistillCallback, FilterPruneCallback, SensitivityCallback
 from ..datasets.bundled import subset
 from ..deploy.io import load_pruned
@@ -97,14 +97,11 @@ def _trainers() -> int:
 
 def _unwritable(out: str) -> Optional[str]:
     """Why `out` cannot be the output dir (created if missing), or None."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        return (f"output_dir={out!r} cannot be written ({type(exc).__name__}: {exc.strerror or exc}); "
-                f"choose a writable directory with output_dir=... (or hydra.run.dir=...)")
-    return None
+    exc = directory_problem(out)
+    if exc is None:
+        return None
+    return (f"output_dir={out!r} cannot be written ({type(exc).__name__}: {exc.strerror or exc}); "
+            f"choose a writable directory with output_dir=... (or hydra.run.dir=...)")
 
 
 def resolve_output_dir(cfg: DictConfig) -> str:

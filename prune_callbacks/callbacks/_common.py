@@ -14,19 +14,6 @@ def check_epoch(name: str, value: Any) -> int:
     return int(value)
 
 
-def check_names(name: str, value: Any) -> List[str]:
-    if isinstance(value, str):
-        return [value]
-    try:
-        names = list(value or ())
-    except TypeError:
-        raise tagged(name, TypeError(f"{name} must be a list of group names, got {value!r}")) from None
-    bad = [v for v in names if not isinstance(v, str)]
-    if bad:
-        raise tagged(name, TypeError(f"{name} must hold group names (str), got {bad!r}"))
-    return names
-
-
 def infer_input_shape(model: Any, dataset: Optional[Any] = None) -> List[int]:
     """One input's shape, batch first: from the model's input spec, else a dataset sample."""
     for spec in getattr(model, "_inputs", None) or []:

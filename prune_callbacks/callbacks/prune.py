@@ -14,10 +14,11 @@ from ..planning.importance import get_criterion
 from ..deploy.latency import LatencyOptions, LatencySearch, check_latency_target, plan_for_latency
 from ..training.optim import rebuild_optimizer
 from ..planning.plans import PrunePlan, record_plan
-from ..planning.allocation import STRATEGIES, check_fraction
+from ..planning.allocation import STRATEGIES, auto_strategy, check_fraction
 from ..pruner import FilterPruner
 from ..sensitivity import SensitivityResult
-from ._common import check_epoch, check_names, infer_input_shape
+from ..utils.errors import check_names
+from ._common import check_epoch, infer_input_shape
 from .history import PruneEvent, history_of
 from .sensitivity import SensitivityCallback
 
@@ -101,8 +102,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             get_criterion(criterion)
         self.criterion = criterion
         self.skip = check_names("skip", skip)
-        if strategy is None:  # auto: the curves decide
-            strategy = "sensitivity" if sensitivity is not None else "uniform"
+        strategy = auto_strategy(strategy, sensitivity is not None)  # None: the curves decide
         if strategy not in STRATEGIES:
             raise tagged("strategy", ValueError(f"strategy must be one of {STRATEGIES} or None (auto), got {strategy!r}"))
         self.strategy = strategy

@@ -11,9 +11,10 @@ import paddle
 from ..utils.errors import about, tagged
 from ..planning.importance import get_criterion
 from ..pruner import FilterPruner
-from ..sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, _check_ratios, top1_metric
+from ..sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, check_ratios, top1_metric
 from ..sensitivity.analysis import check_file
-from ._common import check_epoch, check_names, infer_input_shape
+from ..utils.errors import check_names
+from ._common import check_epoch, infer_input_shape
 from .history import history_of
 
 logger = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class SensitivityCallback(paddle.callbacks.Callback):
         if is_dataset and len(eval_data) == 0:
             raise ValueError("eval_data is empty: pass a dataset with at least one sample")
         self.at_epoch = check_epoch("at_epoch", at_epoch)
-        self.ratios = _check_ratios(ratios)
+        self.ratios = check_ratios(ratios)
         if path is not None and not isinstance(path, (str, os.PathLike)):
             raise tagged("path", TypeError(f"path must be a file path or None, got {type(path).__name__}"))
         self.path = os.fspath(path) if path is not None else None

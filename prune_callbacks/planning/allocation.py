@@ -343,11 +343,8 @@ def _next_width_ratio(round_width: Callable[[int], int], unit: int,
     return None
 
 
-def plan_ratios(pruner: Any, flops: float, sens: Optional[Any], skip: Sequence[str] = (),
-                strategy: str = "sensitivity", round_to: int = 1) -> Dict[int, np.ndarray]:
-    """Kept channels per group index that remove `flops` of the FLOPs (kept for old callers).
-
-    Same as `pruner.plan(flops, sens, skip, strategy, round_to)`: the pruner describes its
-    groups to `plan_group_ratios` and selects the channels.
-    """
-    return pruner.plan(flops, sens, skip, strategy, round_to)
+def auto_strategy(strategy: Optional[str], has_curves: bool) -> str:
+    """`strategy`, or for None ("auto"): "sensitivity" when curves are given, else "uniform"."""
+    if strategy is None:
+        return "sensitivity" if has_curves else "uniform"
+    return strategy

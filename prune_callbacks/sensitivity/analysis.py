@@ -108,7 +108,7 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
             on other weights (its baseline differs from the one measured now); a baseline metric
             of 0 or NaN (a diverged network).
     """
-    ratios = _check_ratios(ratios)
+    ratios = check_ratios(ratios)
     skip_idx = {pruner.group_index(s) for s in ([skip] if isinstance(skip, str) else skip)}
     groups = [(i, g) for i, g in enumerate(pruner.groups) if g.prunable and i not in skip_idx]
     channels = {g.name: g.channels for _, g in groups}
@@ -298,7 +298,7 @@ def _stopped(pts: Mapping[str, Optional[float]], max_loss: Optional[float]) -> b
     return any(v is None or v > max_loss for v in pts.values())
 
 
-def _check_ratios(ratios: Sequence[float]) -> Tuple[float, ...]:
+def check_ratios(ratios: Sequence[float]) -> Tuple[float, ...]:
     try:
         out = tuple(sorted(float(r) for r in ratios))
     except (TypeError, ValueError) as e:
@@ -324,4 +324,4 @@ def check_file(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], E
     """
     check_writable(path, "sensitivity file")
     if os.path.exists(path):
-        _start(pruner, evaluate, _check_ratios(ratios), path, {})
+        _start(pruner, evaluate, check_ratios(ratios), path, {})
