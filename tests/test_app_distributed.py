@@ -17,6 +17,9 @@ from prune_callbacks.app import evaluate_net
 from prune_callbacks.datasets.bundled import digits_dataset, subset
 from app_helpers import ROOT, SMALL
 
+# several processes bind ports: under pytest-xdist they run on one worker, one at a time
+pytestmark = pytest.mark.xdist_group("distributed")
+
 
 def test_launch_two_processes_writes_one_run_dir_and_one_table(tmp_path: Path) -> None:
     run_dir, log_dir = tmp_path / "run", tmp_path / "log"

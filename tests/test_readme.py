@@ -249,7 +249,10 @@ def run_command(command: str, tmp_path: Path, request: pytest.FixtureRequest) ->
     return pruned, json.dumps(results, default=str)[-3000:]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+# Several processes bind ports: under pytest-xdist they all run on one worker, one at a time.
+@pytest.mark.parametrize("command", [
+    pytest.param(c, marks=pytest.mark.xdist_group("distributed")) if "paddle.distributed" in c else c
+    for c in COMMANDS])
 def test_readme_command_runs(command: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     ok, output = run_command(command, tmp_path, request)
     assert ok, f"{command}\n{output}"
