@@ -173,3 +173,10 @@ def test_the_latency_timing_switches_off(image_folder: Path, tmp_path: Path, cap
                                     "trainer.measure_latency=false"], tmp_path))  # FOLDER_RUN's, said here too
     assert results["latency_measured"] is None and results["latency_before_ms"] is None
     assert "latency (" not in capsys.readouterr().out
+
+
+def test_an_unknown_sensitivity_metric_names_its_config_key(image_folder: Path, tmp_path: Path) -> None:
+    from prune_callbacks.app import ConfigError
+
+    with pytest.raises(ConfigError, match=r"prune\.sensitivity_metric='top5': metric must be one of top1, loss"):
+        train(folder_cfg([f"data.path={image_folder}", "prune.sensitivity_metric=top5"], tmp_path))

@@ -9,13 +9,15 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import paddle
 
+from ..utils.errors import about, tagged
 from ..planning.importance import get_criterion
 from ..pruner import FilterPruner
-from ..sensitivity import (DEFAULT_RATIOS, EvalData, SensitivityResult, UnresolvableMetric, _check_ratios,
+from ..sensitivity import (DEFAULT_RATIOS, EvalData, SensitivityResult, UnresolvableMetric, check_ratios,
                            loss_metric, top1_metric)
 from ..sensitivity.analysis import check_file
 from ..sensitivity.evaluation import HANDFUL
-from ._common import check_epoch, check_names, infer_input_shape
+from ..utils.errors import check_names
+from ._common import check_epoch, infer_input_shape
 from .history import SensitivityFallback, history_of
 
 logger = logging.getLogger(__name__)
@@ -95,14 +97,15 @@ class SensitivityCallback(paddle.callbacks.Callback):
         if is_dataset and len(eval_data) == 0:
             raise ValueError("eval_data is empty: pass a dataset with at least one sample")
         self.at_epoch = check_epoch("at_epoch", at_epoch)
-        self.ratios = _check_ratios(ratios)
+        self.ratios = check_ratios(ratios)
         if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a file path or None, got {type(path).__name__}")
+            raise tagged("path", TypeError(f"path must be a file path or None, got {type(path).__name__}"))
         self.path = os.fspath(path) if path is not None else None
         if max_loss is not None and (isinstance(max_loss, bool)
                                      or not isinstance(max_loss, numbers.Real)):
-            raise TypeError(f"max_loss must be a number or None, got {max_loss!r}")
-        get_criterion(criterion)  # unknown criterion: fail now, not epochs later
+            raise tagged("max_loss", TypeError(f"max_loss must be a number or None, got {max_loss!r}"))
+        with about("criterion"):  # unknown criterion: fail now, not epochs later
+            get_criterion(criterion)
         self.criterion = criterion
         self.skip = check_names("skip", skip)
         self.max_loss = max_loss
@@ -111,15 +114,16 @@ class SensitivityCallback(paddle.callbacks.Callback):
         self.eval_data: Optional[EvalData] = None
         self._dataset = eval_data if is_dataset else None
         if isinstance(metric, str) and metric not in METRICS:
-            raise ValueError(f"metric must be one of {', '.join(METRICS)} or a function "
-                             f"(logits, labels) -> (correct, count), got {metric!r}")
+            raise tagged("metric", ValueError(f"metric must be one of {', '.join(METRICS)} or a function "
+                                              f"(logits, labels) -> (correct, count), got {metric!r}"))
         if metric is not None and not isinstance(metric, str) and not callable(metric) \
                 and not isinstance(metric, paddle.metric.Metric):
-            raise TypeError(f"metric must be one of {', '.join(METRICS)}, a function or a "
-                            f"paddle.metric.Metric, got {type(metric).__name__}")
+            raise tagged("metric", TypeError(f"metric must be one of {', '.join(METRICS)}, a function or a "
+                                             f"paddle.metric.Metric, got {type(metric).__name__}"))
         self.metric_name = metric if isinstance(metric, str) else ("top1" if metric is None else "custom")
         if is_dataset:
-            chosen = top1_metric if metric in (None, "top1", "loss") else metric  # the loss: at fit start
+            chosen = metric if callable(metric) or isinstance(metric, paddle.metric.Metric) else top1_metric
+            # (the loss metric is set at fit start: it is the model's own loss)
             self.eval_data = EvalData(eval_data, chosen, batch_size, num_samples, workers, engine,
                                       lower_is_better=metric == "loss", min_correct=HANDFUL)
         else:
