@@ -129,6 +129,23 @@ def test_tampered_shapes_are_refused_naming_the_parameter() -> None:
         prune_to_state_dict(ARCHS["mobilenet_v1"](), [1, 2], SHAPE)
 
 
+def test_a_linear_after_a_flatten_holds_each_channel_at_every_position() -> None:
+    """The classifier's input axis holds each conv channel 8x8 times: its equation solves too."""
+    def build() -> paddle.nn.Layer:
+        return paddle.nn.Sequential(paddle.nn.Conv2D(1, 8, 3, padding=1), paddle.nn.BatchNorm2D(8), paddle.nn.ReLU(),
+                                    paddle.nn.Flatten(), paddle.nn.Linear(8 * 8 * 8, 4))
+
+    paddle.seed(4)
+    net = build()
+    FilterPruner(net, [1, 1, 8, 8]).prune({"0": 0.625})
+    assert net[4].weight.shape == [3 * 64, 4]
+    fresh = prune_to_state_dict(build(), net.state_dict(), [1, 1, 8, 8])
+    x = paddle.ones([2, 1, 8, 8])
+    np.testing.assert_array_equal(_out(fresh, x), _out(net, x))
+    with pytest.raises(ValueError, match=r"cannot trace Sequential at input shape \[1, 3, 224, 224\].*pass input_shape"):
+        prune_to_state_dict(build(), net.state_dict())  # the default shape does not fit this network
+
+
 def test_an_unpruned_state_dict_loads_unchanged() -> None:
     paddle.seed(3)
     src = ARCHS["resnet18"]()

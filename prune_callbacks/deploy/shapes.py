@@ -113,7 +113,8 @@ def kept_counts(graph: ChannelGraph, shapes: Mapping[str, Sequence[int]]) -> Dic
             raise ValueError(
                 f"parameter {ax.key!r} has {ax.size} positions on axis {ax.axis} in the checkpoint, which "
                 f"fits no channel count of group {g.name!r} (1 to {g.channels} in this network): the "
-                f"checkpoint was saved from another architecture, or the file was altered")
+                f"checkpoint was saved from another architecture, or the file was altered (or, after a "
+                f"flatten, the network was traced at another input size: pass input_shape)")
         return int(n)
 
     progress = True
