@@ -74,6 +74,19 @@ def _random_labels(n: int, seed: int = 0) -> ArrayDS:
     return ArrayDS(rng.randn(n, 3, 8, 8).astype("float32"), rng.randint(0, 5, (n, 1)).astype("int64"))
 
 
+def test_the_loss_metric_chosen_by_name_is_the_models_own_loss(tmp_path: Path) -> None:
+    paddle.seed(5)
+    net = TinyNet()
+    model = _model(net)
+    ds = _random_labels(12)
+    sens = SensitivityCallback(ds, at_epoch=0, ratios=(0.5,), metric="loss", path=str(tmp_path / "sen.json"))
+    model.fit(ds, batch_size=4, epochs=1, verbose=0, callbacks=[sens])
+    net.eval()
+    assert sens.fallbacks == [] and sens.result_path == str(tmp_path / "sen.json")
+    assert sens.result.baseline == pytest.approx(_ce(net, ds), rel=1e-5)  # the CrossEntropyLoss it was prepared with
+    assert "loss (lower is better)" in json.loads((tmp_path / "sen.json").read_text())["data"]
+
+
 def test_a_top1_that_cannot_resolve_falls_back_to_the_loss(tmp_path: Path) -> None:
     paddle.seed(1)
     model = _model(TinyNet())

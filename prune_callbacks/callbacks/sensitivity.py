@@ -122,8 +122,8 @@ class SensitivityCallback(paddle.callbacks.Callback):
                                              f"paddle.metric.Metric, got {type(metric).__name__}"))
         self.metric_name = metric if isinstance(metric, str) else ("top1" if metric is None else "custom")
         if is_dataset:
-            chosen = metric if callable(metric) or isinstance(metric, paddle.metric.Metric) else top1_metric
-            # (the loss metric is set at fit start: it is the model's own loss)
+            chosen = (metric if callable(metric) or isinstance(metric, paddle.metric.Metric)
+                      else loss_metric() if metric == "loss" else top1_metric)  # the model's loss once known
             self.eval_data = EvalData(eval_data, chosen, batch_size, num_samples, workers, engine,
                                       lower_is_better=metric == "loss", min_correct=HANDFUL)
         else:
@@ -144,8 +144,6 @@ class SensitivityCallback(paddle.callbacks.Callback):
                 f"SensitivityCallback(at_epoch={self.at_epoch}) never runs: fit has {epochs} "
                 f"epochs (0..{epochs - 1}); lower at_epoch or fit longer")
         self.fallbacks = []
-        if self.eval_data is not None and self.eval_data.lower_is_better:
-            self.eval_data.metric = self._loss_metric()
         pruner = self._pruner()  # checks input_shape and skip names before any training
         for name in self.skip:
             pruner.group_index(name)
@@ -235,6 +233,8 @@ class SensitivityCallback(paddle.callbacks.Callback):
                 f"samples (num_samples) or use metric='loss'", stacklevel=3)
 
     def _evaluate(self) -> Any:
+        if self.eval_data is not None and self.eval_data.lower_is_better:
+            self.eval_data.metric = self._loss_metric()  # the model's own loss, once there is a model
         return self.eval_data if self.eval_data is not None else self.eval_fn
 
     def _pruner(self) -> FilterPruner:
