@@ -112,7 +112,8 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
         ValueError: bad or duplicate ratios, a corrupt file, or a file made for another network
             (any group, layer type or parameter shape differs), criterion, ratio set or data, or
             on other weights (its baseline differs from the one measured now); a baseline metric
-            of 0 or NaN (a diverged network).
+            of 0 or NaN (a diverged network), or a top-1 baseline of fewer correct samples than
+            `EvalData.min_correct`: `UnresolvableMetric` (a ValueError).
     """
     ratios = check_ratios(ratios)
     lower = bool(getattr(evaluate, "lower_is_better", False))
