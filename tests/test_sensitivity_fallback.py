@@ -135,6 +135,24 @@ def test_a_loss_that_cannot_resolve_falls_back_to_uniform(monkeypatch: pytest.Mo
         {reference.groups[gi].name: tuple(int(i) for i in k) for gi, k in uniform.items()}
 
 
+def test_a_loss_that_fails_after_a_top1_fallback_ends_in_uniform(monkeypatch: pytest.MonkeyPatch) -> None:
+    paddle.seed(6)
+    model = _model(TinyNet())
+    ds = _random_labels(4)
+
+    def broken(logits: np.ndarray, labels: np.ndarray) -> Any:
+        raise ValueError("this loss wants labels of another shape")
+
+    monkeypatch.setattr(SensitivityCallback, "_loss_metric", lambda self: broken)
+    sens = SensitivityCallback(ds, at_epoch=0, ratios=(0.5,))
+    prune = FilterPruneCallback(flops=0.3, at_epoch=0, sensitivity=sens)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model.fit(ds, batch_size=4, epochs=1, verbose=0, callbacks=[sens, prune])
+    assert [(f.metric, f.to) for f in sens.fallbacks] == [("top1", "loss"), ("loss", "uniform")]
+    assert "labels of another shape" in sens.fallbacks[1].reason and len(prune.plans) == 1
+
+
 def test_metric_argument_is_checked() -> None:
     with pytest.raises(ValueError, match="metric must be one of top1, loss or a function"):
         SensitivityCallback(_random_labels(4), metric="top5")

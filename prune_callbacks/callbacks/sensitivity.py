@@ -196,6 +196,8 @@ class SensitivityCallback(paddle.callbacks.Callback):
                                           skip=self.skip, max_loss=self.max_loss)
             except UnresolvableMetric as again:
                 failed, error = "loss", again
+            except (ValueError, TypeError, RuntimeError) as broken:  # e.g. a loss that wants other labels
+                failed, error = "loss", broken
         self._record(failed, "uniform", error)
         self.result_path = None
         return None
