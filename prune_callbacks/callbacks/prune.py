@@ -3,21 +3,23 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import paddle
 
+from ..utils.errors import about, tagged
 from ..training.distributed import all_gather, check_agree, is_main, rebuild_data_parallel
 from ..planning.importance import get_criterion
 from ..deploy.latency import LatencyOptions, LatencySearch, check_latency_target, plan_for_latency
 from ..training.optim import rebuild_optimizer
 from ..training.data_importance import ImportanceStats
 from ..planning.plans import PrunePlan, record_plan
-from ..planning.allocation import STRATEGIES, check_fraction
+from ..planning.allocation import STRATEGIES, auto_strategy, check_fraction
 from ..pruner import FilterPruner
 from ..sensitivity import SensitivityResult
-from ._common import check_epoch, check_names, infer_input_shape
+from ..utils.errors import check_names
+from ._common import check_epoch, infer_input_shape
 from .history import PruneEvent, history_of
 from .sensitivity import SensitivityCallback
 
@@ -84,38 +86,40 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                  latency_options: Optional[LatencyOptions] = None) -> None:
         super().__init__()
         if flops is not None and latency is not None:
-            raise ValueError(f"give exactly one of flops={flops!r} (a FLOPs cut) and latency={latency!r} "
-                             f"(a share of the measured latency)")
+            raise tagged("latency", ValueError(f"give exactly one of flops={flops!r} (a FLOPs cut) and "
+                                               f"latency={latency!r} (a share of the measured latency)"))
         if flops is None and latency is None:
             flops = 0.4
         if latency_options is not None and not isinstance(latency_options, LatencyOptions):
-            raise TypeError(f"latency_options must be a prune_callbacks.LatencyOptions, "
-                            f"got {type(latency_options).__name__}")
-        self.latency = check_latency_target(latency) if latency is not None else None
+            raise tagged("latency_options", TypeError(f"latency_options must be a prune_callbacks.LatencyOptions, "
+                            f"got {type(latency_options).__name__}"))
+        with about("latency"):
+            self.latency = check_latency_target(latency) if latency is not None else None
         self.latency_options = latency_options or LatencyOptions()
         self.search: Optional[LatencySearch] = None  # the latency search's trials, once run
         self.flops = check_fraction(flops, "flops") if latency is None else None
         self.at_epoch = check_epoch("at_epoch", at_epoch)
-        get_criterion(criterion)
+        with about("criterion"):
+            get_criterion(criterion)
         self.criterion = criterion
         self.skip = check_names("skip", skip)
-        if strategy is None:  # auto: the curves decide
-            strategy = "sensitivity" if sensitivity is not None else "uniform"
+        strategy = auto_strategy(strategy, sensitivity is not None)  # None: the curves decide
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES} or None (auto), got {strategy!r}")
+            raise tagged("strategy", ValueError(f"strategy must be one of {STRATEGIES} or None (auto), got {strategy!r}"))
         self.strategy = strategy
         if strategy == "sensitivity" and get_criterion(criterion).statistic is not None:
-            raise ValueError(
+            raise tagged("criterion", ValueError(
                 f"criterion {criterion!r} scores statistics of the pruning epoch's training steps, "
                 f"which a sensitivity analysis (run before them) cannot use: pass "
-                f"strategy='uniform', or a weight criterion (l1, group_l2, ...) for sensitivity")
+                f"strategy='uniform', or a weight criterion (l1, group_l2, ...) for sensitivity"))
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+            raise tagged("round_to", ValueError(f"round_to must be an int >= 1, got {round_to!r}"))
         self.round_to = round_to
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1 (epochs to reach the target), got {steps!r}")
+            raise tagged("steps", ValueError(f"steps must be an int >= 1 (epochs to reach the target), got {steps!r}"))
         self.steps = steps
-        _check_source(sensitivity, strategy, criterion)
+        with about("sensitivity"):
+            _check_source(sensitivity, strategy, criterion)
         self.sensitivity = sensitivity
         self.input_shape = list(input_shape) if input_shape is not None else None
         self.plans: List[PrunePlan] = []
@@ -211,7 +215,9 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             sens = self._sensitivities(epoch)
 
             def plan_for_flops(f: float) -> Dict[int, np.ndarray]:
-                return pruner.plan(f, sens, self.skip, self.strategy, self.round_to)
+                # no curves after a sensitivity fallback (SensitivityCallback.fallbacks): uniform
+                strategy = self.strategy if sens is not None else "uniform"
+                return pruner.plan(f, sens, self.skip, strategy, self.round_to)
 
             if self.latency is not None:  # prunes copies to measure; the network itself once, below
                 if is_main():  # one measurement decides for every rank (timings differ by rank)
@@ -282,6 +288,32 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             hist.sensitivity, hist.sensitivity_epoch = sens, epoch
         return sens
 
+    def resume_state(self) -> Optional[Dict[str, Any]]:
+        """What a run resumed between two pruning steps needs (None before the first step): the
+        final plan made on step 1 (per group: channels then, channels kept at the end), the FLOPs
+        target and the steps made. Plain JSON data."""
+        if self._final is None:
+            return None
+        return {"final": {g: [int(a), int(b)] for g, (a, b) in self._final.items()},
+                "flops": self.flops, "steps_done": len(self.plans)}
+
+    def continue_from(self, plans: Sequence[PrunePlan], state: Mapping[str, Any], first_epoch: int) -> None:
+        """Continue a gradual pruning stopped after `len(plans)` of its steps (a resumed run): the
+        next step is made at the end of epoch `first_epoch` of this fit, toward the final plan
+        of `state` (`resume_state()` of the interrupted callback).
+
+        Raises:
+            ValueError: no step or every step made already, or `state` from another step count.
+        """
+        if not 0 < len(plans) < self.steps or int(state.get("steps_done", -1)) != len(plans):
+            raise ValueError(f"cannot continue a {self.steps}-step pruning after {len(plans)} step(s) "
+                             f"with a resume state of {state.get('steps_done')!r} step(s)")
+        self.plans = list(plans)
+        self._final = {g: (int(a), int(b)) for g, (a, b) in state["final"].items()}
+        self.flops = float(state["flops"])
+        self.latency = None  # a latency target was turned into this FLOPs cut on step 1
+        self.at_epoch = first_epoch - len(plans)  # step k+1 at first_epoch (step 1 was before this fit)
+
     def _new_pruner(self) -> FilterPruner:
         ds = None
         if isinstance(self.sensitivity, SensitivityCallback):
@@ -299,8 +331,8 @@ def _check_source(sensitivity: SensitivitySource, strategy: str, criterion: str)
             "strategy='sensitivity' needs sensitivity=<SensitivityCallback | "
             "SensitivityResult | path of a saved analysis>; or use strategy='uniform'")
     if not isinstance(sensitivity, (SensitivityCallback, SensitivityResult, str, os.PathLike)):
-        raise TypeError("sensitivity must be a SensitivityCallback, a SensitivityResult "
-                        f"or a file path; got {type(sensitivity).__name__}")
+        raise tagged("sensitivity", TypeError("sensitivity must be a SensitivityCallback, a SensitivityResult "
+                        f"or a file path; got {type(sensitivity).__name__}"))
     measured = getattr(sensitivity, "criterion", None)
     if measured is not None and get_criterion(measured).name != get_criterion(criterion).name:
         raise ValueError(

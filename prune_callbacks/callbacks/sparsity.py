@@ -15,7 +15,8 @@ import paddle.nn as nn
 
 from ..pruner import FilterPruner
 from ..training.sparsity import GroupSparsity, Regulariser, grow, spread
-from ._common import check_epoch, check_names, infer_input_shape
+from ..utils.errors import about, check_names, tagged
+from ._common import check_epoch, infer_input_shape
 from .history import Scalar, history_of
 
 logger = logging.getLogger(__name__)
@@ -90,20 +91,21 @@ class SparsityCallback(paddle.callbacks.Callback):
         try:
             self.kind = Regulariser(kind)
         except ValueError:
-            raise ValueError(f"kind must be one of {[k.value for k in Regulariser]}, "
-                             f"got {kind!r}") from None
+            raise tagged("kind", ValueError(f"kind must be one of {[k.value for k in Regulariser]}, "
+                                            f"got {kind!r}")) from None
         for name, value in (("strength", strength), ("growing", growing)):
             if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0 \
                     or not np.isfinite(value):
-                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+                raise tagged(name, ValueError(f"{name} must be a finite number >= 0, got {value!r}"))
         if strength == 0 and growing == 0:
-            raise ValueError("strength and growing are both 0: the callback would do nothing; "
-                             "give strength > 0 (e.g. 1e-4)")
+            raise tagged("strength", ValueError("strength and growing are both 0: the callback "
+                                                "would do nothing; give strength > 0 (e.g. 1e-4)"))
         self.start_epoch = check_epoch("start_epoch", start_epoch)
         self.stop_epoch = None if stop_epoch is None else check_epoch("stop_epoch", stop_epoch)
         if self.stop_epoch is not None and self.stop_epoch <= self.start_epoch:
-            raise ValueError(f"stop_epoch={stop_epoch} must be after start_epoch={start_epoch} "
-                             f"(it is the first epoch no longer regularised)")
+            raise tagged("stop_epoch", ValueError(
+                f"stop_epoch={stop_epoch} must be after start_epoch={start_epoch} (it is the first "
+                f"epoch no longer regularised)"))
         self.strength = float(strength)
         self.growing = float(growing)
         self.skip = check_names("skip", skip)
@@ -123,7 +125,8 @@ class SparsityCallback(paddle.callbacks.Callback):
         net = self.model.network
         net = net._layers if isinstance(net, paddle.DataParallel) else net
         pruner = FilterPruner(net, self.input_shape or infer_input_shape(self.model))
-        skipped = {pruner.group_index(n) for n in self.skip}
+        with about("skip"):
+            skipped = {pruner.group_index(n) for n in self.skip}
         groups = [gi for gi, g in enumerate(pruner.groups) if g.prunable and gi not in skipped]
         self.reg = GroupSparsity(pruner.graph, dict(net.named_parameters()), groups, self.kind)
         self.strengths = [np.full(c, self.strength) for c in self.reg.channels]

@@ -7,14 +7,14 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import paddle
 
 from ..planning.plans import PrunePlan
 from ..sensitivity import SensitivityResult
+from ..utils.files import directory_problem
 from .history import PruneEvent, PruneHistory, history_of
 
 logger = logging.getLogger(__name__)
@@ -84,10 +84,8 @@ class PruneVisualDL(paddle.callbacks.Callback):
                 break
             probe = parent
         probe = probe or "."
-        try:
-            with tempfile.TemporaryFile(dir=probe):
-                pass
-        except OSError as e:
+        e = directory_problem(probe, create=False)
+        if e is not None:
             raise ValueError(f"PruneVisualDL cannot write its logs to {self.run_dir!r}: "
                              f"{e.strerror} in {probe!r}; pass a writable log_dir") from e
         if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):
@@ -113,7 +111,8 @@ class PruneVisualDL(paddle.callbacks.Callback):
             self._write_sensitivity(hist.sensitivity, hist.sensitivity_epoch)
         new_events = hist.events[self._events_done:]
         for event in new_events:
-            self._write_event(event, hist.events[0].plan.flops_before)
+            self._write_event(event, hist.events[0].plan.flops_before,
+                              [f"sensitivity fallback: {f}" for f in hist.sensitivity_fallbacks])
         self._events_done += len(new_events)
         for point in hist.scalars[self._scalars_done:]:
             self._scalar(point.tag, point.value, point.step)
@@ -135,7 +134,7 @@ class PruneVisualDL(paddle.callbacks.Callback):
             self._figures += 1
             logger.info("VisualDL: %d sensitivity points -> %s", added, self.run_dir)
 
-    def _write_event(self, event: PruneEvent, flops_first: int) -> None:
+    def _write_event(self, event: PruneEvent, flops_first: int, notes: Sequence[str] = ()) -> None:
         plan, epoch = event.plan, event.epoch
         self._scalar("prune/flops", plan.flops_before, epoch)
         self._scalar("prune/flops", plan.flops_after, epoch + 1)
@@ -147,7 +146,7 @@ class PruneVisualDL(paddle.callbacks.Callback):
         for group in plan.groups:
             self._scalar(f"prune/ratio/{group.name}", group.ratio, epoch)
         self._out().add_text(tag=self._tag("prune/plan"),
-                              text_string=plan_table(plan, event.flops, total), step=epoch)
+                              text_string=plan_table(plan, event.flops, total, notes), step=epoch)
         logger.info("VisualDL: prune event at epoch %d (FLOPs -%.1f%%) -> %s",
                     epoch, 100 * total, self.run_dir)
 
@@ -188,13 +187,14 @@ def _warn_if_shared(run_dir: str) -> None:
                        run_dir, ", ".join(sorted(others)))
 
 
-def plan_table(plan: PrunePlan, flops: float, total_pruned: float) -> str:
+def plan_table(plan: PrunePlan, flops: float, total_pruned: float, notes: Sequence[str] = ()) -> str:
     """A markdown table of a plan: channels before -> after and ratio per group, then totals.
 
     Args:
         plan: the pruning step's plan.
         flops: the share of FLOPs the step aimed to have removed.
         total_pruned: share of FLOPs removed so far, relative to before the first step.
+        notes: lines printed under the table (e.g. a sensitivity fallback).
 
     Returns:
         The table as text, for `LogWriter.add_text`.
@@ -205,6 +205,7 @@ def plan_table(plan: PrunePlan, flops: float, total_pruned: float) -> str:
     lines.append(f"| **total** | FLOPs {plan.flops_before:,} -> {plan.flops_after:,} | "
                  f"pruned {100 * total_pruned:.1f}% (this step {100 * plan.pruned_flops:.1f}%) "
                  f"vs target {100 * flops:.1f}% |")
+    lines += [f"\n{note}" for note in notes]
     return "\n".join(lines)
 
 
