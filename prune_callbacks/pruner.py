@@ -26,12 +26,14 @@ from .planning.allocation import PlanGroup, check_reachable, n_keep, plan_group_
 from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
 from .sensitivity.fingerprint import network_signature
 from .layers.surgery import Mask, apply_slices, supports_layer
+from .deploy.kernels import AUTO, Runtime, check_runtime, resolve_round_to
 
 logger = logging.getLogger(__name__)
 
 Kept = Dict[int, np.ndarray]  # group index -> sorted kept channel indices
 Names = Union[str, Sequence[str]]  # group names, or one name
 Sensitivities = Union[SensitivityResult, str, "os.PathLike[str]", Mapping[str, Mapping[float, float]]]
+RoundTo = Union[int, str]  # an int >= 1, or "auto": the runtime's channel multiple (deploy.kernels)
 
 
 def _validate_shape(input_shape: Any) -> Tuple[int, ...]:
@@ -54,6 +56,9 @@ class FilterPruner:
         input_shape: the shape of one input, batch first, e.g. [1, 3, 32, 32].
         criterion: channel importance: "l1" (default), "l2", "fpgm", "bn_scale", "random", or a
             registered name (see `prune_callbacks.register_criterion`).
+        runtime: where the pruned network will be served ("paddle_inference", "onnxruntime", or
+            a GPU runtime, see `deploy.kernels.Runtime`): planning's default `round_to="auto"`
+            keeps channel counts in the multiples its kernels need on this machine.
 
     Raises:
         TypeError: `net` is not a Layer or `input_shape` not a list of ints.
@@ -67,7 +72,8 @@ class FilterPruner:
     """
 
     def __init__(self, net: nn.Layer, input_shape: Sequence[int] = (1, 3, 32, 32),
-                 criterion: Union[str, Criterion] = "l1") -> None:
+                 criterion: Union[str, Criterion] = "l1",
+                 runtime: Union[str, Runtime] = Runtime.PADDLE_INFERENCE) -> None:
         if isinstance(net, paddle.DataParallel):
             net = net._layers
         if not isinstance(net, nn.Layer):
@@ -75,6 +81,7 @@ class FilterPruner:
         self.net = net
         self.input_shape = _validate_shape(input_shape)
         self.criterion = get_criterion(criterion)
+        self.runtime = check_runtime(runtime)
         self._graph: Optional[ChannelGraph] = None
         self._param_map: Optional[Dict[str, Any]] = None
         self._traced_as: Optional[Tuple[Any, ...]] = None
@@ -192,7 +199,7 @@ class FilterPruner:
             np.add.at(scores, pa.channel.ravel()[sel], s[sel])
         return scores
 
-    def select(self, ratios: Mapping[str, float], round_to: int = 1) -> Kept:
+    def select(self, ratios: Mapping[str, float], round_to: RoundTo = 1) -> Kept:
         """Channels each named group keeps when it loses `ratio` of its least important ones.
 
         Rounding (PaddleSlim's): round(ratio * channels) go, to nearest, at least one stays
@@ -202,8 +209,7 @@ class FilterPruner:
         channel shuffles route (`graph.routed`, ShuffleNetV2 stages) keep, per producer, the
         width nearest to the ratio's that prunes exactly, and per route their best channels.
         """
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+        round_to = resolve_round_to(round_to, self.runtime, log=False)
         if not isinstance(ratios, Mapping):
             raise TypeError(f"ratios must map group names to floats, got {type(ratios).__name__}")
         kept: Kept = {}
@@ -370,7 +376,7 @@ class FilterPruner:
         return self.sensitivity(eval_func, path=sen_file, skip=skip).curves()
 
     def plan(self, flops: float, sensitivities: Optional[Sensitivities] = None,
-             skip: Names = (), strategy: Optional[str] = None, round_to: int = 1) -> Kept:
+             skip: Names = (), strategy: Optional[str] = None, round_to: RoundTo = AUTO) -> Kept:
         """Channels each group keeps so that the network loses `flops` of its FLOPs.
 
         Describes the groups to `planning.plan_group_ratios` (FLOPs from channel counts, through
@@ -386,6 +392,7 @@ class FilterPruner:
         Raises:
             ValueError: see `prune_to_flops`.
         """
+        round_to = resolve_round_to(round_to, self.runtime)
         curves = self._curves(sensitivities)
         strategy = _auto_strategy(strategy, curves)
         skip_names = [self.groups[self.group_index(s)].name for s in _names(skip, "skip")]
@@ -395,7 +402,7 @@ class FilterPruner:
 
     def check_target(self, flops: float, skip: Names = (), strategy: Optional[str] = None,
                      sensitivities: Optional[Sensitivities] = None,
-                     max_ratio: Optional[float] = None, round_to: int = 1) -> None:
+                     max_ratio: Optional[float] = None, round_to: RoundTo = AUTO) -> None:
         """Raise now if `plan(flops, ...)` could not reach `flops`, from channel counts alone.
 
         Args:
@@ -408,6 +415,7 @@ class FilterPruner:
             ValueError: the target is not a fraction, every group is skipped or unprunable, or
                 the target exceeds the largest reachable reduction.
         """
+        round_to = resolve_round_to(round_to, self.runtime, log=False)
         curves = self._curves(sensitivities)
         if curves is None and max_ratio is not None:
             curves = {g.name: {float(max_ratio): 0.0} for g in self.prunable_groups}
@@ -458,7 +466,7 @@ class FilterPruner:
 
     def prune_to_flops(self, flops: float, sensitivities: Optional[Sensitivities] = None,
                        skip: Names = (), strategy: Optional[str] = None,
-                       round_to: int = 1) -> PrunePlan:
+                       round_to: RoundTo = AUTO) -> PrunePlan:
         """Prune so that the network loses `flops` of its FLOPs (see `planning.plan_group_ratios`).
 
         The share is of the network's FLOPs as it is now: pruning twice by 0.2 leaves 0.64 of
@@ -473,7 +481,10 @@ class FilterPruner:
             skip: group names (a list, or one name as a str) left untouched.
             strategy: "sensitivity" (less sensitive groups lose more), "uniform", or None
                 (default): "sensitivity" when there are curves, else "uniform".
-            round_to: keep channel counts multiples of this.
+            round_to: keep channel counts multiples of this; "auto" (default): the multiple the
+                runtime's kernels need on this machine (`deploy.kernels.channel_multiple`, logged);
+                1: exact counts. A group no wider than the multiple stays whole, and no group is
+                rounded wider than it is or to zero channels.
 
         Raises:
             ValueError: see `planning.plan_group_ratios`; an unknown group in `skip`; curves

@@ -595,7 +595,7 @@ def test_round_to_keeps_multiples_and_one_channel_stays():
     plan = pruner.prune(_all_ratios(pruner, 0.999))
     assert all(len(gp.kept) == 1 for gp in plan.groups)
     assert _run(net, paddle.randn(S32)).shape == (1, 10)
-    with pytest.raises(ValueError, match="round_to must be a positive int"):
+    with pytest.raises(ValueError, match="round_to must be"):
         pruner.flops({}, round_to=0)
 
 

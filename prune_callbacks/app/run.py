@@ -41,7 +41,7 @@ log = logging.getLogger(__name__)
 ARGUMENT_KEYS = {
     "flops": "prune.flops", "criterion": "prune.criterion", "strategy": "prune.strategy",
     "at_epoch": "prune.at_epoch", "steps": "prune.steps", "skip": "prune.skip",
-    "ratios": "prune.ratios", "round_to": "prune.round_to", "num_samples": "prune.sensitivity_samples",
+    "ratios": "prune.ratios", "round_to": "prune.round_to", "runtime": "prune.runtime", "num_samples": "prune.sensitivity_samples",
     "engine": "prune.sensitivity_engine",
     "path": "prune.sensitivity_file", "max_loss": "prune.max_loss",
     "batch_size": "trainer.eval_batch_size", "input_shape": "data.image_size", "eval_data": "data.val",
@@ -196,7 +196,7 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
             latency_options=LatencyOptions(**p.latency_options), at_epoch=at,
             criterion=p.criterion, skip=list(p.skip),
             sensitivity=sensitivity, strategy=p.strategy, round_to=p.round_to, steps=p.steps,
-            input_shape=shape)
+            input_shape=shape, runtime=p.runtime)
         if p.distill.alpha:
             run.distill = DistillCallback(alpha=p.distill.alpha, temperature=p.distill.temperature)
     except (ValueError, TypeError) as exc:

@@ -11,6 +11,7 @@ import paddle
 from ..training.distributed import all_gather, check_agree, is_main, rebuild_data_parallel
 from ..planning.importance import get_criterion
 from ..deploy.latency import LatencyOptions, LatencySearch, check_latency_target, plan_for_latency
+from ..deploy.kernels import AUTO, check_round_to, check_runtime, latency_backend
 from ..training.optim import rebuild_optimizer
 from ..planning.plans import PrunePlan, record_plan
 from ..planning.allocation import STRATEGIES, check_fraction
@@ -58,7 +59,15 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         strategy: "sensitivity" (less sensitive groups lose more, PaddleSlim's rule),
             "uniform" (the same ratio everywhere), or None (default): "sensitivity" when
             `sensitivity` is given, else "uniform".
-        round_to: keep channel counts multiples of this.
+        round_to: keep channel counts multiples of this; "auto" (default): the multiple the
+            runtime's convolution kernels need on this machine (16 floats with AVX-512, 8 with
+            AVX2: `deploy.kernels.channel_multiple`, logged); 1: exact channel counts. Groups no
+            wider than the multiple round to a smaller power of two (`planning.fit_multiple`).
+        runtime: where the pruned network will be served: "paddle_inference" (CPU, oneDNN) or
+            "onnxruntime" (CPU), or the GPU runtimes "paddle_inference_gpu" / "onnxruntime_cuda"
+            (rounding only, not run here). Decides `round_to="auto"` and, for a `latency`
+            target, the backend it is measured on. None (default): the backend of
+            `latency_options` when given, else "paddle_inference".
         steps: number of epochs over which the target is reached.
         input_shape: one input's shape, batch first; default: from the model's input spec.
 
@@ -78,9 +87,9 @@ class FilterPruneCallback(paddle.callbacks.Callback):
 
     def __init__(self, flops: Optional[float] = None, at_epoch: int = 0, criterion: str = "l1",
                  skip: Sequence[str] = (), sensitivity: SensitivitySource = None,
-                 strategy: Optional[str] = None, round_to: int = 1, steps: int = 1,
+                 strategy: Optional[str] = None, round_to: Union[int, str] = AUTO, steps: int = 1,
                  input_shape: Optional[Sequence[int]] = None, latency: Optional[float] = None,
-                 latency_options: Optional[LatencyOptions] = None) -> None:
+                 latency_options: Optional[LatencyOptions] = None, runtime: Optional[str] = None) -> None:
         super().__init__()
         if flops is not None and latency is not None:
             raise ValueError(f"give exactly one of flops={flops!r} (a FLOPs cut) and latency={latency!r} "
@@ -91,7 +100,9 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             raise TypeError(f"latency_options must be a prune_callbacks.LatencyOptions, "
                             f"got {type(latency_options).__name__}")
         self.latency = check_latency_target(latency) if latency is not None else None
-        self.latency_options = latency_options or LatencyOptions()
+        self.runtime, self.latency_options = _runtime_and_options(runtime, latency_options)
+        if self.latency is not None:
+            latency_backend(self.runtime)  # a GPU runtime cannot be measured here: say so now
         self.search: Optional[LatencySearch] = None  # the latency search's trials, once run
         self.flops = check_fraction(flops, "flops") if latency is None else None
         self.at_epoch = check_epoch("at_epoch", at_epoch)
@@ -103,9 +114,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES} or None (auto), got {strategy!r}")
         self.strategy = strategy
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
-        self.round_to = round_to
+        self.round_to = check_round_to(round_to)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise ValueError(f"steps must be an int >= 1 (epochs to reach the target), got {steps!r}")
         self.steps = steps
@@ -262,7 +271,23 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         if isinstance(self.sensitivity, SensitivityCallback):
             ds = self.sensitivity._dataset
         shape = self.input_shape or infer_input_shape(self.model, ds)
-        return FilterPruner(self.model.network, shape, self.criterion)
+        return FilterPruner(self.model.network, shape, self.criterion, self.runtime)
+
+
+def _runtime_and_options(runtime: Optional[str], options: Optional[LatencyOptions]) -> tuple:
+    """The deployment runtime and the latency options that measure on it (they must agree)."""
+    if runtime is None:
+        runtime = options.backend if options is not None and options.backend != "eager" else "paddle_inference"
+    rt = check_runtime(runtime).value
+    if options is None:
+        if check_runtime(rt).gpu:
+            return rt, LatencyOptions()  # rounding only: a latency target raises when it measures
+        backend, onednn = latency_backend(rt)
+        return rt, LatencyOptions(backend=backend, onednn=onednn)
+    if options.backend not in (rt, "eager"):
+        raise ValueError(f"runtime={rt!r} but latency_options.backend={options.backend!r}: the latency "
+                         f"must be measured where the network is served; give them the same value")
+    return rt, options
 
 
 def _check_source(sensitivity: SensitivitySource, strategy: str, criterion: str) -> None:
