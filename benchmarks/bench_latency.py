@@ -17,6 +17,15 @@ percentiles. Goal: >= 0.95 (PaddleSlim 2.6's pruned MobileNetV1 got 0.83-0.90 on
     python benchmarks/bench_latency.py --models mobilenet_v1 --sizes 224 --batches 1 --backends ort
     python benchmarks/bench_latency.py --search 0.6 --models mobilenet_v1 --sizes 224 --round-to 16
 
+`--defaults` prunes MobileNetV1, MobileNetV2 and ResNet18 (10 classes) with every setting at its
+default (FilterPruner(net, shape, runtime=R).prune_to_flops(f): strategy uniform without curves,
+criterion l1, round_to "auto") at 30/50/70% FLOPs for each runtime R (`ort`: onnxruntime, `pi-onednn`:
+paddle_inference), at batch 1 224x224 and batch 64 32x32, one thread, CPU time, baseline and the three
+pruned copies timed alternately; prints latency cut / FLOPs cut per row (see docs/latency.md):
+
+    python benchmarks/bench_latency.py --defaults                    # about 10 minutes
+    python benchmarks/bench_latency.py --defaults --round-to 1       # the old default, for comparison
+
 `--search T` runs the latency search instead (`plan_for_latency`, target share T, each backend,
 batch and round_to; tolerance 0.02, at most 8 trials) and prints its trials, time and outcome.
 
@@ -116,6 +125,40 @@ def bench_model(name: str, size: int, args: argparse.Namespace) -> List[float]:
     return ratios
 
 
+DEFAULT_RUNTIMES = {"ort": "onnxruntime", "pi-onednn": "paddle_inference"}
+DEFAULT_GRID = ((1, 224), (64, 32))  # (batch, input size)
+
+
+def defaults_model(name: str, args: argparse.Namespace) -> List[float]:
+    """The default settings' pruned copies at each FLOPs cut, timed against the original, per runtime."""
+    ratios = []
+    for batch, size in DEFAULT_GRID:
+        if args.batches != [1, 64] and batch not in args.batches:
+            continue
+        paddle.seed(0)
+        net = getattr(models, name)(num_classes=10)
+        net.eval()
+        shape = [1, 3, size, size]
+        for key in args.backends:
+            runtime = DEFAULT_RUNTIMES[key]
+            backend, onednn = BACKENDS[key]
+            kw = dict(batch=batch, backend=backend, threads=args.threads, onednn=onednn)
+            pruned = []
+            for f in args.flops:
+                copy_ = copy.deepcopy(net)
+                pruner = FilterPruner(copy_, shape, runtime=runtime)
+                plan = pruner.prune_to_flops(f) if args.round_to is None else \
+                    pruner.prune_to_flops(f, round_to=args.round_to[0])
+                pruned.append((f, plan.pruned_flops, build_runner(copy_, shape, **kw)))
+            stats = time_runners([build_runner(net, shape, **kw)] + [r for _, _, r in pruned],
+                                 warmup=args.warmup, repeats=args.repeats, clock=CLOCKS[args.clock])
+            rnd = args.round_to[0] if args.round_to is not None else 0
+            for (f, cut, _), cand in zip(pruned, stats[1:]):
+                print(_row(name, size, batch, key, f, rnd, cut, stats[0], cand), flush=True)
+                ratios.append((1.0 - cand.median / stats[0].median) / cut)
+    return ratios
+
+
 def search_model(name: str, size: int, args: argparse.Namespace) -> None:
     """Run the latency search for each (batch, backend, round_to) and print what it cost."""
     paddle.seed(0)
@@ -144,7 +187,11 @@ def main() -> None:
     ap.add_argument("--models", nargs="+", default=["mobilenet_v1", "mobilenet_v2", "resnet18"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[224, 32])
     ap.add_argument("--flops", nargs="+", type=float, default=[0.2, 0.4, 0.6])
-    ap.add_argument("--round-to", dest="round_to", nargs="+", type=int, default=[1, 8, 16])
+    ap.add_argument("--round-to", dest="round_to", nargs="+", type=int, default=None,
+                    help="default [1, 8, 16]; with --defaults: none (round_to 'auto', printed as 0)")
+    ap.add_argument("--defaults", action="store_true",
+                    help="MobileNetV1/V2, ResNet18 pruned with default settings at 30/50/70%% FLOPs, "
+                         "ort and pi-onednn, bs1 224px and bs64 32px, CPU clock, 1 thread")
     ap.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--threads", type=int, default=1)
@@ -156,6 +203,14 @@ def main() -> None:
     ap.add_argument("--search", type=float, default=None, metavar="SHARE",
                     help="run the latency search to this share of the original latency instead")
     args = ap.parse_args()
+    if args.defaults:
+        given = {a.dest for a in ap._actions if a.default != getattr(args, a.dest, a.default)}
+        for k, v in {"flops": [0.3, 0.5, 0.7], "backends": ["ort", "pi-onednn"], "clock": "cpu",
+                     "repeats": 15, "warmup": 3}.items():
+            if k not in given:
+                setattr(args, k, v)
+    elif args.round_to is None:
+        args.round_to = [1, 8, 16]
     if args.quick:
         given = {a.dest for a in ap._actions if a.default != getattr(args, a.dest, a.default)}
         for k, v in QUICK.items():
@@ -175,11 +230,14 @@ def main() -> None:
         return
     print(f"{args.clock} clock, warm-up {args.warmup}, median of {args.repeats} alternating calls, "
           f"{args.threads} thread(s), "
-          f"strategy uniform, criterion l1")
+          f"strategy uniform, criterion l1{', round_to auto (rnd 0)' if args.defaults and args.round_to is None else ''}")
     print(f"{'model':<13}{'px':>4}{'bs':>4}  {'backend':<10}{'tgt':>5}{'rnd':>4}{'FLOPs cut':>10}"
           f"{'base ms':>10}{'pruned ms':>10}{'lat cut':>9}{'ratio':>7}{'(p10)':>7}")
     ratios = []
     for name in args.models:
+        if args.defaults:
+            ratios += defaults_model(name, args)
+            continue
         for size in args.sizes:
             ratios += bench_model(name, size, args)
     print(f"median ratio {statistics.median(ratios):.2f} over {len(ratios)} rows; "

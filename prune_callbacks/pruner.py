@@ -27,6 +27,7 @@ from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, t
 from .sensitivity.fingerprint import network_signature
 from .layers.surgery import Mask, apply_slices, supports_layer
 from .deploy.kernels import AUTO, Runtime, check_runtime, resolve_round_to
+from .planning.latency_allocation import LatencyTable, plan_latency_widths
 
 logger = logging.getLogger(__name__)
 
@@ -399,6 +400,31 @@ class FilterPruner:
         ratios = plan_group_ratios(self._plan_groups(), self.graph.flops, curves, flops,
                                    skip_names, strategy, round_to)
         return self.select(ratios, round_to)
+
+    def plan_latency(self, target: float, table: LatencyTable, sensitivities: Optional[Sensitivities] = None,
+                     skip: Names = (), strategy: Optional[str] = None, max_ratio: float = 0.9) -> Kept:
+        """Channels each group keeps so that the predicted latency share is at most `target`.
+
+        Widths come from a measured latency table (`deploy.latency_table.measure_latency_table`):
+        only widths where latency drops, sensitivity weighed against time saved
+        (`planning.latency_allocation.plan_latency_widths`). Prunes nothing.
+
+        Args:
+            target: latency share in (0, 1), predicted by the table.
+            table: the LatencyTable measured on this network as it is now.
+            sensitivities, skip, strategy: as for `plan` ("uniform": no curves).
+            max_ratio: the largest share of a group's channels removed.
+
+        Raises:
+            ValueError: a bad target, one the table cannot reach, or an unknown skip name.
+        """
+        curves = self._curves(sensitivities)
+        if _auto_strategy(strategy, curves) == "uniform":
+            curves = None
+        skip_names = [self.groups[self.group_index(s)].name for s in _names(skip, "skip")]
+        widths = plan_latency_widths(self._plan_groups(), table, target, curves, skip_names, max_ratio)
+        channels = {g.name: g.channels for g in self.groups}
+        return self.select({name: (channels[name] - w) / channels[name] for name, w in widths.items()})
 
     def check_target(self, flops: float, skip: Names = (), strategy: Optional[str] = None,
                      sensitivities: Optional[Sensitivities] = None,

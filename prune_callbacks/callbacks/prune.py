@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import paddle
@@ -11,7 +11,10 @@ import paddle
 from ..training.distributed import all_gather, check_agree, is_main, rebuild_data_parallel
 from ..planning.importance import get_criterion
 from ..deploy.latency import LatencyOptions, LatencySearch, check_latency_target, plan_for_latency
-from ..deploy.kernels import AUTO, check_round_to, check_runtime, latency_backend
+from ..deploy.kernels import AUTO, check_round_to, check_runtime, latency_backend, resolve_round_to
+from ..deploy.latency import LatencyMeter
+from ..deploy.latency_table import measure_latency_table, verify_latency_plan
+from ..planning.latency_allocation import LatencyTable
 from ..training.optim import rebuild_optimizer
 from ..planning.plans import PrunePlan, record_plan
 from ..planning.allocation import STRATEGIES, check_fraction
@@ -104,6 +107,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         if self.latency is not None:
             latency_backend(self.runtime)  # a GPU runtime cannot be measured here: say so now
         self.search: Optional[LatencySearch] = None  # the latency search's trials, once run
+        self.table: Optional[LatencyTable] = None  # the measured latency table (method "table")
         self.flops = check_fraction(flops, "flops") if latency is None else None
         self.at_epoch = check_epoch("at_epoch", at_epoch)
         get_criterion(criterion)
@@ -199,8 +203,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
 
             if self.latency is not None:  # prunes copies to measure; the network itself once, below
                 if is_main():  # one measurement decides for every rank (timings differ by rank)
-                    self.search = plan_for_latency(pruner, self.latency, plan_for_flops,
-                                                   self.latency_options)
+                    self.search = self._latency_plan(pruner, sens, plan_for_flops)
                 # the FLOPs cut found; later steps move toward it
                 self.flops = all_gather(self.search.flops if self.search else None)[0]
                 kept = self.search.kept if self.search else plan_for_flops(self.flops)
@@ -227,6 +230,24 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                     "(target %.2f%%)", step, self.steps, epoch, plan.flops_before,
                     plan.flops_after, 100 * total, 100 * target)
         return plan
+
+    def _latency_plan(self, pruner: FilterPruner, sens: Optional[SensitivityResult],
+                      plan_for_flops) -> LatencySearch:
+        """The latency target's plan: from a measured latency table and at most two verification
+        exports (`LatencyOptions.method="table"`), or by the FLOPs-cut search ("search")."""
+        options = self.latency_options
+        if options.method == "search":
+            return plan_for_latency(pruner, self.latency, plan_for_flops, options)
+        table = measure_latency_table(pruner, options, skip=self.skip,
+                                      round_to=resolve_round_to(self.round_to, self.runtime))
+        self.table = table
+
+        def plan_at(share: float):
+            kept = pruner.plan_latency(share, table, sens, self.skip, self.strategy)
+            return kept, table.share({pruner.groups[gi].name: len(k) for gi, k in kept.items()})
+
+        meter = LatencyMeter(pruner.net, pruner.input_shape, options)
+        return verify_latency_plan(pruner, self.latency, plan_at, meter, tolerance=options.tolerance)
 
     def _step_ratios(self, pruner: FilterPruner, step: int) -> Dict[str, float]:
         ratios = {}

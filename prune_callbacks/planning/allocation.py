@@ -89,8 +89,8 @@ def n_keep(n: int, ratio: float, rounding: int = 1) -> int:
         >>> n_keep(256, 0.6), n_keep(10, 0.25), n_keep(4, 0.9), n_keep(10, 0.25, 4)
         (102, 8, 1, 8)
     """
-    keep = n - int(round(ratio * n))
-    if rounding > 1:
+    keep = max(1, n - int(round(ratio * n)))
+    if rounding > 1:  # 0 kept rounds up to one whole step, not to a single channel
         step = fit_multiple(n, rounding)
         keep = min(n, int(math.ceil(keep / step) * step))
     return max(1, keep)
