@@ -60,8 +60,10 @@ import paddle
 from paddle.vision import models
 
 from prune_callbacks import FilterPruner
-from prune_callbacks.deploy.latency import (CLOCKS, LatencyOptions, LatencyStats, Runner, build_runner,
+from prune_callbacks.deploy.kernels import resolve_round_to
+from prune_callbacks.deploy.latency import (CLOCKS, LatencyMeter, LatencyOptions, LatencyStats, Runner, build_runner,
                                      plan_for_latency, time_runners)
+from prune_callbacks.deploy.latency_table import measure_latency_table, verify_latency_plan
 
 BACKENDS: Dict[str, Tuple[str, bool]] = {  # name -> (latency backend, oneDNN)
     "pi": ("paddle_inference", False),
@@ -169,6 +171,9 @@ def search_model(name: str, size: int, args: argparse.Namespace) -> None:
             backend, onednn = BACKENDS[key]
             options = LatencyOptions(batch=batch, backend=backend, threads=args.threads, onednn=onednn,
                                      warmup=args.warmup, repeats=args.repeats, clock=args.clock)
+            if args.method == "table":
+                _table_search(net, shape, key, options, args)
+                continue
             for r in args.round_to:
                 pruner = FilterPruner(net, shape)
                 start = time.perf_counter()
@@ -179,6 +184,28 @@ def search_model(name: str, size: int, args: argparse.Namespace) -> None:
                 print(f"{name} {size}px bs{batch} {key} round_to {r}: target {args.search:.2f}, "
                       f"FLOPs cut {found.flops:.3f}, share {found.share:.3f} ({'met' if found.met else 'NOT met'}), "
                       f"{len(found.trials)} trials in {took:.1f} s [{trials}]", flush=True)
+
+
+def _table_search(net: paddle.nn.Layer, shape: List[int], key: str, options: LatencyOptions,
+                  args: argparse.Namespace) -> None:
+    """A latency target the table's way: measure the per-group table, then at most two verifications."""
+    pruner = FilterPruner(net, shape, runtime=DEFAULT_RUNTIMES.get(key, "paddle_inference"))
+    start = time.perf_counter()
+    table = measure_latency_table(pruner, options, round_to=resolve_round_to("auto", pruner.runtime))
+    took_table = time.perf_counter() - start
+
+    def plan_at(share: float):
+        kept = pruner.plan_latency(share, table, strategy="uniform")
+        return kept, table.share({pruner.groups[gi].name: len(k) for gi, k in kept.items()})
+
+    found = verify_latency_plan(pruner, args.search, plan_at, LatencyMeter(net, shape, options),
+                                tolerance=options.tolerance)
+    took = time.perf_counter() - start
+    trials = ", ".join(f"FLOPs cut {t.flops:.3f}->share {t.share:.3f}" for t in found.trials)
+    print(f"{type(net).__name__} {shape[-1]}px bs{options.batch} {key} table: target {args.search:.2f}, "
+          f"share {found.share:.3f} ({'met' if found.met else 'NOT met'}), FLOPs cut {found.flops:.3f}; "
+          f"table {table.exports} exports in {took_table:.0f} s, {len(found.trials)} verification(s) "
+          f"[{trials}], {took:.0f} s in all", flush=True)
 
 
 def main() -> None:
@@ -202,6 +229,8 @@ def main() -> None:
                          "compute in the calling thread, so time other processes take drops out)")
     ap.add_argument("--search", type=float, default=None, metavar="SHARE",
                     help="run the latency search to this share of the original latency instead")
+    ap.add_argument("--method", choices=["search", "table"], default="search",
+                    help="with --search: the FLOPs-cut search, or the latency table + 2 verifications")
     args = ap.parse_args()
     if args.defaults:
         given = {a.dest for a in ap._actions if a.default != getattr(args, a.dest, a.default)}

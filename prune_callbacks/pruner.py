@@ -35,6 +35,7 @@ Kept = Dict[int, np.ndarray]  # group index -> sorted kept channel indices
 Names = Union[str, Sequence[str]]  # group names, or one name
 Sensitivities = Union[SensitivityResult, str, "os.PathLike[str]", Mapping[str, Mapping[float, float]]]
 RoundTo = Union[int, str]  # an int >= 1, or "auto": the runtime's channel multiple (deploy.kernels)
+AUTO_SLACK = 0.005  # round_to="auto" plans land within this of a FLOPs target (else a finer multiple)
 
 
 def _validate_shape(input_shape: Any) -> Tuple[int, ...]:
@@ -393,13 +394,29 @@ class FilterPruner:
         Raises:
             ValueError: see `prune_to_flops`.
         """
+        auto = isinstance(round_to, str) and round_to == AUTO
         round_to = resolve_round_to(round_to, self.runtime)
         curves = self._curves(sensitivities)
         strategy = _auto_strategy(strategy, curves)
         skip_names = [self.groups[self.group_index(s)].name for s in _names(skip, "skip")]
-        ratios = plan_group_ratios(self._plan_groups(), self.graph.flops, curves, flops,
-                                   skip_names, strategy, round_to)
-        return self.select(ratios, round_to)
+        groups, base = self._plan_groups(), self.graph.flops({})
+        while True:
+            try:
+                ratios = plan_group_ratios(groups, self.graph.flops, curves, flops, skip_names, strategy,
+                                           round_to)
+            except ValueError:  # beyond reach at this multiple; a finer one may reach it
+                if not auto or round_to == 1:
+                    raise
+            else:
+                kept = self.select(ratios, round_to)
+                cut = 1.0 - self.graph.flops({gi: len(k) for gi, k in kept.items()}) / base
+                if not auto or round_to == 1 or cut <= float(flops) + AUTO_SLACK:
+                    return kept
+            # "auto" keeps the target within AUTO_SLACK: widths too small to round well (a small
+            # network's) get a finer multiple instead of a plan far past the target
+            logger.info("round_to='auto': multiples of %d miss a %.3f FLOPs cut by more than %.3f; trying "
+                        "multiples of %d", round_to, float(flops), AUTO_SLACK, round_to // 2)
+            round_to //= 2
 
     def plan_latency(self, target: float, table: LatencyTable, sensitivities: Optional[Sensitivities] = None,
                      skip: Names = (), strategy: Optional[str] = None, max_ratio: float = 0.9) -> Kept:
@@ -441,7 +458,8 @@ class FilterPruner:
             ValueError: the target is not a fraction, every group is skipped or unprunable, or
                 the target exceeds the largest reachable reduction.
         """
-        round_to = resolve_round_to(round_to, self.runtime, log=False)
+        # "auto" falls back to finer multiples down to 1 when a coarse one cannot reach (see plan)
+        round_to = 1 if round_to == AUTO else resolve_round_to(round_to, self.runtime, log=False)
         curves = self._curves(sensitivities)
         if curves is None and max_ratio is not None:
             curves = {g.name: {float(max_ratio): 0.0} for g in self.prunable_groups}
@@ -508,9 +526,11 @@ class FilterPruner:
             strategy: "sensitivity" (less sensitive groups lose more), "uniform", or None
                 (default): "sensitivity" when there are curves, else "uniform".
             round_to: keep channel counts multiples of this; "auto" (default): the multiple the
-                runtime's kernels need on this machine (`deploy.kernels.channel_multiple`, logged);
-                1: exact counts. A group no wider than the multiple stays whole, and no group is
-                rounded wider than it is or to zero channels.
+                runtime's kernels need on this machine (`deploy.kernels.channel_multiple`, logged),
+                halved (logged) while the plan would overshoot the target by more than half a
+                point (widths too small to round well); 1: exact counts. A group no wider than
+                the multiple rounds to a smaller power of two (`planning.fit_multiple`); no group
+                is rounded wider than it is or to zero channels.
 
         Raises:
             ValueError: see `planning.plan_group_ratios`; an unknown group in `skip`; curves
