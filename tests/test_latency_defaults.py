@@ -185,11 +185,13 @@ def test_latency_table_on_a_fake_clock_picks_widths_on_the_cheap_side_of_a_step(
     pruner = FilterPruner(net, [1, 3, 8, 8])
     clock, built = FakeClock(), []
     options = LatencyOptions(backend="eager", warmup=1, repeats=3)
-    table = measure_latency_table(pruner, options, round_to=1, clock=clock, runner_factory=fake_factory(clock, built))
+    nine = tuple(round(0.1 * i, 1) for i in range(1, 10))  # both sides of every step
+    table = measure_latency_table(pruner, options, round_to=1, ratios=nine, clock=clock,
+                                  runner_factory=fake_factory(clock, built))
     names = [g.name for g in pruner.prunable_groups]
     assert set(table.shares) == set(names) and table.exports == len(built) - 1 == 3 * 9
-    widths = candidate_widths(64, 1)
-    assert widths == (58, 51, 45, 38, 32, 26, 19, 13, 6)
+    assert candidate_widths(64, 1, nine) == (58, 51, 45, 38, 32, 26, 19, 13, 6)
+    assert candidate_widths(64, 16) == (48, 32, 16)
     for name in names:  # measured steps: 58 and 51 cost as much as 64 (blocks of 16)
         assert table.shares[name][58] == pytest.approx(1.0) and table.shares[name][45] < 1.0
         assert efficient_widths(table.shares[name], 64) == (64, 48 - 3, 32, 16 - 3)
