@@ -22,7 +22,7 @@ from prune_callbacks.deploy.kernels import channel_multiple, cpu_vector_floats, 
 from prune_callbacks.deploy.latency import LatencyMeter, LatencyOptions
 from prune_callbacks.deploy.latency_table import candidate_widths, measure_latency_table, verify_latency_plan
 from prune_callbacks.planning.allocation import PlanGroup, fit_multiple, n_keep, plan_group_ratios
-from prune_callbacks.planning.latency_allocation import LatencyTable, efficient_widths, plan_latency_widths
+from prune_callbacks.planning.latency_allocation import LatencyTable, efficient_widths, monotone, plan_latency_widths
 
 S32 = [1, 3, 32, 32]
 
@@ -178,6 +178,9 @@ def test_efficient_widths_keep_the_cheap_side_of_each_step() -> None:
     table = {58: 1.0, 51: 1.0, 45: 0.8, 38: 0.8, 32: 0.6, 26: 0.6, 19: 0.6, 13: 0.4, 6: 0.4}
     assert efficient_widths(table, 64) == (64, 45, 32, 13)
     assert efficient_widths({48: 0.95, 32: 0.94}, 64, tolerance=0.02) == (64, 48)  # within noise: no drop
+    # noise that makes a narrower copy look slower is pooled away, and nothing exceeds the full width
+    assert monotone({48: 0.75, 32: 0.85, 16: 0.5}, 64) == {16: 0.5, 32: 0.8, 48: 0.8}
+    assert monotone({48: 1.04, 32: 0.9}, 64) == {32: 0.9, 48: 1.0}
 
 
 def test_latency_table_on_a_fake_clock_picks_widths_on_the_cheap_side_of_a_step() -> None:

@@ -21,12 +21,13 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..training import distributed
-from ..utils.errors import argument_of
+from ..utils.errors import about, argument_of
 from ..utils.files import directory_problem
 from ..callbacks import DistillCallback, FilterPruneCallback, SensitivityCallback
 from ..datasets.bundled import subset
 from ..deploy.io import load_pruned
 from ..deploy.latency import LatencyOptions
+from ..deploy.kernels import latency_kwargs
 from ..planning.plans import PrunePlan
 from .artefacts import ResumePoint
 from .model import build_model, build_network, check_network, input_shape
@@ -187,9 +188,13 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
                 num_samples=p.sensitivity_samples, batch_size=t.eval_batch_size, skip=list(p.skip),
                 max_loss=p.max_loss, criterion=p.criterion, input_shape=shape,
                 engine=p.sensitivity_engine)
+        latency_options = dict(p.latency_options)
+        if "backend" not in latency_options:  # measured where the model is served
+            with about("runtime"):
+                latency_options = {**latency_kwargs(p.runtime or "paddle_inference"), **latency_options}
         run.pruner = FilterPruneCallback(
             flops=None if p.latency is not None else p.flops, latency=p.latency,
-            latency_options=LatencyOptions(**p.latency_options), at_epoch=at,
+            latency_options=LatencyOptions(**latency_options), at_epoch=at,
             criterion=p.criterion, skip=list(p.skip),
             sensitivity=sensitivity, strategy=p.strategy, round_to=p.round_to, steps=p.steps,
             input_shape=shape, runtime=p.runtime)

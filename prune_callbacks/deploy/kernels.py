@@ -12,12 +12,12 @@ import logging
 import platform
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Optional, Tuple, Union
+from typing import Any, Dict, Optional, Tuple, Union
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["Runtime", "RUNTIMES", "Rounding", "check_runtime", "cpu_vector_floats", "channel_multiple",
-           "resolve_round_to", "check_round_to", "latency_backend"]
+           "resolve_round_to", "check_round_to", "latency_backend", "latency_kwargs"]
 
 AUTO = "auto"
 _LOGGED: set = set()
@@ -163,3 +163,15 @@ def latency_backend(runtime: Union[str, Runtime]) -> Tuple[str, bool]:
         raise ValueError(f"runtime {rt.value!r} is a GPU runtime: its channel rounding is supported, but "
                          f"latency is measured on CPU runtimes only ('paddle_inference', 'onnxruntime')")
     return (rt.value, rt is Runtime.PADDLE_INFERENCE)
+
+
+def latency_kwargs(runtime: Union[str, Runtime]) -> Dict[str, Any]:
+    """`LatencyOptions` arguments that measure on `runtime` (none for a GPU runtime: not measured here).
+
+    Raises:
+        ValueError: an unknown runtime.
+    """
+    if check_runtime(runtime).gpu:
+        return {}
+    backend, onednn = latency_backend(runtime)
+    return {"backend": backend, "onednn": onednn}

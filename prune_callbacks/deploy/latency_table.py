@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 import paddle.nn as nn
 
 from ..planning.allocation import n_keep
-from ..planning.latency_allocation import LatencyTable
+from ..planning.latency_allocation import LatencyTable, monotone
 from .latency import (CLOCKS, Clock, Kept, LatencyOptions, LatencySearch, RunnerFactory, Trial, build_runner,
                       check_latency_target, pruned_copy, time_runners)
 
@@ -67,6 +67,7 @@ def measure_latency_table(pruner: Any, options: LatencyOptions = LatencyOptions(
     start = time.perf_counter()
     base = runner_factory(pruner.net, shape, **options.measure_kwargs())
     shares: Dict[str, Dict[int, float]] = {}
+    raw: Dict[str, Dict[int, float]] = {}
     channels: Dict[str, int] = {}
     skipped = set(skip)
     exports = 0
@@ -83,17 +84,18 @@ def measure_latency_table(pruner: Any, options: LatencyOptions = LatencyOptions(
         if not runners:
             continue
         exports += len(runners)
-        shares[g.name] = {}
+        raw[g.name] = {}
         for w, run in zip(widths, runners):  # in pairs, as LatencyMeter verifies: engines that keep
             # per-shape kernel caches (oneDNN) thrash when many networks alternate
             b, c = time_runners([base, run], warmup=options.warmup, repeats=options.repeats, clock=clock)
-            shares[g.name][w] = c.median / b.median
+            raw[g.name][w] = c.median / b.median
+        shares[g.name] = monotone(raw[g.name], g.channels)
         channels[g.name] = g.channels
         logger.info("latency table %d/%d: %s (%d ch): %s", done + 1, len(todo), g.name, g.channels,
-                    ", ".join(f"{w}:{s:.3f}" for w, s in shares[g.name].items()))
+                    ", ".join(f"{w}:{s:.3f}" for w, s in raw[g.name].items()))
     logger.info("latency table: %d groups, %d exports in %.0f s (%s, batch %d)", len(shares), exports,
                 time.perf_counter() - start, options.backend, options.batch)
-    return LatencyTable(shares, channels, options.backend, options.batch, tuple(shape), exports)
+    return LatencyTable(shares, channels, options.backend, options.batch, tuple(shape), exports, raw)
 
 
 def verify_latency_plan(pruner: Any, target: float, plan_at: Callable[[float], Tuple[Kept, float]],
@@ -103,8 +105,10 @@ def verify_latency_plan(pruner: Any, target: float, plan_at: Callable[[float], T
 
     The first plan aims at `target` itself. If its measured share misses the target by more than
     `tolerance` (either way: too slow, or faster than needed and so more pruned than needed), the
-    second aims at `target - (measured - predicted)`: the table's error on the first plan is
-    assumed to hold near it. The smallest FLOPs cut that met the target is returned, else the
+    second scales the table's savings by what the first export showed: with measured saving
+    `1 - m` where `1 - p` was predicted, it aims at `1 - (1 - target) (1 - p) / (1 - m)` (at
+    least 0.01: as fast as the table can go). The error of an additive table grows with the cut
+    (noise in many small entries, interactions between neighbours), so it is scaled, not shifted. The smallest FLOPs cut that met the target is returned, else the
     fastest plan (with a warning).
 
     Args:
@@ -138,7 +142,10 @@ def verify_latency_plan(pruner: Any, target: float, plan_at: Callable[[float], T
                     "FLOPs cut %.3f", len(trials), aim, predicted, share, target, cut)
         if abs(share - target) <= tolerance:
             break
-        aim = min(max(target - (share - predicted), 0.01), 0.99)
+        # the table's savings scaled by what the export showed: measured saving / predicted saving
+        scale = (1.0 - share) / (1.0 - predicted) if predicted < 1.0 and share < 1.0 else 0.0
+        aim = 1.0 - (1.0 - target) / scale if scale > 0 else 0.01
+        aim = min(max(aim, 0.01), 0.99)
     met = [m for m in measured if m[2] <= target + tolerance]
     if met:
         cut, kept, share = min(met, key=lambda m: m[0])

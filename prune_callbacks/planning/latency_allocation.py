@@ -21,7 +21,7 @@ from .allocation import PlanGroup
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LatencyTable", "efficient_widths", "plan_latency_widths"]
+__all__ = ["LatencyTable", "monotone", "efficient_widths", "plan_latency_widths"]
 
 
 @dataclass(frozen=True)
@@ -30,7 +30,7 @@ class LatencyTable:
     original's, with only that group cut to `width` channels (the full width is 1.0).
 
     Args:
-        shares: group name -> {width: latency share}.
+        shares: group name -> {width: latency share} (`monotone`: smoothed as measured).
         channels: group name -> its full width.
         runtime, batch, input_shape: where and how it was measured (for the log and cache key).
     """
@@ -41,6 +41,8 @@ class LatencyTable:
     batch: int = 1
     input_shape: Tuple[int, ...] = ()
     exports: int = field(default=0, compare=False)
+    raw: Mapping[str, Mapping[int, float]] = field(default_factory=dict, compare=False)
+    """The shares as measured, before `monotone`."""
 
     def share(self, widths: Mapping[str, int]) -> float:
         """Predicted latency share of the network when group g keeps `widths[g]` (others whole)."""
@@ -57,6 +59,34 @@ class LatencyTable:
         table = self.shares[name]
         wider = [w for w in table if w >= width]
         return table[min(wider)] if wider else 1.0
+
+
+def monotone(shares: Mapping[int, float], channels: int) -> Dict[int, float]:
+    """`shares` made non-increasing as the width falls (isotonic regression, pool adjacent violators),
+    with the full width fixed at 1.0.
+
+    A narrower copy of a group is never slower in truth; measured shares that say otherwise are
+    noise, and a planner that trusts each one picks exactly the widths whose noise flattered them
+    (the winner's curse). Pooling neighbours that disagree averages that noise out.
+
+    Examples:
+        >>> monotone({48: 0.75, 32: 0.85, 16: 0.5}, 64)
+        {16: 0.5, 32: 0.8, 48: 0.8}
+    """
+    blocks: list = []  # [value, weight, widths], widths ascending
+    for w in sorted(shares):
+        if w >= channels:
+            continue
+        blocks.append([float(shares[w]), 1.0, [w]])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v1, n1, w1 = blocks.pop()
+            v0, n0, w0 = blocks.pop()
+            blocks.append([(v0 * n0 + v1 * n1) / (n0 + n1), n0 + n1, w0 + w1])
+    out = {}
+    for value, _, widths in blocks:
+        for w in widths:
+            out[w] = min(value, 1.0)  # the full width is 1.0 exactly: nothing narrower above it
+    return out
 
 
 def efficient_widths(table: Mapping[int, float], channels: int, tolerance: float = 0.0) -> Tuple[int, ...]:
