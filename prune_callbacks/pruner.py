@@ -22,7 +22,8 @@ from .layers.flops import count_params
 from .graph.channels import ChannelGraph, Group, add_axis_slices
 from .planning.importance import Criterion, Source, get_criterion
 from .planning.plans import GroupPlan, PrunePlan, record_plan
-from .planning.allocation import PlanGroup, auto_strategy, check_reachable, n_keep, plan_group_ratios
+from .planning.allocation import (PlanGroup, auto_strategy, check_fraction, check_reachable, n_keep,
+                                  plan_group_ratios)
 from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
 from .sensitivity.fingerprint import network_signature
 from .layers.surgery import Mask, apply_slices, supports_layer
@@ -383,6 +384,8 @@ class FilterPruner:
             ValueError: see `prune_to_flops`.
         """
         auto = isinstance(round_to, str) and round_to == AUTO
+        if auto:  # a bad target is an error now, not a reason to try finer multiples
+            check_fraction(flops, "FLOPs target")
         round_to = resolve_round_to(round_to, self.runtime)
         curves = self._curves(sensitivities)
         strategy = auto_strategy(strategy, curves is not None)
@@ -402,7 +405,7 @@ class FilterPruner:
                     return kept
             # "auto" keeps the target within AUTO_SLACK: widths too small to round well (a small
             # network's) get a finer multiple instead of a plan far past the target
-            logger.info("round_to='auto': multiples of %d miss a %.3f FLOPs cut by more than %.3f; trying "
+            logger.info("round_to='auto': multiples of %d do not reach a %.3f FLOPs cut within %.3f; trying "
                         "multiples of %d", round_to, float(flops), AUTO_SLACK, round_to // 2)
             round_to //= 2
 
