@@ -10,18 +10,30 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import paddle.nn as nn
 
 from ..planning.allocation import n_keep
 from ..planning.latency_allocation import LatencyTable, monotone
-from .latency import (CLOCKS, Clock, Kept, LatencyOptions, LatencySearch, RunnerFactory, Trial, build_runner,
-                      check_latency_target, pruned_copy, time_runners)
+from .latency import (CLOCKS, Clock, Kept, LatencyOptions, LatencySearch, RunnerFactory, SlicingPruner, Trial,
+                      build_runner, check_latency_target, pruned_copy, time_runners)
 
 logger = logging.getLogger(__name__)
 
 __all__ = ["TABLE_RATIOS", "candidate_widths", "measure_latency_table", "verify_latency_plan"]
+
+class TablePruner(SlicingPruner, Protocol):
+    """What the latency table reads of a pruner (`FilterPruner` is one): besides the network and
+    its slices, the input shape, the groups (`name`, `channels`, `prunable`), the channels a
+    ratio keeps, and the traced graph's FLOPs of kept counts (`graph.flops`)."""
+
+    input_shape: Tuple[int, ...]
+    groups: List[Any]
+    graph: Any
+
+    def select(self, ratios: Mapping[str, float], round_to: Any = 1) -> Kept: ...
+
 
 TABLE_RATIOS = (0.2, 0.4, 0.6, 0.8)
 """Pruning ratios whose (rounded) widths the table measures per group: four exports per group at
@@ -38,7 +50,7 @@ def candidate_widths(channels: int, round_to: int = 1, ratios: Sequence[float] =
     return tuple(sorted({n_keep(channels, r, round_to) for r in ratios} - {channels}, reverse=True))
 
 
-def measure_latency_table(pruner: Any, options: LatencyOptions = LatencyOptions(), *, round_to: int = 1,
+def measure_latency_table(pruner: TablePruner, options: LatencyOptions = LatencyOptions(), *, round_to: int = 1,
                           ratios: Sequence[float] = TABLE_RATIOS, skip: Sequence[str] = (),
                           clock: Optional[Clock] = None,
                           runner_factory: RunnerFactory = build_runner) -> LatencyTable:
@@ -52,7 +64,7 @@ def measure_latency_table(pruner: Any, options: LatencyOptions = LatencyOptions(
     Cost: one export per (group, width): MobileNetV1 at round_to 16 has 14 groups x at most 4 widths.
 
     Args:
-        pruner: a FilterPruner (duck-typed: `net`, `input_shape`, `groups`, `select`, `slices`).
+        pruner: a FilterPruner over the live network (see `TablePruner`).
         options: batch, backend, threads, oneDNN, warm-up, repeats, clock.
         round_to: the channel multiple of the candidate widths (resolved, an int).
         ratios: the ratios whose widths are measured.
@@ -98,7 +110,7 @@ def measure_latency_table(pruner: Any, options: LatencyOptions = LatencyOptions(
     return LatencyTable(shares, channels, options.backend, options.batch, tuple(shape), exports, raw)
 
 
-def verify_latency_plan(pruner: Any, target: float, plan_at: Callable[[float], Tuple[Kept, float]],
+def verify_latency_plan(pruner: TablePruner, target: float, plan_at: Callable[[float], Tuple[Kept, float]],
                         measure: Callable[[nn.Layer], float], *, tolerance: float = 0.02,
                         max_verify: int = 2) -> LatencySearch:
     """Plan from the table for `target`, export and measure; correct the model's error once.
