@@ -196,7 +196,7 @@ def _table_search(net: paddle.nn.Layer, shape: List[int], key: str, options: Lat
 
     def plan_at(share: float):
         kept = pruner.plan_latency(share, table, strategy="uniform")
-        return kept, table.share({pruner.groups[gi].name: len(k) for gi, k in kept.items()})
+        return kept, pruner.latency_share(table, kept)
 
     found = verify_latency_plan(pruner, args.search, plan_at, LatencyMeter(net, shape, options),
                                 tolerance=options.tolerance)

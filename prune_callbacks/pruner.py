@@ -29,7 +29,7 @@ from .sensitivity.fingerprint import network_signature
 from .layers.surgery import Mask, apply_slices, supports_layer
 from .utils.errors import check_names
 from .deploy.kernels import AUTO, Runtime, check_runtime, resolve_round_to
-from .planning.latency_allocation import LatencyTable, plan_latency_widths
+from .planning.latency_allocation import LatencyTable, plan_latency_widths, predict_share
 
 logger = logging.getLogger(__name__)
 
@@ -430,9 +430,15 @@ class FilterPruner:
         if auto_strategy(strategy, curves is not None) == "uniform":
             curves = None
         skip_names = [self.groups[self.group_index(s)].name for s in check_names("skip", skip)]
-        widths = plan_latency_widths(self._plan_groups(), table, target, curves, skip_names, max_ratio)
+        widths = plan_latency_widths(self._plan_groups(), table, target, curves, skip_names, max_ratio,
+                                     flops_fn=self.graph.flops)
         channels = {g.name: g.channels for g in self.groups}
         return self.select({name: (channels[name] - w) / channels[name] for name, w in widths.items()})
+
+    def latency_share(self, table: LatencyTable, kept: Kept) -> float:
+        """The latency share `table` predicts for `kept` (as `plan_latency` predicts it)."""
+        widths = {self.groups[gi].name: len(k) for gi, k in kept.items() if len(k) < self.groups[gi].channels}
+        return predict_share(table, widths, self._plan_groups(), self.graph.flops)
 
     def check_target(self, flops: float, skip: Names = (), strategy: Optional[str] = None,
                      sensitivities: Optional[Sensitivities] = None,

@@ -232,7 +232,7 @@ def test_latency_target_met_with_at_most_two_verification_exports() -> None:
 
     def plan_at(share: float):
         kept = pruner.plan_latency(share, table, strategy="uniform")
-        return kept, table.share({pruner.groups[gi].name: len(k) for gi, k in kept.items()})
+        return kept, pruner.latency_share(table, kept)
 
     found = verify_latency_plan(pruner, 0.5, plan_at, meter, tolerance=0.02)
     exports = len(built) - before - 1  # the meter's baseline is built once
@@ -245,3 +245,19 @@ def test_latency_target_met_with_at_most_two_verification_exports() -> None:
 def pruned_net(pruner: FilterPruner, kept: Dict[int, Any]) -> nn.Layer:
     from prune_callbacks.deploy.latency import pruned_copy
     return pruned_copy(pruner, kept)
+
+
+def test_predicted_share_accounts_for_groups_that_meet_in_one_layer() -> None:
+    """Cut together, a conv's input and output groups shrink it as a product: the single-group
+    savings over-count; scaling them by the joint FLOPs saving comes near the truth."""
+    net = step_net()
+    pruner = FilterPruner(net, [1, 3, 8, 8])
+    clock, built = FakeClock(), []
+    options = LatencyOptions(backend="eager", warmup=0, repeats=1)
+    table = measure_latency_table(pruner, options, round_to=16, clock=clock,
+                                  runner_factory=fake_factory(clock, built))
+    kept = pruner.select({g.name: 0.5 for g in pruner.prunable_groups})
+    truth = blocked_cost(pruned_net(pruner, kept)) / blocked_cost(net)
+    additive = table.share({pruner.groups[gi].name: len(k) for gi, k in kept.items()})
+    predicted = pruner.latency_share(table, kept)
+    assert abs(predicted - truth) < 0.02 < abs(additive - truth), (predicted, additive, truth)

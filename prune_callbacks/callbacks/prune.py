@@ -250,7 +250,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
 
         def plan_at(share: float):
             kept = pruner.plan_latency(share, table, sens, self.skip, self.strategy)
-            return kept, table.share({pruner.groups[gi].name: len(k) for gi, k in kept.items()})
+            return kept, pruner.latency_share(table, kept)
 
         meter = LatencyMeter(pruner.net, pruner.input_shape, options)
         return verify_latency_plan(pruner, self.latency, plan_at, meter, tolerance=options.tolerance)

@@ -17,11 +17,11 @@ from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .allocation import PlanGroup
+from .allocation import FlopsFn, PlanGroup
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LatencyTable", "monotone", "efficient_widths", "plan_latency_widths"]
+__all__ = ["LatencyTable", "monotone", "efficient_widths", "predict_share", "plan_latency_widths"]
 
 
 @dataclass(frozen=True)
@@ -118,10 +118,39 @@ def _loss(curve: Optional[Sequence[Tuple[float, float]]], ratio: float) -> float
     return float(np.interp(ratio, xs, ys)) + 1e-3 * proxy  # flat curves: still spread the cut
 
 
+def predict_share(table: LatencyTable, widths: Mapping[str, int], groups: Sequence[PlanGroup],
+                  flops_fn: Optional[FlopsFn] = None, _single: Optional[Dict[Tuple[str, int], int]] = None) -> float:
+    """Predicted latency share when group g keeps `widths[g]`: the table's summed savings, scaled
+    by how much of the summed single-group FLOPs savings the joint plan really saves.
+
+    Cutting two groups that meet in one layer (a conv's input and output) shrinks that layer as the
+    product of their widths, so single-group savings add up to more than the joint saving. FLOPs
+    (`flops_fn`, exact from the traced graph) measure that overlap; the latency savings are assumed
+    to overlap alike. Without `flops_fn`, the plain sum (`LatencyTable.share`).
+    """
+    additive = table.share(widths)
+    if flops_fn is None or not widths:
+        return additive
+    index = {g.name: i for i, g in enumerate(groups)}
+    base = flops_fn({})
+    single = 0
+    for name, w in widths.items():
+        key = (name, w)
+        if _single is None or key not in _single:
+            saved = base - flops_fn({index[name]: w})
+            if _single is None:
+                single += saved
+                continue
+            _single[key] = saved
+        single += _single[key]
+    joint = base - flops_fn({index[n]: w for n, w in widths.items()})
+    return 1.0 - (1.0 - additive) * joint / single if single > 0 else additive
+
+
 def plan_latency_widths(groups: Sequence[PlanGroup], table: LatencyTable, target: float,
                         curves: Optional[Mapping[str, Mapping[float, float]]] = None,
                         skip: Sequence[str] = (), max_ratio: float = 0.9,
-                        tolerance: float = 0.0) -> Dict[str, int]:
+                        tolerance: float = 0.0, flops_fn: Optional[FlopsFn] = None) -> Dict[str, int]:
     """Width per group whose predicted latency share is at most `target`, losing least.
 
     Greedy, HALP's trade-off: each step moves one group to its next efficient width (see
@@ -138,6 +167,8 @@ def plan_latency_widths(groups: Sequence[PlanGroup], table: LatencyTable, target
         skip: group names kept whole.
         max_ratio: the largest share of a group's channels removed.
         tolerance: latency differences below this count as equal (measurement noise).
+        flops_fn: FLOPs of kept counts by group position (`FlopsFn`): predictions then account
+            for groups that meet in one layer (`predict_share`); None: the plain sum.
 
     Returns:
         `{group name: kept width}` for every group cut (width below its channels).
@@ -173,7 +204,12 @@ def plan_latency_widths(groups: Sequence[PlanGroup], table: LatencyTable, target
     def widths() -> Dict[str, int]:
         return {n: steps[n][i] for n, i in at.items() if i > 0}
 
-    share = table.share(widths())
+    single: Dict[Tuple[str, int], int] = {}
+
+    def predicted() -> float:
+        return predict_share(table, widths(), groups, flops_fn, single)
+
+    share = predicted()
     while share > target:
         best, best_cost = None, None
         for name, i in at.items():
@@ -192,7 +228,7 @@ def plan_latency_widths(groups: Sequence[PlanGroup], table: LatencyTable, target
                              f"the lowest predicted is {share:.3f}; raise the target, skip fewer groups or "
                              f"measure smaller widths")
         at[best] += 1
-        share = table.share(widths())
+        share = predicted()
     logger.info("latency table plan: predicted share %.3f (target %.3f), %d of %d groups cut", share,
                 target, sum(i > 0 for i in at.values()), len(at))
     return widths()
