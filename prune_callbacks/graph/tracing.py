@@ -534,9 +534,9 @@ def _known_shapes(state: TraceState, name: str, op_attrs: Callable[[], Dict[str,
         if -1 not in o.shape:
             continue
         shape = list(o.shape)
-        if shape[0] == -1 and state.batch is not None:
-            shape[0] = state.batch
         known = [v for v in ins if v.shape and -1 not in v.shape]
+        # the batch size is the last resort for axis 0: windows or patches folded into it
+        # ([B * windows, L, C]) make it larger, so sizes that follow from the op come first
         if name in _RESHAPES:
             if shape.count(-1) == 1 and known:
                 rest = int(np.prod([s for s in shape if s != -1]))
@@ -545,12 +545,19 @@ def _known_shapes(state: TraceState, name: str, op_attrs: Callable[[], Dict[str,
                     shape[shape.index(-1)] = total // rest
         elif name in ("pd_op.transpose", "pd_op.transpose_") and ins and -1 not in ins[0].shape:
             shape = [ins[0].shape[p] for p in op_attrs()["perm"]]
+        elif name == "pd_op.slice" and ins and ins[0].shape and \
+                len(ins[0].shape) - len(shape) == len(op_attrs().get("decrease_axis", [])):
+            dropped = {int(a) % len(ins[0].shape) for a in op_attrs().get("decrease_axis", [])}
+            left = [s for a, s in enumerate(ins[0].shape) if a not in dropped]
+            shape = [t if s == -1 else s for s, t in zip(shape, left)]
         else:  # elementwise, activations, linear rows: the same axis of a same-rank input
             for ax, size in enumerate(shape):
                 if size == -1:
                     sizes = [v.shape[ax] for v in ins if len(v.shape) == len(shape)
                              and v.shape[ax] > 0]
                     shape[ax] = max(sizes) if sizes else -1
+        if shape and shape[0] == -1 and state.batch is not None:
+            shape[0] = state.batch
         o.shape = tuple(shape)
 
 

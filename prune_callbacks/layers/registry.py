@@ -8,6 +8,8 @@ never touches a parameter and imports nothing else from the package.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
@@ -22,6 +24,7 @@ __all__ = [
     "ConvTransposePruning", "PReLUPruning", "GroupNormPruning",
     "register_layer_type", "override_layer", "register_output_axis", "layer_handler",
     "supports_layer", "output_channel_axis", "data_format_channel_axis", "lookup_by_class",
+    "network_batch", "per_sample_rows",
 ]
 
 V = TypeVar("V")
@@ -331,15 +334,40 @@ class NormPruning(LayerPruning):
         return data_format_channel_axis(layer)
 
 
+_NETWORK_BATCH: "contextvars.ContextVar[Optional[int]]" = contextvars.ContextVar(
+    "network_batch", default=None)
+
+
+@contextlib.contextmanager
+def network_batch(batch: int):
+    """While counting MACs of a network fed `batch` samples: `per_sample_rows` divides by it."""
+    token = _NETWORK_BATCH.set(int(batch))
+    try:
+        yield
+    finally:
+        _NETWORK_BATCH.reset(token)
+
+
+def per_sample_rows(shape: Sequence[int]) -> int:
+    """Rows a linear layer works on per input sample: every leading axis of its output
+    (`shape[:-1]`, windows or patches folded into axis 0 included) over the network's batch
+    (`network_batch`; outside it, axis 0 is taken as the batch)."""
+    lead = [int(s) for s in shape[:-1]]
+    batch = _NETWORK_BATCH.get()
+    if batch is None:
+        return int(np.prod(lead[1:])) if len(lead) > 1 else 1
+    return max(int(np.prod(lead)) // max(batch, 1), 1) if lead else 1
+
+
 class LinearPruning(LayerPruning):
-    """`nn.Linear`: it reads its sizes from `weight.shape`, so slicing needs no sync."""
+    """`nn.Linear`: it reads its sizes from `weight.shape`, so slicing needs no sync. MACs
+    cover every leading axis of its input (Swin's windows and MobileViT's patches live on
+    axis 0), per sample of the network's input (`per_sample_rows`)."""
 
     channel_separable = True
 
     def macs(self, layer: nn.Layer, output: paddle.Tensor) -> int:
-        shape = output.shape
-        rows = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
-        return int(np.prod(layer.weight.shape)) * rows
+        return int(np.prod(layer.weight.shape)) * per_sample_rows(output.shape)
 
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         return -1
