@@ -18,6 +18,7 @@ import numpy as np
 import paddle
 
 from . import ops  # noqa: F401  (registers the built-in op handlers)
+from . import attention  # noqa: F401  (tokens and attention heads, over the built-in handlers)
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
 from ..layers.surgery import allow_plain_parameters, apply_slices, trial_prune
