@@ -26,31 +26,41 @@ class DropPath(nn.Layer):
 
 
 class Attention(nn.Layer):
-    """PaddleClas ViT attention: fused qkv reshaped to [B, N, 3, heads, head_dim]."""
+    """ViT attention: fused qkv reshaped to [B, N, 3, heads, head_dim]. `paddleclas=True`
+    writes the sizes as PaddleClas does (`C // num_heads` and `C` from the input's width), so
+    the head count cannot follow a pruned one; else as timm does (`self.head_dim`)."""
 
-    def __init__(self, dim: int, num_heads: int) -> None:
+    def __init__(self, dim: int, num_heads: int, paddleclas: bool = False) -> None:
         super().__init__()
         self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.paddleclas = paddleclas
         self.scale = (dim // num_heads) ** -0.5
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         N, C = x.shape[1:]
-        qkv = self.qkv(x).reshape((-1, N, 3, self.num_heads, C // self.num_heads))
+        if self.paddleclas:
+            qkv = self.qkv(x).reshape((-1, N, 3, self.num_heads, C // self.num_heads))
+            qkv = qkv.transpose((2, 0, 3, 1, 4))
+            q, k, v = qkv[0], qkv[1], qkv[2]
+            attn = F.softmax((q @ k.transpose((0, 1, 3, 2))) * self.scale, axis=-1)
+            return self.proj((attn @ v).transpose((0, 2, 1, 3)).reshape((-1, N, C)))
+        qkv = self.qkv(x).reshape((-1, N, 3, self.num_heads, self.head_dim))
         qkv = qkv.transpose((2, 0, 3, 1, 4))
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = F.softmax((q @ k.transpose((0, 1, 3, 2))) * self.scale, axis=-1)
-        x = (attn @ v).transpose((0, 2, 1, 3)).reshape((-1, N, C))
+        x = (attn @ v).transpose((0, 2, 1, 3)).reshape((-1, N, self.num_heads * self.head_dim))
         return self.proj(x)
 
 
 class Block(nn.Layer):
     def __init__(self, dim: int, num_heads: int, mlp_ratio: int = 2, layer_scale: bool = True,
-                 drop_path: float = 0.1) -> None:
+                 drop_path: float = 0.1, paddleclas: bool = False) -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim)
-        self.attn = Attention(dim, num_heads)
+        self.attn = Attention(dim, num_heads, paddleclas)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, dim * mlp_ratio)
         self.fc2 = nn.Linear(dim * mlp_ratio, dim)
@@ -75,7 +85,7 @@ class TinyViT(nn.Layer):
 
     def __init__(self, img: int = 8, patch: int = 4, in_ch: int = 3, dim: int = 32,
                  depth: int = 2, num_heads: int = 4, num_classes: int = 10,
-                 distilled: bool = False) -> None:
+                 distilled: bool = False, paddleclas: bool = False) -> None:
         super().__init__()
         self.patch_embed = nn.Conv2D(in_ch, dim, patch, stride=patch)
         n_tok = (img // patch) ** 2 + (2 if distilled else 1)
@@ -85,7 +95,8 @@ class TinyViT(nn.Layer):
             [1, 1, dim], default_initializer=nn.initializer.Normal(std=0.02)) if distilled else None
         self.pos_embed = self.create_parameter([1, n_tok, dim],
                                                default_initializer=nn.initializer.Normal(std=0.02))
-        self.blocks = nn.LayerList([Block(dim, num_heads) for _ in range(depth)])
+        self.blocks = nn.LayerList([Block(dim, num_heads, paddleclas=paddleclas)
+                                    for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.head_dist = nn.Linear(dim, num_classes) if distilled else None
@@ -123,6 +134,7 @@ class WindowAttention(nn.Layer):
     def __init__(self, dim: int, window: int, num_heads: int) -> None:
         super().__init__()
         self.dim, self.window, self.num_heads = dim, window, num_heads
+        self.head_dim = dim // num_heads
         self.scale = (dim // num_heads) ** -0.5
         self.relative_position_bias_table = self.create_parameter(
             [(2 * window - 1) ** 2, num_heads], default_initializer=nn.initializer.Normal(std=0.02))
@@ -136,8 +148,8 @@ class WindowAttention(nn.Layer):
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
-        B_, N, C = x.shape
-        qkv = self.qkv(x).reshape((-1, N, 3, self.num_heads, C // self.num_heads))
+        N = x.shape[1]
+        qkv = self.qkv(x).reshape((-1, N, 3, self.num_heads, self.head_dim))
         qkv = qkv.transpose((2, 0, 3, 1, 4))
         q, k, v = qkv[0], qkv[1], qkv[2]
         attn = (q * self.scale) @ k.transpose((0, 1, 3, 2))
@@ -145,7 +157,7 @@ class WindowAttention(nn.Layer):
                                    self.relative_position_index, axis=0)
         bias = bias.reshape((N, N, -1)).transpose((2, 0, 1))
         attn = F.softmax(attn + bias.unsqueeze(0), axis=-1)
-        x = (attn @ v).transpose((0, 2, 1, 3)).reshape((-1, N, C))
+        x = (attn @ v).transpose((0, 2, 1, 3)).reshape((-1, N, self.num_heads * self.head_dim))
         return self.proj(x)
 
 

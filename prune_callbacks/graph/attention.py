@@ -22,7 +22,9 @@ from . import ops
 from .tracing import (SourceRec, TraceState, _compress, _expand, _op_key, _Val, register_op,
                       unknown_op)
 
-HEADS_TRIAL = "attention heads"
+HEADS_TRIAL = ("attention heads (the forward must reshape q, k and v with the layer's head count "
+               "and merge the heads with -1 or num_heads * head_dim, not with the input's "
+               "width C, e.g. PaddleClas's `C // self.num_heads`)")
 """What a head group's trial prune checks: that the forward reshapes q, k and v with a head count
 that follows the pruned one (`self.num_heads`, synced, or -1), and merges heads with a width that
 follows too (`-1` or `num_heads * head_dim`, not the input's `C`)."""
@@ -284,3 +286,67 @@ def _random(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
     """Random tensors (DropPath's keep mask) carry no channels."""
     for o in outs:
         o.ids = None
+
+
+# ---------------------------------------------------------------------------------------------
+# Head counts: the int an attention layer keeps (`num_heads`) follows its pruned heads
+# ---------------------------------------------------------------------------------------------
+
+_HEAD_ATTRS = ("num_heads", "n_heads", "heads", "_num_heads", "nhead", "num_attention_heads")
+
+
+def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
+    """For each head group (channels from an attention cut), find the attention layer: the
+    nearest common ancestor of the group's layers holding an int head count equal to the
+    group's channels (`num_heads`, as `paddle.nn.MultiHeadAttention` and PaddleClas's layers
+    keep). Surgery then sets it after slicing (`surgery.track_count`), so the attention layer's
+    own per-head parameters (a relative position bias table) slice without a registered
+    handler. Without such a count the heads trial decides (a forward that reshapes with -1)."""
+    from ..layers.registry import layer_handler
+    from ..layers.surgery import track_count
+
+    att = _attention_ids(state)
+    if not len(att):
+        return
+    key_group = {}
+    for m in state.members:
+        if m.param in graph._owner and np.isin(m.ids, att).any():
+            key = graph._owner[m.param][0]
+            pa = graph.param_axes.get((key, m.axis))
+            if pa is not None:
+                for gi in np.unique(pa.group[pa.group >= 0]).tolist():
+                    key_group.setdefault(gi, set())
+    layers = dict(net.named_sublayers(include_self=True))
+    for gi in sorted(key_group):
+        g = graph.groups[gi]
+        if not g.producers or not g.layers:
+            continue
+        parts = [p.split(".") if p else [] for p in g.layers]
+        common: List[str] = []
+        for seg in zip(*parts):
+            if len(set(seg)) != 1:
+                break
+            common.append(seg[0])
+        found = None
+        for n in range(len(common), -1, -1):
+            path = ".".join(common[:n])
+            layer = layers.get(path)
+            attr = next((a for a in _HEAD_ATTRS if type(getattr(layer, a, None)) is int
+                         and getattr(layer, a) == g.channels), None)
+            if attr is not None:
+                found = (path, layer, attr)
+                break
+        if found is None:
+            continue
+        path, layer, attr = found
+        key, axis = g.producers[0]
+        pa = graph.param_axes[(key, axis)]
+        per = int((pa.group == gi).sum()) // g.channels
+        track_count(net, path, attr, key, axis, per)
+        # the attention layer's own per-head parameters: sliced as plain tensors, its count synced
+        if layer_handler(layer) is None:
+            own = [k for k, _ in g.members if k.rpartition(".")[0] == path]
+            graph.plain_params.update(own)
+            stale = f"layer {path or '<root>'} ({type(layer).__name__}) has no registered surgery"
+            if not g.prunable and g.reason.startswith(stale):
+                g.prunable, g.reason = True, ""

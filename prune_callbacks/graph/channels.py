@@ -135,6 +135,7 @@ class ChannelGraph:
                     self._buffers[b.name] = f"{path}.{attr}" if path else attr
         self.plain_params: Set[str] = set()  # per-channel parameters of unregistered layers
         self._build(state, supports_layer)
+        attention.attach_head_counts(self, net, state)
         allow_plain_parameters(net, self.plain_params)
         # group index -> its routes, for groups that shuffles route differently at each width
         self.routed: Dict[int, RoutedGroup] = {}
