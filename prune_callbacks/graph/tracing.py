@@ -538,6 +538,8 @@ def _known_shapes(state: TraceState, name: str, op_attrs: Callable[[], Dict[str,
         # the batch size is the last resort for axis 0: windows or patches folded into it
         # ([B * windows, L, C]) make it larger, so sizes that follow from the op come first
         if name in _RESHAPES:
+            if shape.count(-1) > 1 and shape[0] == -1 and state.batch is not None:
+                shape[0] = state.batch  # several run-time sizes: axis 0 is the batch
             if shape.count(-1) == 1 and known:
                 rest = int(np.prod([s for s in shape if s != -1]))
                 total = int(np.prod(known[0].shape))
