@@ -54,6 +54,10 @@ class FilterPruner:
         input_shape: the shape of one input, batch first, e.g. [1, 3, 32, 32].
         criterion: channel importance: "l1" (default), "l2", "fpgm", "bn_scale", "random", or a
             registered name (see `prune_callbacks.register_criterion`).
+        layer_norm_widths: channels a LayerNorm normalises (a transformer's embedding width)
+            are prunable: LayerNorm's weight and bias are sliced and its statistics taken over
+            the kept channels; masks renormalise the same way (`graph.norms`). False keeps them
+            whole (`Group.reason` says so).
 
     Raises:
         TypeError: `net` is not a Layer or `input_shape` not a list of ints.
@@ -67,7 +71,7 @@ class FilterPruner:
     """
 
     def __init__(self, net: nn.Layer, input_shape: Sequence[int] = (1, 3, 32, 32),
-                 criterion: Union[str, Criterion] = "l1") -> None:
+                 criterion: Union[str, Criterion] = "l1", layer_norm_widths: bool = True) -> None:
         if isinstance(net, paddle.DataParallel):
             net = net._layers
         if not isinstance(net, nn.Layer):
@@ -75,6 +79,7 @@ class FilterPruner:
         self.net = net
         self.input_shape = _validate_shape(input_shape)
         self.criterion = get_criterion(criterion)
+        self.layer_norm_widths = bool(layer_norm_widths)
         self._graph: Optional[ChannelGraph] = None
         self._param_map: Optional[Dict[str, Any]] = None
         self._traced_as: Optional[Tuple[Any, ...]] = None
@@ -94,7 +99,8 @@ class FilterPruner:
         self._param_map = None
         self._traced_as = self._structure()
         try:
-            self._graph = ChannelGraph(self.net, self.input_shape, supports_layer)
+            self._graph = ChannelGraph(self.net, self.input_shape, supports_layer,
+                                       layer_norm_widths=self.layer_norm_widths)
         except (ValueError, RuntimeError) as e:  # paddle reports shape errors as these
             first = str(e).strip().splitlines()
             detail = next((ln for ln in reversed(first) if "Error" in ln or "Invalid" in ln),

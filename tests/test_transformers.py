@@ -2,6 +2,7 @@
 units (issue 20). Networks: tests/transformer_nets.py (plain paddle, PaddleClas-shaped)."""
 from __future__ import annotations
 
+import copy
 import os
 import warnings
 
@@ -109,3 +110,141 @@ def test_head_importance_sums_the_heads_rows():
     assert scores.shape == (4,) and int(np.argmin(scores)) == 2
     kept = pruner.select({"blocks.0.attn.qkv": 0.25})[pruner.group_index("blocks.0.attn.qkv")]
     assert 2 not in kept.tolist() and len(kept) == 3
+
+
+# ---------------------------------------------------------------------------------------------
+# Embedding widths through LayerNorm
+# ---------------------------------------------------------------------------------------------
+
+
+def _reference_vit(params, x, keep, heads=4, eps=1e-5):
+    """TinyViT in numpy with the embedding channels `keep` only, every weight sliced by hand
+    (patch conv filters, class token, position embedding, every LayerNorm, qkv and fc1 inputs,
+    proj and fc2 outputs, LayerScales, head input): the independent reference of a pruned
+    width. LayerNorm normalises over the kept channels."""
+    P = {k: v.numpy().astype("float64") for k, v in params.items()}
+    x = x.astype("float64")
+
+    def ln(t, name):
+        mu = t.mean(-1, keepdims=True)
+        var = ((t - mu) ** 2).mean(-1, keepdims=True)
+        return (t - mu) / np.sqrt(var + eps) * P[name + ".weight"][keep] + P[name + ".bias"][keep]
+
+    w = P["patch_embed.weight"][keep]  # [C', 3, 4, 4]
+    b, _, hgt, wid = x.shape
+    p = w.shape[-1]
+    patches = x.reshape(b, 3, hgt // p, p, wid // p, p).transpose(0, 2, 4, 1, 3, 5)
+    t = np.einsum("bijcuv,ocuv->bijo", patches, w).reshape(b, -1, len(keep))
+    t = t + P["patch_embed.bias"][keep]
+    cls = np.broadcast_to(P["cls_token"][..., keep], (b, 1, len(keep)))
+    t = np.concatenate([cls, t], axis=1) + P["pos_embed"][..., keep]
+    for i in range(2):
+        pre = f"blocks.{i}."
+        h = ln(t, pre + "norm1")
+        qkv = h @ P[pre + "attn.qkv.weight"][keep] + P[pre + "attn.qkv.bias"]
+        n = t.shape[1]
+        qkv = qkv.reshape(b, n, 3, heads, -1).transpose(2, 0, 3, 1, 4)
+        q, k, v = qkv
+        s = q @ k.transpose(0, 1, 3, 2) * (32 // heads) ** -0.5
+        s = np.exp(s - s.max(-1, keepdims=True))
+        a = (s / s.sum(-1, keepdims=True)) @ v
+        a = a.transpose(0, 2, 1, 3).reshape(b, n, -1)
+        a = a @ P[pre + "attn.proj.weight"][:, keep] + P[pre + "attn.proj.bias"][keep]
+        h = ln(t, pre + "norm2")
+        h = h @ P[pre + "fc1.weight"][keep] + P[pre + "fc1.bias"]
+        h = 0.5 * h * (1 + np.vectorize(__import__("math").erf)(h / np.sqrt(2)))
+        m = h @ P[pre + "fc2.weight"][:, keep] + P[pre + "fc2.bias"][keep]
+        t = t + a * P[pre + "gamma1"][keep]
+        t = t + m * P[pre + "gamma2"][keep]
+    t = ln(t, "norm")
+    return t[:, 0] @ P["head.weight"][keep] + P["head.bias"]
+
+
+@pytest.mark.parametrize("training", [False, True])
+def test_pruned_width_equals_the_network_without_those_channels(training):
+    """The embedding width loses 12 of 32 channels: the pruned network (eval, and train mode
+    without DropPath) equals an independent numpy ViT that never had them."""
+    paddle.seed(0)
+    net = TinyViT(drop_path=0.0)
+    randomise(net)
+    original = dict(net.named_parameters())
+    snapshot = {k: paddle.to_tensor(v.numpy()) for k, v in original.items()}
+    pruner = _pruner(net, [1, 3, 8, 8])
+    gi = pruner.group_index("patch_embed")
+    assert pruner.groups[gi].prunable
+    kept = pruner.select({"patch_embed": 12 / 32})[gi]
+    assert len(kept) == 20
+    x = np.random.default_rng(1).normal(size=(3, 3, 8, 8)).astype("float32")
+    pruner.apply({gi: kept})
+    assert net.blocks[0].norm1._normalized_shape == [20] and net.pos_embed.shape == [1, 5, 20]
+    got = run(net, paddle.to_tensor(x), training)[0]
+    want = _reference_vit(snapshot, x, kept)
+    assert rel_err(got, want) < 1e-4
+
+
+@pytest.mark.parametrize("make,shape", [(lambda: TinyViT(distilled=True), [2, 3, 8, 8]),
+                                        (lambda: TinySwin(), [2, 3, 16, 16])])
+def test_widths_heads_and_mlps_together(make, shape):
+    """Every group at once (embedding width, heads, MLP widths): pruned equals masked in eval
+    and train mode, masks renormalising LayerNorm over the kept channels; FLOPs predicted equal
+    counted."""
+    net = make()
+    out = check_pruned(net, shape, expect_groups=["patch_embed", "blocks.0.attn.qkv",
+                                                 "blocks.1.fc1"])
+    assert net.patch_embed.weight.shape[0] == 16 and net.norm.weight.shape == [16]
+    assert out["plan"].flops_after < 0.5 * out["plan"].flops_before
+
+
+def test_layer_norm_widths_switch_off_says_what_happens():
+    groups = {g.name: g for g in _pruner_off(TinyViT(), [1, 3, 8, 8]).groups}
+    g = groups["patch_embed"]
+    assert not g.prunable and "layer_norm_widths=False" in g.reason
+    assert groups["blocks.0.attn.qkv"].prunable
+
+
+def _pruner_off(net, shape):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return FilterPruner(net, shape, layer_norm_widths=False)
+
+
+class _Samples:
+    def __init__(self, x, y):
+        self.x, self.y = x, y
+
+    def __getitem__(self, i):
+        return self.x[i], self.y[i]
+
+    def __len__(self):
+        return len(self.x)
+
+
+def test_width_sensitivity_measures_the_pruned_network():
+    """The analysis of a width group (masked, LayerNorm renormalising) gives the loss of the
+    physically pruned network, point for point."""
+    paddle.seed(0)
+    net = TinyViT()
+    randomise(net)
+    net.eval()
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(48, 3, 8, 8)).astype("float32")
+    with paddle.no_grad():
+        y = net(paddle.to_tensor(x)).numpy().argmax(1).astype("int64")
+    y[::3] = (y[::3] + 1) % 10  # a baseline below 1
+    pruner = _pruner(net, [1, 3, 8, 8])
+    ratios = [0.25, 0.5]
+    result = pruner.sensitivity(_Samples(x, y[:, None]), ratios=ratios, skip=[
+        g.name for g in pruner.prunable_groups if g.name != "patch_embed"], batch_size=16)
+    with paddle.no_grad():
+        base = np.mean(net(paddle.to_tensor(x)).numpy().argmax(1) == y)
+    losses = []
+    for r in ratios:
+        pruned = copy.deepcopy(net)
+        p2 = _pruner(pruned, [1, 3, 8, 8])
+        p2.prune({"patch_embed": r})
+        pruned.eval()
+        with paddle.no_grad():
+            acc = np.mean(pruned(paddle.to_tensor(x)).numpy().argmax(1) == y)
+        assert result.curves()["patch_embed"][r] == pytest.approx((base - acc) / base, abs=1e-9)
+        losses.append(result.curves()["patch_embed"][r])
+    assert max(losses) > 0  # the points measure something

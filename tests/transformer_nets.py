@@ -85,7 +85,8 @@ class TinyViT(nn.Layer):
 
     def __init__(self, img: int = 8, patch: int = 4, in_ch: int = 3, dim: int = 32,
                  depth: int = 2, num_heads: int = 4, num_classes: int = 10,
-                 distilled: bool = False, paddleclas: bool = False) -> None:
+                 distilled: bool = False, paddleclas: bool = False,
+                 drop_path: float = 0.1) -> None:
         super().__init__()
         self.patch_embed = nn.Conv2D(in_ch, dim, patch, stride=patch)
         n_tok = (img // patch) ** 2 + (2 if distilled else 1)
@@ -95,8 +96,8 @@ class TinyViT(nn.Layer):
             [1, 1, dim], default_initializer=nn.initializer.Normal(std=0.02)) if distilled else None
         self.pos_embed = self.create_parameter([1, n_tok, dim],
                                                default_initializer=nn.initializer.Normal(std=0.02))
-        self.blocks = nn.LayerList([Block(dim, num_heads, paddleclas=paddleclas)
-                                    for _ in range(depth)])
+        self.blocks = nn.LayerList([Block(dim, num_heads, drop_path=drop_path,
+                                          paddleclas=paddleclas) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.head = nn.Linear(dim, num_classes)
         self.head_dist = nn.Linear(dim, num_classes) if distilled else None

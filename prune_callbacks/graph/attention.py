@@ -101,7 +101,24 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
                 _mark_attention(state, before)
                 state.trials.append((np.unique(before), HEADS_TRIAL))
             return
+        if _regroups_tokens(before, ins[0].shape, outs[0].shape):
+            ops._reshape_like(state, ins[0], outs[0], lambda a: a)
+            state.trials.append((np.unique(before), TOKENS_TRIAL))
+            return
     _base_reshape(state, op, ins, outs)
+
+
+TOKENS_TRIAL = ("reshape of tokens ([N, L, C] <-> [N, H, W, C], windows) with the channel count "
+                "written in (the forward must read C from the tensor)")
+
+
+def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> bool:
+    """A reshape that regroups leading (token, window) axes and keeps the last, channel, axis:
+    `[N, L, C] -> [N, H, W, C]`. Static shapes show C as a literal either way, so a trial prune
+    checks that the forward reads it from the tensor."""
+    if not before or not after or before[-1] != after[-1] or ids.shape[-1] <= 1:
+        return False
+    return all(s == 1 for s in ids.shape[:-1])
 
 
 _base_transpose = ops._transpose

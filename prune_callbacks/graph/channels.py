@@ -19,6 +19,7 @@ import paddle
 
 from . import ops  # noqa: F401  (registers the built-in op handlers)
 from . import attention  # noqa: F401  (tokens and attention heads, over the built-in handlers)
+from . import norms  # LayerNorm widths (the layer_norm_widths switch)
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
 from ..layers.surgery import allow_plain_parameters, apply_slices, trial_prune
@@ -116,12 +117,16 @@ class ChannelGraph:
         modes: which programs to trace (see `tracing.trace_network`): "auto" adds the
             training-mode program when the network's graph differs there (branches under
             `if self.training:`), so groups hold the consumers of both modes.
+        layer_norm_widths: let channels a LayerNorm normalises be pruned (its weight and bias
+            sliced, statistics over the kept channels; `graph.norms`), or keep them whole.
     """
 
     def __init__(self, net: paddle.nn.Layer, input_shape: Sequence[int],
                  supports_layer: Callable[[paddle.nn.Layer], bool] = lambda layer: True,
-                 modes: "TraceModes | str" = "auto") -> None:
-        state = trace_network(net, input_shape, modes)
+                 modes: "TraceModes | str" = "auto", layer_norm_widths: bool = True) -> None:
+        self.layer_norm_widths = bool(layer_norm_widths)
+        with norms.layer_norm_widths(layer_norm_widths):
+            state = trace_network(net, input_shape, modes)
         self._modes = modes
         self.two_modes = state.two_modes
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -316,7 +321,8 @@ class ChannelGraph:
             apply_slices(pruned, keep)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                state = trace_network(pruned, shape, modes)
+                with norms.layer_norm_widths(self.layer_norm_widths):
+                    state = trace_network(pruned, shape, modes)
             _blocked_channels(state)  # as _build does: generic parameters become members
             return state, {p.name: key for key, p in pruned.named_parameters()}, pruned
 

@@ -24,7 +24,7 @@ __all__ = [
     "ConvTransposePruning", "PReLUPruning", "GroupNormPruning",
     "register_layer_type", "override_layer", "register_output_axis", "layer_handler",
     "supports_layer", "output_channel_axis", "data_format_channel_axis", "lookup_by_class",
-    "network_batch", "per_sample_rows",
+    "network_batch", "per_sample_rows", "LayerNormPruning",
 ]
 
 V = TypeVar("V")
@@ -107,6 +107,13 @@ class LayerPruning:
         override it instead of `macs` when the count depends on the input (a transposed conv
         works once per input position). Defaults to `macs(layer, output)`."""
         return self.macs(layer, output)
+
+    def mask(self, layer: nn.Layer,
+             removed: Mapping[str, Mapping[int, Sequence[int]]]) -> Optional[Callable[[], None]]:
+        """What masking must do beyond zeroing `removed` ({attribute: {axis: indices}} of the
+        layer's own parameters) so that the masked network equals the pruned one (a LayerNorm
+        takes its statistics over the kept channels). Returns an undo, or None (nothing)."""
+        return None
 
 
 _HANDLERS: Dict[type, LayerPruning] = {}
@@ -451,4 +458,50 @@ register_layer_type(nn.GroupNorm, GroupNormPruning())
 register_layer_type([nn.layer.norm._BatchNormBase, nn.BatchNorm, nn.layer.norm._InstanceNormBase],
                     NormPruning())
 register_layer_type(nn.Linear, LinearPruning())
+
+
+class LayerNormPruning(LayerPruning):
+    """`nn.LayerNorm` over the last axis: weight and bias are sliced with the channels, and the
+    statistics are then taken over the kept channels only (not what zeroing them gives, so
+    `mask` makes the masked layer renormalise over the kept channels too: masked equals
+    pruned, and a sensitivity analysis measures the pruned network)."""
+
+    channel_separable = False  # its statistics mix the channels
+
+    def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
+        p = layer.weight if layer.weight is not None else layer.bias
+        if p is not None:
+            layer._normalized_shape = [int(p.shape[0])]
+
+    def mask(self, layer: nn.Layer,
+             removed: Mapping[str, Mapping[int, Sequence[int]]]) -> Optional[Callable[[], None]]:
+        idx = (removed.get("weight") or removed.get("bias") or {}).get(0)
+        shape = list(layer._normalized_shape)
+        if idx is None or len(shape) != 1 or not len(idx):
+            return None
+        keep = np.ones(shape[0], dtype="float32")
+        keep[np.asarray(list(idx), dtype=np.int64)] = 0.0
+        m, n, eps = paddle.to_tensor(keep), float(keep.sum()), float(layer._epsilon)
+
+        def forward(x: paddle.Tensor) -> paddle.Tensor:
+            mean = (x * m).sum(-1, keepdim=True) / n
+            d = (x - mean) * m
+            y = d / paddle.sqrt((d * d).sum(-1, keepdim=True) / n + eps)
+            if layer.weight is not None:
+                y = y * layer.weight
+            return y + layer.bias if layer.bias is not None else y
+
+        had = "forward" in layer.__dict__
+        own = layer.__dict__.get("forward")
+        layer.__dict__["forward"] = forward
+
+        def undo() -> None:
+            if had:
+                layer.__dict__["forward"] = own
+            else:
+                layer.__dict__.pop("forward", None)
+        return undo
+
+
+register_layer_type(nn.LayerNorm, LayerNormPruning())
 register_layer_type([nn.Conv1D, nn.Conv3D], MaskOnlyPruning())

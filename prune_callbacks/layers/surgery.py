@@ -180,11 +180,28 @@ class Mask:
                     index[ax] = list(idx)
                     masked[tuple(index)] = 0
             p.set_value(masked)
+        # layers whose masked output needs more than zeroed parameters (a LayerNorm's kept
+        # channels' statistics): their handler's `mask`
+        self._undo: List[Callable[[], None]] = []
+        layers = dict(net.named_sublayers(include_self=True))
+        by_layer: Dict[str, Dict[str, Any]] = {}
+        for key, axes in removed.items():
+            path, _, attr = key.rpartition(".")
+            by_layer.setdefault(path, {})[attr] = axes
+        for path, own in by_layer.items():
+            layer = layers.get(path)
+            handler = layer_handler(layer) if layer is not None else None
+            undo = handler.mask(layer, own) if handler is not None else None
+            if undo is not None:
+                self._undo.append(undo)
 
     def restore(self) -> None:
         for p, arr in self._saved.values():
             p.set_value(arr)
         self._saved.clear()
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
 
     def __enter__(self) -> "Mask":
         return self
