@@ -248,3 +248,18 @@ def test_width_sensitivity_measures_the_pruned_network():
         assert result.curves()["patch_embed"][r] == pytest.approx((base - acc) / base, abs=1e-9)
         losses.append(result.curves()["patch_embed"][r])
     assert max(losses) > 0  # the points measure something
+
+
+def test_paddle_multi_head_attention_heads_and_width():
+    """`paddle.nn.MultiHeadAttention` (separate q, k, v projections, `transpose_y` matmul): its
+    heads are one group of 4 units across q, k, v and out projections; pruned equals masked and
+    its `num_heads` follows."""
+    from transformer_nets import MHAViT
+    net = MHAViT()
+    groups = {g.name: g for g in _pruner(net, [2, 3, 16, 16]).groups}
+    heads = groups["attn.q_proj"]
+    assert heads.prunable and heads.channels == 4
+    assert {k for k, _ in heads.members} >= {"attn.k_proj.weight", "attn.v_proj.weight",
+                                             "attn.out_proj.weight"}
+    check_pruned(net, [2, 3, 16, 16], {"attn.q_proj": 0.5, "patch_embed": 0.25})
+    assert net.attn.num_heads == 2 and net.attn.q_proj.weight.shape == [24, 16]

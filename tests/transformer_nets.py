@@ -206,3 +206,20 @@ class TinySwin(nn.Layer):
         for blk in self.blocks:
             x = blk(x)
         return self.head(self.norm(x).mean(1))
+
+
+class MHAViT(nn.Layer):
+    """Tokens through `paddle.nn.MultiHeadAttention` (separate q, k, v and out projections)."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4, num_classes: int = 10) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2D(3, dim, 4, stride=4)
+        self.norm = nn.LayerNorm(dim)
+        self.attn = nn.MultiHeadAttention(dim, num_heads)
+        self.head = nn.Linear(dim, num_classes)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose((0, 2, 1))
+        h = self.norm(x)
+        x = x + self.attn(h, h, h)
+        return self.head(x.mean(1))

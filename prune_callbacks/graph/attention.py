@@ -101,7 +101,9 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
                 _mark_attention(state, before)
                 state.trials.append((np.unique(before), HEADS_TRIAL))
             return
-        if _regroups_tokens(before, ins[0].shape, outs[0].shape):
+        target = ins[1].const if len(ins) > 1 else None
+        literal = target is None or np.asarray(target).ravel()[-1] not in (-1, 0)
+        if literal and _regroups_tokens(before, ins[0].shape, outs[0].shape):
             ops._reshape_like(state, ins[0], outs[0], lambda a: a)
             state.trials.append((np.unique(before), TOKENS_TRIAL))
             return
