@@ -327,16 +327,14 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
     att = _attention_ids(state)
     if not len(att):
         return
-    key_group = {}
+    head_groups = set()
     for m in state.members:
         if m.param in graph._owner and np.isin(m.ids, att).any():
-            key = graph._owner[m.param][0]
-            pa = graph.param_axes.get((key, m.axis))
+            pa = graph.param_axes.get((graph._owner[m.param][0], m.axis))
             if pa is not None:
-                for gi in np.unique(pa.group[pa.group >= 0]).tolist():
-                    key_group.setdefault(gi, set())
+                head_groups.update(np.unique(pa.group[pa.group >= 0]).tolist())
     layers = dict(net.named_sublayers(include_self=True))
-    for gi in sorted(key_group):
+    for gi in sorted(head_groups):
         g = graph.groups[gi]
         if not g.producers or not g.layers:
             continue
