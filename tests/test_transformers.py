@@ -263,3 +263,30 @@ def test_paddle_multi_head_attention_heads_and_width():
                                              "attn.out_proj.weight"}
     check_pruned(net, [2, 3, 16, 16], {"attn.q_proj": 0.5, "patch_embed": 0.25})
     assert net.attn.num_heads == 2 and net.attn.q_proj.weight.shape == [24, 16]
+
+
+@pytest.mark.slow
+def test_app_prunes_vit_tiny_heads_and_widths(tmp_path):
+    """`python train.py model=vit_tiny` in miniature: the uniform strategy cuts every group,
+    heads and the embedding width included, and the pruned plan says so."""
+    import json
+    from pathlib import Path
+
+    from hydra import compose, initialize_config_dir
+
+    from prune_callbacks.app import train
+
+    conf = Path(__file__).resolve().parents[1] / "conf"
+    with initialize_config_dir(config_dir=str(conf), version_base=None):
+        cfg = compose(config_name="config", overrides=[
+            "model=vit_tiny", "model.embed_dim=16", "model.depth=1", "data.image_size=8",
+            "data.train_samples=64", "data.val_samples=32", "trainer.epochs_before=1",
+            "trainer.epochs_after=1", "trainer.verbose=0", "prune.strategy=uniform",
+            "prune.flops=0.5", "optim=adam"])
+    cfg.output_dir = str(tmp_path)
+    results = train(cfg)
+    assert results["flops_after"] < 0.55 * results["flops_before"]
+    plans = json.loads((tmp_path / "checkpoint" / "pruned.prune.json").read_text())["plans"]
+    cut = {g["name"]: (g["channels"], len(g["kept"])) for g in plans[0]["groups"]}
+    assert cut["blocks.0.attn.qkv"][0] == 4 and cut["blocks.0.attn.qkv"][1] < 4
+    assert cut["patch_embed"][1] < cut["patch_embed"][0] == 16
