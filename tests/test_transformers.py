@@ -184,15 +184,21 @@ def test_pruned_width_equals_the_network_without_those_channels(training):
 
 @pytest.mark.parametrize("make,shape", [(lambda: TinyViT(distilled=True), [2, 3, 8, 8]),
                                         (lambda: TinySwin(), [2, 3, 16, 16])])
-def test_widths_heads_and_mlps_together(make, shape):
+def test_widths_heads_and_mlps_together(make, shape, tmp_path):
     """Every group at once (embedding width, heads, MLP widths): pruned equals masked in eval
     and train mode, masks renormalising LayerNorm over the kept channels; FLOPs predicted equal
-    counted."""
+    counted; the pruned network exports."""
     net = make()
     out = check_pruned(net, shape, expect_groups=["patch_embed", "blocks.0.attn.qkv",
                                                  "blocks.1.fc1"])
     assert net.patch_embed.weight.shape[0] == 16 and net.norm.weight.shape == [16]
     assert out["plan"].flops_after < 0.5 * out["plan"].flops_before
+    net.eval()
+    path = os.path.join(tmp_path, "net")
+    paddle.jit.save(net, path, input_spec=[paddle.static.InputSpec([None] + shape[1:],
+                                                                   "float32")])
+    x = paddle.randn(shape)
+    assert rel_err(paddle.jit.load(path)(x).numpy(), net(x).numpy()) < 1e-5
 
 
 def test_layer_norm_widths_switch_off_says_what_happens():
