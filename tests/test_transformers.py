@@ -1,5 +1,5 @@
 """Vision transformers: FLOPs of folded windows, tokens on axis 1, attention heads as pruning
-units (issue 20). Networks: tests/transformer_nets.py (plain paddle, PaddleClas-shaped)."""
+units. Networks: tests/transformer_nets.py (plain paddle, PaddleClas-shaped)."""
 from __future__ import annotations
 
 import copy
