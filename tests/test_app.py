@@ -16,40 +16,17 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import paddle
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 import prune_callbacks
 from prune_callbacks.planning.plans import recorded_plans
-from prune_callbacks.app import (SWEEP_COLUMNS, ConfigError, InferenceExport, PrunedCheckpoint,
+from prune_callbacks.app import (SWEEP_COLUMNS, ConfigError, InferenceExport,
                                  ResumePoint, build_callbacks, evaluate_net, format_sweep, train, validate_config)
 from prune_callbacks.planning.importance import get_criterion
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-SMALL = [
-    "data.train_samples=96",
-    "data.val_samples=48",
-    "model.scale=0.25",
-    "trainer.epochs_before=1",
-    "trainer.epochs_after=1",
-    "trainer.batch_size=32",
-    "trainer.eval_batch_size=48",
-    "trainer.verbose=0",
-    "prune.ratios=[0.3,0.6]",
-    "prune.sensitivity_samples=32",
-]
-
-
-def make_cfg(overrides: Sequence[str] = (), tmp_path: Optional[Path] = None) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    if tmp_path is not None:
-        cfg.output_dir = str(tmp_path)
-    return cfg
+from app_helpers import ROOT, SMALL, make_cfg
 
 
 def _chain(exc: BaseException) -> str:
@@ -122,9 +99,9 @@ def _built(overrides: Sequence[str], tmp_path: Path) -> List[paddle.callbacks.Ca
 def test_default_callbacks_are_built_from_their_configs(tmp_path: Path) -> None:
     built = _built([], tmp_path)
     assert [type(c) for c in built] == [prune_callbacks.PruneVisualDL, paddle.callbacks.VisualDL,
-                                        PrunedCheckpoint, InferenceExport, ResumePoint]
+                                        prune_callbacks.PrunedModelCheckpoint, InferenceExport, ResumePoint]
     assert built[0].log_dir == str(tmp_path / "vdl_log")
-    assert built[2].path == str(tmp_path / "checkpoint" / "pruned")
+    assert built[2].save_dir == str(tmp_path / "checkpoint") and built[2].save_freq == 0
     assert built[3].path == str(tmp_path / "inference" / "model")
     assert built[4].path == str(tmp_path / "resume" / "last")
 
@@ -132,7 +109,8 @@ def test_default_callbacks_are_built_from_their_configs(tmp_path: Path) -> None:
 def test_callbacks_turn_off_one_by_one_or_all(tmp_path: Path) -> None:
     for off in ("callbacks.visualdl=false", "callbacks.visualdl=null", "~callbacks.visualdl"):
         types = [type(c) for c in _built([off], tmp_path)]
-        assert types == [paddle.callbacks.VisualDL, PrunedCheckpoint, InferenceExport, ResumePoint], off
+        assert types == [paddle.callbacks.VisualDL, prune_callbacks.PrunedModelCheckpoint, InferenceExport,
+                         ResumePoint], off
     assert _built(["callbacks=none"], tmp_path) == []
 
 
@@ -393,7 +371,7 @@ def test_train_plumbing_with_stand_ins(tmp_path: Path, monkeypatch: pytest.Monke
     assert [s["step"] for s in _LogsSpy.seen] == [2, 2, 2]  # 96 samples / 32 -> last train step 2
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["top1_finetuned"] == pytest.approx(results["top1_finetuned"])
-    assert (tmp_path / "checkpoint" / "pruned.json").exists()
+    assert (tmp_path / "checkpoint" / "final.prune.json").exists()
     assert (tmp_path / "inference" / "model.pdmodel").exists()
     assert (tmp_path / "resume" / "last.json").exists() and not list((tmp_path / "resume").glob(".tmp-*"))
     state = json.loads((tmp_path / "resume" / "last.state.json").read_text())
@@ -445,7 +423,7 @@ def test_train_small_end_to_end(tmp_path: Path) -> None:
     paths = results["paths"]
     assert os.path.isdir(paths["vdl_log"]) and os.listdir(paths["vdl_log"])
     assert os.path.exists(paths["sensitivity"])
-    assert any(f.startswith("pruned") for f in os.listdir(os.path.dirname(paths["checkpoint"])))
+    assert any(f.startswith("final") for f in os.listdir(os.path.dirname(paths["checkpoint"])))
     assert any(f.startswith("model") for f in os.listdir(os.path.dirname(paths["inference_model"])))
     assert json.loads((tmp_path / "results.json").read_text())["flops_after"] == results["flops_after"]
     _check_visualdl_server(paths["vdl_log"], results)

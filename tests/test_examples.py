@@ -22,7 +22,8 @@ import numpy as np
 import paddle
 import pytest
 
-from prune_callbacks import count_flops, load_pruned, read_plans
+from prune_callbacks import count_flops, load_pruned
+from prune_callbacks.deploy.io import read_plans
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLES = ROOT / "examples"
@@ -152,6 +153,12 @@ def test_tutorial_on_a_cifar10_tarball(tmp_path) -> None:
                        *TINY, "--output-dir", str(out))
     assert "cifar10: 128 train / 64 val images, image shape (3, 32, 32)" in proc.stdout
     check_outputs(out, check_flops(proc.stdout, 0.4))
+
+
+@pytest.fixture(autouse=True)
+def _scripts_directory_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As when Python runs a script: its directory is importable (the examples share `_cli.py`)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
 
 
 def load_example(script: str) -> ModuleType:

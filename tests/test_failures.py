@@ -1,4 +1,4 @@
-"""Bad input and unlucky moments (issue 13): whatever can be checked is checked before the first
+"""Bad input and unlucky moments: whatever can be checked is checked before the first
 batch, with one message naming the value and the fix; no kill at any moment destroys a good file."""
 from __future__ import annotations
 
@@ -22,8 +22,8 @@ import pytest
 from paddle.vision import models
 
 import prune_callbacks
-from prune_callbacks import (FilterPruneCallback, FilterPruner, PruneVisualDL, SensitivityCallback,
-                             SensitivityResult, export, load_pruned, read_plans, save_pruned)
+from prune_callbacks import FilterPruneCallback, FilterPruner, PruneVisualDL, SensitivityCallback, SensitivityResult, export, load_pruned, save_pruned
+from prune_callbacks.deploy.io import read_plans
 from prune_callbacks.planning.allocation import n_keep
 
 RATIOS = (0.25, 0.5)

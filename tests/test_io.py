@@ -11,8 +11,8 @@ import paddle
 import pytest
 
 from prune_callbacks import FilterPruner, PrunedModelCheckpoint, count_params
-from prune_callbacks.deploy.io import (PLANS_SUFFIX, export, load_pruned, read_plans, record_plan, recorded_plans,
-                                save_pruned, track_plans)
+from prune_callbacks import export, load_pruned, record_plan, recorded_plans, save_pruned
+from prune_callbacks.deploy.io import PLANS_SUFFIX, read_plans
 from prune_callbacks.training.optim import rebuild_optimizer
 
 SHAPE = [1, 1, 8, 8]
@@ -173,8 +173,6 @@ def test_bad_input_raises_clear_errors(tmp_path: Path) -> None:
     plan_file.write_text("{not json")
     with pytest.raises(ValueError, match="not valid JSON"):
         read_plans(tmp_path / "ck")
-    with pytest.raises(TypeError, match="track_plans needs a paddle.Model"):
-        track_plans(net)
 
 
 # -- paddle.Model: save_pruned, PrunedModelCheckpoint, resumed fit ---------------------------------------------
@@ -236,8 +234,6 @@ def test_model_checkpoint_resumes_a_pruned_fit(tmp_path: Path) -> None:
 def test_model_save_is_left_alone_and_errors(tmp_path: Path) -> None:
     paddle.seed(4)
     model = _model(_net())
-    with pytest.warns(DeprecationWarning, match="save_pruned"):
-        track_plans(model)
     assert "save" not in vars(model)  # the user's Model keeps paddle's own save
     save_pruned(model, tmp_path / "before")  # before any pruning: an empty plan list
     assert read_plans(tmp_path / "before") == []
@@ -328,9 +324,17 @@ def test_pruned_model_checkpoint_is_a_model_checkpoint_and_checks_arguments() ->
     ckpt = PrunedModelCheckpoint(2, Path("ck"))
     # fit adds its own ModelCheckpoint (which writes no plans) only when none is given
     assert isinstance(ckpt, paddle.callbacks.ModelCheckpoint) and (ckpt.save_freq, ckpt.save_dir) == (2, "ck")
-    with pytest.raises(ValueError, match="save_freq must be an int >= 1"):
-        PrunedModelCheckpoint(0, "ck")
+    with pytest.raises(ValueError, match="save_freq must be an int >= 0"):
+        PrunedModelCheckpoint(-1, "ck")
     with pytest.raises(TypeError, match="save_dir must be a directory path or None"):
         PrunedModelCheckpoint(1, 3)
     with pytest.raises(TypeError, match="plan must be a PrunePlan"):
         record_plan(_net(), {"groups": []})
+
+
+def test_save_freq_zero_saves_only_the_final_checkpoint(tmp_path: Path) -> None:
+    paddle.seed(5)
+    model = _model(_net())
+    model.fit(_data(), batch_size=16, epochs=2, verbose=0,
+              callbacks=[PrunedModelCheckpoint(save_freq=0, save_dir=tmp_path / "ck")])
+    assert sorted(os.listdir(tmp_path / "ck")) == ["final.pdopt", "final.pdparams", "final.prune.json"]

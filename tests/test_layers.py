@@ -11,11 +11,10 @@ import paddle.nn as nn
 import pytest
 
 from prune_callbacks import FilterPruner, count_flops
-from prune_callbacks.layers import flops
 from prune_callbacks.layers import registry as layers
 from prune_callbacks.layers import surgery
 from prune_callbacks.graph import tracing
-from prune_callbacks.graph.channels import MacKind, Role
+from prune_callbacks.graph.tracing import MacKind, Role
 from prune_callbacks.layers.registry import (ConvPruning, LayerPruning, lookup_by_class,
                                     output_channel_axis, register_layer_type, supports_layer)
 
@@ -110,50 +109,6 @@ def test_unsupported_layer_surgery_error_names_the_fix():
     with pytest.raises(TypeError,
                        match=r"'0' \(Plain\) has no registered surgery.*register_layer_type"):
         surgery.apply_slices(net, {"0.w": {0: [0, 1]}})
-
-
-# --- compatibility wrappers -------------------------------------------------------------------
-
-def test_register_layer_replaces_only_the_sync():
-    seen = []
-    surgery.register_layer(MyConv)(lambda layer, old: seen.append(dict(old)))
-    conv = MyConv(3, 4, 3)
-    assert supports_layer(conv) and output_channel_axis(conv) == 1
-    assert count_flops(conv, [1, 3, 5, 5]) == count_flops(nn.Conv2D(3, 4, 3), [1, 3, 5, 5])
-    surgery.apply_slices(conv, {"weight": {0: [0, 2]}})
-    assert seen == [{"weight": (4, 3, 3, 3)}]
-    assert conv._out_channels == 4  # the conv's own sync did not run
-    assert surgery.layer_sync(conv) is not None and surgery.layer_sync(nn.ReLU()) is None
-
-
-def test_register_flops_replaces_only_the_macs():
-    flops.register_flops(MyConv, lambda layer, out: 5)
-    conv = MyConv(3, 4, 3)
-    assert count_flops(conv, [1, 3, 5, 5]) == 5
-    surgery.apply_slices(conv, {"weight": {0: [0, 2]}})
-    assert conv._out_channels == 2  # Conv2D's sync still applies
-    assert output_channel_axis(conv) == 1
-
-
-def test_one_aspect_wrappers_combine_and_a_new_type_is_not_sliceable():
-    layers.register_output_axis(Plain)(lambda layer: 0)
-    assert output_channel_axis(Plain()) == 0 and not supports_layer(Plain())
-    flops.register_flops(Plain, lambda layer, out: 3)
-    assert count_flops(Plain(), [1, 4]) == 3 and output_channel_axis(Plain()) == 0
-    surgery.register_layer(Plain)(lambda layer, old: None)
-    assert supports_layer(Plain()) and count_flops(Plain(), [1, 4]) == 3
-    register_layer_type(Plain, LayerPruning())  # a whole handler replaces the pieces
-    assert count_flops(Plain(), [1, 4]) == 0 and output_channel_axis(Plain()) is None
-
-
-def test_override_inherits_a_base_registered_later():
-    class Sub(Plain):
-        pass
-
-    flops.register_flops(Sub, lambda layer, out: 2)
-    assert output_channel_axis(Sub()) is None
-    layers.register_output_axis(Plain)(lambda layer: 1)
-    assert output_channel_axis(Sub()) == 1 and count_flops(Sub(), [1, 4]) == 2
 
 
 # --- roles ------------------------------------------------------------------------------------

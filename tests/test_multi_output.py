@@ -1,4 +1,4 @@
-"""Networks with several outputs (issue 9.2) and branches that run only in training (issue 9.3).
+"""Networks with several outputs and branches that run only in training.
 
 Each pruned network must equal the masked original in eval and in train mode, every output of
 it, train for a step, and have the FLOPs the pruner predicted.
@@ -167,7 +167,7 @@ def test_merging_an_identical_training_trace_changes_nothing():
     """Forcing both modes on a network whose graph is the same in both must give the same groups,
     members and FLOPs as the eval trace alone (the merge unites, never splits or blocks)."""
     from paddle.vision.models import resnet18
-    from prune_callbacks.graph.channels import TraceModes
+    from prune_callbacks.graph.tracing import TraceModes
 
     paddle.seed(0)
     net = resnet18(num_classes=10)

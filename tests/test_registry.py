@@ -15,7 +15,6 @@ import paddle.nn.functional as F
 import pytest
 
 from prune_callbacks import FilterPruner, count_flops
-from prune_callbacks.graph import channels as graph
 from prune_callbacks.layers import registry as layers
 from prune_callbacks.graph import tracing
 
@@ -55,7 +54,7 @@ class _Net(nn.Layer):
 
 def _register_as_in_readme():
     # --- the README snippet, verbatim from here -----------------------------------------------
-    from prune_callbacks.graph.channels import register_op
+    from prune_callbacks import register_op
     from prune_callbacks.layers.registry import LayerPruning, register_layer_type
 
     @register_layer_type(ChannelScale)  # its surgery, FLOPs and output channels, in one place
@@ -89,7 +88,7 @@ def test_unregistered_layer_and_op_keep_their_channels(isolated_registries):
     conv1 = {g.name: g for g in pruner.groups}["conv1"]
     assert not conv1.prunable and "op pd_op.erf is not supported" in conv1.reason
 
-    graph.register_op("erf")(lambda state, op, ins, outs: setattr(outs[0], "ids",
+    tracing.register_op("erf")(lambda state, op, ins, outs: setattr(outs[0], "ids",
                                                                      state.ids_of(ins[0])))
     conv1 = {g.name: g for g in FilterPruner(_Net(), SHAPE).groups}["conv1"]
     assert not conv1.prunable

@@ -1,8 +1,8 @@
-"""Callbacks that write the run's artefacts: the pruned checkpoint and the inference model when fit
-ends, a resume point after every epoch.
+"""Callbacks that write the run's artefacts: the inference model when fit ends, a resume point after
+every epoch (the pruned checkpoint is `prune_callbacks.PrunedModelCheckpoint`).
 
-Built from conf/callbacks/{checkpoint,export,resume}.yaml. They only save; the plans come from the
-model's PruneHistory, which FilterPruneCallback fills.
+Built from conf/callbacks/{export,export_onnx,resume}.yaml. They only save; the plans come from
+the plans recorded on the network.
 """
 from __future__ import annotations
 
@@ -20,30 +20,8 @@ PathLike = Union[str, "os.PathLike[str]"]
 
 def _check_path(path: PathLike) -> str:
     if not isinstance(path, (str, os.PathLike)) or not os.fspath(path):
-        raise TypeError(f"path={path!r} must be a non-empty file prefix such as 'checkpoint/pruned'")
+        raise TypeError(f"path={path!r} must be a non-empty file prefix such as 'inference/model'")
     return os.fspath(path)
-
-
-class PrunedCheckpoint(paddle.callbacks.Callback):
-    """When fit ends, `save_pruned(model, path, plans)`: weights, optimizer and plan JSON.
-
-    Args:
-        path: file prefix (`<path>.pdparams`, `.pdopt`, `.prune.json`).
-
-    Raises:
-        TypeError: `path` is not a non-empty path.
-
-    Examples:
-        >>> model.fit(train_ds, epochs=3, callbacks=[pruner, PrunedCheckpoint("ckpt/pruned")])
-    """
-
-    def __init__(self, path: PathLike) -> None:
-        super().__init__()
-        self.path = _check_path(path)
-
-    def on_train_end(self, logs: Optional[dict] = None) -> None:
-        # recorded on the network: a resumed run's plans (load_pruned) and this fit's (the history)
-        save_pruned(self.model, self.path)  # with the plans recorded on the model
 
 
 class InferenceExport(paddle.callbacks.Callback):

@@ -25,11 +25,11 @@ class PrunedModelCheckpoint(paddle.callbacks.ModelCheckpoint):
     write checkpoints without plans): pass it instead of `fit(save_dir=...)`.
 
     Args:
-        save_freq: save every `save_freq` epochs.
+        save_freq: save every `save_freq` epochs; 0 saves only `<save_dir>/final`, when fit ends.
         save_dir: directory of the checkpoints; None saves nothing.
 
     Raises:
-        ValueError: `save_freq` is not a positive int.
+        ValueError: `save_freq` is not an int >= 0.
         TypeError: `save_dir` is not a str, os.PathLike or None.
 
     Examples:
@@ -40,15 +40,15 @@ class PrunedModelCheckpoint(paddle.callbacks.ModelCheckpoint):
     """
 
     def __init__(self, save_freq: int = 1, save_dir: Optional[str] = None) -> None:
-        if isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 1:
-            raise ValueError(f"save_freq must be an int >= 1 (epochs between checkpoints), "
-                             f"got {save_freq!r}")
+        if isinstance(save_freq, bool) or not isinstance(save_freq, int) or save_freq < 0:
+            raise ValueError(f"save_freq must be an int >= 0 (epochs between checkpoints; 0 saves "
+                             f"only the final one), got {save_freq!r}")
         if save_dir is not None and not isinstance(save_dir, (str, os.PathLike)):
             raise TypeError(f"save_dir must be a directory path or None, got {save_dir!r}")
         super().__init__(save_freq, os.fspath(save_dir) if save_dir is not None else None)
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict] = None) -> None:
-        if self._is_save() and self.epoch % self.save_freq == 0:  # as ModelCheckpoint
+        if self._is_save() and self.save_freq and self.epoch % self.save_freq == 0:  # as ModelCheckpoint
             self._save(f"{self.save_dir}/{epoch}")
 
     def on_train_end(self, logs: Optional[Dict] = None) -> None:

@@ -12,7 +12,6 @@ import os
 import pickle
 import shutil
 import tempfile
-import warnings
 from collections.abc import Sequence
 from typing import Any, Union
 
@@ -28,8 +27,8 @@ from ..layers.surgery import apply_slices, supports_layer
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["save_pruned", "load_pruned", "read_plans", "reapply_plan", "export", "record_plan",
-           "recorded_plans", "track_plans", "PLANS_SUFFIX", "PLANS_FORMAT"]
+__all__ = ["save_pruned", "load_pruned", "read_plans", "reapply_plan", "export", "PLANS_SUFFIX",
+           "PLANS_FORMAT"]
 
 PLANS_SUFFIX = ".prune.json"
 """Suffix of the plan file written beside ``<prefix>.pdparams``."""
@@ -54,22 +53,6 @@ def _unwrap(target: Any, what: str = "model_or_net") -> tuple[paddle.Model | Non
     if isinstance(net, paddle.DataParallel):
         net = net._layers
     return model, net
-
-
-def track_plans(model: paddle.Model) -> None:
-    """Deprecated, does nothing: ``model.save`` is no longer replaced on the user's Model.
-
-    Save a pruned model with :func:`save_pruned` (``model.save`` plus the plan file), and in
-    ``fit`` use :class:`prune_callbacks.PrunedModelCheckpoint` in place of ``ModelCheckpoint``.
-
-    Raises:
-        TypeError: ``model`` is not a paddle.Model.
-    """
-    if not isinstance(model, paddle.Model):
-        raise TypeError(f"track_plans needs a paddle.Model, got {type(model).__name__}")
-    warnings.warn("track_plans is deprecated and does nothing: save with "
-                  "prune_callbacks.save_pruned(model, prefix), and checkpoint inside fit with "
-                  "prune_callbacks.PrunedModelCheckpoint(save_dir=...)", DeprecationWarning, stacklevel=2)
 
 
 # -- saving ------------------------------------------------------------------------------------
@@ -336,10 +319,16 @@ def _load_optimizer(model: paddle.Model, net: nn.Layer, prefix: str, header: dic
 
 
 def reapply_plan(net: nn.Layer, plan: PrunePlan) -> None:
-    """Prune `net` exactly as `plan` pruned the network it was made on (its parameter slices).
+    """Prune `net` exactly as `plan` pruned the network it was made on (its parameter slices),
+    and record the plan on `net` (so `save_pruned(net, ...)` saves it).
 
-    The network is traced at the plan's input shape first, to check that every group of the plan
-    exists with the channel count the plan was made for.
+    The one way to re-apply a plan (`load_pruned` calls it for each saved plan). The network is
+    traced at the plan's input shape first, to check that every group of the plan exists with
+    the channel count the plan was made for.
+
+    Examples:
+        >>> plan = FilterPruner(net, [1, 3, 32, 32]).prune({"conv1.0": 0.5})
+        >>> reapply_plan(fresh_net, PrunePlan.load("plan.json"))  # fresh_net now equals net's shapes
 
     Raises:
         ValueError: a group of the plan is missing, or has another channel count.
@@ -356,6 +345,7 @@ def reapply_plan(net: nn.Layer, plan: PrunePlan) -> None:
                 f"network has {g.channels}; apply plans in the order they were made")
     _check_slices(net, plan)
     apply_slices(net, {k: dict(axes) for k, axes in plan.param_slices.items()})
+    record_plan(net, plan)  # as saved, its criterion included
 
 
 def _check_slices(net: nn.Layer, plan: PrunePlan) -> None:
@@ -442,7 +432,6 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
         except (ValueError, KeyError) as e:
             raise ValueError(f"plan {i} of {len(plans)} in {where!r} does not fit this "
                              f"{type(net).__name__} (saved from a {header.get('network')}): {e}") from e
-        record_plan(net, plan)  # as saved, its criterion included
     _check_shapes(net, state, params_path, len(plans))
     net.set_state_dict(state)
 

@@ -17,19 +17,16 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 import numpy as np
 import paddle
 
-from . import ops  # noqa: F401  (registers the built-in op handlers)
+from . import ops  # noqa: F401  (importing it registers the built-in op handlers)
 from . import attention  # noqa: F401  (tokens and attention heads, over the built-in handlers)
 from . import norms  # LayerNorm widths (the layer_norm_widths switch)
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
 from ..layers.surgery import allow_plain_parameters, apply_slices, trial_prune
-from .tracing import (MacKind, MacRec, MemberRec, OpHandler, Role, SourceRec, TraceShapeError,
-                      TraceModes, TraceState, _components, _compress, build_program, register_op, run_trace,
-                      trace_network, unknown_op)
+from .tracing import (MacKind, MacRec, MemberRec, Role, TraceModes, TraceState, _components, _compress,
+                      trace_network)
 
-__all__ = ["ChannelGraph", "Group", "ParamAxis", "Role", "MacKind", "register_op", "OpHandler",
-           "TraceState", "SourceRec", "MemberRec", "MacRec", "build_program", "run_trace",
-           "trace_network", "unknown_op", "TraceShapeError", "TraceModes"]
+__all__ = ["ChannelGraph", "Group", "ParamAxis"]
 
 logger = logging.getLogger(__name__)
 
@@ -269,6 +266,11 @@ class ChannelGraph:
                             f"part on a copy did not reproduce masking ({failure})")
                 warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
 
+    def paddle_names(self) -> Dict[str, str]:
+        """Structured parameter key (`features.3.weight`) -> Paddle's own name (`conv2d_26.w_0`),
+        for every parameter of the traced network."""
+        return {key: pname for pname, (key, _, _) in self._owner.items()}
+
     def _route_groups(self, net: paddle.nn.Layer, st: TraceState) -> None:
         """Give groups left whole by nested splits of shuffled channels (ShuffleNetV2 stages) a
         route model (`routes.RoutedGroup`): every channel of every producer becomes one of the
@@ -278,7 +280,7 @@ class ChannelGraph:
         if not self._reroute:
             return
         root = st.uf.root_table(untied=True)
-        key_of = {pname: key for pname, (key, _, _) in self._owner.items()}
+        key_of = {pname: key for key, pname in self.paddle_names().items()}
         probe = self._probe(net)
         known = _width_caches(net, (self.input_shape, str(self._modes)))
         for gi in self._reroute:

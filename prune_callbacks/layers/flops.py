@@ -9,23 +9,15 @@ Swin and MobileViT do, are counted). Each layer type's `LayerPruning.macs`
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence, Type
+from typing import Callable, Sequence
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .registry import layer_handler, network_batch, override_layer
+from .registry import layer_handler, network_batch
 
 MacFn = Callable[[nn.Layer, paddle.Tensor], int]
-
-
-def register_flops(layer_type: Type[nn.Layer], fn: MacFn) -> None:
-    """Compatibility wrapper: count `fn(layer, output)` MACs for every call of a layer of
-    `layer_type`, keeping the type's surgery and output axis (those of its base class if it has
-    none). New code overrides `LayerPruning.macs` and registers the whole layer type with
-    `prune_callbacks.register_layer_type`."""
-    override_layer(layer_type, macs=fn)
 
 
 def count_flops(net: nn.Layer, input_shape: Sequence[int], training: bool = False) -> int:

@@ -22,7 +22,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "LayerPruning", "ConvPruning", "NormPruning", "LinearPruning", "MaskOnlyPruning",
     "ConvTransposePruning", "PReLUPruning", "GroupNormPruning",
-    "register_layer_type", "override_layer", "register_output_axis", "layer_handler",
+    "register_layer_type", "layer_handler",
     "supports_layer", "output_channel_axis", "data_format_channel_axis", "lookup_by_class",
     "network_batch", "per_sample_rows", "LayerNormPruning",
 ]
@@ -187,103 +187,13 @@ def data_format_channel_axis(layer: nn.Layer) -> int:
     return -1 if str(getattr(layer, "_data_format", "NCHW")).endswith("C") else 1
 
 
-# ---------------------------------------------------------------------------------------------
-# Replacing one aspect of a type (what the older per-aspect registration functions do)
-# ---------------------------------------------------------------------------------------------
-
-
-class _Overrides(LayerPruning):
-    """Functions registered for single aspects of one type; every other aspect comes from the
-    handler the type had before, or else from its nearest registered base class (looked up at
-    call time, so registration order does not matter)."""
-
-    def __init__(self, layer_type: type, base: Optional[LayerPruning]) -> None:
-        self.layer_type = layer_type
-        self.base = base
-        self.fns: Dict[str, Callable] = {}
-
-    def _fallback(self) -> Optional[LayerPruning]:
-        if self.base is not None:
-            return self.base
-        return lookup_by_class(_HANDLERS, self.layer_type, inherited=True)
-
-    @property  # type: ignore[override]
-    def sliceable(self) -> bool:
-        fallback = self._fallback()
-        return "sync" in self.fns or (fallback is not None and fallback.sliceable)
-
-    @property  # type: ignore[override]
-    def channel_separable(self) -> bool:
-        fallback = self._fallback()
-        return fallback is not None and fallback.channel_separable
-
-    def input_channel_axis(self, layer: nn.Layer) -> Optional[int]:
-        fallback = self._fallback()
-        return None if fallback is None else fallback.input_channel_axis(layer)
-
-    def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
-        if "sync" in self.fns:
-            self.fns["sync"](layer, dict(old_shapes))
-        elif self._fallback() is not None:
-            self._fallback().sync(layer, old_shapes)
-
-    def macs(self, layer: nn.Layer, output: paddle.Tensor) -> int:
-        if "macs" in self.fns:
-            return int(self.fns["macs"](layer, output))
-        fallback = self._fallback()
-        return 0 if fallback is None else fallback.macs(layer, output)
-
-    def call_macs(self, layer: nn.Layer, inputs: Sequence[paddle.Tensor],
-                  output: paddle.Tensor) -> int:
-        fallback = self._fallback()
-        if "macs" in self.fns or fallback is None:
-            return self.macs(layer, output)
-        return fallback.call_macs(layer, inputs, output)
-
-    def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
-        if "output_channel_axis" in self.fns:
-            return self.fns["output_channel_axis"](layer)
-        fallback = self._fallback()
-        return None if fallback is None else fallback.output_channel_axis(layer)
-
-
-def override_layer(layer_type: Type[nn.Layer], *,
-                   sync: Optional[Callable[[nn.Layer, Dict[str, Tuple[int, ...]]], None]] = None,
-                   macs: Optional[Callable[[nn.Layer, paddle.Tensor], int]] = None,
-                   output_channel_axis: Optional[Callable[[nn.Layer], Optional[int]]] = None,
-                   ) -> None:
-    """Replace single aspects of how `layer_type` is pruned, keeping the others.
-
-    The backing of the older one-aspect registration functions (`surgery.register_layer`,
-    `flops.register_flops`, `register_output_axis`); new code registers a whole `LayerPruning`.
-    Aspects not given come from the handler `layer_type` had, else from its base classes'.
-
-    Raises:
-        TypeError: `layer_type` is not a `paddle.nn.Layer` subclass.
-    """
-    (cls,) = _as_types(layer_type, "override_layer")
-    current = _HANDLERS.get(cls)
-    if not isinstance(current, _Overrides):
-        current = _Overrides(cls, current)
-        _HANDLERS[cls] = current
-    given = {"sync": sync, "macs": macs, "output_channel_axis": output_channel_axis}
-    current.fns.update({k: fn for k, fn in given.items() if fn is not None})
-
-
-def register_output_axis(*types: Type[nn.Layer]) -> Callable:
-    """Compatibility wrapper (was `sensitivity.register_output_axis`): register where a layer
-    type puts its output channels. Prefer `register_layer_type` with a `LayerPruning`.
-
-    Examples:
-        >>> @register_output_axis(MyConv)
-        ... def _(layer): return 1
-    """
-    def deco(fn: Callable[[nn.Layer], Optional[int]]) -> Callable[[nn.Layer], Optional[int]]:
-        for t in types:
-            override_layer(t, output_channel_axis=fn)
-        return fn
-
-    return deco
+def filter_macs(layer: nn.Layer, feature_map: paddle.Tensor) -> int:
+    """A convolution's MACs: every element of its weight once per spatial position of
+    `feature_map` (the output of a conv, the input of a transposed conv), per sample."""
+    shape = feature_map.shape
+    ch_axis = data_format_channel_axis(layer) % len(shape)
+    positions = int(np.prod([s for i, s in enumerate(shape) if i not in (0, ch_axis)]))
+    return int(np.prod(layer.weight.shape)) * positions
 
 
 # ---------------------------------------------------------------------------------------------
@@ -308,10 +218,7 @@ class ConvPruning(LayerPruning):
         layer._out_channels = w[0]
 
     def macs(self, layer: nn.Layer, output: paddle.Tensor) -> int:
-        shape = output.shape
-        ch_axis = 1 if layer._data_format in ("NCHW", "NCDHW", "NCL") else len(shape) - 1
-        positions = int(np.prod([s for i, s in enumerate(shape) if i not in (0, ch_axis)]))
-        return int(np.prod(layer.weight.shape)) * positions
+        return filter_macs(layer, output)  # each filter element once per output position
 
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         return data_format_channel_axis(layer)
@@ -413,10 +320,7 @@ class ConvTransposePruning(LayerPruning):
 
     def call_macs(self, layer: nn.Layer, inputs: Sequence[paddle.Tensor],
                   output: paddle.Tensor) -> int:
-        shape = inputs[0].shape
-        ch_axis = 1 if layer._data_format.startswith("NC") else len(shape) - 1
-        positions = int(np.prod([s for i, s in enumerate(shape) if i not in (0, ch_axis)]))
-        return int(np.prod(layer.weight.shape)) * positions
+        return filter_macs(layer, inputs[0])  # each filter element once per input position
 
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         return data_format_channel_axis(layer)

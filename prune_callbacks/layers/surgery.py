@@ -10,18 +10,17 @@ from __future__ import annotations
 import copy
 import logging
 import weakref
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Type,
+from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
                     Union)
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .registry import layer_handler, override_layer, supports_layer
+from .registry import layer_handler, supports_layer
 
-__all__ = ["AxisSlice", "ParamSlices", "Mask", "apply_slices", "slice_array", "register_layer",
-           "layer_sync", "supports_layer", "allow_plain_parameters", "trial_prune",
-           "track_count"]
+__all__ = ["AxisSlice", "ParamSlices", "Mask", "apply_slices", "slice_array",
+           "supports_layer", "allow_plain_parameters", "trial_prune", "track_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -30,34 +29,6 @@ AxisSlice = Union[Sequence[int], Sequence[Sequence[int]]]
 ParamSlices = Mapping[str, Mapping[int, AxisSlice]]
 
 LayerSync = Callable[[nn.Layer, Dict[str, Tuple[int, ...]]], None]
-
-
-def register_layer(*types: Type[nn.Layer]) -> Callable[[LayerSync], LayerSync]:
-    """Compatibility wrapper: register only how a layer type updates its attributes after its
-    parameters were sliced (its FLOPs and output axis stay those of its base class).
-
-    New code registers the whole layer type at once with
-    `prune_callbacks.register_layer_type` and a `LayerPruning` subclass.
-    The function receives the layer and `{attr: old_shape}` for each parameter that changed.
-
-    Examples:
-        >>> @register_layer(MyScale)
-        ... def _(layer, old_shapes):
-        ...     layer.num_channels = layer.scale.shape[0]
-    """
-
-    def deco(fn: LayerSync) -> LayerSync:
-        for t in types:
-            override_layer(t, sync=fn)
-        return fn
-
-    return deco
-
-
-def layer_sync(layer: nn.Layer) -> Optional[LayerSync]:
-    """Compatibility helper: the attribute sync surgery runs for `layer`, or None if it has none."""
-    handler = layer_handler(layer)
-    return handler.sync if handler is not None and handler.sliceable else None
 
 
 def slice_array(arr: np.ndarray, axes: Mapping[int, AxisSlice]) -> np.ndarray:

@@ -17,7 +17,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from ..layers.registry import output_channel_axis, register_output_axis  # noqa: F401 (re-export)
+from ..layers.registry import output_channel_axis
 from ..layers.surgery import Mask
 from .compiled import CompiledEval, compilable
 from .evaluation import EvalData, main_output, work_pieces
