@@ -296,3 +296,22 @@ def test_app_prunes_vit_tiny_heads_and_widths(tmp_path):
     cut = {g["name"]: (g["channels"], len(g["kept"])) for g in plans[0]["groups"]}
     assert cut["blocks.0.attn.qkv"][0] == 4 and cut["blocks.0.attn.qkv"][1] < 4
     assert cut["patch_embed"][1] < cut["patch_embed"][0] == 16
+
+
+def test_saved_pruned_vit_reloads_into_a_fresh_network(tmp_path):
+    """Heads and width pruned, saved, loaded into a freshly built TinyViT: the plans re-apply
+    (head counts follow there too) and the outputs match."""
+    from prune_callbacks import load_pruned, save_pruned
+    paddle.seed(0)
+    net = TinyViT()
+    pruner = _pruner(net, [1, 3, 8, 8])
+    pruner.prune({"blocks.0.attn.qkv": 0.5, "patch_embed": 0.25})
+    save_pruned(net, str(tmp_path / "vit"))
+    fresh = TinyViT()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        load_pruned(fresh, str(tmp_path / "vit"))
+    assert fresh.blocks[0].attn.num_heads == 2 and fresh.blocks[1].attn.num_heads == 4
+    x = paddle.randn([2, 3, 8, 8])
+    net.eval(), fresh.eval()
+    assert rel_err(fresh(x).numpy(), net(x).numpy()) < 1e-6
