@@ -315,3 +315,22 @@ def test_saved_pruned_vit_reloads_into_a_fresh_network(tmp_path):
     x = paddle.randn([2, 3, 8, 8])
     net.eval(), fresh.eval()
     assert rel_err(fresh(x).numpy(), net(x).numpy()) < 1e-6
+
+
+def test_an_attention_layer_registers_its_head_count_name():
+    """A head count called `h` is unknown (the heads stay whole; the reason names the fix);
+    registered with `AttentionPruning("h")` it follows, and the layer's per-head temperature is
+    sliced with the heads."""
+    from prune_callbacks import register_layer_type
+    from prune_callbacks.layers.registry import AttentionPruning, _HANDLERS
+    from transformer_nets import TalkingAttention, TalkingViT
+    shape = [2, 3, 16, 16]
+    heads = {g.name: g for g in _pruner(TalkingViT(), shape).groups}["attn.qkv"]
+    assert not heads.prunable and "AttentionPruning" in heads.reason
+    register_layer_type(TalkingAttention, AttentionPruning("h"))
+    try:
+        net = TalkingViT()
+        check_pruned(net, shape, {"attn.qkv": 0.5})
+        assert net.attn.h == 2 and net.attn.temperature.shape == [1, 2, 1, 1]
+    finally:
+        _HANDLERS.pop(TalkingAttention, None)

@@ -223,3 +223,34 @@ class MHAViT(nn.Layer):
         h = self.norm(x)
         x = x + self.attn(h, h, h)
         return self.head(x.mean(1))
+
+
+class TalkingAttention(nn.Layer):
+    """Attention whose head count is called `h`, with a learnable per-head temperature: needs
+    `register_layer_type(TalkingAttention, AttentionPruning("h"))`."""
+
+    def __init__(self, dim: int = 32, h: int = 4) -> None:
+        super().__init__()
+        self.h, self.d = h, dim // h
+        self.temperature = self.create_parameter([1, h, 1, 1],
+                                                 default_initializer=nn.initializer.Constant(1.0))
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x):
+        n = x.shape[1]
+        q, k, v = self.qkv(x).reshape((-1, n, 3, self.h, self.d)).transpose((2, 0, 3, 1, 4))
+        attn = F.softmax((q @ k.transpose((0, 1, 3, 2))) * self.temperature, axis=-1)
+        return self.proj((attn @ v).transpose((0, 2, 1, 3)).reshape((-1, n, self.h * self.d)))
+
+
+class TalkingViT(nn.Layer):
+    def __init__(self) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2D(3, 32, 4, stride=4)
+        self.attn = TalkingAttention()
+        self.head = nn.Linear(32, 10)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose((0, 2, 1))
+        return self.head((x + self.attn(x)).mean(1))

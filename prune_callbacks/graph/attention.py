@@ -317,11 +317,12 @@ _HEAD_ATTRS = ("num_heads", "n_heads", "heads", "_num_heads", "nhead", "num_atte
 def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
     """For each head group (channels from an attention cut), find the attention layer: the
     nearest common ancestor of the group's layers holding an int head count equal to the
-    group's channels (`num_heads`, as `paddle.nn.MultiHeadAttention` and PaddleClas's layers
+    group's channels (the attribute its registered `AttentionPruning` names, else `num_heads`
+    and the other `_HEAD_ATTRS`, as `paddle.nn.MultiHeadAttention` and PaddleClas's layers
     keep). Surgery then sets it after slicing (`surgery.track_count`), so the attention layer's
     own per-head parameters (a relative position bias table) slice without a registered
     handler. Without such a count the heads trial decides (a forward that reshapes with -1)."""
-    from ..layers.registry import layer_handler
+    from ..layers.registry import AttentionPruning, layer_handler
     from ..layers.surgery import track_count
 
     att = _attention_ids(state)
@@ -348,12 +349,19 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
         for n in range(len(common), -1, -1):
             path = ".".join(common[:n])
             layer = layers.get(path)
-            attr = next((a for a in _HEAD_ATTRS if type(getattr(layer, a, None)) is int
+            handler = layer_handler(layer) if layer is not None else None
+            names = (handler.head_count_attr,) if isinstance(handler, AttentionPruning) \
+                else _HEAD_ATTRS
+            attr = next((a for a in names if type(getattr(layer, a, None)) is int
                          and getattr(layer, a) == g.channels), None)
             if attr is not None:
                 found = (path, layer, attr)
                 break
         if found is None:
+            if not g.prunable and "has no registered surgery" in g.reason:
+                g.reason += (" (these are attention heads: register the attention layer with "
+                             "prune_callbacks.layers.registry.AttentionPruning('<the name of "
+                             "its head count>'))")
             continue
         path, layer, attr = found
         key, axis = g.producers[0]

@@ -24,7 +24,7 @@ __all__ = [
     "ConvTransposePruning", "PReLUPruning", "GroupNormPruning",
     "register_layer_type", "layer_handler",
     "supports_layer", "output_channel_axis", "data_format_channel_axis", "lookup_by_class",
-    "network_batch", "per_sample_rows", "LayerNormPruning",
+    "network_batch", "per_sample_rows", "LayerNormPruning", "AttentionPruning",
 ]
 
 V = TypeVar("V")
@@ -409,3 +409,18 @@ class LayerNormPruning(LayerPruning):
 
 register_layer_type(nn.LayerNorm, LayerNormPruning())
 register_layer_type([nn.Conv1D, nn.Conv3D], MaskOnlyPruning())
+
+
+class AttentionPruning(LayerPruning):
+    """A multi-head attention layer. The tracer prunes it whole heads at a time (its q, k, v and
+    output projections are sliced by their own handlers); after slicing, surgery sets the int
+    attribute `head_count_attr` to the heads left. Layers keeping an int `num_heads` (or
+    `n_heads`, `heads`, ...) equal to their head count need no registration; register one whose
+    count has another name, e.g. `register_layer_type(MyAttention, AttentionPruning("h"))`.
+    Its own per-head parameters (a relative position bias table) are sliced with the heads."""
+
+    def __init__(self, head_count_attr: str = "num_heads") -> None:
+        self.head_count_attr = head_count_attr
+
+
+register_layer_type(nn.MultiHeadAttention, AttentionPruning())
