@@ -1,5 +1,5 @@
 """Prunable groups and channels of the vision transformers of tests/transformer_nets.py (and the
-app's vit_tiny), as zoo_coverage.py prints them for the zoo: before and after issue 20.
+app's vit_tiny), as zoo_coverage.py prints them for the zoo; run on two checkouts to compare.
 
 Run it on each checkout to compare (the networks are plain paddle, loaded from this file's
 tree; the engine is whichever `prune_callbacks` is imported):

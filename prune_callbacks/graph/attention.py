@@ -94,13 +94,16 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
     follow; the sizes are checked by the heads trial. Anything else: the built-in handler."""
     before = state.ids_of(ins[0])
     if before is not None and ins[0].param is None:
-        cut = _varying(before) == 1 and _op_key(op.name()) in ("reshape", "view_shape")
-        if _in_attention(state, before) or (cut and _leads_to_attention(op)):
+        if _in_attention(state, before):  # heads merged back (or moved): sizes trialled
             ops._reshape_like(state, ins[0], outs[0], lambda a: a)
-            if _varying(outs[0].ids) > _varying(before):
+            return
+        if _varying(before) == 1 and _op_key(op.name()) in ("reshape", "view_shape"):
+            ops._reshape_like(state, ins[0], outs[0], lambda a: a)
+            if _varying(outs[0].ids) > 1 and _leads_to_attention(op):  # cut into heads
                 _mark_attention(state, before)
                 state.trials.append((np.unique(before), HEADS_TRIAL))
-            return
+                return
+            outs[0].ids = None
         target = ins[1].const if len(ins) > 1 else None
         literal = target is None or np.asarray(target).ravel()[-1] not in (-1, 0)
         if literal and _regroups_tokens(before, ins[0].shape, outs[0].shape):
