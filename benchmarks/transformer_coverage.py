@@ -40,6 +40,8 @@ def _nets():
         "vit, PaddleClas sizes": ([1, 3, 8, 8], lambda: mod.TinyViT(paddleclas=True)),
         "swin (windows, rel. bias)": ([1, 3, 16, 16], lambda: mod.TinySwin()),
     }
+    if hasattr(mod, "MHAViT"):
+        nets["nn.MultiHeadAttention"] = ([1, 3, 16, 16], lambda: mod.MHAViT())
     spec = importlib.util.spec_from_file_location("app_vit",
                                                   ROOT / "prune_callbacks" / "app" / "vit.py")
     if spec is not None and Path(spec.origin).exists():
@@ -66,7 +68,7 @@ def main() -> None:
                 logger.info("%-28s fails: %s: %s", name, type(e).__name__, str(e)[:80])
                 continue
         ok = [g for g in groups if g.prunable]
-        heads = [g for g in ok if g.name.endswith("qkv")]
+        heads = [g for g in ok if g.name.endswith(("qkv", "q_proj"))]
         logger.info("%-28s %7d / %5d %9d / %7d  %d (%s)", name, len(ok), len(groups),
                     sum(g.channels for g in ok), sum(g.channels for g in groups), len(heads),
                     ", ".join(str(g.channels) for g in heads))
