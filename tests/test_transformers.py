@@ -334,3 +334,14 @@ def test_an_attention_layer_registers_its_head_count_name():
         assert net.attn.h == 2 and net.attn.temperature.shape == [1, 2, 1, 1]
     finally:
         _HANDLERS.pop(TalkingAttention, None)
+
+
+@pytest.mark.parametrize("batch", [1, 3])
+def test_run_time_batch_is_not_taken_from_a_weight(batch):
+    """Filling run-time sizes from the op before the batch must not read a weight's rows as
+    the rows of a linear's input."""
+    from transformer_nets import RunTimeBatchHead
+    net = RunTimeBatchHead()
+    expected = 3 * 8 * 9 * 36 + 288 * 5
+    shape = [batch, 3, 8, 8]
+    assert count_flops(net, shape) == _pruner(net, shape).flops() == expected

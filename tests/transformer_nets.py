@@ -254,3 +254,16 @@ class TalkingViT(nn.Layer):
     def forward(self, x):
         x = self.patch_embed(x).flatten(2).transpose((0, 2, 1))
         return self.head((x + self.attn(x)).mean(1))
+
+
+class RunTimeBatchHead(nn.Layer):
+    """A classifier on `reshape([paddle.shape(y)[0], -1])`: the batch axis is a run-time size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv2D(3, 8, 3)
+        self.fc = nn.Linear(8 * 6 * 6, 5)
+
+    def forward(self, x):
+        y = self.conv(x)
+        return self.fc(y.reshape([paddle.shape(y)[0], -1]))

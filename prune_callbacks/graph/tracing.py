@@ -556,7 +556,8 @@ def _known_shapes(state: TraceState, name: str, op_attrs: Callable[[], Dict[str,
             for ax, size in enumerate(shape):
                 if size == -1:
                     sizes = [v.shape[ax] for v in ins if len(v.shape) == len(shape)
-                             and v.shape[ax] > 0]
+                             and v.shape[ax] > 0 and v.param is None]  # a weight's rows
+                    # are no activation's size
                     shape[ax] = max(sizes) if sizes else -1
         if shape and shape[0] == -1 and state.batch is not None:
             shape[0] = state.batch
