@@ -549,9 +549,11 @@ def _known_shapes(state: TraceState, name: str, op_attrs: Callable[[], Dict[str,
             shape = [ins[0].shape[p] for p in op_attrs()["perm"]]
         elif name == "pd_op.slice" and ins and ins[0].shape and \
                 len(ins[0].shape) - len(shape) == len(op_attrs().get("decrease_axis", [])):
-            dropped = {int(a) % len(ins[0].shape) for a in op_attrs().get("decrease_axis", [])}
-            left = [s for a, s in enumerate(ins[0].shape) if a not in dropped]
-            shape = [t if s == -1 else s for s, t in zip(shape, left)]
+            nd = len(ins[0].shape)
+            dropped = {int(a) % nd for a in op_attrs().get("decrease_axis", [])}
+            cut = {int(a) % nd for a in op_attrs().get("axes", [])}
+            left = [-1 if a in cut else s for a, s in enumerate(ins[0].shape) if a not in dropped]
+            shape = [t if s == -1 else s for s, t in zip(shape, left)]  # uncut axes keep sizes
         else:  # elementwise, activations, linear rows: the same axis of a same-rank input
             for ax, size in enumerate(shape):
                 if size == -1:
