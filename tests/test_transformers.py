@@ -292,7 +292,7 @@ def test_app_prunes_vit_tiny_heads_and_widths(tmp_path):
     cfg.output_dir = str(tmp_path)
     results = train(cfg)
     assert results["flops_after"] < 0.55 * results["flops_before"]
-    plans = json.loads((tmp_path / "checkpoint" / "pruned.prune.json").read_text())["plans"]
+    plans = json.loads((tmp_path / "checkpoint" / "final.prune.json").read_text())["plans"]
     cut = {g["name"]: (g["channels"], len(g["kept"])) for g in plans[0]["groups"]}
     assert cut["blocks.0.attn.qkv"][0] == 4 and cut["blocks.0.attn.qkv"][1] < 4
     assert cut["patch_embed"][1] < cut["patch_embed"][0] == 16
