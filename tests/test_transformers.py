@@ -345,3 +345,12 @@ def test_run_time_batch_is_not_taken_from_a_weight(batch):
     expected = 3 * 8 * 9 * 36 + 288 * 5
     shape = [batch, 3, 8, 8]
     assert count_flops(net, shape) == _pruner(net, shape).flops() == expected
+
+
+def test_an_index_along_the_heads_axis_keeps_heads_whole():
+    """`out[:, 0]` picks head 0: pruning heads would move another head there, so the heads
+    stay whole with the reason; `qkv[0]` (q out of the parts axis) does not count as such."""
+    from transformer_nets import FirstHeadOnly
+    groups = {g.name: g for g in _pruner(FirstHeadOnly(), [1, 3, 16, 16]).groups}
+    heads = groups["qkv"]
+    assert not heads.prunable and "picks single heads" in heads.reason

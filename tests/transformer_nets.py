@@ -267,3 +267,23 @@ class RunTimeBatchHead(nn.Layer):
     def forward(self, x):
         y = self.conv(x)
         return self.fc(y.reshape([paddle.shape(y)[0], -1]))
+
+
+class FirstHeadOnly(nn.Layer):
+    """Attention whose output keeps head 0 only (`out[:, 0]`): an index along the heads axis."""
+
+    def __init__(self, dim: int = 32, num_heads: int = 4) -> None:
+        super().__init__()
+        self.patch_embed = nn.Conv2D(3, dim, 4, stride=4)
+        self.num_heads, self.head_dim = num_heads, dim // num_heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim // num_heads, 10)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose((0, 2, 1))
+        n = x.shape[1]
+        qkv = self.qkv(x).reshape((-1, n, 3, self.num_heads, self.head_dim))
+        qkv = qkv.transpose((2, 0, 3, 1, 4))
+        q, k, v = qkv[0], qkv[1], qkv[2]
+        out = F.softmax(q @ k.transpose((0, 1, 3, 2)), axis=-1) @ v
+        return self.proj(out[:, 0].mean(1))

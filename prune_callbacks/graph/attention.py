@@ -160,6 +160,9 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
         _base_slice(state, op, ins, outs)
         return
     full = _expand(ids, x.shape)
+    for a in varying:  # checked once heads are known (`attach_head_counts`)
+        rows = np.moveaxis(full, a, 0).reshape(full.shape[a], -1)
+        state.attention_slices = getattr(state, "attention_slices", []) + [rows]  # type: ignore[attr-defined]
     index: List[Any] = [slice(None)] * len(x.shape)
     for a, s, e in zip(axes, starts, ends):
         index[a] = slice(int(s), int(e))
@@ -338,6 +341,7 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
             if pa is not None:
                 head_groups.update(np.unique(pa.group[pa.group >= 0]).tolist())
     layers = dict(net.named_sublayers(include_self=True))
+    _check_part_slices(graph, state)
     for gi in sorted(head_groups):
         g = graph.groups[gi]
         if not g.producers or not g.layers:
@@ -378,3 +382,29 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
             stale = f"layer {path or '<root>'} ({type(layer).__name__}) has no registered surgery"
             if not g.prunable and g.reason.startswith(stale):
                 g.prunable, g.reason = True, ""
+
+
+PART_SLICE_REASON = ("a slice picks single heads (an index along the heads axis): the index would "
+                     "point at another head once heads are pruned")
+
+
+def _check_part_slices(graph: Any, state: TraceState) -> None:
+    """`qkv[0]` picks q out of `[3, B, heads, N, head_dim]`: every index along that axis holds
+    the same heads, so pruning a head keeps the index right. An index along the heads axis
+    itself (`q[:, 0]`) holds one head: its group stays whole."""
+    root = state.uf.root_table()
+    for rows in getattr(state, "attention_slices", []):
+        sets = [frozenset(np.unique(root[r]).tolist()) for r in rows]
+        if len(set(sets)) == 1:
+            continue
+        bad = np.unique(root[rows])
+        hit = set()
+        for m in state.members:
+            owner = graph._owner.get(m.param)
+            pa = graph.param_axes.get((owner[0], m.axis)) if owner else None
+            if pa is not None and np.isin(root[np.asarray(m.ids)], bad).any():
+                hit.update(np.unique(pa.group[pa.group >= 0]).tolist())
+        for gi in hit:
+            g = graph.groups[gi]
+            if g.prunable:
+                g.prunable, g.reason = False, PART_SLICE_REASON
