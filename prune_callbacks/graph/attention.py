@@ -126,14 +126,6 @@ def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> bool:
     return all(s == 1 for s in ids.shape[:-1])
 
 
-_base_transpose = ops._transpose
-
-
-@register_op("transpose")
-def _transpose(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
-    _base_transpose(state, op, ins, outs)
-
-
 _base_slice = ops._slice
 
 
