@@ -18,7 +18,7 @@ import numpy as np
 import paddle
 
 from . import ops  # noqa: F401  (registers the built-in op handlers)
-from . import control_flow, ops_elementwise  # noqa: F401  (more op handlers)
+from . import control_flow, ops_deformable, ops_elementwise  # noqa: F401  (more op handlers)
 from .training_graph import TrainInputs, example_spec, hold_train_only_feeders
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
