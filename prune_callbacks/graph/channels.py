@@ -19,7 +19,7 @@ import paddle
 
 from . import ops  # noqa: F401  (registers the built-in op handlers)
 from . import control_flow, ops_deformable, ops_elementwise  # noqa: F401  (more op handlers)
-from .training_graph import TrainInputs, example_spec, hold_train_only_feeders
+from .training_graph import LATER, TrainInputs, example_spec, hold_train_only_feeders
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
 from ..layers.surgery import allow_plain_parameters, apply_slices, trial_prune
@@ -126,8 +126,8 @@ class ChannelGraph:
                  supports_layer: Callable[[paddle.nn.Layer], bool] = lambda layer: True,
                  modes: "TraceModes | str" = "auto",
                  train_inputs: Optional[TrainInputs] = None) -> None:
-        state = trace_network(net, input_shape, modes, example_spec(train_inputs)
-                              if train_inputs is not None else None)
+        state = trace_network(net, input_shape, modes, example_spec(train_inputs))
+        self.train_failure = state.train_failure  # the training program could not be built
         self._modes = modes
         self.two_modes = state.two_modes
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -141,7 +141,8 @@ class ChannelGraph:
                     self._buffers[b.name] = f"{path}.{attr}" if path else attr
         self.plain_params: Set[str] = set()  # per-channel parameters of unregistered layers
         self._build(state, supports_layer)
-        hold_train_only_feeders(self, net, state)
+        if train_inputs is not LATER:
+            hold_train_only_feeders(self, net, state)
         control_flow.weigh_conditional_macs(self, net, state)
         allow_plain_parameters(net, self.plain_params)
         # group index -> its routes, for groups that shuffles route differently at each width

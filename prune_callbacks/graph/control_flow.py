@@ -11,7 +11,7 @@ as `count_flops` does): `weigh_conditional_macs`. This module only reads the net
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import numpy as np
 import paddle
@@ -19,9 +19,6 @@ import paddle.nn as nn
 
 from .tracing import (TraceState, _expand, _shape_of, _trace_op, _Val, register_op,
                       unknown_op)
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .channels import ChannelGraph
 
 _YIELD = "cf.yield"
 
@@ -124,7 +121,8 @@ def _calls(net: nn.Layer, input_shape: List[int], params: set) -> Dict[str, int]
     return counts
 
 
-def weigh_conditional_macs(graph: "ChannelGraph", net: nn.Layer, state: TraceState) -> None:
+def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState) -> None:
+    # `graph`: the ChannelGraph being built (not imported: it imports this module)
     """Convs and linears inside control flow count as often as they run on the traced input:
     a branch not taken counts nothing, a loop body once per iteration. Predicted FLOPs then
     equal `count_flops` (which runs the same input). The training count reuses the eval weights."""

@@ -704,9 +704,10 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
                 raise TypeError(f"cannot trace the training forward of {type(net).__name__} "
                                 f"with the training inputs given: {_last_line(e)}") from e
             state.train_failure = _last_line(e)
-            state.eval_params = {op.attrs()["parameter_name"]
-                                 for op in program.global_block().ops
-                                 if op.name() == "builtin.parameter"}
+            state.eval_params = {op.attrs()["parameter_name"]  # every parameter is declared,
+                                 for op in program.global_block().ops  # the used ones read
+                                 if op.name() == "builtin.parameter"
+                                 and not op.results()[0].use_empty()}
             _warn_unknown(state, stacklevel=2)
             return state
         if both or _op_names(train_program) != _op_names(program):

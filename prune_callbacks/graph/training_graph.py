@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Set, Union
+from typing import Any, Callable, Dict, List, Optional, Set, Union
 
 import numpy as np
 import paddle
@@ -19,17 +19,28 @@ import paddle.nn as nn
 
 from .tracing import TraceState
 
-if TYPE_CHECKING:  # pragma: no cover
-    from .channels import ChannelGraph
-
 TrainInputs = Union[Any, Callable[[], Any]]  # a batch (tensor, list/tuple/dict of them), or a callable
 
 _WARNED: "weakref.WeakSet[nn.Layer]" = weakref.WeakSet()  # networks warned about already
 
 
+class _Later:
+    """`train_inputs=LATER`: the inputs come later (the callbacks capture them on the first
+    training step): trace the eval graph alone now, hold nothing and do not warn; the graph's
+    `train_failure` tells the caller to trace again once they are there."""
+
+    def __repr__(self) -> str:
+        return "LATER"
+
+
+LATER = _Later()
+
+
 def example_batch(train_inputs: TrainInputs) -> Optional[List[Any]]:
     """The forward's positional arguments from `train_inputs`: a callable is called; a tuple or
     list is the arguments; anything else (a tensor, a dict) is the one argument."""
+    if train_inputs is None or train_inputs is LATER:
+        return None
     batch = train_inputs() if callable(train_inputs) and not isinstance(
         train_inputs, (paddle.Tensor, np.ndarray)) else train_inputs
     if batch is None:
@@ -92,7 +103,8 @@ def train_only_layers(net: nn.Layer, state: TraceState) -> Dict[str, nn.Layer]:
     return out
 
 
-def hold_train_only_feeders(graph: "ChannelGraph", net: nn.Layer, state: TraceState) -> None:
+def hold_train_only_feeders(graph: Any, net: nn.Layer, state: TraceState) -> None:
+    # `graph`: the ChannelGraph being built (not imported: it imports this module)
     """Without the training graph, hold whole every prunable group whose channel count is one a
     layer the eval forward never runs reads (it may feed that layer in training: pruning it
     would break the first training step), and warn once per network naming those layers and

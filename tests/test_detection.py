@@ -1,0 +1,343 @@
+"""Detector and OCR patterns (issue 24), each on a minimal plain-paddle network: element-wise
+clean-up ops, a tensor-dependent `if` and a `while`, a head shared across pyramid levels,
+DeformConv2D, a training forward that needs targets, and a train-only head fed from targets.
+
+Each traces as given, prunes to what masking gives, trains a step, and has the FLOPs the pruner
+predicted (`count_flops`).
+"""
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+import paddle
+import paddle.nn as nn
+import paddle.nn.functional as F
+import pytest
+from paddle.vision.ops import DeformConv2D
+
+from prune_callbacks import FilterPruneCallback, FilterPruner, count_flops
+from pruning_checks import check_pruned, randomise, rel_err, run
+
+SHAPE = [1, 3, 8, 8]
+
+
+def _groups(pruner):
+    return {g.name: g for g in pruner.groups}
+
+
+# ---------------------------------------------------------------------------------------------
+# Element-wise ops
+# ---------------------------------------------------------------------------------------------
+
+
+class CleanUp(nn.Layer):
+    """Feature-map clean-up as PP-OCRv4 does it: where/isnan/isinf, comparisons, logical ops,
+    clip, sign, cast."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2D(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2D(8, 8, 3, padding=1)
+        self.c3 = nn.Conv2D(8, 4, 1)
+
+    def forward(self, x):
+        y = self.c1(x)
+        bad = paddle.logical_or(paddle.isnan(y), paddle.isinf(y))
+        y = paddle.where(bad, paddle.zeros_like(y), y)
+        y = paddle.clip(y, -3.0, 3.0) * (y > 0).astype("float32")
+        z = self.c2(y)
+        z = z * paddle.sign(z) + paddle.logical_not(z < -1.0).astype("float32")
+        z = paddle.where(paddle.greater_equal(z, y), z, y)  # couples c1's and c2's channels
+        return self.c3(z)
+
+
+def test_elementwise_cleanup_ops_pass_channels_through():
+    paddle.seed(0)
+    net = CleanUp()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*left unpruned")  # every op is understood
+        groups = _groups(FilterPruner(net, SHAPE))
+    assert groups["c1"].prunable, groups["c1"].reason
+    assert ("c2.weight", 0) in groups["c1"].members  # `where(z >= y, z, y)` ties c2 to c1
+    check_pruned(net, SHAPE, expect_groups=["c1"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Control flow
+# ---------------------------------------------------------------------------------------------
+
+
+class Branchy(nn.Layer):
+    """Convs under a tensor-dependent `if` (both branches), and in a `while` body."""
+
+    def __init__(self, flip: bool = False) -> None:
+        super().__init__()
+        self.flip = flip
+        self.stem = nn.Conv2D(3, 8, 3, padding=1)
+        self.a = nn.Conv2D(8, 8, 1)
+        self.b = nn.Conv2D(8, 8, 3, padding=1)
+        self.loop = nn.Conv2D(8, 8, 1)
+        self.head = nn.Conv2D(8, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.stem(x))
+        if x.mean() > 0:
+            z = self.a(y)
+        else:
+            z = self.b(y) * 2.0
+            if self.flip:  # this branch changes what each channel means
+                z = paddle.flip(z, axis=[1])
+        i = paddle.zeros([1], "int64")
+        while i < 2:
+            z = F.relu(self.loop(z)) + z
+            i = i + 1
+        return self.head(z)
+
+
+@pytest.mark.parametrize("sign", [1.0, -1.0], ids=["then", "else"])
+def test_convs_under_if_and_while_are_traced_and_counted(sign):
+    paddle.seed(0)
+    net = Branchy()
+    pruner = FilterPruner(net, SHAPE)
+    groups = _groups(pruner)
+    stem = groups["stem"]
+    assert stem.prunable, stem.reason
+    # both branches' convs read the stem; what they yield, the loop carries: one group
+    assert {("a.weight", 1), ("b.weight", 1)} <= set(stem.members)
+    out = groups["a"]
+    assert out.prunable, out.reason
+    assert {("a.weight", 0), ("b.weight", 0), ("loop.weight", 0), ("loop.weight", 1),
+            ("head.weight", 1)} <= set(out.members)
+    # FLOPs count the branch that runs (zeros: mean 0, the else branch) and every iteration
+    assert pruner.flops() == count_flops(net, SHAPE)
+    loop = 8 * 8 * 64
+    assert pruner.flops() == 8 * 3 * 9 * 64 + 8 * 8 * 9 * 64 + 2 * loop + 4 * 8 * 64
+    # pruned equals masked whichever branch the data takes
+    randomise(net)
+    x = paddle.abs(paddle.randn(SHAPE)) * sign
+    ratios = {"stem": 0.5, "a": 0.5}
+    with pruner.mask(ratios):
+        masked = run(net, x)
+    predicted = pruner.flops(ratios)
+    pruner.prune(ratios)
+    assert rel_err(run(net, x)[0], masked[0]) <= 1e-4
+    assert count_flops(net, SHAPE) == predicted < 8 * 3 * 9 * 64 + 8 * 8 * 9 * 64 + 2 * loop + 4 * 8 * 64
+
+
+def test_a_branch_that_changes_channel_meaning_keeps_the_group_whole_and_counted():
+    paddle.seed(0)
+    net = Branchy(flip=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = FilterPruner(net, SHAPE)
+    groups = _groups(pruner)
+    assert not groups["a"].prunable and "pd_op.flip" in groups["a"].reason
+    assert groups["stem"].prunable
+    assert pruner.flops() == count_flops(net, SHAPE)
+    check_pruned(net, SHAPE, ratios={"stem": 0.5})
+
+
+# ---------------------------------------------------------------------------------------------
+# A head shared across pyramid levels
+# ---------------------------------------------------------------------------------------------
+
+
+class SharedTower(nn.Layer):
+    """Two levels, each with its own lateral conv, then one tower applied to both (FCOS)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.c1 = nn.Conv2D(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2D(8, 8, 3, stride=2, padding=1)
+        self.lat1 = nn.Conv2D(8, 6, 1)
+        self.lat2 = nn.Conv2D(8, 6, 1)
+        self.tower = nn.Sequential(nn.Conv2D(6, 6, 3, padding=1), nn.BatchNorm2D(6), nn.ReLU())
+        self.cls = nn.Conv2D(6, 3, 1)
+
+    def forward(self, x):
+        f1 = F.relu(self.c1(x))
+        f2 = F.relu(self.c2(f1))
+        return [self.cls(self.tower(lat)) for lat in (self.lat1(f1), self.lat2(f2))]
+
+
+def test_a_tower_shared_across_levels_ties_their_channels():
+    paddle.seed(0)
+    net = SharedTower()
+    groups = _groups(FilterPruner(net, SHAPE))
+    lat = groups["lat1"]
+    assert lat.prunable, lat.reason
+    assert {("lat1.weight", 0), ("lat2.weight", 0), ("tower.0.weight", 1)} <= set(lat.members)
+    tower = groups["tower.0"]
+    assert tower.prunable and ("cls.weight", 1) in tower.members
+    out = check_pruned(net, SHAPE, expect_groups=["lat1", "tower.0"])
+    assert net.tower[0].weight.shape[:2] == [3, 3]  # sliced once, for every level
+    assert {"lat1", "tower.0"} <= {g.name for g in out["plan"].groups}
+
+
+# ---------------------------------------------------------------------------------------------
+# Deformable convolution
+# ---------------------------------------------------------------------------------------------
+
+
+class Deform(nn.Layer):
+    def __init__(self, deformable_groups: int = 1, groups: int = 1) -> None:
+        super().__init__()
+        dg = deformable_groups
+        self.c1 = nn.Conv2D(3, 8, 3, padding=1)
+        self.bn = nn.BatchNorm2D(8)
+        self.offset = nn.Conv2D(8, 2 * dg * 9, 3, padding=1)
+        self.mask = nn.Conv2D(8, dg * 9, 3, padding=1)
+        self.dcn = DeformConv2D(8, 6, 3, padding=1, deformable_groups=dg, groups=groups)
+        self.out = nn.Conv2D(6, 4, 1)
+
+    def forward(self, x):
+        y = F.relu(self.bn(self.c1(x)))
+        z = self.dcn(y, self.offset(y), F.sigmoid(self.mask(y)))
+        return self.out(F.relu(z))
+
+
+@pytest.mark.parametrize("dg, groups", [(1, 1), (2, 1), (1, 2)])
+def test_deformable_conv_prunes_its_input_and_output_channels(dg, groups):
+    paddle.seed(0)
+    net = Deform(dg, groups)
+    by_name = _groups(FilterPruner(net, SHAPE))
+    for offset in ("offset", "mask"):
+        assert not by_name[offset].prunable and "deformable conv" in by_name[offset].reason
+    check_pruned(net, SHAPE, expect_groups=["c1", "dcn"])
+    assert net.offset.weight.shape[0] == 2 * dg * 9 and net.mask.weight.shape[0] == dg * 9
+    assert net.dcn._in_channels == 4 and net.dcn._out_channels == net.dcn.weight.shape[0] < 6
+    assert net.dcn._out_channels % dg == 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Training forwards that need targets
+# ---------------------------------------------------------------------------------------------
+
+
+class LossInside(nn.Layer):
+    """A detector-style forward: in training it computes its loss from targets, with an extra
+    head that runs only then; `aux_from_targets` feeds that head from the targets too (an OCR
+    recogniser's training-only decoder)."""
+
+    def __init__(self, aux_from_targets: bool = False) -> None:
+        super().__init__()
+        self.aux_from_targets = aux_from_targets
+        self.stem = nn.Conv2D(3, 6, 3, padding=1)
+        self.body = nn.Conv2D(6, 8, 3, padding=1)
+        self.head = nn.Conv2D(8, 4, 1)
+        self.aux = nn.Conv2D(8, 4, 3, padding=1)  # only in training
+        self.embed = nn.Conv2D(4, 8, 1)  # only in training, reads the targets
+
+    def forward(self, x, targets=None):
+        f = F.relu(self.body(F.relu(self.stem(x))))
+        out = self.head(f)
+        if self.training:
+            g = f + self.embed(targets) if self.aux_from_targets else f
+            aux = self.aux(g)
+            return ((out - targets) ** 2).mean() + ((aux - targets) ** 2).mean()
+        return out
+
+
+def _batch(n=2):
+    return paddle.randn([n, 3, 8, 8]), paddle.randn([n, 4, 8, 8])
+
+
+def test_without_training_inputs_groups_feeding_train_only_layers_are_held_with_a_warning():
+    paddle.seed(0)
+    net = LossInside()
+    with pytest.warns(UserWarning, match=r"cannot be traced.*aux.*train_inputs="):
+        pruner = FilterPruner(net, SHAPE)
+    by_name = _groups(pruner)
+    assert not by_name["body"].prunable
+    assert "layers the eval forward never runs (aux, embed)" in by_name["body"].reason
+    assert by_name["stem"].prunable  # 6 channels: no train-only layer reads that width
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot be traced")  # once per network
+        FilterPruner(net, SHAPE)
+    pruner.prune({"stem": 0.5})
+    net.train()
+    loss = net(*_batch())
+    loss.backward()  # the first training step runs
+
+
+@pytest.mark.parametrize("aux_from_targets", [False, True], ids=["loss-head", "head-on-targets"])
+@pytest.mark.parametrize("as_callable", [False, True], ids=["batch", "callable"])
+def test_training_graph_from_training_inputs(aux_from_targets, as_callable):
+    paddle.seed(0)
+    net = LossInside(aux_from_targets)
+    randomise(net)
+    batch = _batch()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot be traced")  # traced: nothing held
+        pruner = FilterPruner(net, SHAPE, train_inputs=(lambda: batch) if as_callable else batch)
+    body = _groups(pruner)["body"]
+    assert body.prunable, body.reason
+    assert ("aux.weight", 1) in body.members
+    if aux_from_targets:
+        assert ("embed.weight", 0) in body.members
+    ratios = {"body": 0.5, "stem": 0.5}
+    x = paddle.randn(SHAPE)
+    with pruner.mask(ratios):
+        masked_eval = run(net, x)
+        masked_loss = _train_loss(net, batch)
+    predicted = pruner.flops(ratios)
+    pruner.prune(ratios)
+    assert rel_err(run(net, x)[0], masked_eval[0]) <= 1e-4
+    assert abs(_train_loss(net, batch) - masked_loss) <= 1e-4 * abs(masked_loss)
+    assert count_flops(net, SHAPE) == predicted
+    assert net.aux.weight.shape[1] == 4
+    net.train()
+    opt = paddle.optimizer.SGD(learning_rate=0.01, parameters=net.parameters())
+    net(*batch).backward()
+    opt.step()
+
+
+def _train_loss(net, batch):
+    net.train()
+    with paddle.no_grad():
+        loss = float(net(*batch))
+    net.eval()
+    return loss
+
+
+def test_training_inputs_that_do_not_fit_name_them():
+    net = LossInside()
+    with pytest.raises(TypeError, match="training inputs given"):
+        FilterPruner(net, SHAPE, train_inputs=(paddle.randn([2, 3, 8, 8]), paddle.randn([2, 5])))
+    with pytest.raises(TypeError, match="holds no tensor"):
+        FilterPruner(net, SHAPE, train_inputs=(None,))
+
+
+class _Images(paddle.io.Dataset):
+    def __init__(self, n: int = 8) -> None:
+        rng = np.random.default_rng(0)
+        self.x = rng.normal(size=(n, 3, 8, 8)).astype("float32")
+        self.t = rng.normal(size=(n, 4, 8, 8)).astype("float32")
+
+    def __getitem__(self, i):
+        return self.x[i], self.t[i]
+
+    def __len__(self):
+        return len(self.x)
+
+
+def test_prune_callback_traces_the_training_graph_fit_really_runs():
+    """The loss is computed inside the network from targets (`paddle.Model` inputs): the
+    callback captures what fit calls the network with and traces the training graph from it,
+    so the train-only head's input channels prune too."""
+    paddle.seed(0)
+    net = LossInside(aux_from_targets=True)
+    spec = paddle.static.InputSpec
+    model = paddle.Model(net, inputs=[spec([None, 3, 8, 8], "float32", "x"),
+                                      spec([None, 4, 8, 8], "float32", "t")])
+    model.prepare(paddle.optimizer.SGD(learning_rate=0.01, parameters=net.parameters()),
+                  loss=lambda loss: loss)
+    cb = FilterPruneCallback(flops=0.3, at_epoch=0, input_shape=SHAPE)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*cannot be traced")  # inputs were captured
+        model.fit(_Images(), epochs=2, batch_size=4, verbose=0, callbacks=[cb])
+    (plan,) = cb.plans
+    assert "body" in [g.name for g in plan.groups]
+    assert net.aux.weight.shape[1] == net.body.weight.shape[0] < 8
+    assert net.embed.weight.shape[0] == net.body.weight.shape[0]
