@@ -122,10 +122,10 @@ def _calls(net: nn.Layer, input_shape: List[int], params: set) -> Dict[str, int]
 
 
 def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState) -> None:
-    # `graph`: the ChannelGraph being built (not imported: it imports this module)
     """Convs and linears inside control flow count as often as they run on the traced input:
     a branch not taken counts nothing, a loop body once per iteration. Predicted FLOPs then
-    equal `count_flops` (which runs the same input). The training count reuses the eval weights."""
+    equal `count_flops` (which runs the same input). The training count reuses the eval weights.
+    `graph` is the ChannelGraph being built (typed Any: channels imports this module)."""
     recs = [m for m in state.macs if m.param in graph._owner]
     if not any(m.conditional for m in recs):
         return

@@ -104,11 +104,10 @@ def train_only_layers(net: nn.Layer, state: TraceState) -> Dict[str, nn.Layer]:
 
 
 def hold_train_only_feeders(graph: Any, net: nn.Layer, state: TraceState) -> None:
-    # `graph`: the ChannelGraph being built (not imported: it imports this module)
     """Without the training graph, hold whole every prunable group whose channel count is one a
     layer the eval forward never runs reads (it may feed that layer in training: pruning it
     would break the first training step), and warn once per network naming those layers and
-    the fix."""
+    the fix. `graph` is the ChannelGraph being built (typed Any: channels imports this module)."""
     layers = train_only_layers(net, state)
     if not layers:
         return
