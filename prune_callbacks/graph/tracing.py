@@ -677,8 +677,9 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
         modes: "auto" (train program only when a user-defined forward mentions `training` and
             the two programs' op lists differ), "both", or "eval".
         train_spec: the training forward's arguments (`training_graph.example_spec` of a real
-            training batch, targets included); then the training program is always traced
-            (unless `modes` is "eval"). Without it, a training program that cannot be built
+            training batch, targets included), from which the training program is built; in
+            "auto" mode it is traced when the forward mentions `training` or takes more than
+            one argument. Without it, a training program that cannot be built
             from one input of `input_shape` (a detector's loss needs targets) is skipped:
             `state.train_failure` says why, `state.eval_params` which parameters the eval
             program reads (`training_graph.hold_train_only_feeders` takes it from there).
@@ -694,8 +695,9 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
     program, outputs = build_program(net, input_shape)
     state = run_trace(program, outputs, warn=False)
     state.train_macs = list(state.macs)
-    both = modes == TraceModes.BOTH or (train_spec is not None and modes != TraceModes.EVAL)
-    if both or (modes == TraceModes.AUTO and _forward_reads_training(net)):
+    both = modes == TraceModes.BOTH
+    more_args = train_spec is not None and len(train_spec) > 1  # targets: a training forward
+    if both or (modes == TraceModes.AUTO and (more_args or _forward_reads_training(net))):
         try:
             train_program, train_outputs = build_program(net, input_shape, training=True,
                                                          input_spec=train_spec)
