@@ -16,7 +16,7 @@ import paddle.nn.functional as F
 import pytest
 from paddle.vision.ops import DeformConv2D
 
-from prune_callbacks import FilterPruneCallback, FilterPruner, count_flops
+from prune_callbacks import FilterPruneCallback, FilterPruner, SensitivityCallback, count_flops
 from pruning_checks import check_pruned, randomise, rel_err, run
 
 SHAPE = [1, 3, 8, 8]
@@ -333,10 +333,16 @@ def test_prune_callback_traces_the_training_graph_fit_really_runs():
                                       spec([None, 4, 8, 8], "float32", "t")])
     model.prepare(paddle.optimizer.SGD(learning_rate=0.01, parameters=net.parameters()),
                   loss=lambda loss: loss)
-    cb = FilterPruneCallback(flops=0.3, at_epoch=0, input_shape=SHAPE)
+    def close(out, y):  # a metric over the eval output: share of values within 1 of target
+        return float((np.abs(out - y) < 1.0).sum()), y.size
+
+    sens = SensitivityCallback(_Images(), at_epoch=0, metric=close, input_shape=SHAPE,
+                               ratios=(0.5,))
+    cb = FilterPruneCallback(flops=0.3, at_epoch=0, input_shape=SHAPE)  # uniform: every group
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message=".*cannot be traced")  # inputs were captured
-        model.fit(_Images(), epochs=2, batch_size=4, verbose=0, callbacks=[cb])
+        model.fit(_Images(), epochs=2, batch_size=4, verbose=0, callbacks=[sens, cb])
+    assert "body" in sens.result.curves()  # analysed on the training graph's groups too
     (plan,) = cb.plans
     assert "body" in [g.name for g in plan.groups]
     assert net.aux.weight.shape[1] == net.body.weight.shape[0] < 8
