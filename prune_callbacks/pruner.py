@@ -22,10 +22,11 @@ from .layers.flops import count_params
 from .graph.channels import ChannelGraph, Group, add_axis_slices
 from .planning.importance import Criterion, Source, get_criterion
 from .planning.plans import GroupPlan, PrunePlan, record_plan
-from .planning.allocation import PlanGroup, check_reachable, n_keep, plan_group_ratios
+from .planning.allocation import PlanGroup, auto_strategy, check_reachable, n_keep, plan_group_ratios
 from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
 from .sensitivity.fingerprint import network_signature
 from .layers.surgery import Mask, apply_slices, supports_layer
+from .utils.errors import check_names
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +159,7 @@ class FilterPruner:
     def _aliases(self) -> Dict[str, int]:
         out: Dict[str, int] = {}
         graph = self.graph
-        by_key = {key: pname for pname, (key, _, _) in graph._owner.items()}
+        by_key = graph.paddle_names()
         for i, g in enumerate(graph.groups):
             out.setdefault(g.name, i)
             if g.param_name:
@@ -347,7 +348,7 @@ class FilterPruner:
             raise TypeError(
                 "eval_fn must be a callable returning a float, or a dataset of (input, label) "
                 f"samples; got {type(eval_fn).__name__}")
-        result = analyse(self, evaluate, ratios, path, _names(skip, "skip"), max_loss, cache)
+        result = analyse(self, evaluate, ratios, path, check_names("skip", skip), max_loss, cache)
         self._sensitivity = result
         return result
 
@@ -384,8 +385,8 @@ class FilterPruner:
             ValueError: see `prune_to_flops`.
         """
         curves = self._curves(sensitivities)
-        strategy = _auto_strategy(strategy, curves)
-        skip_names = [self.groups[self.group_index(s)].name for s in _names(skip, "skip")]
+        strategy = auto_strategy(strategy, curves is not None)
+        skip_names = [self.groups[self.group_index(s)].name for s in check_names("skip", skip)]
         ratios = plan_group_ratios(self._plan_groups(), self.graph.flops, curves, flops,
                                    skip_names, strategy, round_to)
         return self.select(ratios, round_to)
@@ -408,8 +409,8 @@ class FilterPruner:
         curves = self._curves(sensitivities)
         if curves is None and max_ratio is not None:
             curves = {g.name: {float(max_ratio): 0.0} for g in self.prunable_groups}
-        strategy = _auto_strategy(strategy, curves)
-        skip_names = [self.groups[self.group_index(s)].name for s in _names(skip, "skip")]
+        strategy = auto_strategy(strategy, curves is not None)
+        skip_names = [self.groups[self.group_index(s)].name for s in check_names("skip", skip)]
         check_reachable(self._plan_groups(), self.graph.flops, flops, skip_names, strategy,
                         curves, round_to)
 
@@ -491,27 +492,6 @@ class FilterPruner:
         """MACs the network would have after `prune(ratios)`, computed without pruning."""
         counts = {gi: len(k) for gi, k in self.select(ratios or {}, round_to).items()}
         return self.graph.flops(counts)
-
-
-def _names(value: Any, arg: str) -> List[str]:
-    """Group names from a list, or from one name given as a str (never its characters)."""
-    if isinstance(value, str):
-        return [value]
-    try:
-        names = list(value or ())
-    except TypeError:
-        raise TypeError(f"{arg} must be a list of group names, got {value!r}") from None
-    bad = [v for v in names if not isinstance(v, str)]
-    if bad:
-        raise TypeError(f"{arg} must hold group names (str), got {bad!r}")
-    return names
-
-
-def _auto_strategy(strategy: Optional[str], curves: Optional[Mapping[str, Any]]) -> str:
-    """None means "sensitivity" when curves are given, else "uniform"."""
-    if strategy is None:
-        return "sensitivity" if curves is not None else "uniform"
-    return strategy
 
 
 def _units(group: Group) -> Tuple[int, ...]:

@@ -16,9 +16,8 @@ from typing import Any, Dict, List, Optional, Sequence
 import numpy as np
 import paddle
 import pytest
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException, MissingConfigException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 from omegaconf.errors import ValidationError
 
 import prune_callbacks
@@ -27,29 +26,7 @@ from prune_callbacks.app import (SWEEP_COLUMNS, ConfigError, InferenceExport,
                                  ResumePoint, build_callbacks, evaluate_net, format_sweep, train, validate_config)
 from prune_callbacks.planning.importance import get_criterion
 
-ROOT = Path(__file__).resolve().parents[1]
-CONF = ROOT / "conf"
-
-SMALL = [
-    "data.train_samples=96",
-    "data.val_samples=48",
-    "model.scale=0.25",
-    "trainer.epochs_before=1",
-    "trainer.epochs_after=1",
-    "trainer.batch_size=32",
-    "trainer.eval_batch_size=48",
-    "trainer.verbose=0",
-    "prune.ratios=[0.3,0.6]",
-    "prune.sensitivity_samples=32",
-]
-
-
-def make_cfg(overrides: Sequence[str] = (), tmp_path: Optional[Path] = None) -> DictConfig:
-    with initialize_config_dir(config_dir=str(CONF), version_base=None):
-        cfg = compose(config_name="config", overrides=list(overrides))
-    if tmp_path is not None:
-        cfg.output_dir = str(tmp_path)
-    return cfg
+from app_helpers import ROOT, SMALL, make_cfg
 
 
 def _chain(exc: BaseException) -> str:
@@ -394,7 +371,7 @@ def test_train_plumbing_with_stand_ins(tmp_path: Path, monkeypatch: pytest.Monke
     assert [s["step"] for s in _LogsSpy.seen] == [2, 2, 2]  # 96 samples / 32 -> last train step 2
     saved = json.loads((tmp_path / "results.json").read_text())
     assert saved["top1_finetuned"] == pytest.approx(results["top1_finetuned"])
-    assert (tmp_path / "checkpoint" / "final.json").exists()
+    assert (tmp_path / "checkpoint" / "final.prune.json").exists()
     assert (tmp_path / "inference" / "model.pdmodel").exists()
     assert (tmp_path / "resume" / "last.json").exists() and not list((tmp_path / "resume").glob(".tmp-*"))
     state = json.loads((tmp_path / "resume" / "last.state.json").read_text())

@@ -1,4 +1,4 @@
-"""The app under `python -m paddle.distributed.launch --nproc_per_node 2` on CPU (issue 9): one output
+"""The app under `python -m paddle.distributed.launch --nproc_per_node 2` on CPU: one output
 directory, one results table, figures over the whole validation set.
 """
 from __future__ import annotations
@@ -15,7 +15,10 @@ import pytest
 from prune_callbacks import load_pruned
 from prune_callbacks.app import evaluate_net
 from prune_callbacks.datasets.bundled import digits_dataset, subset
-from test_app import ROOT, SMALL
+from app_helpers import ROOT, SMALL
+
+# several processes bind ports: under pytest-xdist they run on one worker, one at a time
+pytestmark = pytest.mark.xdist_group("distributed")
 
 
 def test_launch_two_processes_writes_one_run_dir_and_one_table(tmp_path: Path) -> None:

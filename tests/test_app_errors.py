@@ -1,4 +1,4 @@
-"""The app's unlucky moments (issue 13, items 6 and 7) and distillation in the app.
+"""The app's unlucky moments and distillation in the app.
 
 A diverged run stops, says so and writes valid JSON; a GPU on a CPU build, an unwritable output dir,
 an unknown `prune.skip` group and `prune.steps` past the last epoch stop before the first batch with
@@ -21,7 +21,7 @@ import prune_callbacks
 from prune_callbacks.app import ConfigError, train
 from prune_callbacks.app.run import prepare
 from prune_callbacks.app.schema import validate_config
-from test_app import ROOT, SMALL, make_cfg
+from app_helpers import ROOT, SMALL, make_cfg
 
 
 @pytest.fixture

@@ -12,10 +12,14 @@ import numpy as np
 import paddle
 import paddle.distributed as dist
 import paddle.nn as nn
+import pytest
 from paddle.static import InputSpec
 
 from prune_callbacks import FilterPruneCallback, SensitivityCallback
 from prune_callbacks.training import distributed as pdist
+
+# several processes bind ports: under pytest-xdist they run on one worker, one at a time
+pytestmark = pytest.mark.xdist_group("distributed")
 
 
 class _Net(nn.Layer):

@@ -155,6 +155,12 @@ def test_tutorial_on_a_cifar10_tarball(tmp_path) -> None:
     check_outputs(out, check_flops(proc.stdout, 0.4))
 
 
+@pytest.fixture(autouse=True)
+def _scripts_directory_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As when Python runs a script: its directory is importable (the examples share `_cli.py`)."""
+    monkeypatch.syspath_prepend(str(EXAMPLES))
+
+
 def load_example(script: str) -> ModuleType:
     """The example as a module, to call its functions without running main()."""
     spec = importlib.util.spec_from_file_location(f"example_{Path(script).stem}", EXAMPLES / script)

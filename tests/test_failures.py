@@ -1,4 +1,4 @@
-"""Bad input and unlucky moments (issue 13): whatever can be checked is checked before the first
+"""Bad input and unlucky moments: whatever can be checked is checked before the first
 batch, with one message naming the value and the fix; no kill at any moment destroys a good file."""
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The app on the user's own images and own network (issue 14): `data=folder`, `model._target_=<a user
+"""The app on the user's own images and own network: `data=folder`, `model._target_=<a user
 class>`, `trainer.resume`.
 
 The image folder is written by the tests (PNG and JPEG, a grayscale and an RGBA image, one broken
@@ -20,9 +20,8 @@ from PIL import Image
 
 from prune_callbacks.app import ConfigError, train
 from prune_callbacks.datasets.folder import image_folder_dataset, scan_folder
-from test_app import make_cfg
+from app_helpers import CLASSES, make_cfg, write_images
 
-CLASSES = ("cat", "dog", "fox")
 
 
 class TinyNet(paddle.nn.Layer):
@@ -40,23 +39,13 @@ class TinyNet(paddle.nn.Layer):
         return self.fc(self.features(x))
 
 
-def _write_images(folder: Path, per_class: int, rng: np.random.Generator, start: int = 0) -> None:
-    for label, name in enumerate(CLASSES):
-        (folder / name).mkdir(parents=True, exist_ok=True)
-        for i in range(start, start + per_class):
-            # a class-dependent colour so that a tiny net can learn something
-            pixels = np.clip(rng.normal(60 + 70 * label, 30, (20 + i % 5, 24, 3)), 0, 255).astype(np.uint8)
-            ext = "png" if i % 2 else "jpg"
-            Image.fromarray(pixels).save(folder / name / f"img{i}.{ext}")
-
-
 @pytest.fixture
 def image_folder(tmp_path: Path) -> Path:
     """train/<class>/ and val/<class>/, with a grayscale and an RGBA image and one broken file."""
     rng = np.random.default_rng(0)
     root = tmp_path / "flowers"
-    _write_images(root / "train", 8, rng)
-    _write_images(root / "val", 3, rng, start=100)
+    write_images(root / "train", 8, rng)
+    write_images(root / "val", 3, rng, start=100)
     Image.fromarray(rng.integers(0, 255, (30, 30), dtype=np.uint8), mode="L").save(root / "train" / "cat" / "grey.png")
     Image.fromarray(rng.integers(0, 255, (30, 30, 4), dtype=np.uint8), mode="RGBA").save(root / "train" / "dog" / "rgba.png")
     (root / "train" / "fox" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 this is not a jpeg")
@@ -90,7 +79,7 @@ def test_scan_folder_layouts(image_folder: Path, tmp_path: Path) -> None:
     assert len(layout.train) == 3 * 8 + 3 and len(layout.val) == 3 * 3 + 1  # + grey, rgba, broken, truncated
     # one folder of classes: split per class by val_fraction, the same split every time
     flat = tmp_path / "flat"
-    _write_images(flat, 10, np.random.default_rng(1))
+    write_images(flat, 10, np.random.default_rng(1))
     a, b = scan_folder(str(flat), val_fraction=0.3, seed=0), scan_folder(str(flat), val_fraction=0.3, seed=0)
     assert a == b and a.split_by_fraction and len(a.val) == 9 and len(a.train) == 21
     assert not set(a.train) & set(a.val)
@@ -106,7 +95,7 @@ def test_folder_errors_say_what_is_expected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"val_fraction=1\.5 must be a number in \[0, 1\)"):
         scan_folder(str(tmp_path / "empty"), val_fraction=1.5)
     root = tmp_path / "mismatch"
-    _write_images(root / "train", 1, np.random.default_rng(0))
+    write_images(root / "train", 1, np.random.default_rng(0))
     (root / "val" / "wolf").mkdir(parents=True)
     with pytest.raises(ValueError, match=r"class folders \['wolf'\] that .* does not have"):
         scan_folder(str(root))
@@ -178,7 +167,7 @@ def test_grayscale_input_reaches_the_user_net(image_folder: Path, tmp_path: Path
 
 def test_one_folder_split_by_val_fraction(tmp_path: Path) -> None:
     flat = tmp_path / "flat"
-    _write_images(flat, 6, np.random.default_rng(2))
+    write_images(flat, 6, np.random.default_rng(2))
     results = train(folder_cfg([f"data.path={flat}", "data.val_fraction=0.5",
                               "prune.strategy=uniform"], tmp_path / "run"))
     assert results["train_samples"] == 9 and results["val_samples"] == 9 and results["num_classes"] == 3
@@ -186,7 +175,7 @@ def test_one_folder_split_by_val_fraction(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("overrides, message", [
     (["data.path=/no/such/folder"],
-     r"data\.train \(prune_callbacks\.image_folder\.image_folder_dataset\) could not be built "
+     r"data\.train \(prune_callbacks\.datasets\.folder\.image_folder_dataset\) could not be built "
      r"\(data\.path='/no/such/folder'\): FileNotFoundError: image folder '/no/such/folder' does not exist"),
     (["data=folder"], r"data\.train .* could not be built: ValueError: path is required"),
     (["data.num_classes=5"], r"data\.num_classes=5, but the data set has 3 classes \(cat, dog, fox\); set "

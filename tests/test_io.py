@@ -324,9 +324,17 @@ def test_pruned_model_checkpoint_is_a_model_checkpoint_and_checks_arguments() ->
     ckpt = PrunedModelCheckpoint(2, Path("ck"))
     # fit adds its own ModelCheckpoint (which writes no plans) only when none is given
     assert isinstance(ckpt, paddle.callbacks.ModelCheckpoint) and (ckpt.save_freq, ckpt.save_dir) == (2, "ck")
-    with pytest.raises(ValueError, match="save_freq must be an int >= 1"):
-        PrunedModelCheckpoint(0, "ck")
+    with pytest.raises(ValueError, match="save_freq must be an int >= 0"):
+        PrunedModelCheckpoint(-1, "ck")
     with pytest.raises(TypeError, match="save_dir must be a directory path or None"):
         PrunedModelCheckpoint(1, 3)
     with pytest.raises(TypeError, match="plan must be a PrunePlan"):
         record_plan(_net(), {"groups": []})
+
+
+def test_save_freq_zero_saves_only_the_final_checkpoint(tmp_path: Path) -> None:
+    paddle.seed(5)
+    model = _model(_net())
+    model.fit(_data(), batch_size=16, epochs=2, verbose=0,
+              callbacks=[PrunedModelCheckpoint(save_freq=0, save_dir=tmp_path / "ck")])
+    assert sorted(os.listdir(tmp_path / "ck")) == ["final.pdopt", "final.pdparams", "final.prune.json"]

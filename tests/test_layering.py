@@ -85,9 +85,9 @@ def test_every_module_has_a_layer() -> None:
     assert not unranked, f"give these modules a layer in LAYERS: {unranked}"
 
 
-def test_no_import_from_a_lower_layer_to_a_higher_one() -> None:
+def _upward(graph: Dict[str, Set[str]]) -> List[str]:
     bad = []
-    for mod, deps in _graph().items():
+    for mod, deps in graph.items():
         if mod == PACKAGE:
             continue
         for dep in deps:
@@ -95,7 +95,22 @@ def test_no_import_from_a_lower_layer_to_a_higher_one() -> None:
                 bad.append(f"{mod} -> {dep} (the package front door)")
             elif _layer(dep) > _layer(mod):
                 bad.append(f"{mod} (layer {_layer(mod)}) -> {dep} (layer {_layer(dep)})")
-    assert not bad, "imports pointing up:\n" + "\n".join(sorted(bad))
+    return sorted(bad)
+
+
+def test_no_import_from_a_lower_layer_to_a_higher_one() -> None:
+    bad = _upward(_graph())
+    assert not bad, "imports pointing up:\n" + "\n".join(bad)
+
+
+def test_a_planted_upward_import_between_packages_fails(tmp_path: Path) -> None:
+    """The rule is not vacuous: a graph module importing the callbacks package is caught."""
+    planted = tmp_path / "channels.py"
+    planted.write_text("from ..callbacks.history import history_of\n")
+    known = set(_modules())
+    graph = dict(_graph())
+    graph[f"{PACKAGE}.graph.channels"] = _imports(f"{PACKAGE}.graph.channels", planted, known)
+    assert _upward(graph) == [f"{PACKAGE}.graph.channels (layer 2) -> {PACKAGE}.callbacks.history (layer 5)"]
 
 
 def test_no_import_cycle() -> None:

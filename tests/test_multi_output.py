@@ -1,4 +1,4 @@
-"""Networks with several outputs (issue 9.2) and branches that run only in training (issue 9.3).
+"""Networks with several outputs and branches that run only in training.
 
 Each pruned network must equal the masked original in eval and in train mode, every output of
 it, train for a step, and have the FLOPs the pruner predicted.

@@ -1,4 +1,4 @@
-"""Layers and ops real networks use beyond the classification zoo (issue 12): each minimal
+"""Layers and ops real networks use beyond the classification zoo: each minimal
 network prunes exactly (pruned == masked in eval and train mode, a training step, FLOPs fall,
 predicted FLOPs == counted FLOPs), or keeps its channels with a reason that says why."""
 from __future__ import annotations
@@ -135,7 +135,7 @@ class RunTimeShapes(nn.Layer):
     def forward(self, x):
         y = self.conv(x)
         b = paddle.shape(y)[0]
-        if self.literal:  # the issue's repro: 8 is written into the code
+        if self.literal:  # the failing case: 8 is written into the code
             t = y.reshape([b, 8, 64]).transpose([0, 2, 1])
         else:
             t = y.reshape([b, 0, -1]).transpose([0, 2, 1])

@@ -1,4 +1,4 @@
-"""Pruning more than once (issue 9, part 4): two FilterPruneCallbacks in one fit, on the same or
+"""Pruning more than once: two FilterPruneCallbacks in one fit, on the same or
 on disjoint groups, and a FilterPruner whose network changed under it. Each plan starts from the
 network as it is at that moment; each callback's target is a share of those FLOPs."""
 from __future__ import annotations

@@ -1,6 +1,6 @@
-"""Every `train.py` command shown in README.md runs (issue 13, item 6).
+"""Every `train.py` command shown in README.md and the pages of docs/ runs.
 
-Commands are taken from the README's fenced bash/sh/shell/console blocks and from inline code spans
+Commands are taken from the pages' fenced bash/sh/shell/console blocks and from inline code spans
 that start with `python train.py`. Each runs with tiny settings put in place of its sizes (few samples,
 one epoch per phase, few sensitivity points): in-process through `train(cfg)` composed with Hydra's
 compose API, or as a subprocess for sweeps (`-m`), `--help`/`--cfg`, `hydra.*` overrides and
@@ -28,10 +28,9 @@ import numpy as np
 import pytest
 
 from prune_callbacks.app import train
-from test_app import ROOT, make_cfg
-from test_image_folder import _write_images
+from app_helpers import ROOT, make_cfg, write_images
 
-README = ROOT / "README.md"
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
 
 # Commands not run, each with the reason. Only what this machine cannot run belongs here.
 SKIP = {
@@ -69,7 +68,7 @@ def readme_commands(text: str) -> List[str]:
     return list(dict.fromkeys(" ".join(c.split()) for c in commands))
 
 
-COMMANDS = readme_commands(README.read_text(encoding="utf-8"))
+COMMANDS = list(dict.fromkeys(c for page in PAGES for c in readme_commands(page.read_text(encoding="utf-8"))))
 
 
 def test_the_readme_shows_train_commands() -> None:
@@ -107,8 +106,8 @@ def mini_cifar(folder: Path) -> Path:
 
 def mini_folder(folder: Path) -> Path:
     root = folder / "images"
-    _write_images(root / "train", 6, np.random.default_rng(0))
-    _write_images(root / "val", 2, np.random.default_rng(1), start=100)
+    write_images(root / "train", 6, np.random.default_rng(0))
+    write_images(root / "val", 2, np.random.default_rng(1), start=100)
     return root
 
 
@@ -250,7 +249,10 @@ def run_command(command: str, tmp_path: Path, request: pytest.FixtureRequest) ->
     return pruned, json.dumps(results, default=str)[-3000:]
 
 
-@pytest.mark.parametrize("command", COMMANDS)
+# Several processes bind ports: under pytest-xdist they all run on one worker, one at a time.
+@pytest.mark.parametrize("command", [
+    pytest.param(c, marks=pytest.mark.xdist_group("distributed")) if "paddle.distributed" in c else c
+    for c in COMMANDS])
 def test_readme_command_runs(command: str, tmp_path: Path, request: pytest.FixtureRequest) -> None:
     ok, output = run_command(command, tmp_path, request)
     assert ok, f"{command}\n{output}"

@@ -14,7 +14,6 @@ import pytest
 from paddle.vision import models
 
 from prune_callbacks import EvalData, FilterPruner, SensitivityResult, count_flops
-from prune_callbacks.planning.allocation import plan_ratios
 from prune_callbacks.sensitivity import top1_metric
 
 
@@ -251,7 +250,7 @@ def test_targets_met_within_half_a_point(name: str) -> None:
     base = pruner.graph.flops({})
     for target in (0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7):
         for strategy in ("sensitivity", "uniform"):
-            kept = plan_ratios(pruner, target, sens, strategy=strategy)
+            kept = pruner.plan(target, sens, strategy=strategy)
             achieved = 1 - pruner.graph.flops({g: len(k) for g, k in kept.items()}) / base
             assert abs(achieved - target) <= 0.005, (name, target, strategy, achieved)
     if name == "vgg16":
@@ -269,8 +268,8 @@ def test_planning_prefers_insensitive_groups_and_is_deterministic() -> None:
     net = models.mobilenet_v1(num_classes=10, scale=0.5)
     pruner = FilterPruner(net, [1, 3, 32, 32])
     sens = fake_sensitivity(pruner, seed=1)
-    a = plan_ratios(pruner, 0.4, sens)
-    b = plan_ratios(pruner, 0.4, sens)
+    a = pruner.plan(0.4, sens)
+    b = pruner.plan(0.4, sens)
     assert {k: v.tolist() for k, v in a.items()} == {k: v.tolist() for k, v in b.items()}
     groups = pruner.groups
     steep = {groups[g].name: sens.losses[groups[g].name][0.5] for g in a}
@@ -326,7 +325,7 @@ def test_flat_curves_spread_the_cut_evenly() -> None:
     for pts in sens.losses.values():
         for r in pts:
             pts[r] = 0.0
-    kept = plan_ratios(pruner, 0.4, sens)
+    kept = pruner.plan(0.4, sens)
     groups = pruner.groups
     removed = [1 - len(kept.get(i, range(g.channels))) / g.channels
                for i, g in enumerate(groups) if g.name in sens.losses]

@@ -1,4 +1,4 @@
-"""The compiled sensitivity path (issue 16): the network exported once to Paddle Inference with
+"""The compiled sensitivity path: the network exported once to Paddle Inference with
 oneDNN, a keep vector as input. Its losses must be exactly those of plainly evaluating the masked
 network, it must serve every group it can, and fall back (same numbers) for a group, or a
 network, it cannot serve."""

@@ -1,4 +1,4 @@
-"""Channel shuffles (issue 12.1): `reshape([n, g, c // g, h, w]) -> transpose -> reshape([n, c,
+"""Channel shuffles: `reshape([n, g, c // g, h, w]) -> transpose -> reshape([n, c,
 h, w])` with `c` read from the input's shape. One shuffle ties position i of every run, so every
 run keeps the same positions and the pruned shuffle meets them in the masked order. Where the
 splits of shuffled channels nest (ShuffleNetV2 stages), the groups are routed instead
@@ -31,7 +31,7 @@ def shuffle(x: paddle.Tensor, groups: int, runs_first: bool = True) -> paddle.Te
 
 
 class Repro(nn.Layer):
-    """The issue's repro: split into halves, a conv on one, concat, shuffle."""
+    """The failing case: split into halves, a conv on one, concat, shuffle."""
 
     def __init__(self, runs_first: bool = True) -> None:
         super().__init__()

@@ -9,8 +9,6 @@ from __future__ import annotations
 import logging
 import os
 import random
-import re
-import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
@@ -23,6 +21,8 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..training import distributed
+from ..utils.errors import argument_of
+from ..utils.files import directory_problem
 from ..callbacks import DistillCallback, FilterPruneCallback, SensitivityCallback
 from ..datasets.bundled import subset
 from ..deploy.io import load_pruned
@@ -46,6 +46,7 @@ ARGUMENT_KEYS = {
     "path": "prune.sensitivity_file", "max_loss": "prune.max_loss",
     "batch_size": "trainer.eval_batch_size", "input_shape": "data.image_size", "eval_data": "data.val",
     "alpha": "prune.distill.alpha", "temperature": "prune.distill.temperature",
+    "latency": "prune.latency", "sensitivity": "prune.strategy",
 }
 
 
@@ -96,14 +97,11 @@ def _trainers() -> int:
 
 def _unwritable(out: str) -> Optional[str]:
     """Why `out` cannot be the output dir (created if missing), or None."""
-    try:
-        os.makedirs(out, exist_ok=True)
-        with tempfile.TemporaryFile(dir=out):
-            pass
-    except OSError as exc:
-        return (f"output_dir={out!r} cannot be written ({type(exc).__name__}: {exc.strerror or exc}); "
-                f"choose a writable directory with output_dir=... (or hydra.run.dir=...)")
-    return None
+    exc = directory_problem(out)
+    if exc is None:
+        return None
+    return (f"output_dir={out!r} cannot be written ({type(exc).__name__}: {exc.strerror or exc}); "
+            f"choose a writable directory with output_dir=... (or hydra.run.dir=...)")
 
 
 def resolve_output_dir(cfg: DictConfig) -> str:
@@ -145,15 +143,13 @@ def _value(cfg: DictConfig, key: str) -> Any:
 def as_config_error(exc: Exception, cfg: DictConfig, what: str) -> ConfigError:
     """A callback's ValueError/TypeError as a ConfigError naming the config key of the bad argument.
 
-    The callbacks name the argument in their messages; the first argument named there is taken
-    as the culprit, `what` (e.g. "prune") when none is.
+    The callbacks tag their errors with the argument they are about (`utils.errors`); `what`
+    (e.g. "prune") names the section when an error carries no argument the app knows.
     """
-    message = str(exc)
-    named = [(m.start(), arg) for arg in ARGUMENT_KEYS if (m := re.search(rf"\b{arg}\b", message))]
-    if not named:
-        return ConfigError(f"{what}: {message}")
-    key = ARGUMENT_KEYS[min(named)[1]]
-    return ConfigError(f"{key}={_value(cfg, key)!r}: {message}")
+    key = ARGUMENT_KEYS.get(argument_of(exc) or "")
+    if key is None:
+        return ConfigError(f"{what}: {exc}")
+    return ConfigError(f"{key}={_value(cfg, key)!r}: {exc}")
 
 
 def _sensitivity_path(cfg: DictConfig, run: Run) -> str:

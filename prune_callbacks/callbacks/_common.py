@@ -5,24 +5,13 @@ from typing import Any, List, Optional
 
 import numpy as np
 
+from ..utils.errors import tagged
+
 
 def check_epoch(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 0:
-        raise ValueError(f"{name} must be a 0-based epoch index (an int >= 0), got {value!r}")
+        raise tagged(name, ValueError(f"{name} must be a 0-based epoch index (an int >= 0), got {value!r}"))
     return int(value)
-
-
-def check_names(name: str, value: Any) -> List[str]:
-    if isinstance(value, str):
-        return [value]
-    try:
-        names = list(value or ())
-    except TypeError:
-        raise TypeError(f"{name} must be a list of group names, got {value!r}") from None
-    bad = [v for v in names if not isinstance(v, str)]
-    if bad:
-        raise TypeError(f"{name} must hold group names (str), got {bad!r}")
-    return names
 
 
 def infer_input_shape(model: Any, dataset: Optional[Any] = None) -> List[int]:

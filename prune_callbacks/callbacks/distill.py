@@ -13,6 +13,7 @@ import paddle
 import paddle.nn as nn
 import paddle.nn.functional as F
 
+from ..utils.errors import tagged
 from .history import history_of
 
 logger = logging.getLogger(__name__)
@@ -111,16 +112,16 @@ class DistillCallback(paddle.callbacks.Callback):
                  teacher: Optional[nn.Layer] = None) -> None:
         super().__init__()
         if teacher is not None and not isinstance(teacher, nn.Layer):
-            raise TypeError(f"teacher must be a paddle.nn.Layer or None, got {type(teacher).__name__}")
+            raise tagged("teacher", TypeError(f"teacher must be a paddle.nn.Layer or None, got {type(teacher).__name__}"))
         self.given_teacher = teacher
         if isinstance(alpha, bool) or not isinstance(alpha, (int, float)) or not 0 <= alpha <= 1:
-            raise ValueError(f"alpha must be a number in [0, 1] (the distillation weight), "
-                             f"got {alpha!r}")
+            raise tagged("alpha", ValueError(f"alpha must be a number in [0, 1] (the distillation weight), "
+                             f"got {alpha!r}"))
         if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
                 or not temperature > 0:
-            raise ValueError(f"temperature must be a number > 0, got {temperature!r}")
+            raise tagged("temperature", ValueError(f"temperature must be a number > 0, got {temperature!r}"))
         if not isinstance(output, (int, str)) or isinstance(output, bool):
-            raise TypeError(f"output must be an int index or a str dict key, got {output!r}")
+            raise tagged("output", TypeError(f"output must be an int index or a str dict key, got {output!r}"))
         self.alpha = float(alpha)
         self.temperature = float(temperature)
         self.output = output

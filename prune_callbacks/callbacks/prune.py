@@ -8,16 +8,18 @@ from typing import Dict, List, Optional, Sequence, Union
 import numpy as np
 import paddle
 
+from ..utils.errors import about, tagged
 from ..training.distributed import all_gather, check_agree, is_main, rebuild_data_parallel
 from ..planning.importance import get_criterion
 from ..deploy.latency import LatencyOptions, LatencySearch, check_latency_target, plan_for_latency
 from ..training.optim import rebuild_optimizer
 from ..planning.plans import PrunePlan, record_plan
-from ..planning.allocation import STRATEGIES, check_fraction
+from ..planning.allocation import STRATEGIES, auto_strategy, check_fraction
 from ..graph.training_graph import LATER
 from ..pruner import FilterPruner
 from ..sensitivity import SensitivityResult
-from ._common import check_epoch, check_names, infer_input_shape
+from ..utils.errors import check_names
+from ._common import check_epoch, infer_input_shape
 from .train_inputs import stop_watching, training_inputs, watch_training_inputs
 from .history import PruneEvent, history_of
 from .sensitivity import SensitivityCallback
@@ -85,33 +87,35 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                  latency_options: Optional[LatencyOptions] = None) -> None:
         super().__init__()
         if flops is not None and latency is not None:
-            raise ValueError(f"give exactly one of flops={flops!r} (a FLOPs cut) and latency={latency!r} "
-                             f"(a share of the measured latency)")
+            raise tagged("latency", ValueError(f"give exactly one of flops={flops!r} (a FLOPs cut) and "
+                                               f"latency={latency!r} (a share of the measured latency)"))
         if flops is None and latency is None:
             flops = 0.4
         if latency_options is not None and not isinstance(latency_options, LatencyOptions):
-            raise TypeError(f"latency_options must be a prune_callbacks.LatencyOptions, "
-                            f"got {type(latency_options).__name__}")
-        self.latency = check_latency_target(latency) if latency is not None else None
+            raise tagged("latency_options", TypeError(f"latency_options must be a prune_callbacks.LatencyOptions, "
+                            f"got {type(latency_options).__name__}"))
+        with about("latency"):
+            self.latency = check_latency_target(latency) if latency is not None else None
         self.latency_options = latency_options or LatencyOptions()
         self.search: Optional[LatencySearch] = None  # the latency search's trials, once run
         self.flops = check_fraction(flops, "flops") if latency is None else None
         self.at_epoch = check_epoch("at_epoch", at_epoch)
-        get_criterion(criterion)
+        with about("criterion"):
+            get_criterion(criterion)
         self.criterion = criterion
         self.skip = check_names("skip", skip)
-        if strategy is None:  # auto: the curves decide
-            strategy = "sensitivity" if sensitivity is not None else "uniform"
+        strategy = auto_strategy(strategy, sensitivity is not None)  # None: the curves decide
         if strategy not in STRATEGIES:
-            raise ValueError(f"strategy must be one of {STRATEGIES} or None (auto), got {strategy!r}")
+            raise tagged("strategy", ValueError(f"strategy must be one of {STRATEGIES} or None (auto), got {strategy!r}"))
         self.strategy = strategy
         if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to must be an int >= 1, got {round_to!r}")
+            raise tagged("round_to", ValueError(f"round_to must be an int >= 1, got {round_to!r}"))
         self.round_to = round_to
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-            raise ValueError(f"steps must be an int >= 1 (epochs to reach the target), got {steps!r}")
+            raise tagged("steps", ValueError(f"steps must be an int >= 1 (epochs to reach the target), got {steps!r}"))
         self.steps = steps
-        _check_source(sensitivity, strategy, criterion)
+        with about("sensitivity"):
+            _check_source(sensitivity, strategy, criterion)
         self.sensitivity = sensitivity
         self.input_shape = list(input_shape) if input_shape is not None else None
         self.plans: List[PrunePlan] = []
@@ -292,8 +296,8 @@ def _check_source(sensitivity: SensitivitySource, strategy: str, criterion: str)
             "strategy='sensitivity' needs sensitivity=<SensitivityCallback | "
             "SensitivityResult | path of a saved analysis>; or use strategy='uniform'")
     if not isinstance(sensitivity, (SensitivityCallback, SensitivityResult, str, os.PathLike)):
-        raise TypeError("sensitivity must be a SensitivityCallback, a SensitivityResult "
-                        f"or a file path; got {type(sensitivity).__name__}")
+        raise tagged("sensitivity", TypeError("sensitivity must be a SensitivityCallback, a SensitivityResult "
+                        f"or a file path; got {type(sensitivity).__name__}"))
     measured = getattr(sensitivity, "criterion", None)
     if measured is not None and get_criterion(measured).name != get_criterion(criterion).name:
         raise ValueError(

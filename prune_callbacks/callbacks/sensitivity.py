@@ -8,12 +8,14 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import paddle
 
+from ..utils.errors import about, tagged
 from ..planning.importance import get_criterion
 from ..graph.training_graph import LATER
 from ..pruner import FilterPruner
-from ..sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, _check_ratios, top1_metric
+from ..sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, check_ratios, top1_metric
 from ..sensitivity.analysis import check_file
-from ._common import check_epoch, check_names, infer_input_shape
+from ..utils.errors import check_names
+from ._common import check_epoch, infer_input_shape
 from .train_inputs import stop_watching, training_inputs, watch_training_inputs
 from .history import history_of
 
@@ -85,14 +87,15 @@ class SensitivityCallback(paddle.callbacks.Callback):
         if is_dataset and len(eval_data) == 0:
             raise ValueError("eval_data is empty: pass a dataset with at least one sample")
         self.at_epoch = check_epoch("at_epoch", at_epoch)
-        self.ratios = _check_ratios(ratios)
+        self.ratios = check_ratios(ratios)
         if path is not None and not isinstance(path, (str, os.PathLike)):
-            raise TypeError(f"path must be a file path or None, got {type(path).__name__}")
+            raise tagged("path", TypeError(f"path must be a file path or None, got {type(path).__name__}"))
         self.path = os.fspath(path) if path is not None else None
         if max_loss is not None and (isinstance(max_loss, bool)
                                      or not isinstance(max_loss, numbers.Real)):
-            raise TypeError(f"max_loss must be a number or None, got {max_loss!r}")
-        get_criterion(criterion)  # unknown criterion: fail now, not epochs later
+            raise tagged("max_loss", TypeError(f"max_loss must be a number or None, got {max_loss!r}"))
+        with about("criterion"):  # unknown criterion: fail now, not epochs later
+            get_criterion(criterion)
         self.criterion = criterion
         self.skip = check_names("skip", skip)
         self.max_loss = max_loss

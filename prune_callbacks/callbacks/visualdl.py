@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import os
-import tempfile
 from typing import Any, Dict, List, Optional, Set, Tuple, Union
 
 import numpy as np
@@ -15,6 +14,7 @@ import paddle
 
 from ..planning.plans import PrunePlan
 from ..sensitivity import SensitivityResult
+from ..utils.files import directory_problem
 from .history import PruneEvent, PruneHistory, history_of
 
 logger = logging.getLogger(__name__)
@@ -83,10 +83,8 @@ class PruneVisualDL(paddle.callbacks.Callback):
                 break
             probe = parent
         probe = probe or "."
-        try:
-            with tempfile.TemporaryFile(dir=probe):
-                pass
-        except OSError as e:
+        e = directory_problem(probe, create=False)
+        if e is not None:
             raise ValueError(f"PruneVisualDL cannot write its logs to {self.run_dir!r}: "
                              f"{e.strerror} in {probe!r}; pass a writable log_dir") from e
         if os.path.exists(self.run_dir) and not os.path.isdir(self.run_dir):

@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -42,6 +42,15 @@ Clock = Callable[[], float]
 Runner = Callable[[], Any]
 """One inference call on a fixed input: what is timed."""
 Kept = Dict[int, np.ndarray]
+
+
+class SlicingPruner(Protocol):
+    """What the latency search reads of a pruner (`FilterPruner` is one): the live network and
+    the parameter slices (keep, drop) that a selection of kept channels gives."""
+
+    net: nn.Layer
+
+    def slices(self, kept: Kept) -> Tuple[Dict[str, Dict[int, Any]], Dict[str, Dict[int, Any]]]: ...
 CLOCKS: Dict[str, Clock] = {"wall": time.perf_counter, "cpu": time.thread_time}
 """Timers by name: wall time, or the calling thread's CPU time (only with one engine thread)."""
 RunnerFactory = Callable[..., Runner]
@@ -378,7 +387,7 @@ class LatencySearch:
     trials: Tuple[Trial, ...]
 
 
-def pruned_copy(pruner: Any, kept: Kept) -> nn.Layer:
+def pruned_copy(pruner: SlicingPruner, kept: Kept) -> nn.Layer:
     """A deep copy of `pruner.net` pruned to `kept`; the network itself is not touched.
 
     Uses the pruner's traced slices (`pruner.slices(kept)`), so the copy has exactly the shapes
@@ -414,7 +423,7 @@ def _next_guess(lo: float, lo_share: float, hi: float, hi_share: Optional[float]
     return min(max(guess, lo + _INNER * width), hi - _INNER * width)
 
 
-def search_latency(pruner: Any, target: float, plan_for_flops: Callable[[float], Kept],
+def search_latency(pruner: SlicingPruner, target: float, plan_for_flops: Callable[[float], Kept],
                    measure: Callable[[nn.Layer], float], *, tolerance: float = 0.02,
                    max_trials: int = 8, max_flops: float = 0.9) -> LatencySearch:
     """The smallest FLOPs cut whose pruned copy runs in at most `target` of the original latency.
@@ -429,7 +438,7 @@ def search_latency(pruner: Any, target: float, plan_for_flops: Callable[[float],
     Cost: at most `max_trials` x (copy + export + (warmup + repeats) x (baseline + candidate call)).
 
     Args:
-        pruner: a FilterPruner over the live network (duck-typed: `net`, `slices(kept)`).
+        pruner: a FilterPruner over the live network (see `SlicingPruner`).
         target: latency share to reach, in (0, 1), e.g. 0.6.
         plan_for_flops: FLOPs cut -> kept channels, e.g.
             `lambda f: pruner.plan(f, sens, skip, strategy, round_to)`.

@@ -17,7 +17,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Set,
 import numpy as np
 import paddle
 
-from . import ops  # noqa: F401  (registers the built-in op handlers)
+from . import ops  # noqa: F401  (importing it registers the built-in op handlers)
 from . import control_flow, ops_deformable, ops_elementwise  # noqa: F401  (more op handlers)
 from .training_graph import LATER, TrainInputs, example_spec, hold_train_only_feeders
 from ..layers.registry import layer_handler
@@ -272,6 +272,11 @@ class ChannelGraph:
                             f"part on a copy did not reproduce masking ({failure})")
                 warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
 
+    def paddle_names(self) -> Dict[str, str]:
+        """Structured parameter key (`features.3.weight`) -> Paddle's own name (`conv2d_26.w_0`),
+        for every parameter of the traced network."""
+        return {key: pname for pname, (key, _, _) in self._owner.items()}
+
     def _route_groups(self, net: paddle.nn.Layer, st: TraceState) -> None:
         """Give groups left whole by nested splits of shuffled channels (ShuffleNetV2 stages) a
         route model (`routes.RoutedGroup`): every channel of every producer becomes one of the
@@ -281,7 +286,7 @@ class ChannelGraph:
         if not self._reroute:
             return
         root = st.uf.root_table(untied=True)
-        key_of = {pname: key for pname, (key, _, _) in self._owner.items()}
+        key_of = {pname: key for key, pname in self.paddle_names().items()}
         probe = self._probe(net)
         known = _width_caches(net, (self.input_shape, str(self._modes)))
         for gi in self._reroute:

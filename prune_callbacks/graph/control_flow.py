@@ -126,7 +126,8 @@ def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState) -> None
     a branch not taken counts nothing, a loop body once per iteration. Predicted FLOPs then
     equal `count_flops` (which runs the same input). The training count reuses the eval weights.
     `graph` is the ChannelGraph being built (typed Any: channels imports this module)."""
-    recs = [m for m in state.macs if m.param in graph._owner]
+    owned = set(graph.paddle_names().values())  # as ChannelGraph keeps them: parameters only
+    recs = [m for m in state.macs if m.param in owned]
     if not any(m.conditional for m in recs):
         return
     cond = {m.param for m in recs if m.conditional}
@@ -139,7 +140,7 @@ def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState) -> None
     for m, mac in zip(recs, graph._macs):
         if m.conditional:
             mac.weight = weights[m.param]
-    for m, mac in zip([m for m in state.train_macs if m.param in graph._owner],
+    for m, mac in zip([m for m in state.train_macs if m.param in owned],
                       graph._train_macs):
         if m.conditional and m.param in weights:
             mac.weight = weights[m.param]

@@ -164,7 +164,7 @@ def _matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
 
 def _count_untraced_linear(state: TraceState, w: _Val, x: _Val, out: _Val) -> None:
     """A linear layer on a path we cannot follow still costs MACs: count them on fixed ids, so
-    predicted FLOPs equal counted FLOPs (issue 12.7)."""
+    predicted FLOPs equal counted FLOPs."""
     out_ids = np.asarray(out.ids).ravel() if out.ids is not None else state.fresh(out.shape[-1])
     if out_ids.size != out.shape[-1]:
         out_ids = state.fresh(out.shape[-1])
@@ -445,7 +445,7 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
 
 
 # ---------------------------------------------------------------------------------------------
-# Ops that keep channels where they are (issue 12): each checks that the axes it moves, mixes or
+# Ops that keep channels where they are: each checks that the axes it moves, mixes or
 # resizes carry no varying channel ids, and gives up otherwise.
 # ---------------------------------------------------------------------------------------------
 

@@ -1,4 +1,4 @@
-"""Routed groups (issue 12.1): channels that channel shuffles move to width-dependent places.
+"""Routed groups: channels that channel shuffles move to width-dependent places.
 
 In a ShuffleNetV2 stage the splits of shuffled channels nest, so no fixed tie of positions fits
 every width. Instead each channel's ROUTE (the parameter axes it reaches through index-only ops)

@@ -177,6 +177,15 @@ def data_format_channel_axis(layer: nn.Layer) -> int:
     return -1 if str(getattr(layer, "_data_format", "NCHW")).endswith("C") else 1
 
 
+def filter_macs(layer: nn.Layer, feature_map: paddle.Tensor) -> int:
+    """A convolution's MACs: every element of its weight once per spatial position of
+    `feature_map` (the output of a conv, the input of a transposed conv), per sample."""
+    shape = feature_map.shape
+    ch_axis = data_format_channel_axis(layer) % len(shape)
+    positions = int(np.prod([s for i, s in enumerate(shape) if i not in (0, ch_axis)]))
+    return int(np.prod(layer.weight.shape)) * positions
+
+
 # ---------------------------------------------------------------------------------------------
 # The built-in layer types
 # ---------------------------------------------------------------------------------------------
@@ -199,10 +208,7 @@ class ConvPruning(LayerPruning):
         layer._out_channels = w[0]
 
     def macs(self, layer: nn.Layer, output: paddle.Tensor) -> int:
-        shape = output.shape
-        ch_axis = 1 if layer._data_format in ("NCHW", "NCDHW", "NCL") else len(shape) - 1
-        positions = int(np.prod([s for i, s in enumerate(shape) if i not in (0, ch_axis)]))
-        return int(np.prod(layer.weight.shape)) * positions
+        return filter_macs(layer, output)  # each filter element once per output position
 
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         return data_format_channel_axis(layer)
@@ -279,10 +285,7 @@ class ConvTransposePruning(LayerPruning):
 
     def call_macs(self, layer: nn.Layer, inputs: Sequence[paddle.Tensor],
                   output: paddle.Tensor) -> int:
-        shape = inputs[0].shape
-        ch_axis = 1 if layer._data_format.startswith("NC") else len(shape) - 1
-        positions = int(np.prod([s for i, s in enumerate(shape) if i not in (0, ch_axis)]))
-        return int(np.prod(layer.weight.shape)) * positions
+        return filter_macs(layer, inputs[0])  # each filter element once per input position
 
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         return data_format_channel_axis(layer)

@@ -15,6 +15,8 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
+from ..utils.errors import tagged
+
 logger = logging.getLogger(__name__)
 
 
@@ -107,16 +109,16 @@ def check_fraction(value: Any, what: str = "flops") -> float:
     """
     if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real) \
             or not 0.0 < float(value) < 1.0:
-        raise ValueError(f"{what} must be a fraction in (0, 1) such as 0.4 (the share of FLOPs to "
-                         f"remove); got {value!r}")
+        raise tagged(what, ValueError(f"{what} must be a fraction in (0, 1) such as 0.4 (the share of FLOPs to "
+                         f"remove); got {value!r}"))
     return float(value)
 
 
 def _check_curves(curves: Mapping[str, Mapping[float, Any]]) -> None:
     """Curves planning can trust: every loss a finite number (NaN means a diverged evaluation)."""
     if not isinstance(curves, Mapping):
-        raise TypeError(f"sensitivities must map group names to {{ratio: loss}}, got "
-                        f"{type(curves).__name__}")
+        raise tagged("sensitivities", TypeError(f"sensitivities must map group names to {{ratio: loss}}, got "
+                        f"{type(curves).__name__}"))
     for name, pts in curves.items():
         if not isinstance(pts, Mapping):
             raise TypeError(f"the sensitivity of group {name!r} must be a {{ratio: loss}} mapping, "
@@ -341,11 +343,8 @@ def _next_width_ratio(round_width: Callable[[int], int], unit: int,
     return None
 
 
-def plan_ratios(pruner: Any, flops: float, sens: Optional[Any], skip: Sequence[str] = (),
-                strategy: str = "sensitivity", round_to: int = 1) -> Dict[int, np.ndarray]:
-    """Kept channels per group index that remove `flops` of the FLOPs (kept for old callers).
-
-    Same as `pruner.plan(flops, sens, skip, strategy, round_to)`: the pruner describes its
-    groups to `plan_group_ratios` and selects the channels.
-    """
-    return pruner.plan(flops, sens, skip, strategy, round_to)
+def auto_strategy(strategy: Optional[str], has_curves: bool) -> str:
+    """`strategy`, or for None ("auto"): "sensitivity" when curves are given, else "uniform"."""
+    if strategy is None:
+        return "sensitivity" if has_curves else "uniform"
+    return strategy

@@ -15,6 +15,7 @@ from typing import (Any, Callable, Dict, Iterator, Mapping, Optional, Protocol, 
 import numpy as np
 import paddle.nn as nn
 
+from ..utils.errors import tagged
 from ..training.distributed import (all_gather, broadcast_state, check_agree, is_main, rank,
                            world_size)
 from ..utils.modes import eval_mode
@@ -107,7 +108,7 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
             on other weights (its baseline differs from the one measured now); a baseline metric
             of 0 or NaN (a diverged network).
     """
-    ratios = _check_ratios(ratios)
+    ratios = check_ratios(ratios)
     skip_idx = {pruner.group_index(s) for s in ([skip] if isinstance(skip, str) else skip)}
     groups = [(i, g) for i, g in enumerate(pruner.groups) if g.prunable and i not in skip_idx]
     channels = {g.name: g.channels for _, g in groups}
@@ -297,18 +298,18 @@ def _stopped(pts: Mapping[str, Optional[float]], max_loss: Optional[float]) -> b
     return any(v is None or v > max_loss for v in pts.values())
 
 
-def _check_ratios(ratios: Sequence[float]) -> Tuple[float, ...]:
+def check_ratios(ratios: Sequence[float]) -> Tuple[float, ...]:
     try:
         out = tuple(sorted(float(r) for r in ratios))
     except (TypeError, ValueError) as e:
-        raise TypeError(f"ratios must be numbers in (0, 1), got {ratios!r}") from e
+        raise tagged("ratios", TypeError(f"ratios must be numbers in (0, 1), got {ratios!r}")) from e
     if not out or any(not 0.0 < r < 1.0 for r in out):
-        raise ValueError(f"ratios must be numbers in (0, 1), got {list(ratios)!r}")
+        raise tagged("ratios", ValueError(f"ratios must be numbers in (0, 1), got {list(ratios)!r}"))
     keys = [_key(r) for r in out]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
-        raise ValueError(f"ratios must be distinct (to 6 decimals, the precision of the file's keys); "
-                         f"{', '.join(dupes)} appear(s) more than once in {list(ratios)!r}")
+        raise tagged("ratios", ValueError(f"ratios must be distinct (to 6 decimals, the precision of the file's keys); "
+                         f"{', '.join(dupes)} appear(s) more than once in {list(ratios)!r}"))
     return out
 
 
@@ -323,4 +324,4 @@ def check_file(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], E
     """
     check_writable(path, "sensitivity file")
     if os.path.exists(path):
-        _start(pruner, evaluate, _check_ratios(ratios), path, {})
+        _start(pruner, evaluate, check_ratios(ratios), path, {})

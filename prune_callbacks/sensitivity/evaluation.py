@@ -11,6 +11,7 @@ from typing import Any, Callable, List, Optional, Sequence, Tuple, Union
 import numpy as np
 import paddle
 
+from ..utils.errors import tagged
 from ..training.distributed import world_size
 
 MetricFn = Callable[[np.ndarray, np.ndarray], Tuple[float, int]]
@@ -62,16 +63,16 @@ class EvalData:
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
-            raise ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}")
+            raise tagged("engine", ValueError(f"engine must be one of {', '.join(ENGINES)}, got {self.engine!r}"))
         if self.workers is None:
             self.workers = _default_workers()
         if not isinstance(self.workers, int) or self.workers < 1:
-            raise ValueError(f"workers must be a positive int or None, got {self.workers!r}")
+            raise tagged("workers", ValueError(f"workers must be a positive int or None, got {self.workers!r}"))
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+            raise tagged("batch_size", ValueError(f"batch_size must be a positive int, got {self.batch_size!r}"))
         if self.num_samples is not None and (not isinstance(self.num_samples, int)
                                              or self.num_samples < 1):
-            raise ValueError(f"num_samples must be a positive int or None, got {self.num_samples!r}")
+            raise tagged("num_samples", ValueError(f"num_samples must be a positive int or None, got {self.num_samples!r}"))
         n = len(self.dataset)
         if n == 0:
             raise ValueError("the evaluation dataset is empty")

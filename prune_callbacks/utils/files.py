@@ -8,7 +8,7 @@ import contextlib
 import json
 import os
 import tempfile
-from typing import Any, Iterator, Union
+from typing import Any, Iterator, Optional, Union
 
 
 def _file_mode(path: str) -> int:
@@ -91,6 +91,21 @@ def replace_with(tmp: str, path: str) -> None:
     _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
+def directory_problem(directory: Union[str, "os.PathLike[str]"], create: bool = True) -> Optional[OSError]:
+    """The error writing a file in `directory` raises (made first if `create`), or None if it can.
+
+    Writes and removes a probe file: the one check behind every "can we write there" question.
+    """
+    try:
+        if create:
+            os.makedirs(directory, exist_ok=True)
+        with tempfile.TemporaryFile(dir=directory):
+            pass
+    except OSError as e:
+        return e
+    return None
+
+
 def check_writable(path: Union[str, "os.PathLike[str]"], what: str = "file") -> str:
     """Fail now, not after hours of work, if `path` cannot be written later.
 
@@ -111,13 +126,10 @@ def check_writable(path: Union[str, "os.PathLike[str]"], what: str = "file") -> 
         raise ValueError(f"{what} {path!r} is a directory: pass a file path such as "
                          f"{os.path.join(path, 'sensitivity.json')!r}")
     directory = os.path.dirname(os.path.abspath(path))
-    try:
-        os.makedirs(directory, exist_ok=True)
-        with tempfile.TemporaryFile(dir=directory):
-            pass
-    except OSError as e:
-        raise ValueError(f"cannot write {what} {path!r}: {e.strerror} in {directory!r}; pass a "
-                         f"path in a writable directory") from e
+    problem = directory_problem(directory)
+    if problem is not None:
+        raise ValueError(f"cannot write {what} {path!r}: {problem.strerror} in {directory!r}; pass a "
+                         f"path in a writable directory") from problem
     return path
 
 
