@@ -11,6 +11,7 @@ as `count_flops` does): `weigh_conditional_macs`. This module only reads the net
 """
 from __future__ import annotations
 
+import logging
 from typing import Any, Dict, List, Optional
 
 import numpy as np
@@ -19,6 +20,8 @@ import paddle.nn as nn
 
 from .tracing import (TraceState, _expand, _shape_of, _trace_op, _Val, register_op,
                       unknown_op)
+
+logger = logging.getLogger(__name__)
 
 _YIELD = "cf.yield"
 
@@ -131,7 +134,12 @@ def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState) -> None
     if not any(m.conditional for m in recs):
         return
     cond = {m.param for m in recs if m.conditional}
-    calls = _calls(net, list(graph.input_shape), cond)
+    try:
+        calls = _calls(net, list(graph.input_shape), cond)
+    except Exception as e:  # noqa: BLE001  (the user's forward, on zeros)
+        logger.warning("an eval forward on zeros failed (%s: %s): FLOPs of the convs under "
+                       "control flow count every branch once", type(e).__name__, e)
+        return
     uses: Dict[str, List[int]] = {}  # param -> [unconditional uses, conditional uses]
     for m in recs:
         u = uses.setdefault(m.param, [0, 0])

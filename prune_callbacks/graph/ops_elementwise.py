@@ -12,26 +12,25 @@ from typing import Any, List
 from .ops import _elementwise
 from .tracing import TraceState, _Val, register_op
 
-# one input, one output of the same shape: channel c out of channel c in (erf is left to the
-# docs' example of `register_op`)
+# One input, one output of the same shape: channel c out of channel c in. Activations and
+# arithmetic ops registered by `ops` (relu, clip, sign, cast, scale, add, multiply, maximum ...)
+# are left to it: registering them twice would override whatever handler it gives them.
 UNARY = tuple("""
-    isnan isinf isfinite logical_not bitwise_not sign clip cast nan_to_num abs neg reciprocal
-    rsqrt sqrt square exp expm1 log log2 log10 log1p sin cos tan asin acos atan sinh cosh tanh
-    asinh acosh atanh floor ceil round trunc frac sigmoid logit softplus softsign
-    relu relu6 leaky_relu elu selu celu gelu silu swish mish hardswish hardsigmoid hardtanh
-    hard_tanh hardshrink softshrink tanh_shrink thresholded_relu logsigmoid scale pow increment
-    assign dropout stop_gradient detach memcpy_d2h memcpy_h2d
+    isnan isinf isfinite logical_not bitwise_not nan_to_num neg reciprocal rsqrt log log2 log10
+    log1p expm1 sin cos tan asin acos atan sinh cosh asinh acosh atanh trunc frac logit
+    hardshrink softshrink increment stop_gradient detach
 """.split())
 
-# several inputs broadcast against each other, element by element
+# several inputs broadcast against each other, element by element (like an add)
 MULTI = tuple("""
     where equal not_equal greater_than greater_equal less_than less_equal logical_and
     logical_or logical_xor bitwise_and bitwise_or bitwise_xor fmax fmin remainder floor_divide
-    atan2 heaviside copysign add subtract multiply divide maximum minimum elementwise_pow
+    atan2 heaviside copysign
 """.split())
 
 # new tensors shaped like their input (`paddle.zeros_like(x)`): they follow its channel count,
-# so in `where(mask, x, zeros_like(x))` they must not count as a constant of fixed size
+# so in `where(mask, x, zeros_like(x))` they must not count as a constant of fixed size (this
+# replaces `ops`' constant handler for them; importing `ops` first keeps the order)
 SHAPED_LIKE = ("full_like", "zeros_like", "ones_like")
 
 
