@@ -143,27 +143,43 @@ def test_a_branch_that_changes_channel_meaning_keeps_the_group_whole_and_counted
 # ---------------------------------------------------------------------------------------------
 
 
-class SharedTower(nn.Layer):
-    """Two levels, each with its own lateral conv, then one tower applied to both (FCOS)."""
+class Scale(nn.Layer):
+    """FCOS's learnable scale, one per level."""
 
     def __init__(self) -> None:
+        super().__init__()
+        self.scale = self.create_parameter([1], default_initializer=nn.initializer.Constant(1.0))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class SharedTower(nn.Layer):
+    """Two levels, each with its own lateral conv, then one tower applied to both (FCOS: with
+    GroupNorm, and a learnable scale per level)."""
+
+    def __init__(self, group_norm: bool = False) -> None:
         super().__init__()
         self.c1 = nn.Conv2D(3, 8, 3, padding=1)
         self.c2 = nn.Conv2D(8, 8, 3, stride=2, padding=1)
         self.lat1 = nn.Conv2D(8, 6, 1)
         self.lat2 = nn.Conv2D(8, 6, 1)
-        self.tower = nn.Sequential(nn.Conv2D(6, 6, 3, padding=1), nn.BatchNorm2D(6), nn.ReLU())
+        norm = nn.GroupNorm(3, 6) if group_norm else nn.BatchNorm2D(6)
+        self.tower = nn.Sequential(nn.Conv2D(6, 6, 3, padding=1), norm, nn.ReLU())
         self.cls = nn.Conv2D(6, 3, 1)
+        self.scales = nn.LayerList([Scale(), Scale()])
 
     def forward(self, x):
         f1 = F.relu(self.c1(x))
         f2 = F.relu(self.c2(f1))
-        return [self.cls(self.tower(lat)) for lat in (self.lat1(f1), self.lat2(f2))]
+        return [s(self.cls(self.tower(lat)))
+                for s, lat in zip(self.scales, (self.lat1(f1), self.lat2(f2)))]
 
 
-def test_a_tower_shared_across_levels_ties_their_channels():
+@pytest.mark.parametrize("group_norm", [False, True], ids=["bn", "gn"])
+def test_a_tower_shared_across_levels_ties_their_channels(group_norm):
     paddle.seed(0)
-    net = SharedTower()
+    net = SharedTower(group_norm)
     groups = _groups(FilterPruner(net, SHAPE))
     lat = groups["lat1"]
     assert lat.prunable, lat.reason
@@ -171,7 +187,10 @@ def test_a_tower_shared_across_levels_ties_their_channels():
     tower = groups["tower.0"]
     assert tower.prunable and ("cls.weight", 1) in tower.members
     out = check_pruned(net, SHAPE, expect_groups=["lat1", "tower.0"])
-    assert net.tower[0].weight.shape[:2] == [3, 3]  # sliced once, for every level
+    out_ch = net.tower[0].weight.shape[0]
+    assert net.tower[0].weight.shape[1] == 3 and out_ch < 6  # sliced once, for every level
+    if group_norm:  # whole norm groups of 2 channels go
+        assert net.tower[1]._num_groups * 2 == out_ch == net.tower[1].weight.shape[0]
     assert {"lat1", "tower.0"} <= {g.name for g in out["plan"].groups}
 
 
