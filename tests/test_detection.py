@@ -366,3 +366,21 @@ def test_prune_callback_traces_the_training_graph_fit_really_runs():
     assert "body" in [g.name for g in plan.groups]
     assert net.aux.weight.shape[1] == net.body.weight.shape[0] < 8
     assert net.embed.weight.shape[0] == net.body.weight.shape[0]
+
+
+def test_callback_checks_a_detector_on_its_first_training_call_before_any_step():
+    """A training forward that needs targets is checked on what fit passes, before the first
+    step changes a weight: a bad skip name still stops fit before training."""
+    paddle.seed(0)
+    net = LossInside()
+    spec = paddle.static.InputSpec
+    model = paddle.Model(net, inputs=[spec([None, 3, 8, 8], "float32", "x"),
+                                      spec([None, 4, 8, 8], "float32", "t")])
+    model.prepare(paddle.optimizer.SGD(learning_rate=0.1, parameters=net.parameters()),
+                  loss=lambda loss: loss)
+    before = {k: v.numpy().copy() for k, v in net.state_dict().items()}
+    cb = FilterPruneCallback(flops=0.3, at_epoch=0, input_shape=SHAPE, skip=["bodyy"])
+    with pytest.raises(ValueError, match="unknown group 'bodyy'.*did you mean 'body'"):
+        model.fit(_Images(), epochs=1, batch_size=4, verbose=0, callbacks=[cb])
+    for k, v in net.state_dict().items():
+        np.testing.assert_array_equal(v.numpy(), before[k], err_msg=k)
