@@ -315,12 +315,13 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
               callbacks=[Report("before"), sens, prune, Report("after")])
     (map_before, flops_before), (map_pruned, _) = seen["before"], seen["after"]
     after = count_flops(net, shape)
-    head = [g for g in prune.plans[0].groups if g.name.startswith("tower")]
+    head = [g for g in prune.plans[0].groups if g.name.startswith(("lateral", "tower"))]
     print(f"mAP@0.5 before pruning: {map_before:.4f}")
     print(f"mAP@0.5 right after pruning: {map_pruned:.4f}")
     print(f"mAP@0.5 fine-tuned: {evaluate(net, val):.4f}")
     print(f"shared head: tower conv {list(net.tower[0][0].weight.shape)} "
-          f"({', '.join(f'{g.name} keeps {len(g.kept)}/{g.channels}' for g in head) or 'unpruned'})")
+          f"({', '.join(f'{g.name} keeps {len(g.kept)}/{g.channels}' for g in head) or 'unpruned'}"
+          ")")
     print(f"FLOPs before: {flops_before:,}  after: {after:,}")
     print(f"pruned FLOPs: {100 * (1 - after / flops_before):.2f}% (target {100 * args.flops:.0f}%)")
 
