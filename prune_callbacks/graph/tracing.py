@@ -727,7 +727,7 @@ def _last_line(e: BaseException) -> str:
     """The line of a (paddle) error message that says what went wrong."""
     lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
     detail = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
-    return f"{type(e).__name__}: {detail}"
+    return detail if detail.startswith(type(e).__name__) else f"{type(e).__name__}: {detail}"
 
 
 def merge_training_members(state: TraceState, n_eval: int) -> None:
