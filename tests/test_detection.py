@@ -384,3 +384,27 @@ def test_callback_checks_a_detector_on_its_first_training_call_before_any_step()
         model.fit(_Images(), epochs=1, batch_size=4, verbose=0, callbacks=[cb])
     for k, v in net.state_dict().items():
         np.testing.assert_array_equal(v.numpy(), before[k], err_msg=k)
+
+
+class DictTargets(nn.Layer):
+    """Targets in a dict beside plain numbers, as PaddleDetection passes them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Conv2D(3, 8, 3, padding=1)
+        self.head, self.aux = nn.Conv2D(8, 4, 1), nn.Conv2D(8, 4, 1)
+
+    def forward(self, x, inputs=None):
+        f = F.relu(self.body(x))
+        out = self.head(f)
+        if self.training:
+            t = inputs["gt"]
+            return ((out - t) ** 2).mean() + inputs["weight"] * ((self.aux(f) - t) ** 2).mean()
+        return out
+
+
+def test_training_inputs_nested_in_dicts():
+    net = DictTargets()
+    batch = (paddle.randn([2, 3, 8, 8]), {"gt": paddle.randn([2, 4, 8, 8]), "weight": 0.5})
+    body = _groups(FilterPruner(net, SHAPE, train_inputs=batch))["body"]
+    assert body.prunable and ("aux.weight", 1) in body.members
