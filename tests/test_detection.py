@@ -408,3 +408,48 @@ def test_training_inputs_nested_in_dicts():
     batch = (paddle.randn([2, 3, 8, 8]), {"gt": paddle.randn([2, 4, 8, 8]), "weight": 0.5})
     body = _groups(FilterPruner(net, SHAPE, train_inputs=batch))["body"]
     assert body.prunable and ("aux.weight", 1) in body.members
+
+
+class QuerySelect(nn.Layer):
+    """RT-DETR-style query selection: score every position, keep the top k tokens (gather_nd and
+    take_along_axis), decode them; argmax picks each position's best class."""
+
+    def __init__(self, take: str) -> None:
+        super().__init__()
+        self.take = take
+        self.conv = nn.Conv2D(3, 8, 3, padding=1)
+        self.score = nn.Linear(8, 3)
+        self.decode = nn.Linear(8, 4)
+
+    def forward(self, x):
+        tokens = F.relu(self.conv(x)).flatten(2).transpose([0, 2, 1])  # [N, HW, C]
+        scores = self.score(tokens)
+        best = paddle.argmax(scores, axis=-1, keepdim=True).astype("float32")
+        _, idx = paddle.topk(scores.max(-1), k=5, axis=1)  # [N, 5]
+        if self.take == "gather_nd":
+            batch = paddle.arange(x.shape[0]).unsqueeze(1).expand_as(idx)
+            picked = paddle.gather_nd(tokens, paddle.stack([batch, idx], axis=-1))
+        elif self.take == "take_along_axis":
+            picked = paddle.take_along_axis(tokens, idx.unsqueeze(-1), 1)  # broadcast over C
+        else:  # indices as wide as the channels, the width written into the code
+            picked = paddle.take_along_axis(tokens, idx.unsqueeze(-1).expand([-1, -1, 8]), 1)
+        return self.decode(picked), best
+
+
+@pytest.mark.parametrize("take", ["gather_nd", "take_along_axis"])
+def test_query_selection_keeps_token_channels(take):
+    paddle.seed(0)
+    net = QuerySelect(take)
+    conv = _groups(FilterPruner(net, SHAPE))["conv"]
+    assert conv.prunable, conv.reason
+    assert {("score.weight", 0), ("decode.weight", 0)} <= set(conv.members)
+    check_pruned(net, SHAPE, ratios={"conv": 0.5}, modes=(False,))
+
+
+def test_query_selection_with_a_channel_width_written_into_the_code_stays_whole():
+    paddle.seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        conv = _groups(FilterPruner(QuerySelect("literal"), SHAPE))["conv"]
+    assert not conv.prunable
+    assert "take_along_axis indices sizes written into the code" in conv.reason

@@ -18,7 +18,7 @@ import numpy as np
 import paddle
 
 from . import ops  # noqa: F401  (importing it registers the built-in op handlers)
-from . import control_flow, ops_deformable, ops_elementwise  # noqa: F401  (more op handlers)
+from . import control_flow, ops_deformable, ops_elementwise, ops_gather  # noqa: F401  (more ops)
 from .training_graph import LATER, TrainInputs, example_spec, hold_train_only_feeders
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
