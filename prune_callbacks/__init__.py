@@ -19,6 +19,8 @@ from .layers.registry import LayerPruning, register_layer_type
 from .graph.tracing import register_op
 from .planning.importance import register_criterion
 from .training.optim import register_optimizer
+from .deploy.shapes import prune_to_state_dict
+from .sensitivity.evaluation import loss_metric
 
 __all__ = [
     "SensitivityCallback", "FilterPruneCallback", "DistillCallback", "PruneVisualDL",
@@ -27,4 +29,5 @@ __all__ = [
     "EvalData", "SensitivityResult", "rebuild_optimizer",
     "save_pruned", "load_pruned", "reapply_plan", "export", "LatencyOptions",
     "LayerPruning", "register_layer_type", "register_op", "register_criterion", "register_optimizer",
+    "prune_to_state_dict", "loss_metric",
 ]

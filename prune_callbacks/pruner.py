@@ -19,7 +19,8 @@ import paddle
 import paddle.nn as nn
 
 from .layers.flops import count_params
-from .graph.channels import ChannelGraph, Group, add_axis_slices
+from .graph.channels import ChannelGraph, Group
+from .graph.selection import kept_slices
 from .planning.importance import Criterion, Source, get_criterion
 from .planning.plans import GroupPlan, PrunePlan, record_plan
 from .planning.allocation import PlanGroup, auto_strategy, check_reachable, n_keep, plan_group_ratios
@@ -248,29 +249,7 @@ class FilterPruner:
 
     def slices(self, kept: Kept) -> Tuple[Dict[str, Dict[int, Any]], Dict[str, Dict[int, Any]]]:
         """Per parameter and axis, the indices kept and the indices removed."""
-        keep_sl: Dict[str, Dict[int, Any]] = {}
-        drop_sl: Dict[str, Dict[int, Any]] = {}
-        masks = {}
-        routed = self.graph.routed
-        for gi, k in kept.items():
-            m = np.zeros(self.groups[gi].channels, dtype=bool)
-            m[k] = True
-            if gi in routed:  # its axes hold it alone, in the pruned shuffles' order
-                if not m.all():
-                    _merge(keep_sl, drop_sl, *routed[gi].slices(np.flatnonzero(m)))
-                continue
-            masks[gi] = m
-        for (key, axis), pa in self.graph.param_axes.items():
-            hit = [gi for gi in masks if np.any(pa.group == gi)]
-            if not hit:
-                continue
-            keep = np.ones(pa.group.shape, dtype=bool)
-            for gi in hit:
-                sel = pa.group == gi
-                keep[sel] = masks[gi][pa.channel[sel]]
-            if not keep.all():
-                add_axis_slices(keep_sl, drop_sl, key, axis, keep)
-        return keep_sl, drop_sl
+        return kept_slices(self.graph, kept)
 
     # -- actions --------------------------------------------------------------------------
     def mask(self, ratios: Mapping[str, float], round_to: int = 1) -> Mask:
@@ -499,15 +478,6 @@ def _units(group: Group) -> Tuple[int, ...]:
     if group.partition is None:
         return ()
     return tuple(int((group.partition == b).sum()) for b in np.unique(group.partition))
-
-
-def _merge(keep_sl: Dict[str, Dict[int, Any]], drop_sl: Dict[str, Dict[int, Any]],
-           keep: Mapping[str, Mapping[int, Any]], drop: Mapping[str, Mapping[int, Any]]) -> None:
-    """Add one group's kept and removed positions per parameter axis to the running slices."""
-    for key, axes in keep.items():
-        keep_sl.setdefault(key, {}).update(axes)
-    for key, axes in drop.items():
-        drop_sl.setdefault(key, {}).update(axes)
 
 
 def _nested(v: Any) -> bool:

@@ -24,6 +24,7 @@ SMALL = [
     "trainer.verbose=0",
     "prune.ratios=[0.3,0.6]",
     "prune.sensitivity_samples=32",
+    "trainer.measure_latency=false",  # the latency timing has its own test (test_sensitivity_fallback)
 ]
 
 

@@ -140,8 +140,13 @@ def test_bad_input_raises_clear_errors(tmp_path: Path) -> None:
         load_pruned(_net(), tmp_path / "nowhere")
 
     paddle.save(net.state_dict(), str(tmp_path / "bare.pdparams"))  # a plain paddle checkpoint
-    with pytest.raises(FileNotFoundError, match=r"not made by prune_callbacks.save_pruned.*model.load"):
-        load_pruned(_net(), tmp_path / "bare")
+    with pytest.raises(FileNotFoundError, match=r"not made by prune_callbacks.save_pruned.*weights' shapes"):
+        read_plans(tmp_path / "bare")
+    with pytest.raises(ValueError, match=r"no plan file.*cannot trace Sequential at input shape "
+                                         r"\[1, 3, 224, 224\].*pass input_shape="):
+        load_pruned(_net(), tmp_path / "bare")  # the default shape does not fit a 1-channel input
+    bare = load_pruned(_net(), tmp_path / "bare", input_shape=SHAPE)  # read from the shapes
+    np.testing.assert_allclose(_out(bare, _x()), _out(net, _x()), atol=1e-6)
 
     # wrong network: different layers, or the same layers with other channel counts
     other = paddle.nn.Sequential(paddle.nn.Conv2D(1, 8, 3, padding=1), paddle.nn.ReLU())
@@ -162,8 +167,11 @@ def test_bad_input_raises_clear_errors(tmp_path: Path) -> None:
     FilterPruner(unrecorded, SHAPE).prune({"0": 0.5})
     unrecorded.__dict__.pop("_prune_plans")  # as if sliced by hand, outside FilterPruner
     save_pruned(unrecorded, tmp_path / "lost")
-    with pytest.raises(ValueError, match=r"0.weight: checkpoint \[4, 1, 3, 3\], network \[8, 1, 3, 3\].*record_plan"):
+    with pytest.raises(ValueError, match=r"0.weight: checkpoint \[4, 1, 3, 3\], network \[8, 1, 3, 3\].*record_plan"
+                                         r".*from_shapes=True"):
         load_pruned(_net(), tmp_path / "lost")
+    found = load_pruned(_net(), tmp_path / "lost", input_shape=SHAPE, from_shapes=True)  # the plan file ignored
+    np.testing.assert_allclose(_out(found, _x()), _out(unrecorded, _x()), atol=1e-6)
 
     plan_file = tmp_path / ("ck" + PLANS_SUFFIX)
     header = json.loads(plan_file.read_text())
@@ -245,8 +253,10 @@ def test_model_save_is_left_alone_and_errors(tmp_path: Path) -> None:
     assert [p.ratios for p in read_plans(tmp_path / "m")] == [{"3": 0.5}]
     model.save(str(tmp_path / "m2"))  # paddle's save: weights only, and loading says what to use
     assert not os.path.exists(tmp_path / ("m2" + PLANS_SUFFIX))
-    with pytest.raises(FileNotFoundError, match="save pruned models with save_pruned"):
-        load_pruned(_model(_net()), tmp_path / "m2")
+    from_shapes = _model(_net())  # no plan file: read from the shapes at the Model's input spec
+    load_pruned(from_shapes, tmp_path / "m2")
+    assert from_shapes.network[3].weight.shape == [8, 8, 3, 3]
+    np.testing.assert_allclose(_out(from_shapes.network, _x()), _out(model.network, _x()), atol=1e-6)
 
     unprepared = paddle.Model(_net())  # no optimizer: only the weights are loaded
     load_pruned(unprepared, tmp_path / "m")

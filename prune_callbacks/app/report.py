@@ -15,6 +15,7 @@ from hydra.experimental.callback import Callback as HydraCallback
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
+from ..callbacks import SensitivityCallback
 from ..utils.files import write_json_atomic
 from .phases import PhaseClock
 
@@ -75,6 +76,8 @@ def collect_results(cfg: DictConfig, run: Any, final: Optional[Dict[str, float]]
     flops_before, flops_after = (int(first.flops_before), int(last.flops_after)) if plans else (None, None)
     params_before, params_after = (int(first.params_before), int(last.params_after)) if plans else (None, None)
     resume = getattr(run, "resume", None)
+    sens = next((c for c in getattr(run, "callbacks", ()) if isinstance(c, SensitivityCallback)), None)
+    latency = getattr(run, "latency", None)
     return finite({
         "model": str(cfg.model._target_).rsplit(".", 1)[-1],
         "data": cfg.data.name,
@@ -97,6 +100,11 @@ def collect_results(cfg: DictConfig, run: Any, final: Optional[Dict[str, float]]
         "params_before": params_before,
         "params_after": params_after,
         "params_reduction": _reduction(params_before, params_after),
+        # the exported model's median latency before and after, timed on the run's backend
+        "latency_before_ms": latency["before_ms"] if latency else None,
+        "latency_after_ms": latency["after_ms"] if latency else None,
+        "latency_reduction": _reduction(latency["before_ms"], latency["after_ms"]) if latency else None,
+        "latency_measured": latency,
         "top1_before": before.get("top1"),
         "top5_before": before.get("top5"),
         "top1_pruned": pruned.get("top1"),
@@ -108,6 +116,9 @@ def collect_results(cfg: DictConfig, run: Any, final: Optional[Dict[str, float]]
         "loss_finetuned": final.get("loss"),
         **_phase_times(clock, eval_time),
         "ratios": {k: float(v) for k, v in last.ratios.items()} if last else {},
+        "sensitivity_metric": sens.metric_name if sens is not None else None,
+        # what the analysis fell back to when its metric could not resolve the curves
+        "sensitivity_fallback": [f.to_dict() for f in sens.fallbacks] if sens is not None else [],
         "diverged": _diverged(run),
         "paths": run.paths,
     })
@@ -162,6 +173,11 @@ def format_results(r: Dict[str, Any]) -> str:
          f"{_fmt(r['flops_reduction'], 'pct')} ({_target(r)})"),
         ("params", _fmt(r["params_before"], "n"), _fmt(r["params_after"], "n"), _fmt(r["params_reduction"], "pct")),
     ]
+    measured = r.get("latency_measured")
+    if measured:
+        rows.append((f"latency ({measured['backend']}, batch {measured['batch']})",
+                     f"{r['latency_before_ms']:.3f} ms", f"{r['latency_after_ms']:.3f} ms",
+                     _fmt(r["latency_reduction"], "pct")))
     acc: List[Tuple[str, str, str, str]] = [
         ("accuracy", "before pruning", "pruned, no fine-tune", "fine-tuned"),
         ("top-1", _fmt(r["top1_before"], "acc"), _fmt(r["top1_pruned"], "acc"), _fmt(r["top1_finetuned"], "acc")),
@@ -180,6 +196,8 @@ def format_results(r: Dict[str, Any]) -> str:
     lines = [title, "=" * len(title)]
     if r.get("diverged"):
         lines += [f"DIVERGED: {r['diverged']['message']}", ""]
+    for fallback in r.get("sensitivity_fallback") or ():
+        lines += [f"sensitivity fallback: {fallback['metric']} -> {fallback['to']} ({fallback['reason']})", ""]
     if r.get("resumed_from"):
         lines += [f"resumed from {r['resumed_from']} after {r['resumed_at_epoch']} epoch(s)", ""]
     lines += _table(rows) + [""] + _table(acc) + [""]

@@ -12,7 +12,7 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig
 
-from ..deploy.io import read_plans
+from ..deploy.io import PLANS_SUFFIX, read_plans
 from ..planning.plans import PrunePlan
 from .artefacts import STATE_SUFFIX
 from .schema import ConfigError
@@ -31,12 +31,17 @@ class ResumeState:
         epochs_done: epochs trained before it was saved; the resumed fit starts at this epoch.
         plans: the pruning plans already applied, oldest first.
         state: the rest of `<prefix>.state.json` (e.g. the phase figures), {} for a ModelCheckpoint.
+        steps_done: pruning steps this config makes in the epochs done (the checkpoint's plans).
+        from_shapes: the checkpoint has no plan file (paddle's ModelCheckpoint): `plans` is empty
+            until `load_pruned` has read the architecture from the weights' shapes.
     """
 
     prefix: str
     epochs_done: int
     plans: List[PrunePlan]
     state: Dict[str, Any] = field(default_factory=dict)
+    steps_done: int = 0
+    from_shapes: bool = False
 
 
 def _prefix_of(path: str) -> str:
@@ -81,8 +86,9 @@ def find_resume_point(cfg: DictConfig) -> Optional[ResumeState]:
     prefix = _prefix_of(str(cfg.trainer.resume))
     if not os.path.exists(prefix + ".pdparams"):
         raise ConfigError(f"{key}: no checkpoint {prefix + '.pdparams'!r}; {HELP}")
+    from_shapes = not os.path.exists(prefix + PLANS_SUFFIX)  # e.g. paddle's ModelCheckpoint
     try:
-        plans = read_plans(prefix)
+        plans = [] if from_shapes else read_plans(prefix)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{key}: {exc}") from None
     done, state = _epochs_done(prefix, key)
@@ -93,14 +99,31 @@ def find_resume_point(cfg: DictConfig) -> Optional[ResumeState]:
                           f"resume (raise trainer.epochs_after to fine-tune for longer)")
     at = p.at_epoch if p.at_epoch is not None else t.epochs_before - 1
     expected = min(max(done - at, 0), p.steps)  # pruning steps this config makes in the first `done` epochs
-    if len(plans) != expected:
+    if not from_shapes and len(plans) != expected:
         raise ConfigError(
             f"{key}: the checkpoint holds {len(plans)} pruning plan(s) after {done} epoch(s), but with "
             f"prune.at_epoch={at} and prune.steps={p.steps} this config prunes {expected} time(s) by then; "
             f"resume with the pruning settings of the interrupted run")
-    if 0 < expected < p.steps:
+    steps_state = state.get("prune_steps") or {}
+    if 0 < expected < p.steps and steps_state.get("steps_done") != expected:
         raise ConfigError(
-            f"{key}: the run stopped between two of its {p.steps} pruning steps (after step {expected}); "
-            f"resuming inside a gradual pruning is not supported: resume from a point before epoch {at} "
-            f"or after epoch {at + p.steps - 1}")
-    return ResumeState(prefix, done, plans, state)
+            f"{key}: the run stopped between two of its {p.steps} pruning steps (after step {expected}), and "
+            f"the checkpoint does not hold the final plan the remaining steps move toward (only a resume point, "
+            f"<run>/resume/last, does): resume from a point before epoch {at} or after epoch {at + p.steps - 1}")
+    return ResumeState(prefix, done, plans, state, steps_done=expected, from_shapes=from_shapes)
+
+
+def check_inferred_plans(cfg: DictConfig, resume: ResumeState, plans: List[PrunePlan]) -> List[PrunePlan]:
+    """The plans `load_pruned` inferred from a checkpoint without a plan file, checked against
+    the config: pruned exactly when this config had pruned by then.
+
+    Raises:
+        ConfigError: the shapes say pruned and the config had not pruned yet, or the reverse.
+    """
+    if bool(plans) != bool(resume.steps_done):
+        state = "a pruned" if plans else "an unpruned"
+        raise ConfigError(
+            f"trainer.resume={cfg.trainer.resume!r}: the checkpoint has no plan file and its weights' shapes "
+            f"show {state} network after {resume.epochs_done} epoch(s), but this config prunes "
+            f"{resume.steps_done} time(s) by then; resume with the pruning settings of the interrupted run")
+    return plans

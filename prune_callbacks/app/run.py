@@ -6,6 +6,7 @@ range checks the callbacks already make (it re-raises theirs with the config key
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import random
@@ -27,13 +28,14 @@ from ..callbacks import DistillCallback, FilterPruneCallback, SensitivityCallbac
 from ..datasets.bundled import subset
 from ..deploy.io import load_pruned
 from ..deploy.latency import LatencyOptions
-from ..planning.plans import PrunePlan
+from ..planning.plans import PrunePlan, recorded_plans
 from .artefacts import ResumePoint
 from .model import build_model, build_network, check_network, input_shape
 from .phases import Diverged, DivergenceGuard, PhaseClock, PhaseMark, TrainSpan, evaluate_net
 from .report import RESULTS_FILE, append_sweep_row, collect_results, format_results, write_results
-from .resume import ResumeState, find_resume_point
+from .resume import ResumeState, check_inferred_plans, find_resume_point
 from .schema import ConfigError, validate_config
+from .timing import exported_latency
 
 log = logging.getLogger(__name__)
 
@@ -42,7 +44,7 @@ ARGUMENT_KEYS = {
     "flops": "prune.flops", "criterion": "prune.criterion", "strategy": "prune.strategy",
     "at_epoch": "prune.at_epoch", "steps": "prune.steps", "skip": "prune.skip",
     "ratios": "prune.ratios", "round_to": "prune.round_to", "num_samples": "prune.sensitivity_samples",
-    "engine": "prune.sensitivity_engine",
+    "engine": "prune.sensitivity_engine", "metric": "prune.sensitivity_metric",
     "path": "prune.sensitivity_file", "max_loss": "prune.max_loss",
     "batch_size": "trainer.eval_batch_size", "input_shape": "data.image_size", "eval_data": "data.val",
     "alpha": "prune.distill.alpha", "temperature": "prune.distill.temperature",
@@ -78,6 +80,7 @@ class Run:
     paths: Dict[str, Optional[str]] = field(default_factory=dict)
     resume: Optional[ResumeState] = None
     diverged: Optional[Diverged] = None
+    latency: Optional[Dict[str, Any]] = None  # the exported model's measured latency (`timing`)
 
     @property
     def start_epoch(self) -> int:
@@ -87,7 +90,9 @@ class Run:
     def plans(self) -> List[PrunePlan]:
         """The plans of the whole run: a resumed checkpoint's, then this fit's."""
         done = list(self.resume.plans) if self.resume else []
-        return done + list(getattr(self.pruner, "plans", None) or [])
+        # a pruning continued between steps holds the resumed plans too (the same objects)
+        own = [p for p in getattr(self.pruner, "plans", None) or [] if not any(p is d for d in done)]
+        return done + own
 
 
 def _trainers() -> int:
@@ -171,7 +176,9 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
     """
     p, t = cfg.prune, cfg.trainer
     run.paths["sensitivity"] = None
-    if run.resume is not None and run.resume.plans:
+    if run.resume is not None and 0 < run.resume.steps_done < p.steps:  # between two gradual steps
+        return [TrainSpan(run.clock), _continue_pruning(cfg, run)]
+    if run.resume is not None and (run.resume.plans or run.resume.steps_done):
         if p.distill.alpha:
             log.warning("prune.distill.alpha=%s ignored: the resumed checkpoint is already pruned, and "
                         "distillation's teacher is the network just before pruning", p.distill.alpha)
@@ -186,7 +193,7 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
                 run.val_ds, at_epoch=at, ratios=tuple(p.ratios), path=run.paths["sensitivity"],
                 num_samples=p.sensitivity_samples, batch_size=t.eval_batch_size, skip=list(p.skip),
                 max_loss=p.max_loss, criterion=p.criterion, input_shape=shape,
-                engine=p.sensitivity_engine)
+                engine=p.sensitivity_engine, metric=p.sensitivity_metric)
         run.pruner = FilterPruneCallback(
             flops=None if p.latency is not None else p.flops, latency=p.latency,
             latency_options=LatencyOptions(**p.latency_options), at_epoch=at,
@@ -203,6 +210,22 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
     marks += [PhaseMark(clock, "sensitivity_done", at), run.pruner]
     marks += [run.distill] if run.distill is not None else []
     return marks + [PhaseMark(clock, "pruned", at, val, bs)]
+
+
+def _continue_pruning(cfg: DictConfig, run: Run) -> FilterPruneCallback:
+    """The FilterPruneCallback of a run resumed between two of its `prune.steps` steps: the
+    remaining steps move toward the final plan saved in the resume point (no new analysis)."""
+    p = cfg.prune
+    try:
+        run.pruner = FilterPruneCallback(at_epoch=0, criterion=p.criterion, skip=list(p.skip),
+                                         strategy="uniform", round_to=p.round_to, steps=p.steps,
+                                         input_shape=input_shape(cfg))
+        run.pruner.continue_from(run.resume.plans, run.resume.state["prune_steps"],
+                                 run.at_epoch + run.resume.steps_done - run.start_epoch)
+    except (ValueError, TypeError) as exc:
+        raise as_config_error(exc, cfg, "trainer.resume") from None
+    log.info("continuing a %d-step pruning after step %d", p.steps, run.resume.steps_done)
+    return run.pruner
 
 
 def build_callbacks(cfg: DictConfig) -> List[paddle.callbacks.Callback]:
@@ -295,7 +318,8 @@ def prepare(cfg: DictConfig) -> Run:
     for callback in run.callbacks:
         if isinstance(callback, ResumePoint):
             callback.offset = run.start_epoch
-            callback.extra = lambda: {"metrics": run.clock.metrics, "sensitivity": run.paths["sensitivity"]}
+            callback.extra = lambda: {"metrics": run.clock.metrics, "sensitivity": run.paths["sensitivity"],
+                                      "prune_steps": getattr(run.pruner, "resume_state", lambda: None)()}
     run.paths.update(artefact_paths(cfg, out))
     return run
 
@@ -316,6 +340,9 @@ def build_checked_model(cfg: DictConfig, run: Run) -> paddle.Model:
             load_pruned(model, run.resume.prefix)
         except (ValueError, OSError) as exc:
             raise ConfigError(f"trainer.resume={cfg.trainer.resume!r}: {exc}") from None
+        if run.resume.from_shapes:  # no plan file: the plan load_pruned read from the shapes
+            run.resume = dataclasses.replace(run.resume, plans=check_inferred_plans(
+                cfg, run.resume, recorded_plans(model.network)))
         log.info("resumed %s after %d epoch(s), %d pruning plan(s)", run.resume.prefix,
                  run.resume.epochs_done, len(run.resume.plans))
     return model
@@ -361,6 +388,9 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
              cfg.model._target_, cfg.data.name, run.epochs,
              f" (resumed at epoch {run.start_epoch})" if run.resume else "", run.at_epoch, run.out)
     fit(model, cfg, run)
+    sens = next((c for c in run.callbacks if isinstance(c, SensitivityCallback)), None)
+    if getattr(sens, "fallbacks", None):  # the analysis fell back: its file is another, or none
+        run.paths["sensitivity"] = sens.result_path
     final, eval_time = None, 0.0
     if run.diverged is None:
         if not run.plans:
@@ -369,6 +399,8 @@ def train(cfg: DictConfig) -> Dict[str, Any]:
         t0 = time.perf_counter()
         final = evaluate_net(model.network, run.val_ds, cfg.trainer.eval_batch_size)
         eval_time = time.perf_counter() - t0
+        if app_rank() == 0:
+            run.latency = exported_latency(cfg, model.network)
     results = collect_results(cfg, run, final, eval_time)
     if app_rank() == 0:
         write_results(run.paths["results"], results)

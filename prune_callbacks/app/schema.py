@@ -76,6 +76,7 @@ class PruneConf:
     round_to: int = 1
     sensitivity_samples: Optional[int] = 64
     sensitivity_engine: str = "auto"
+    sensitivity_metric: str = "top1"
     sensitivity_file: Optional[str] = None
     max_loss: Optional[float] = None
     distill: DistillConf = field(default_factory=DistillConf)
@@ -93,6 +94,7 @@ class TrainerConf:
     log_freq: int = 10
     verbose: int = 2
     resume: Optional[str] = None
+    measure_latency: bool = True
 
 
 @dataclass

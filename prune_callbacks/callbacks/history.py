@@ -31,10 +31,28 @@ class PruneEvent:
         return self.flops
 
 
+@dataclass(frozen=True)
+class SensitivityFallback:
+    """The sensitivity analysis could not use its metric and fell back: to `to` ("loss": the
+    evaluation loss; "uniform": no curves, one ratio everywhere), because of `reason`."""
+
+    metric: str  # the metric that failed: "top1", "loss" or "custom"
+    to: str
+    reason: str
+
+    def to_dict(self) -> dict:
+        return {"metric": self.metric, "to": self.to, "reason": self.reason}
+
+    def __str__(self) -> str:
+        return f"{self.metric} -> {self.to}: {self.reason}"
+
+
 @dataclass
 class PruneHistory:
     sensitivity: Optional[SensitivityResult] = None
     sensitivity_epoch: Optional[int] = None
+    # what the analysis fell back to when its metric could not resolve the losses, in order
+    sensitivity_fallbacks: List[SensitivityFallback] = field(default_factory=list)
     events: List[PruneEvent] = field(default_factory=list)
     # called with the paddle.Model just before each pruning step's surgery (e.g. DistillCallback
     # keeps the unpruned network as its teacher)

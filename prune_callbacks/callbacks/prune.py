@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
 import numpy as np
 import paddle
@@ -204,7 +204,9 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             sens = self._sensitivities(epoch)
 
             def plan_for_flops(f: float) -> Dict[int, np.ndarray]:
-                return pruner.plan(f, sens, self.skip, self.strategy, self.round_to)
+                # no curves after a sensitivity fallback (SensitivityCallback.fallbacks): uniform
+                strategy = self.strategy if sens is not None else "uniform"
+                return pruner.plan(f, sens, self.skip, strategy, self.round_to)
 
             if self.latency is not None:  # prunes copies to measure; the network itself once, below
                 if is_main():  # one measurement decides for every rank (timings differ by rank)
@@ -274,6 +276,32 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         if hist.sensitivity is None:  # let PruneVisualDL show the curves the plan came from
             hist.sensitivity, hist.sensitivity_epoch = sens, epoch
         return sens
+
+    def resume_state(self) -> Optional[Dict[str, Any]]:
+        """What a run resumed between two pruning steps needs (None before the first step): the
+        final plan made on step 1 (per group: channels then, channels kept at the end), the FLOPs
+        target and the steps made. Plain JSON data."""
+        if self._final is None:
+            return None
+        return {"final": {g: [int(a), int(b)] for g, (a, b) in self._final.items()},
+                "flops": self.flops, "steps_done": len(self.plans)}
+
+    def continue_from(self, plans: Sequence[PrunePlan], state: Mapping[str, Any], first_epoch: int) -> None:
+        """Continue a gradual pruning stopped after `len(plans)` of its steps (a resumed run): the
+        next step is made at the end of epoch `first_epoch` of this fit, toward the final plan
+        of `state` (`resume_state()` of the interrupted callback).
+
+        Raises:
+            ValueError: no step or every step made already, or `state` from another step count.
+        """
+        if not 0 < len(plans) < self.steps or int(state.get("steps_done", -1)) != len(plans):
+            raise ValueError(f"cannot continue a {self.steps}-step pruning after {len(plans)} step(s) "
+                             f"with a resume state of {state.get('steps_done')!r} step(s)")
+        self.plans = list(plans)
+        self._final = {g: (int(a), int(b)) for g, (a, b) in state["final"].items()}
+        self.flops = float(state["flops"])
+        self.latency = None  # a latency target was turned into this FLOPs cut on step 1
+        self.at_epoch = first_epoch - len(plans)  # step k+1 at first_epoch (step 1 was before this fit)
 
     def _new_pruner(self, later: bool = False) -> FilterPruner:
         """A pruner tracing the training graph from what fit called the network with (`later`:

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
-from typing import Any, Dict, List, Optional, Set, Tuple, Union
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple, Union
 
 import numpy as np
 import paddle
@@ -110,7 +110,8 @@ class PruneVisualDL(paddle.callbacks.Callback):
             self._write_sensitivity(hist.sensitivity, hist.sensitivity_epoch)
         new_events = hist.events[self._events_done:]
         for event in new_events:
-            self._write_event(event, hist.events[0].plan.flops_before)
+            self._write_event(event, hist.events[0].plan.flops_before,
+                              [f"sensitivity fallback: {f}" for f in hist.sensitivity_fallbacks])
         self._events_done += len(new_events)
         if self._dirty:  # wait for the writer thread: a live dashboard sees them now
             self._writer.flush()
@@ -129,7 +130,7 @@ class PruneVisualDL(paddle.callbacks.Callback):
             self._figures += 1
             logger.info("VisualDL: %d sensitivity points -> %s", added, self.run_dir)
 
-    def _write_event(self, event: PruneEvent, flops_first: int) -> None:
+    def _write_event(self, event: PruneEvent, flops_first: int, notes: Sequence[str] = ()) -> None:
         plan, epoch = event.plan, event.epoch
         self._scalar("prune/flops", plan.flops_before, epoch)
         self._scalar("prune/flops", plan.flops_after, epoch + 1)
@@ -141,7 +142,7 @@ class PruneVisualDL(paddle.callbacks.Callback):
         for group in plan.groups:
             self._scalar(f"prune/ratio/{group.name}", group.ratio, epoch)
         self._out().add_text(tag=self._tag("prune/plan"),
-                              text_string=plan_table(plan, event.flops, total), step=epoch)
+                              text_string=plan_table(plan, event.flops, total, notes), step=epoch)
         logger.info("VisualDL: prune event at epoch %d (FLOPs -%.1f%%) -> %s",
                     epoch, 100 * total, self.run_dir)
 
@@ -182,13 +183,14 @@ def _warn_if_shared(run_dir: str) -> None:
                        run_dir, ", ".join(sorted(others)))
 
 
-def plan_table(plan: PrunePlan, flops: float, total_pruned: float) -> str:
+def plan_table(plan: PrunePlan, flops: float, total_pruned: float, notes: Sequence[str] = ()) -> str:
     """A markdown table of a plan: channels before -> after and ratio per group, then totals.
 
     Args:
         plan: the pruning step's plan.
         flops: the share of FLOPs the step aimed to have removed.
         total_pruned: share of FLOPs removed so far, relative to before the first step.
+        notes: lines printed under the table (e.g. a sensitivity fallback).
 
     Returns:
         The table as text, for `LogWriter.add_text`.
@@ -199,6 +201,7 @@ def plan_table(plan: PrunePlan, flops: float, total_pruned: float) -> str:
     lines.append(f"| **total** | FLOPs {plan.flops_before:,} -> {plan.flops_after:,} | "
                  f"pruned {100 * total_pruned:.1f}% (this step {100 * plan.pruned_flops:.1f}%) "
                  f"vs target {100 * flops:.1f}% |")
+    lines += [f"\n{note}" for note in notes]
     return "\n".join(lines)
 
 

@@ -1,7 +1,8 @@
 """Save a pruned network with the plans that shaped it, load it into a freshly built one, export it.
 
 A checkpoint is paddle's own files (`.pdparams`, `.pdopt`) plus `<prefix>.prune.json`, the ordered
-plans; loading rebuilds the shapes by re-applying those plans. Never pickle layers or plans, never
+plans; loading rebuilds the shapes by re-applying those plans (without a plan file, from the weights'
+shapes: `deploy.shapes`). Never pickle layers or plans, never
 replace a method of the user's Model, never import the pruner facade or the callbacks.
 """
 from __future__ import annotations
@@ -25,6 +26,7 @@ from ..utils.modes import eval_mode
 from ..planning.plans import PrunePlan, record_plan, recorded_plans
 from ..utils.files import atomic_path, replace_with, write_json_atomic
 from ..layers.surgery import apply_slices, supports_layer
+from .shapes import shrink_to_shapes
 
 logger = logging.getLogger(__name__)
 
@@ -182,9 +184,8 @@ def _read_header(prefix: str) -> dict[str, Any]:
         raise FileNotFoundError(
             f"no plan file {path!r}: the checkpoint {prefix!r} was not made by "
             f"prune_callbacks.save_pruned nor by the PrunedModelCheckpoint callback (model.save and "
-            f"paddle's ModelCheckpoint write no plans: save pruned models with save_pruned). If it holds an "
-            f"unpruned network, load it with model.load({prefix!r}) or "
-            f"net.set_state_dict(paddle.load({prefix + '.pdparams'!r})).")
+            f"paddle's ModelCheckpoint write no plans). load_pruned still loads it: it reads the "
+            f"architecture from the weights' shapes.")
     try:
         with open(path, encoding="utf-8") as f:
             header = json.load(f)
@@ -239,7 +240,9 @@ def _check_shapes(net: nn.Layer, state: dict[str, Any], where: str, n_plans: int
             f"plan(s): {lines}{' ...' if len(bad) > 8 else ''}. The plans saved with the weights must be "
             f"all the plans that pruned the network: record every pruning step with "
             f"prune_callbacks.record_plan(model_or_net, plan) (or pass plans=[...] to save_pruned), "
-            f"and load into a network built like the saved one.")
+            f"and load into a network built like the saved one. If the plan file is older than the "
+            f"weights, load_pruned(..., from_shapes=True) reads the architecture from the weights' "
+            f"shapes alone.")
 
 
 def _load_file(path: str) -> Any:
@@ -371,13 +374,60 @@ def _check_slices(net: nn.Layer, plan: PrunePlan) -> None:
                                  f"for another network")
 
 
-def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True) -> nn.Layer:
+def _model_input_shape(model: paddle.Model | None) -> tuple[int, ...] | None:
+    """One input's shape from a Model's first input spec, when its sizes (batch aside) are known."""
+    specs = getattr(model, "_inputs", None) if model is not None else None
+    spec = specs[0] if isinstance(specs, (list, tuple)) and specs else specs
+    shape = list(getattr(spec, "shape", None) or [])
+    if len(shape) < 2 or any(d is None or int(d) < 1 for d in shape[1:]):
+        return None
+    return (1, *(int(d) for d in shape[1:]))
+
+
+def _load_from_shapes(model: paddle.Model | None, net: nn.Layer, prefix: str, optimizer: bool,
+                      input_shape: Sequence[int] | None) -> nn.Layer:
+    """`load_pruned` of a checkpoint with no plan file: the architecture from the weights' shapes."""
+    params_path = prefix + ".pdparams"
+    state = _load_file(params_path)
+    _check_keys(net, state, params_path, None)
+    opt = model._optimizer if model is not None and optimizer else None
+    shapes_differ = any(list(state[k].shape) != list(v.shape) for k, v in net.state_dict().items())
+    if shapes_differ and opt is not None and opt._accumulators:
+        raise ValueError("the model's optimizer has already stepped on the unpruned network; call "
+                         "load_pruned on a freshly prepared model (before fit)")
+    shape = input_shape if input_shape is not None else _model_input_shape(model)
+    try:
+        plan = shrink_to_shapes(net, state, shape)
+    except ValueError as e:
+        raise ValueError(f"{params_path!r} has no plan file beside it and its shapes do not fit this "
+                         f"{type(net).__name__}: {e}") from e
+    net.set_state_dict(state)
+    opt_loaded = scaler_loaded = False
+    if model is not None and optimizer:
+        opt_loaded = _load_optimizer(model, net, prefix, {}, state)
+        scaler_loaded = _load_scaler(model, prefix)
+    logger.info("loaded %s: no plan file, so the architecture was inferred from the weights' shapes (%d "
+                "group(s) pruned, FLOPs %d -> %d), %d tensors%s%s", prefix, len(plan.groups),
+                plan.flops_before, plan.flops_after, len(state),
+                ", optimizer state" if opt_loaded else "", ", AMP scaler state" if scaler_loaded else "")
+    return net
+
+
+def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True,
+                input_shape: Sequence[int] | None = None, from_shapes: bool = False) -> nn.Layer:
     """Load a checkpoint of a pruned network into a freshly built, unpruned copy of it.
 
     Reads ``<prefix>.prune.json``, re-applies its plans in order (:func:`reapply_plan`, at each
     plan's ``input_shape``), then loads ``<prefix>.pdparams`` after checking that every key is there
     with a matching shape. The loaded plans are recorded on the network (see :func:`record_plan`),
     so saving it again keeps them. A checkpoint with an empty plan list just loads.
+
+    A checkpoint without a plan file (paddle's ``ModelCheckpoint``, ``model.save``,
+    ``paddle.save(net.state_dict(), ...)``, another tool) loads too: the architecture is read from
+    the weights' shapes (:func:`prune_callbacks.deploy.shapes.prune_to_state_dict`: each group's
+    kept count, checked across every parameter of the group), the first channels of each group
+    are kept (the weights overwrite them anyway), and the inferred plan is recorded, so saving
+    again writes a plan file. The log line says so.
 
     Given a ``paddle.Model``, the plans are applied to ``model.network``, and if ``<prefix>.pdopt``
     exists and the model was
@@ -392,6 +442,11 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
             architecture. A network already pruned by the first plans of the file gets the rest.
         path: the checkpoint prefix, or its ``.pdparams`` / ``.prune.json`` file.
         optimizer: for a Model, whether to load ``<prefix>.pdopt``.
+        input_shape: one input's shape, batch first, for a checkpoint without a plan file (the
+            network is traced at it). Default: a Model's input spec when its sizes are set, else
+            ``[1, 3, 224, 224]``.
+        from_shapes: infer the architecture from the weights' shapes even when there is a plan
+            file (one left over from an older save under the same prefix).
 
     Returns:
         The pruned, loaded network (``model.network`` for a Model).
@@ -403,8 +458,9 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
             state that does not fit the model's optimizer; an empty (0-byte) or damaged ``.pdparams``
             or ``.pdopt``; a plan whose indices do not fit the network. The network may be partly pruned when a
             plan or the weights do not fit: build it afresh before trying again.
-        FileNotFoundError: no ``.pdparams``, or no plan file (a checkpoint not made by
-            ``save_pruned`` or ``PrunedModelCheckpoint``).
+            Without a plan file: shapes that disagree within a group (the message names the parameter
+            and the two counts) or that no pruning of this network gives.
+        FileNotFoundError: no ``.pdparams``.
 
     Examples:
         >>> model = paddle.Model(build_net(), inputs, labels)
@@ -418,6 +474,8 @@ def load_pruned(model_or_net: Target, path: PathLike, *, optimizer: bool = True)
     if not os.path.exists(params_path):
         raise FileNotFoundError(f"no weights at {params_path!r}: pass the prefix given to save_pruned or "
                                 f"PrunedModelCheckpoint (e.g. 'checkpoints/final'), or its .pdparams file")
+    if from_shapes or not os.path.exists(prefix + PLANS_SUFFIX):
+        return _load_from_shapes(model, net, prefix, optimizer, input_shape)
     header = _read_header(prefix)
     plans: list[PrunePlan] = header["plans"]
     where = prefix + PLANS_SUFFIX

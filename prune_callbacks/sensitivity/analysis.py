@@ -20,7 +20,7 @@ from ..training.distributed import (all_gather, broadcast_state, check_agree, is
                            world_size)
 from ..utils.modes import eval_mode
 from ..utils.files import check_writable
-from .evaluation import EvalData
+from .evaluation import EvalData, top1_metric
 from .fingerprint import fingerprint, network_signature
 from .replay import EvaluateFn, ParamSlices, Runner
 from .result import (DEFAULT_RATIOS, FORMAT, SensitivityResult, _check_header, _key, _read,
@@ -30,6 +30,12 @@ logger = logging.getLogger(__name__)
 
 BASELINE_RTOL = 1e-6
 """How closely a re-measured baseline must match a file's before the file is resumed or reused."""
+
+
+class UnresolvableMetric(ValueError):
+    """The baseline metric cannot give relative losses: 0, not a finite number, or scored on too
+    few samples to resolve them. A caller may fall back to another metric (the loss) or plan
+    without curves."""
 
 
 class GroupLike(Protocol):
@@ -106,9 +112,11 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
         ValueError: bad or duplicate ratios, a corrupt file, or a file made for another network
             (any group, layer type or parameter shape differs), criterion, ratio set or data, or
             on other weights (its baseline differs from the one measured now); a baseline metric
-            of 0 or NaN (a diverged network).
+            of 0 or NaN (a diverged network), or a top-1 baseline of fewer correct samples than
+            `EvalData.min_correct`: `UnresolvableMetric` (a ValueError).
     """
     ratios = check_ratios(ratios)
+    lower = bool(getattr(evaluate, "lower_is_better", False))
     skip_idx = {pruner.group_index(s) for s in ([skip] if isinstance(skip, str) else skip)}
     groups = [(i, g) for i, g in enumerate(pruner.groups) if g.prunable and i not in skip_idx]
     channels = {g.name: g.channels for _, g in groups}
@@ -123,12 +131,12 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
     with eval_mode(pruner.net):
         runner = Runner(pruner.net, evaluate, cache and bool(todo), groups,
                         pruner.graph.param_axes)
-        baseline = _baseline(runner, data, path, bool(todo))
+        baseline = _baseline(runner, data, path, bool(todo), evaluate)
         if isinstance(evaluate, EvalData) and world_size() > 1:
             check_agree("sensitivity baseline", {"baseline": round(baseline, 9)})
-            _shared_curves(pruner, runner, todo, data, ratios, baseline, max_loss, path)
+            _shared_curves(pruner, runner, todo, data, ratios, baseline, max_loss, path, lower)
         else:  # one process, or an opaque eval_fn (which may itself use collectives)
-            _curves(pruner, runner, todo, data, ratios, baseline, max_loss, path)
+            _curves(pruner, runner, todo, data, ratios, baseline, max_loss, path, lower)
     res = SensitivityResult(baseline=baseline, ratios=tuple(ratios),
                             channels=dict(data["groups"]), criterion=data["criterion"],
                             network=data["network"])
@@ -140,7 +148,7 @@ def analyse(pruner: SensitivityPruner, evaluate: Union[Callable[[], float], Eval
 
 def _curves(pruner: SensitivityPruner, runner: Runner, todo: Sequence[Tuple[int, Any]],
             data: Dict[str, Any], ratios: Sequence[float], baseline: float,
-            max_loss: Optional[float], path: Optional[str]) -> None:
+            max_loss: Optional[float], path: Optional[str], lower: bool = False) -> None:
     """Every missing point, group by group, saved after each one."""
     total = sum(len(ratios) - len(data["losses"].get(g.name, {})) for _, g in todo)
     progress = _Progress(total)
@@ -148,7 +156,7 @@ def _curves(pruner: SensitivityPruner, runner: Runner, todo: Sequence[Tuple[int,
         pts = data["losses"].setdefault(g.name, {})
         filled = 0
         with runner.group(g) as run:
-            for _ in _fill(pruner, g.name, run, pts, ratios, baseline, max_loss):
+            for _ in _fill(pruner, g.name, run, pts, ratios, baseline, max_loss, lower):
                 filled += 1
                 _save(path, data)
         progress.log(filled, f"[{n}/{len(todo)}] {g.name}")
@@ -156,7 +164,7 @@ def _curves(pruner: SensitivityPruner, runner: Runner, todo: Sequence[Tuple[int,
 
 def _shared_curves(pruner: SensitivityPruner, runner: Runner, todo: Sequence[Tuple[int, Any]],
                    data: Dict[str, Any], ratios: Sequence[float], baseline: float,
-                   max_loss: Optional[float], path: Optional[str]) -> None:
+                   max_loss: Optional[float], path: Optional[str], lower: bool = False) -> None:
     """The missing points shared out over the ranks (whole groups, so each keeps its replay
     cache), evaluated one point per rank per round; each round's points are gathered so every
     rank holds the full analysis, and rank 0 saves it (a kill loses at most one round)."""
@@ -164,7 +172,7 @@ def _shared_curves(pruner: SensitivityPruner, runner: Runner, todo: Sequence[Tup
     shares = _balance([g.name for _, g in todo], missing, world_size())
     mine = [(gi, g) for gi, g in todo if g.name in shares[rank()]]
     rounds = max(sum(missing[name] for name in share) for share in shares)
-    points = _points(pruner, runner, mine, data, ratios, baseline, max_loss)
+    points = _points(pruner, runner, mine, data, ratios, baseline, max_loss, lower)
     progress = _Progress(sum(missing.values()))
     for _ in range(rounds):
         point = next(points, None)
@@ -188,12 +196,12 @@ def _balance(names: Sequence[str], cost: Mapping[str, int], n: int) -> list:
 
 def _points(pruner: SensitivityPruner, runner: Runner, mine: Sequence[Tuple[int, Any]],
             data: Dict[str, Any], ratios: Sequence[float], baseline: float,
-            max_loss: Optional[float]) -> Iterator[Tuple[str, str, Optional[float]]]:
+            max_loss: Optional[float], lower: bool = False) -> Iterator[Tuple[str, str, Optional[float]]]:
     """This rank's missing points, one (group, ratio key, loss) at a time."""
     for _, g in mine:
         pts = dict(data["losses"].get(g.name, {}))
         with runner.group(g) as run:
-            for key, loss in _fill(pruner, g.name, run, pts, ratios, baseline, max_loss):
+            for key, loss in _fill(pruner, g.name, run, pts, ratios, baseline, max_loss, lower):
                 yield g.name, key, loss
 
 
@@ -251,15 +259,22 @@ def _start(pruner: SensitivityPruner, evaluate: Any, ratios: Tuple[float, ...],
             "groups": channels, "baseline": None, "losses": {}}
 
 
-def _baseline(runner: Runner, data: Dict[str, Any], path: Optional[str], todo: bool) -> float:
+def _baseline(runner: Runner, data: Dict[str, Any], path: Optional[str], todo: bool,
+              evaluate: Any = None) -> float:
     """The unpruned metric, measured every time (it also fills the replay cache): a resumed or
     reused file must hold the baseline of these very weights, or its losses describe others."""
     metric = float(runner.baseline())
     if not math.isfinite(metric):
-        raise ValueError(
+        raise UnresolvableMetric(
             f"the unpruned network scores {metric} on the evaluation data: it has diverged (NaN "
             "or infinite outputs), so no sensitivity can be measured; lower the learning rate or "
             "analyse an earlier epoch")
+    if metric == 0:
+        raise UnresolvableMetric(
+            "the baseline metric is 0 on the evaluation data, so relative losses are "
+            "undefined: analyse a network that has learned something (a later at_epoch), "
+            "evaluate on more samples (num_samples) or use metric='loss'")
+    _check_resolution(metric, evaluate)
     stored = data["baseline"]
     if stored is None:
         data["baseline"] = stored = metric
@@ -269,18 +284,29 @@ def _baseline(runner: Runner, data: Dict[str, Any], path: Optional[str], todo: b
             f"{path!r} was measured on other weights: its baseline metric is {stored!r}, these "
             f"weights score {metric!r} on the same data (the curves would not describe them); "
             f"delete it or pass another path to analyse these weights afresh")
-    if stored == 0:
-        raise ValueError(
-            "the baseline metric is 0 on the evaluation data, so relative losses are "
-            "undefined: analyse a network that has learned something (a later at_epoch) or "
-            "evaluate on more samples (num_samples)")
     return stored
+
+
+def _check_resolution(baseline: float, evaluate: Any) -> None:
+    """Raise when a top-1 baseline rests on fewer correct samples than `evaluate.min_correct`
+    (`HANDFUL` from the callback): no point of a curve could move by more than that, so its
+    relative losses would be noise."""
+    if not isinstance(evaluate, EvalData) or evaluate.metric is not top1_metric or not evaluate.min_correct:
+        return
+    correct = int(round(baseline * evaluate.size))
+    if correct < evaluate.min_correct:
+        raise UnresolvableMetric(
+            f"the baseline top-1 is {baseline:.3f} on {evaluate.size} evaluation samples: {correct} "
+            f"correct, so no point can change by a handful ({evaluate.min_correct}) of samples and relative "
+            f"losses move in steps of {1 / max(correct, 1):.0%}; evaluate on more samples "
+            f"(num_samples) or use metric='loss'")
 
 
 def _fill(pruner: SensitivityPruner, name: str, run: EvaluateFn,
           pts: Dict[str, Optional[float]], ratios: Sequence[float], baseline: float,
-          max_loss: Optional[float]) -> Iterator[Tuple[str, Optional[float]]]:
-    """Fill the missing points of one group's curve in `pts`, yielding each (ratio key, loss)."""
+          max_loss: Optional[float], lower: bool = False) -> Iterator[Tuple[str, Optional[float]]]:
+    """Fill the missing points of one group's curve in `pts`, yielding each (ratio key, loss):
+    the metric's relative drop, or for a loss (`lower`) its relative rise: higher is worse."""
     for r in ratios:
         if _key(r) in pts:
             continue
@@ -288,7 +314,8 @@ def _fill(pruner: SensitivityPruner, name: str, run: EvaluateFn,
             pts[_key(r)] = None
         else:
             _, drop = pruner.slices(pruner.select({name: r}))
-            pts[_key(r)] = (baseline - run(drop)) / baseline
+            change = baseline - run(drop)
+            pts[_key(r)] = (-change if lower else change) / baseline
         yield _key(r), pts[_key(r)]
 
 

@@ -25,6 +25,42 @@ def top1_metric(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, int]:
     return float((pred == labels.reshape(-1)).sum()), len(pred)
 
 
+def cross_entropy_metric(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, int]:
+    """Summed softmax cross-entropy and count, for a batch of class scores: the mean evaluation
+    loss once summed over batches (lower is better; see `loss_metric`)."""
+    z = logits.reshape(logits.shape[0], -1).astype(np.float64)
+    z = z - z.max(axis=1, keepdims=True)
+    log_p = z - np.log(np.exp(z).sum(axis=1, keepdims=True))
+    y = labels.reshape(-1).astype(np.int64)
+    return float(-log_p[np.arange(len(y)), y].sum()), len(y)
+
+
+def loss_metric(loss_fn: Optional[Callable[..., Any]] = None) -> MetricFn:
+    """The evaluation loss as a sensitivity metric, `(logits, labels) -> (loss sum, count)`.
+
+    Continuous, so it resolves relative changes however small the evaluation set; lower is
+    better (give `EvalData(..., lower_is_better=True)`).
+
+    Args:
+        loss_fn: the model's own loss (``paddle.Model``'s ``_loss``, e.g. for detection or
+            segmentation), called on paddle tensors and taken as the batch mean; None: the
+            softmax cross-entropy (`cross_entropy_metric`).
+    """
+    if loss_fn is None:
+        return cross_entropy_metric
+
+    def model_loss(logits: np.ndarray, labels: np.ndarray) -> Tuple[float, int]:
+        with paddle.no_grad():
+            value = loss_fn(paddle.to_tensor(logits), paddle.to_tensor(labels))
+        value = value[0] if isinstance(value, (list, tuple)) else value
+        return float(np.asarray(value).mean()) * len(logits), len(logits)
+
+    return model_loss
+
+
+HANDFUL = 5
+"""Fewer samples than this changing between points cannot resolve a top-1 sensitivity curve."""
+
 ENGINES = ("auto", "eager")
 
 
@@ -52,6 +88,11 @@ class EvalData:
             recomputing eagerly every sample whose top-1 could differ, so the top-1 counts are
             those of eager masked evaluation; elsewhere, and for groups or networks it cannot
             serve, it evaluates eagerly. "eager": always evaluate eagerly.
+        lower_is_better: the metric is a loss (`loss_metric`): relative losses are then its
+            relative increase over the baseline.
+        min_correct: with the top-1 metric, the analysis raises `UnresolvableMetric` when the
+            baseline has fewer correct samples than this (no point could move by more than a
+            few samples); 0 (default) never does. `SensitivityCallback` sets `HANDFUL`.
     """
 
     dataset: Any
@@ -60,6 +101,8 @@ class EvalData:
     num_samples: Optional[int] = None
     workers: Optional[int] = None
     engine: str = "auto"
+    lower_is_better: bool = False
+    min_correct: int = 0
 
     def __post_init__(self) -> None:
         if self.engine not in ENGINES:
@@ -107,7 +150,8 @@ class EvalData:
         self._batches = None
 
     def describe(self) -> str:
-        return f"{type(self.dataset).__name__}: {self.size} samples"
+        what = f"{type(self.dataset).__name__}: {self.size} samples"
+        return what + (", metric: loss (lower is better)" if self.lower_is_better else "")
 
     def score(self, outputs: Sequence[np.ndarray]) -> float:
         if isinstance(self.metric, paddle.metric.Metric):

@@ -1,0 +1,43 @@
+"""The measured latency of the exported network before and after pruning, for the results table.
+
+One short timing on the backend the run uses (`prune.latency_options`); `trainer.measure_latency`
+turns it off. The unpruned architecture is built afresh: latency depends on the shapes, not on the
+weights. Never changes the trained network.
+"""
+from __future__ import annotations
+
+import logging
+from typing import Any, Dict, Optional
+
+import paddle.nn as nn
+from omegaconf import DictConfig
+
+from ..deploy.latency import CLOCKS, LatencyOptions, build_runner, time_runners
+from .model import build_network, input_shape
+
+log = logging.getLogger(__name__)
+
+WARMUP = 3
+REPEATS = 15
+"""Timed calls per network, alternating: a short timing, not a benchmark (see benchmarks/)."""
+
+
+def exported_latency(cfg: DictConfig, pruned: nn.Layer) -> Optional[Dict[str, Any]]:
+    """Median latency (ms) of the exported unpruned and pruned networks, timed call by call
+    alternately; None when switched off or when the backend cannot run here (logged)."""
+    if not cfg.trainer.get("measure_latency", True):
+        return None
+    opts = LatencyOptions(**cfg.prune.latency_options)
+    shape = input_shape(cfg)
+    try:
+        original = build_network(cfg)
+        runners = [build_runner(net, shape, **opts.measure_kwargs()) for net in (original, pruned)]
+        before, after = time_runners(runners, warmup=WARMUP, repeats=REPEATS, clock=CLOCKS[opts.clock])
+    except (ImportError, RuntimeError, ValueError, OSError) as exc:
+        log.warning("latency of the exported model not measured (%s: %s); trainer.measure_latency=false "
+                    "skips it", type(exc).__name__, exc)
+        return None
+    log.info("latency of the exported model (%s, batch %d, %d thread(s)): %.3f ms -> %.3f ms", opts.backend,
+             opts.batch, opts.threads, 1000 * before.median, 1000 * after.median)
+    return {"backend": opts.backend, "batch": opts.batch, "threads": opts.threads, "clock": opts.clock,
+            "repeats": REPEATS, "before_ms": 1000 * before.median, "after_ms": 1000 * after.median}
