@@ -3,10 +3,11 @@
 Small plain-paddle networks, one per pattern real detectors and OCR models use: an FPN with a
 head shared by every level (FCOS/RetinaNet/GFL), convs under a tensor-dependent `if` (PP-YOLOE+'s
 head), deformable convs with their offset convs (PP-YOLOv2's DCN), feature clean-up with
-`where`/`isnan`/`clip` (PP-OCRv4), a loss computed inside the network from targets (every
-PaddleDetection architecture), and a recogniser whose training-only decoder reads the backbone
-and the targets (PP-OCR's NRTR/SAR heads). For each: prunable groups out of all groups, prunable
-channels out of all channels, and whether predicted FLOPs equal counted FLOPs.
+`where`/`isnan`/`clip` (PP-OCRv4), RT-DETR-style query selection (`topk`, `gather_nd`), a loss
+computed inside the network from targets (every PaddleDetection architecture), and a recogniser
+whose training-only decoder reads the backbone and the targets (PP-OCR's NRTR/SAR heads). For
+each: prunable groups out of all groups, prunable channels out of all channels, and whether
+predicted FLOPs equal counted FLOPs.
 
 Run it with this branch's engine, and with an older one to compare (the script only needs
 `FilterPruner` and `count_flops`; `train_inputs` is passed where the engine takes it):
@@ -170,6 +171,22 @@ class RecWithTrainDecoder(nn.Layer):
         return logits
 
 
+class QuerySelection(nn.Layer):
+    """RT-DETR-style: score every encoder token, keep the top k (topk, gather_nd), decode them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.backbone = Backbone()
+        self.proj = nn.Conv2D(128, 64, 1)
+        self.score, self.box = nn.Linear(64, 4), nn.Linear(64, 4)
+
+    def forward(self, x):
+        tokens = self.proj(self.backbone(x)[2]).flatten(2).transpose([0, 2, 1])
+        _, idx = paddle.topk(self.score(tokens).max(-1), k=3, axis=1)
+        batch = paddle.arange(x.shape[0]).unsqueeze(1).expand_as(idx)
+        return self.box(paddle.gather_nd(tokens, paddle.stack([batch, idx], axis=-1)))
+
+
 def _fpn_targets():
     return (paddle.randn([2, 3, 64, 64]),
             [paddle.randn([2, 4, s, s]) for s in (8, 4, 2)])
@@ -180,6 +197,7 @@ NETS = {
     "if_on_tensor_head": (IfHead, None),
     "deformable_conv": (DCNNet, None),
     "where_isnan_clip": (CleanUpNet, None),
+    "query_selection": (QuerySelection, None),
     "loss_inside_fpn": (LossInside, _fpn_targets),
     "rec_train_decoder": (RecWithTrainDecoder,
                           lambda: (paddle.randn([2, 3, 64, 64]), paddle.randn([2, 10, 2, 2]))),
