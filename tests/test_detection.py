@@ -200,9 +200,10 @@ def test_a_tower_shared_across_levels_ties_their_channels(group_norm):
 
 
 class Deform(nn.Layer):
-    def __init__(self, deformable_groups: int = 1, groups: int = 1) -> None:
+    def __init__(self, deformable_groups: int = 1, groups: int = 1, modulated: bool = True) -> None:
         super().__init__()
         dg = deformable_groups
+        self.modulated = modulated  # DCN v2 (a mask) or v1
         self.c1 = nn.Conv2D(3, 8, 3, padding=1)
         self.bn = nn.BatchNorm2D(8)
         self.offset = nn.Conv2D(8, 2 * dg * 9, 3, padding=1)
@@ -212,16 +213,17 @@ class Deform(nn.Layer):
 
     def forward(self, x):
         y = F.relu(self.bn(self.c1(x)))
-        z = self.dcn(y, self.offset(y), F.sigmoid(self.mask(y)))
+        z = self.dcn(y, self.offset(y), F.sigmoid(self.mask(y)) if self.modulated else None)
         return self.out(F.relu(z))
 
 
-@pytest.mark.parametrize("dg, groups", [(1, 1), (2, 1), (1, 2)])
-def test_deformable_conv_prunes_its_input_and_output_channels(dg, groups):
+@pytest.mark.parametrize("dg, groups, modulated", [(1, 1, True), (2, 1, True), (1, 2, True),
+                                                   (1, 1, False)])
+def test_deformable_conv_prunes_its_input_and_output_channels(dg, groups, modulated):
     paddle.seed(0)
-    net = Deform(dg, groups)
+    net = Deform(dg, groups, modulated)
     by_name = _groups(FilterPruner(net, SHAPE))
-    for offset in ("offset", "mask"):
+    for offset in ("offset", "mask") if modulated else ("offset",):
         assert not by_name[offset].prunable and "deformable conv" in by_name[offset].reason
     check_pruned(net, SHAPE, expect_groups=["c1", "dcn"])
     assert net.offset.weight.shape[0] == 2 * dg * 9 and net.mask.weight.shape[0] == dg * 9
