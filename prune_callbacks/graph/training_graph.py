@@ -19,7 +19,8 @@ import paddle.nn as nn
 
 from .tracing import TraceState
 
-TrainInputs = Union[Any, Callable[[], Any]]  # a batch (tensor, list/tuple/dict of them), or a callable
+# a batch (a tensor, or lists, tuples and dicts of them), or a callable returning one
+TrainInputs = Union[Any, Callable[[], Any]]
 
 _WARNED: "weakref.WeakSet[nn.Layer]" = weakref.WeakSet()  # networks warned about already
 
