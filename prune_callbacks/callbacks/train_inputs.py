@@ -8,7 +8,7 @@ the pruning and sensitivity callbacks trace the training graph from them
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, List, Optional, Tuple
+from typing import Any, Callable, List, Optional, Tuple
 
 import paddle
 import paddle.nn as nn
