@@ -18,7 +18,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .tracing import (TraceState, _expand, _shape_of, _trace_op, _Val, register_op,
+from .tracing import (SourceRec, TraceState, _expand, _shape_of, _trace_op, _Val, register_op,
                       unknown_op)
 
 logger = logging.getLogger(__name__)
@@ -51,9 +51,12 @@ def _join(state: TraceState, out: _Val, values: List[Optional[_Val]], what: str)
         return
     nd = max(ids.ndim for _, ids in with_ids)
     if any(ids.ndim != nd for _, ids in with_ids):
-        state.block(np.concatenate([ids.ravel() for _, ids in with_ids]),
-                    f"{what} yields values of different ranks")
-        out.ids = state.fresh(1).reshape((1,) * len(out.shape)) if out.shape else None
+        reason = f"{what} yields values of different ranks"
+        state.block(np.concatenate([ids.ravel() for _, ids in with_ids]), reason)
+        out.ids = None
+        if out.shape:  # whatever reads it sees channels nobody may prune
+            out.ids = state.fresh(1).reshape((1,) * len(out.shape))
+            state.sources.append(SourceRec(out.ids.ravel(), None, blocked=reason))
         return
     main = with_ids[0][1]
     for _, ids in with_ids[1:]:
