@@ -56,6 +56,14 @@ class FilterPruner:
         input_shape: the shape of one input, batch first, e.g. [1, 3, 32, 32].
         criterion: channel importance: "l1" (default), "l2", "fpgm", "bn_scale", "random", or a
             registered name (see `prune_callbacks.register_criterion`).
+        train_inputs: what the network's forward is called with on a training step, targets
+            included (a tensor, a tuple/list of the positional arguments, or a callable returning
+            one, called at each trace): the training graph is traced from it, so layers that run
+            only in training (a detector's loss head, an OCR recogniser's training-only decoder)
+            keep the channels they read. Without it, a training forward that cannot be traced
+            from `input_shape` alone is left out, and groups that may feed layers the eval
+            forward never runs are held whole (with a warning). The callbacks pass what `fit`
+            really calls the network with.
         layer_norm_widths: channels a LayerNorm normalises (a transformer's embedding width)
             are prunable: LayerNorm's weight and bias are sliced and its statistics taken over
             the kept channels; masks renormalise the same way (`graph.norms`). False keeps them
@@ -73,7 +81,8 @@ class FilterPruner:
     """
 
     def __init__(self, net: nn.Layer, input_shape: Sequence[int] = (1, 3, 32, 32),
-                 criterion: Union[str, Criterion] = "l1", layer_norm_widths: bool = True) -> None:
+                 criterion: Union[str, Criterion] = "l1", train_inputs: Any = None,
+                 layer_norm_widths: bool = True) -> None:
         if isinstance(net, paddle.DataParallel):
             net = net._layers
         if not isinstance(net, nn.Layer):
@@ -81,6 +90,7 @@ class FilterPruner:
         self.net = net
         self.input_shape = _validate_shape(input_shape)
         self.criterion = get_criterion(criterion)
+        self.train_inputs = train_inputs
         self.layer_norm_widths = bool(layer_norm_widths)
         self._graph: Optional[ChannelGraph] = None
         self._param_map: Optional[Dict[str, Any]] = None
@@ -102,6 +112,7 @@ class FilterPruner:
         self._traced_as = self._structure()
         try:
             self._graph = ChannelGraph(self.net, self.input_shape, supports_layer,
+                                       train_inputs=self.train_inputs,
                                        layer_norm_widths=self.layer_norm_widths)
         except (ValueError, RuntimeError) as e:  # paddle reports shape errors as these
             first = str(e).strip().splitlines()

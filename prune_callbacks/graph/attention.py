@@ -19,8 +19,8 @@ from typing import Any, List, Optional
 import numpy as np
 
 from . import ops
-from .tracing import (SourceRec, TraceState, _compress, _expand, _op_key, _Val, register_op,
-                      unknown_op)
+from .tracing import (_OP_HANDLERS, SourceRec, TraceState, _compress, _expand, _op_key, _Val,
+                      register_op, unknown_op)
 
 HEADS_TRIAL = ("attention heads (the forward must reshape q, k and v with the layer's head count "
                "and merge the heads with -1 or num_heads * head_dim, not with the input's "
@@ -85,7 +85,7 @@ def _varying(ids: Optional[np.ndarray]) -> int:
     return 0 if ids is None else sum(1 for s in ids.shape if s > 1)
 
 
-_base_reshape = ops._reshape
+_base_reshape = _OP_HANDLERS["reshape"]  # whatever handled it before
 
 
 @register_op("reshape", "flatten", "squeeze", "unsqueeze", "view_shape")
@@ -126,7 +126,7 @@ def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> bool:
     return all(s == 1 for s in ids.shape[:-1])
 
 
-_base_slice = ops._slice
+_base_slice = _OP_HANDLERS["slice"]  # whatever handled it before
 
 
 @register_op("slice")
@@ -165,7 +165,7 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
     out.ids = _compress(taken.reshape(out.shape))
 
 
-_base_concat = ops._concat
+_base_concat = _OP_HANDLERS["concat"]  # whatever handled it before
 
 
 @register_op("concat")
@@ -192,8 +192,8 @@ def _concat(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
     out.ids = _compress(first)
 
 
-_base_index_select = ops._index_select
-_base_gather = ops._gather
+_base_index_select = _OP_HANDLERS["index_select"]  # whatever handled it before
+_base_gather = _OP_HANDLERS["gather"]  # whatever handled it before
 
 
 def _param_lookup(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val],
@@ -226,7 +226,7 @@ def _gather(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
         _base_gather(state, op, ins, outs)
 
 
-_base_matmul = ops._matmul
+_base_matmul = _OP_HANDLERS["matmul"]  # whatever handled it before
 
 
 @register_op("matmul")
