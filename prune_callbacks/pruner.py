@@ -61,6 +61,18 @@ class FilterPruner:
         input_shape: the shape of one input, batch first, e.g. [1, 3, 32, 32].
         criterion: channel importance: "l1" (default), "l2", "fpgm", "bn_scale", "random", or a
             registered name (see `prune_callbacks.register_criterion`).
+        train_inputs: what the network's forward is called with on a training step, targets
+            included (a tensor, a tuple/list of the positional arguments, or a callable returning
+            one, called at each trace): the training graph is traced from it, so layers that run
+            only in training (a detector's loss head, an OCR recogniser's training-only decoder)
+            keep the channels they read. Without it, a training forward that cannot be traced
+            from `input_shape` alone is left out, and groups that may feed layers the eval
+            forward never runs are held whole (with a warning). The callbacks pass what `fit`
+            really calls the network with.
+        layer_norm_widths: channels a LayerNorm normalises (a transformer's embedding width)
+            are prunable: LayerNorm's weight and bias are sliced and its statistics taken over
+            the kept channels; masks renormalise the same way (`graph.norms`). False keeps them
+            whole (`Group.reason` says so).
         runtime: where the pruned network will be served ("paddle_inference", "onnxruntime", or
             a GPU runtime, see `deploy.kernels.Runtime`): planning's default `round_to="auto"`
             keeps channel counts in the multiples its kernels need on this machine.
@@ -77,7 +89,8 @@ class FilterPruner:
     """
 
     def __init__(self, net: nn.Layer, input_shape: Sequence[int] = (1, 3, 32, 32),
-                 criterion: Union[str, Criterion] = "l1",
+                 criterion: Union[str, Criterion] = "l1", train_inputs: Any = None,
+                 layer_norm_widths: bool = True,
                  runtime: Union[str, Runtime] = Runtime.PADDLE_INFERENCE) -> None:
         if isinstance(net, paddle.DataParallel):
             net = net._layers
@@ -86,6 +99,8 @@ class FilterPruner:
         self.net = net
         self.input_shape = _validate_shape(input_shape)
         self.criterion = get_criterion(criterion)
+        self.train_inputs = train_inputs
+        self.layer_norm_widths = bool(layer_norm_widths)
         self.runtime = check_runtime(runtime)
         self._graph: Optional[ChannelGraph] = None
         self._param_map: Optional[Dict[str, Any]] = None
@@ -106,7 +121,9 @@ class FilterPruner:
         self._param_map = None
         self._traced_as = self._structure()
         try:
-            self._graph = ChannelGraph(self.net, self.input_shape, supports_layer)
+            self._graph = ChannelGraph(self.net, self.input_shape, supports_layer,
+                                       train_inputs=self.train_inputs,
+                                       layer_norm_widths=self.layer_norm_widths)
         except (ValueError, RuntimeError) as e:  # paddle reports shape errors as these
             first = str(e).strip().splitlines()
             detail = next((ln for ln in reversed(first) if "Error" in ln or "Invalid" in ln),

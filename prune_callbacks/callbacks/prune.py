@@ -19,10 +19,12 @@ from ..planning.latency_allocation import LatencyTable
 from ..training.optim import rebuild_optimizer
 from ..planning.plans import PrunePlan, record_plan
 from ..planning.allocation import STRATEGIES, auto_strategy, check_fraction
+from ..graph.training_graph import LATER
 from ..pruner import FilterPruner
 from ..sensitivity import SensitivityResult
 from ..utils.errors import check_names
 from ._common import check_epoch, infer_input_shape
+from .train_inputs import stop_watching, training_inputs, watch_training_inputs
 from .history import PruneEvent, history_of
 from .sensitivity import SensitivityCallback
 
@@ -164,8 +166,20 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                              "SensitivityCallback (or pruner.sensitivity(..., path=...)) first, "
                              "or pass the callback itself")
         if not self.plans:  # trace now: a bad input shape, skip name or target fails before training
-            self._pruner = self._new_pruner()
-            self._check_plan(self._pruner)
+            self._pruner = self._new_pruner(later=True)
+            if self._pruner.graph.train_failure is not None:  # its training forward needs targets:
+                self._pruner = None  # check on the real inputs, before the first step runs
+                watch_training_inputs(self.model, self._check_at_first_step)
+            else:
+                self._check_plan(self._pruner)
+        watch_training_inputs(self.model)  # the training graph is traced from what fit passes
+
+    def _check_at_first_step(self) -> None:
+        self._pruner = self._new_pruner()
+        self._check_plan(self._pruner)
+
+    def on_train_end(self, logs: Optional[Dict] = None) -> None:
+        stop_watching(self.model)
 
     def _check_plan(self, pruner: FilterPruner) -> None:
         """Skip names, the sensitivity source and the target's reachability, from channel counts."""
@@ -321,12 +335,16 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         self.latency = None  # a latency target was turned into this FLOPs cut on step 1
         self.at_epoch = first_epoch - len(plans)  # step k+1 at first_epoch (step 1 was before this fit)
 
-    def _new_pruner(self) -> FilterPruner:
+    def _new_pruner(self, later: bool = False) -> FilterPruner:
+        """A pruner tracing the training graph from what fit called the network with (`later`:
+        before the first step, when those inputs are still to come)."""
         ds = None
         if isinstance(self.sensitivity, SensitivityCallback):
             ds = self.sensitivity._dataset
         shape = self.input_shape or infer_input_shape(self.model, ds)
-        return FilterPruner(self.model.network, shape, self.criterion, self.runtime)
+        inputs = training_inputs(self.model)
+        return FilterPruner(self.model.network, shape, self.criterion,
+                            train_inputs=LATER if inputs is None and later else inputs, runtime=self.runtime)
 
 
 def _runtime_and_options(runtime: Optional[str], options: Optional[LatencyOptions]) -> tuple:
