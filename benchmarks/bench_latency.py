@@ -17,6 +17,15 @@ percentiles. Goal: >= 0.95 (PaddleSlim 2.6's pruned MobileNetV1 got 0.83-0.90 on
     python benchmarks/bench_latency.py --models mobilenet_v1 --sizes 224 --batches 1 --backends ort
     python benchmarks/bench_latency.py --search 0.6 --models mobilenet_v1 --sizes 224 --round-to 16
 
+`--defaults` prunes MobileNetV1, MobileNetV2 and ResNet18 (10 classes) with every setting at its
+default (FilterPruner(net, shape, runtime=R).prune_to_flops(f): strategy uniform without curves,
+criterion l1, round_to "auto") at 30/50/70% FLOPs for each runtime R (`ort`: onnxruntime, `pi-onednn`:
+paddle_inference), at batch 1 224x224 and batch 64 32x32, one thread, CPU time, baseline and the three
+pruned copies timed alternately; prints latency cut / FLOPs cut per row (see docs/latency.md):
+
+    python benchmarks/bench_latency.py --defaults                    # about 10 minutes
+    python benchmarks/bench_latency.py --defaults --round-to 1       # the old default, for comparison
+
 `--search T` runs the latency search instead (`plan_for_latency`, target share T, each backend,
 batch and round_to; tolerance 0.02, at most 8 trials) and prints its trials, time and outcome.
 
@@ -51,8 +60,10 @@ import paddle
 from paddle.vision import models
 
 from prune_callbacks import FilterPruner
-from prune_callbacks.deploy.latency import (CLOCKS, LatencyOptions, LatencyStats, Runner, build_runner,
+from prune_callbacks.deploy.kernels import resolve_round_to
+from prune_callbacks.deploy.latency import (CLOCKS, LatencyMeter, LatencyOptions, LatencyStats, Runner, build_runner,
                                      plan_for_latency, time_runners)
+from prune_callbacks.deploy.latency_table import measure_latency_table, verify_latency_plan
 
 BACKENDS: Dict[str, Tuple[str, bool]] = {  # name -> (latency backend, oneDNN)
     "pi": ("paddle_inference", False),
@@ -116,6 +127,40 @@ def bench_model(name: str, size: int, args: argparse.Namespace) -> List[float]:
     return ratios
 
 
+DEFAULT_RUNTIMES = {"ort": "onnxruntime", "pi-onednn": "paddle_inference"}
+DEFAULT_GRID = ((1, 224), (64, 32))  # (batch, input size)
+
+
+def defaults_model(name: str, args: argparse.Namespace) -> List[float]:
+    """The default settings' pruned copies at each FLOPs cut, timed against the original, per runtime."""
+    ratios = []
+    for batch, size in DEFAULT_GRID:
+        if args.batches != [1, 64] and batch not in args.batches:
+            continue
+        paddle.seed(0)
+        net = getattr(models, name)(num_classes=10)
+        net.eval()
+        shape = [1, 3, size, size]
+        for key in args.backends:
+            runtime = DEFAULT_RUNTIMES[key]
+            backend, onednn = BACKENDS[key]
+            kw = dict(batch=batch, backend=backend, threads=args.threads, onednn=onednn)
+            pruned = []
+            for f in args.flops:
+                copy_ = copy.deepcopy(net)
+                pruner = FilterPruner(copy_, shape, runtime=runtime)
+                plan = pruner.prune_to_flops(f) if args.round_to is None else \
+                    pruner.prune_to_flops(f, round_to=args.round_to[0])
+                pruned.append((f, plan.pruned_flops, build_runner(copy_, shape, **kw)))
+            stats = time_runners([build_runner(net, shape, **kw)] + [r for _, _, r in pruned],
+                                 warmup=args.warmup, repeats=args.repeats, clock=CLOCKS[args.clock])
+            rnd = args.round_to[0] if args.round_to is not None else 0
+            for (f, cut, _), cand in zip(pruned, stats[1:]):
+                print(_row(name, size, batch, key, f, rnd, cut, stats[0], cand), flush=True)
+                ratios.append((1.0 - cand.median / stats[0].median) / cut)
+    return ratios
+
+
 def search_model(name: str, size: int, args: argparse.Namespace) -> None:
     """Run the latency search for each (batch, backend, round_to) and print what it cost."""
     paddle.seed(0)
@@ -126,6 +171,9 @@ def search_model(name: str, size: int, args: argparse.Namespace) -> None:
             backend, onednn = BACKENDS[key]
             options = LatencyOptions(batch=batch, backend=backend, threads=args.threads, onednn=onednn,
                                      warmup=args.warmup, repeats=args.repeats, clock=args.clock)
+            if args.method == "table":
+                _table_search(net, shape, key, options, args)
+                continue
             for r in args.round_to:
                 pruner = FilterPruner(net, shape)
                 start = time.perf_counter()
@@ -138,13 +186,39 @@ def search_model(name: str, size: int, args: argparse.Namespace) -> None:
                       f"{len(found.trials)} trials in {took:.1f} s [{trials}]", flush=True)
 
 
+def _table_search(net: paddle.nn.Layer, shape: List[int], key: str, options: LatencyOptions,
+                  args: argparse.Namespace) -> None:
+    """A latency target the table's way: measure the per-group table, then at most two verifications."""
+    pruner = FilterPruner(net, shape, runtime=DEFAULT_RUNTIMES.get(key, "paddle_inference"))
+    start = time.perf_counter()
+    table = measure_latency_table(pruner, options, round_to=resolve_round_to("auto", pruner.runtime))
+    took_table = time.perf_counter() - start
+
+    def plan_at(share: float):
+        kept = pruner.plan_latency(share, table, strategy="uniform")
+        return kept, pruner.latency_share(table, kept)
+
+    found = verify_latency_plan(pruner, args.search, plan_at, LatencyMeter(net, shape, options),
+                                tolerance=options.tolerance)
+    took = time.perf_counter() - start
+    trials = ", ".join(f"FLOPs cut {t.flops:.3f}->share {t.share:.3f}" for t in found.trials)
+    print(f"{type(net).__name__} {shape[-1]}px bs{options.batch} {key} table: target {args.search:.2f}, "
+          f"share {found.share:.3f} ({'met' if found.met else 'NOT met'}), FLOPs cut {found.flops:.3f}; "
+          f"table {table.exports} exports in {took_table:.0f} s, {len(found.trials)} verification(s) "
+          f"[{trials}], {took:.0f} s in all", flush=True)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help=f"a smaller grid: {QUICK}")
     ap.add_argument("--models", nargs="+", default=["mobilenet_v1", "mobilenet_v2", "resnet18"])
     ap.add_argument("--sizes", nargs="+", type=int, default=[224, 32])
     ap.add_argument("--flops", nargs="+", type=float, default=[0.2, 0.4, 0.6])
-    ap.add_argument("--round-to", dest="round_to", nargs="+", type=int, default=[1, 8, 16])
+    ap.add_argument("--round-to", dest="round_to", nargs="+", type=int, default=None,
+                    help="default [1, 8, 16]; with --defaults: none (round_to 'auto', printed as 0)")
+    ap.add_argument("--defaults", action="store_true",
+                    help="MobileNetV1/V2, ResNet18 pruned with default settings at 30/50/70%% FLOPs, "
+                         "ort and pi-onednn, bs1 224px and bs64 32px, CPU clock, 1 thread")
     ap.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--threads", type=int, default=1)
@@ -155,7 +229,17 @@ def main() -> None:
                          "compute in the calling thread, so time other processes take drops out)")
     ap.add_argument("--search", type=float, default=None, metavar="SHARE",
                     help="run the latency search to this share of the original latency instead")
+    ap.add_argument("--method", choices=["search", "table"], default="search",
+                    help="with --search: the FLOPs-cut search, or the latency table + 2 verifications")
     args = ap.parse_args()
+    if args.defaults:
+        given = {a.dest for a in ap._actions if a.default != getattr(args, a.dest, a.default)}
+        for k, v in {"flops": [0.3, 0.5, 0.7], "backends": ["ort", "pi-onednn"], "clock": "cpu",
+                     "repeats": 15, "warmup": 3}.items():
+            if k not in given:
+                setattr(args, k, v)
+    elif args.round_to is None:
+        args.round_to = [1, 8, 16]
     if args.quick:
         given = {a.dest for a in ap._actions if a.default != getattr(args, a.dest, a.default)}
         for k, v in QUICK.items():
@@ -175,11 +259,14 @@ def main() -> None:
         return
     print(f"{args.clock} clock, warm-up {args.warmup}, median of {args.repeats} alternating calls, "
           f"{args.threads} thread(s), "
-          f"strategy uniform, criterion l1")
+          f"strategy uniform, criterion l1{', round_to auto (rnd 0)' if args.defaults and args.round_to is None else ''}")
     print(f"{'model':<13}{'px':>4}{'bs':>4}  {'backend':<10}{'tgt':>5}{'rnd':>4}{'FLOPs cut':>10}"
           f"{'base ms':>10}{'pruned ms':>10}{'lat cut':>9}{'ratio':>7}{'(p10)':>7}")
     ratios = []
     for name in args.models:
+        if args.defaults:
+            ratios += defaults_model(name, args)
+            continue
         for size in args.sizes:
             ratios += bench_model(name, size, args)
     print(f"median ratio {statistics.median(ratios):.2f} over {len(ratios)} rows; "

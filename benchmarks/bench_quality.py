@@ -114,13 +114,14 @@ def prune(net, allocation: str, criterion: str, cut: float, sens_data, args) -> 
     if allocation == "global":
         pruner.prune(global_ratios(pruner, cut))
     elif allocation == "uniform":
-        pruner.prune_to_flops(cut, strategy="uniform")
+        pruner.prune_to_flops(cut, strategy="uniform", round_to=args.round_to)
     else:  # one analysis per trained network and criterion, shared by every cut
         key = (args.current, criterion)
         if key not in args.sens_cache:
             args.sens_cache[key] = pruner.sensitivity(
                 sens_data, num_samples=args.sensitivity_samples, batch_size=128)
-        pruner.prune_to_flops(cut, sensitivities=args.sens_cache[key], strategy="sensitivity")
+        pruner.prune_to_flops(cut, sensitivities=args.sens_cache[key], strategy="sensitivity",
+                              round_to=args.round_to)
     return 1 - count_flops(net, SHAPE) / args.flops_before
 
 
@@ -208,6 +209,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--sparse-growing", type=float, default=1e-4)
     p.add_argument("--sparse-criteria", nargs="+", default=["group_l2", "bn_scale", "l1"],
                    help="criteria compared after sparse training")
+    p.add_argument("--round-to", dest="round_to", default="auto", type=lambda v: v if v == "auto" else int(v),
+                   help="kept channel multiple for sensitivity/uniform ('auto': the runtime's; 1: exact)")
     p.add_argument("--alpha", type=float, default=0.5)
     p.add_argument("--temperature", type=float, default=4.0)
     p.add_argument("--epochs-before", type=int, default=4)

@@ -23,17 +23,22 @@ from .graph.channels import ChannelGraph, Group
 from .graph.selection import kept_slices
 from .planning.importance import Criterion, Source, get_criterion
 from .planning.plans import GroupPlan, PrunePlan, record_plan
-from .planning.allocation import PlanGroup, auto_strategy, check_reachable, n_keep, plan_group_ratios
+from .planning.allocation import (PlanGroup, auto_strategy, check_fraction, check_reachable, n_keep,
+                                  plan_group_ratios)
 from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
 from .sensitivity.fingerprint import network_signature
 from .layers.surgery import Mask, apply_slices, supports_layer
 from .utils.errors import check_names
+from .deploy.kernels import AUTO, Runtime, check_runtime, resolve_round_to
+from .planning.latency_allocation import LatencyTable, plan_latency_widths, predict_share
 
 logger = logging.getLogger(__name__)
 
 Kept = Dict[int, np.ndarray]  # group index -> sorted kept channel indices
 Names = Union[str, Sequence[str]]  # group names, or one name
 Sensitivities = Union[SensitivityResult, str, "os.PathLike[str]", Mapping[str, Mapping[float, float]]]
+RoundTo = Union[int, str]  # an int >= 1, or "auto": the runtime's channel multiple (deploy.kernels)
+AUTO_SLACK = 0.005  # round_to="auto" plans land within this of a FLOPs target (else a finer multiple)
 
 
 def _validate_shape(input_shape: Any) -> Tuple[int, ...]:
@@ -55,10 +60,25 @@ class FilterPruner:
         net: the network to prune (a `paddle.nn.Layer`, or a `paddle.DataParallel` around one).
         input_shape: the shape of one input, batch first, e.g. [1, 3, 32, 32].
         criterion: channel importance: "l1" (default), "l2", "fpgm", "bn_scale", "random", or a
-            registered name (see `prune_callbacks.register_criterion`); "group_l2" scores all
-            of a group's parameters; "taylor" and "activation" need `statistics`.
-        statistics: an `ImportanceStats` that watched training steps, for "taylor" and
-            "activation" (FilterPruneCallback passes its own).
+            registered name (see `prune_callbacks.register_criterion`).
+        train_inputs: what the network's forward is called with on a training step, targets
+            included (a tensor, a tuple/list of the positional arguments, or a callable returning
+            one, called at each trace): the training graph is traced from it, so layers that run
+            only in training (a detector's loss head, an OCR recogniser's training-only decoder)
+            keep the channels they read. Without it, a training forward that cannot be traced
+            from `input_shape` alone is left out, and groups that may feed layers the eval
+            forward never runs are held whole (with a warning). The callbacks pass what `fit`
+            really calls the network with.
+        layer_norm_widths: channels a LayerNorm normalises (a transformer's embedding width)
+            are prunable: LayerNorm's weight and bias are sliced and its statistics taken over
+            the kept channels; masks renormalise the same way (`graph.norms`). False keeps them
+            whole (`Group.reason` says so).
+        runtime: where the pruned network will be served ("paddle_inference", "onnxruntime", or
+            a GPU runtime, see `deploy.kernels.Runtime`): planning's default `round_to="auto"`
+            keeps channel counts in the multiples its kernels need on this machine.
+        statistics: an `ImportanceStats` that watched training steps, for the data-driven
+            criteria "taylor" and "activation" (FilterPruneCallback passes its own); "group_l2"
+            scores all of a group's parameters.
 
     Raises:
         TypeError: `net` is not a Layer or `input_shape` not a list of ints.
@@ -72,7 +92,10 @@ class FilterPruner:
     """
 
     def __init__(self, net: nn.Layer, input_shape: Sequence[int] = (1, 3, 32, 32),
-                 criterion: Union[str, Criterion] = "l1", statistics: Any = None) -> None:
+                 criterion: Union[str, Criterion] = "l1", train_inputs: Any = None,
+                 layer_norm_widths: bool = True,
+                 runtime: Union[str, Runtime] = Runtime.PADDLE_INFERENCE,
+                 statistics: Any = None) -> None:
         if isinstance(net, paddle.DataParallel):
             net = net._layers
         if not isinstance(net, nn.Layer):
@@ -80,6 +103,9 @@ class FilterPruner:
         self.net = net
         self.input_shape = _validate_shape(input_shape)
         self.criterion = get_criterion(criterion)
+        self.train_inputs = train_inputs
+        self.layer_norm_widths = bool(layer_norm_widths)
+        self.runtime = check_runtime(runtime)
         # training statistics (training.data_importance.ImportanceStats) for data-driven criteria
         self.statistics = statistics
         self._graph: Optional[ChannelGraph] = None
@@ -101,7 +127,9 @@ class FilterPruner:
         self._param_map = None
         self._traced_as = self._structure()
         try:
-            self._graph = ChannelGraph(self.net, self.input_shape, supports_layer)
+            self._graph = ChannelGraph(self.net, self.input_shape, supports_layer,
+                                       train_inputs=self.train_inputs,
+                                       layer_norm_widths=self.layer_norm_widths)
         except (ValueError, RuntimeError) as e:  # paddle reports shape errors as these
             first = str(e).strip().splitlines()
             detail = next((ln for ln in reversed(first) if "Error" in ln or "Invalid" in ln),
@@ -222,7 +250,7 @@ class FilterPruner:
             np.add.at(scores, pa.channel.ravel()[sel], s[sel])
         return crit.combine(scores) if crit.combine is not None else scores
 
-    def select(self, ratios: Mapping[str, float], round_to: int = 1) -> Kept:
+    def select(self, ratios: Mapping[str, float], round_to: RoundTo = 1) -> Kept:
         """Channels each named group keeps when it loses `ratio` of its least important ones.
 
         Rounding (PaddleSlim's): round(ratio * channels) go, to nearest, at least one stays
@@ -232,8 +260,7 @@ class FilterPruner:
         channel shuffles route (`graph.routed`, ShuffleNetV2 stages) keep, per producer, the
         width nearest to the ratio's that prunes exactly, and per route their best channels.
         """
-        if not isinstance(round_to, int) or round_to < 1:
-            raise ValueError(f"round_to must be a positive int, got {round_to!r}")
+        round_to = resolve_round_to(round_to, self.runtime, log=False)
         if not isinstance(ratios, Mapping):
             raise TypeError(f"ratios must map group names to floats, got {type(ratios).__name__}")
         kept: Kept = {}
@@ -365,7 +392,7 @@ class FilterPruner:
         return self.sensitivity(eval_func, path=sen_file, skip=skip).curves()
 
     def plan(self, flops: float, sensitivities: Optional[Sensitivities] = None,
-             skip: Names = (), strategy: Optional[str] = None, round_to: int = 1) -> Kept:
+             skip: Names = (), strategy: Optional[str] = None, round_to: RoundTo = AUTO) -> Kept:
         """Channels each group keeps so that the network loses `flops` of its FLOPs.
 
         Describes the groups to `planning.plan_group_ratios` (FLOPs from channel counts, through
@@ -381,16 +408,66 @@ class FilterPruner:
         Raises:
             ValueError: see `prune_to_flops`.
         """
+        auto = isinstance(round_to, str) and round_to == AUTO
+        if auto:  # a bad target is an error now, not a reason to try finer multiples
+            check_fraction(flops, "FLOPs target")
+        round_to = resolve_round_to(round_to, self.runtime)
         curves = self._curves(sensitivities)
         strategy = auto_strategy(strategy, curves is not None)
         skip_names = [self.groups[self.group_index(s)].name for s in check_names("skip", skip)]
-        ratios = plan_group_ratios(self._plan_groups(), self.graph.flops, curves, flops,
-                                   skip_names, strategy, round_to)
-        return self.select(ratios, round_to)
+        groups, base = self._plan_groups(), self.graph.flops({})
+        while True:
+            try:
+                ratios = plan_group_ratios(groups, self.graph.flops, curves, flops, skip_names, strategy,
+                                           round_to)
+            except ValueError:  # beyond reach at this multiple; a finer one may reach it
+                if not auto or round_to == 1:
+                    raise
+            else:
+                kept = self.select(ratios, round_to)
+                cut = 1.0 - self.graph.flops({gi: len(k) for gi, k in kept.items()}) / base
+                if not auto or round_to == 1 or cut <= float(flops) + AUTO_SLACK:
+                    return kept
+            # "auto" keeps the target within AUTO_SLACK: widths too small to round well (a small
+            # network's) get a finer multiple instead of a plan far past the target
+            logger.info("round_to='auto': multiples of %d do not reach a %.3f FLOPs cut within %.3f; trying "
+                        "multiples of %d", round_to, float(flops), AUTO_SLACK, round_to // 2)
+            round_to //= 2
+
+    def plan_latency(self, target: float, table: LatencyTable, sensitivities: Optional[Sensitivities] = None,
+                     skip: Names = (), strategy: Optional[str] = None, max_ratio: float = 0.9) -> Kept:
+        """Channels each group keeps so that the predicted latency share is at most `target`.
+
+        Widths come from a measured latency table (`deploy.latency_table.measure_latency_table`):
+        only widths where latency drops, sensitivity weighed against time saved
+        (`planning.latency_allocation.plan_latency_widths`). Prunes nothing.
+
+        Args:
+            target: latency share in (0, 1), predicted by the table.
+            table: the LatencyTable measured on this network as it is now.
+            sensitivities, skip, strategy: as for `plan` ("uniform": no curves).
+            max_ratio: the largest share of a group's channels removed.
+
+        Raises:
+            ValueError: a bad target, one the table cannot reach, or an unknown skip name.
+        """
+        curves = self._curves(sensitivities)
+        if auto_strategy(strategy, curves is not None) == "uniform":
+            curves = None
+        skip_names = [self.groups[self.group_index(s)].name for s in check_names("skip", skip)]
+        widths = plan_latency_widths(self._plan_groups(), table, target, curves, skip_names, max_ratio,
+                                     flops_fn=self.graph.flops)
+        channels = {g.name: g.channels for g in self.groups}
+        return self.select({name: (channels[name] - w) / channels[name] for name, w in widths.items()})
+
+    def latency_share(self, table: LatencyTable, kept: Kept) -> float:
+        """The latency share `table` predicts for `kept` (as `plan_latency` predicts it)."""
+        widths = {self.groups[gi].name: len(k) for gi, k in kept.items() if len(k) < self.groups[gi].channels}
+        return predict_share(table, widths, self._plan_groups(), self.graph.flops)
 
     def check_target(self, flops: float, skip: Names = (), strategy: Optional[str] = None,
                      sensitivities: Optional[Sensitivities] = None,
-                     max_ratio: Optional[float] = None, round_to: int = 1) -> None:
+                     max_ratio: Optional[float] = None, round_to: RoundTo = AUTO) -> None:
         """Raise now if `plan(flops, ...)` could not reach `flops`, from channel counts alone.
 
         Args:
@@ -403,6 +480,8 @@ class FilterPruner:
             ValueError: the target is not a fraction, every group is skipped or unprunable, or
                 the target exceeds the largest reachable reduction.
         """
+        # "auto" falls back to finer multiples down to 1 when a coarse one cannot reach (see plan)
+        round_to = 1 if round_to == AUTO else resolve_round_to(round_to, self.runtime, log=False)
         curves = self._curves(sensitivities)
         if curves is None and max_ratio is not None:
             curves = {g.name: {float(max_ratio): 0.0} for g in self.prunable_groups}
@@ -453,7 +532,7 @@ class FilterPruner:
 
     def prune_to_flops(self, flops: float, sensitivities: Optional[Sensitivities] = None,
                        skip: Names = (), strategy: Optional[str] = None,
-                       round_to: int = 1) -> PrunePlan:
+                       round_to: RoundTo = AUTO) -> PrunePlan:
         """Prune so that the network loses `flops` of its FLOPs (see `planning.plan_group_ratios`).
 
         The share is of the network's FLOPs as it is now: pruning twice by 0.2 leaves 0.64 of
@@ -468,7 +547,12 @@ class FilterPruner:
             skip: group names (a list, or one name as a str) left untouched.
             strategy: "sensitivity" (less sensitive groups lose more), "uniform", or None
                 (default): "sensitivity" when there are curves, else "uniform".
-            round_to: keep channel counts multiples of this.
+            round_to: keep channel counts multiples of this; "auto" (default): the multiple the
+                runtime's kernels need on this machine (`deploy.kernels.channel_multiple`, logged),
+                halved (logged) while the plan would overshoot the target by more than half a
+                point (widths too small to round well); 1: exact counts. A group no wider than
+                the multiple rounds to a smaller power of two (`planning.fit_multiple`); no group
+                is rounded wider than it is or to zero channels.
 
         Raises:
             ValueError: see `planning.plan_group_ratios`; an unknown group in `skip`; curves

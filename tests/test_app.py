@@ -239,6 +239,8 @@ def test_a_registered_criterion_is_a_config_choice(tmp_path: Path, monkeypatch: 
         (["prune.ratios=[]"], r"prune\.ratios=\[\]: ratios must be"),
         (["prune.steps=0"], r"prune\.steps=0: steps must be .*>= 1"),
         (["prune.round_to=0"], r"prune\.round_to=0: round_to must be .*>= 1"),
+        (["prune.round_to=sixteen"], r"prune\.round_to='sixteen': round_to must be 'auto' .* or an int >= 1"),
+        (["prune.runtime=tvm"], r"prune\.runtime='tvm': unknown runtime 'tvm'; choose one of \('paddle_inference'"),
         (["prune.at_epoch=-1"], r"prune\.at_epoch=-1: at_epoch must be .*>= 0"),
         (["prune.at_epoch=3"], r"prune\.at_epoch=3 must be in \[0, 2\]"),
         (["prune.max_loss=0"], r"prune\.max_loss=0\.0 must be > 0 or null"),

@@ -149,7 +149,8 @@ def test_pruning_epoch_statistics_choose_the_channels_without_a_second_pass(crit
         def on_epoch_end(self, epoch, logs=None):
             if epoch == 1:
                 mine["stats"].stop()
-                mine["scores"] = {g: FilterPruner(net, [1, 3, 5, 5], criterion, mine["stats"])
+                mine["scores"] = {g: FilterPruner(net, [1, 3, 5, 5], criterion,
+                                               statistics=mine["stats"])
                                   .importance(g) for g in ("c1", "c2")}
 
     net.register_forward_pre_hook(  # eager training forwards (tracing runs forward statically)

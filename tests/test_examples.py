@@ -201,3 +201,35 @@ def test_segmentation_example_with_train_only_head() -> None:
         assert re.search(re.escape(line) + r"0\.\d{4}", proc.stdout), proc.stdout
     cut = float(re.search(r"pruned FLOPs: ([\d.]+)% \(target 40%\)", proc.stdout).group(1))
     assert 40.0 <= cut <= 41.0
+
+
+def test_detection_example_prunes_a_shared_head_detector_inside_fit() -> None:
+    """A small anchor-free detector (FPN, one head for every level, loss over targets outside
+    the network) pruned inside fit with a mAP sensitivity metric, then fine-tuned."""
+    proc = run_example("detection.py", "--tiny")
+    for line in ("mAP@0.5 before pruning: ", "mAP@0.5 right after pruning: ",
+                 "mAP@0.5 fine-tuned: "):
+        assert re.search(re.escape(line) + r"[01]\.\d{4}", proc.stdout), proc.stdout
+    assert "shared head: tower conv" in proc.stdout
+    cut = float(re.search(r"pruned FLOPs: ([\d.]+)% \(target 40%\)", proc.stdout).group(1))
+    assert 40.0 <= cut <= 45.0  # the tiny network's groups (8 to 32 channels) are coarse steps
+
+
+def test_detection_example_map_is_one_on_perfect_predictions() -> None:
+    """The example's mAP metric scores predictions made from the targets themselves 1.0, and
+    drops when the boxes are shifted off the objects."""
+    det = load_example("detection.py")
+    data = det.Shapes(8, seed=3)
+    pts, strides, levels = det.locations(64)
+    loss = det.DetectionLoss(64)
+    label, sides = det.assign(paddle.to_tensor(data.y), loss.pts, loss.strides, loss.lo, loss.hi)
+    label, sides = label.numpy(), sides.numpy()
+    logits = np.where(np.arange(det.CLASSES) == label[..., None], 10.0, -10.0)
+    raw = np.log(np.expm1(np.maximum(sides, 1e-3)))  # softplus(raw) == sides
+    pred = np.concatenate([logits, raw], axis=-1).astype("float32")
+    metric = det.DetectionMAP()
+    metric.update(pred, data.y)
+    assert metric.accumulate() == pytest.approx(1.0)
+    metric.reset()
+    metric.update(np.concatenate([logits, raw + 3.0], axis=-1).astype("float32"), data.y)
+    assert metric.accumulate() < 0.5

@@ -169,13 +169,16 @@ class Norms(nn.Layer):
         return self.head(y)
 
 
-def test_group_norm_prunes_whole_groups_and_layer_norm_stays():
+def test_group_norm_prunes_whole_groups_and_layer_norm_renormalises():
     paddle.seed(0)
     net = Norms()
     groups = _groups(net)
     assert groups["conv2"].channels == 4  # GroupNorm(4, 8): four units of two channels
-    assert "LayerNorm normalises over these channels" in groups["conv3"].reason
-    check_pruned(net, SHAPE, expect_groups=["conv1", "conv2"])
+    off = {g.name: g for g in FilterPruner(net, SHAPE, layer_norm_widths=False).groups}
+    assert "LayerNorm normalises over these channels" in off["conv3"].reason
+    assert "layer_norm_widths=False" in off["conv3"].reason
+    check_pruned(net, SHAPE, expect_groups=["conv1", "conv2", "conv3"])
+    assert net.ln._normalized_shape == [4] and net.ln.bias.shape == [4]
     assert net.gn1._num_channels == net.gn1._num_groups == 4 and net.gn1.weight.shape == [4]
     assert (net.gn2._num_channels, net.gn2._num_groups) == (4, 2)
     assert net.conv2.weight.shape[0] == 4 and net.conv3.weight.shape[1] == 4
@@ -210,11 +213,12 @@ def test_transformer_mlp_hidden_channels_prune():
     net = TokenMLP()
     groups = _groups(net, [2, 3, 16, 16])
     assert groups["fc1"].prunable and set(groups["fc1"].layers) == {"fc1", "fc2"}
-    assert "LayerNorm" in groups["embed"].reason
+    assert groups["embed"].prunable  # the embedding width, LayerNorms renormalising
     # no phantom groups of tokens: only layers' channels, the input and attention internals
     assert len(groups) < 10
-    check_pruned(net, [2, 3, 16, 16], ratios={"fc1": 0.5})
-    assert net.fc1.weight.shape == [16, 16] and net.fc2.weight.shape == [16, 16]
+    check_pruned(net, [2, 3, 16, 16], ratios={"fc1": 0.5, "embed": 0.25})
+    assert net.fc1.weight.shape == [12, 16] and net.fc2.weight.shape == [16, 12]
+    assert net.norm1._normalized_shape == [12] and net.head.weight.shape == [12, 10]
 
 
 class RowLinear(nn.Layer):
@@ -329,7 +333,8 @@ def test_half_slices_written_into_the_code_are_caught_by_a_trial_prune():
 
 class ConvNeXtBlock(nn.Layer):
     """dwconv -> channels-last LayerNorm -> Linear(4C) -> GELU -> Linear(C) -> LayerScale ->
-    residual: the 4C hidden channels prune; the residual stream stays whole (LayerNorm)."""
+    residual: the 4C hidden channels prune, and so does the residual stream (LayerNorm sliced,
+    its statistics over the kept channels)."""
 
     def __init__(self, dim: int = 8) -> None:
         super().__init__()
@@ -353,6 +358,7 @@ def test_convnext_block_prunes_its_mlp():
     paddle.seed(0)
     net = ConvNeXtBlock()
     groups = _groups(net)
-    assert groups["pwconv1"].prunable and "LayerNorm" in groups["stem"].reason
-    check_pruned(net, SHAPE, ratios={"pwconv1": 0.5})
-    assert net.pwconv1.weight.shape == [8, 16] and net.pwconv2.weight.shape == [16, 8]
+    assert groups["pwconv1"].prunable and groups["stem"].prunable
+    check_pruned(net, SHAPE, ratios={"pwconv1": 0.5, "stem": 0.5})
+    assert net.pwconv1.weight.shape == [4, 16] and net.pwconv2.weight.shape == [16, 4]
+    assert net.norm._normalized_shape == [4] and net.gamma.shape == [4]

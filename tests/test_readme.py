@@ -176,6 +176,9 @@ def _sizes(values: Dict[str, str]) -> Dict[str, str]:
         sizes["model.scale"] = "0.25"
     if values.get("data") == "folder":
         sizes["data.image_size"] = "32"
+    if "prune.latency" in values:  # a few timed calls per latency-table entry
+        sizes["+prune.latency_options.warmup"] = "1"
+        sizes["+prune.latency_options.repeats"] = "3"
     return sizes
 
 

@@ -292,7 +292,7 @@ def test_unreachable_and_bad_targets() -> None:
     with pytest.raises(ValueError, match="needs sensitivities"):
         FilterPruner(net, [1, 3, 32, 32]).prune_to_flops(0.4, strategy="sensitivity")
     # no curves and no strategy: uniform (the default is chosen from whether curves are given)
-    plan = FilterPruner(net, [1, 3, 32, 32]).prune_to_flops(0.4)
+    plan = FilterPruner(net, [1, 3, 32, 32]).prune_to_flops(0.4, round_to=1)  # exact: ratios comparable
     assert len({round(g.ratio, 1) for g in plan.groups}) <= 2
 
 
@@ -325,7 +325,7 @@ def test_flat_curves_spread_the_cut_evenly() -> None:
     for pts in sens.losses.values():
         for r in pts:
             pts[r] = 0.0
-    kept = pruner.plan(0.4, sens)
+    kept = pruner.plan(0.4, sens, round_to=1)  # exact counts: 16-channel groups move in steps of 1, not 8
     groups = pruner.groups
     removed = [1 - len(kept.get(i, range(g.channels))) / g.channels
                for i, g in enumerate(groups) if g.name in sens.losses]

@@ -22,13 +22,14 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..training import distributed
-from ..utils.errors import argument_of
+from ..utils.errors import about, argument_of
 from ..utils.files import directory_problem
 from ..callbacks import DistillCallback, FilterPruneCallback, SensitivityCallback
 from ..callbacks.sparsity import SparsityCallback
 from ..datasets.bundled import subset
 from ..deploy.io import load_pruned
 from ..deploy.latency import LatencyOptions
+from ..deploy.kernels import latency_kwargs
 from ..planning.plans import PrunePlan, recorded_plans
 from .artefacts import ResumePoint
 from .model import build_model, build_network, check_network, input_shape
@@ -44,7 +45,8 @@ log = logging.getLogger(__name__)
 ARGUMENT_KEYS = {
     "flops": "prune.flops", "criterion": "prune.criterion", "strategy": "prune.strategy",
     "at_epoch": "prune.at_epoch", "steps": "prune.steps", "skip": "prune.skip",
-    "ratios": "prune.ratios", "round_to": "prune.round_to", "num_samples": "prune.sensitivity_samples",
+    "ratios": "prune.ratios", "round_to": "prune.round_to", "runtime": "prune.runtime",
+    "num_samples": "prune.sensitivity_samples",
     "engine": "prune.sensitivity_engine", "metric": "prune.sensitivity_metric",
     "path": "prune.sensitivity_file", "max_loss": "prune.max_loss",
     "batch_size": "trainer.eval_batch_size", "input_shape": "data.image_size", "eval_data": "data.val",
@@ -198,12 +200,16 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
                 num_samples=p.sensitivity_samples, batch_size=t.eval_batch_size, skip=list(p.skip),
                 max_loss=p.max_loss, criterion=p.criterion, input_shape=shape,
                 engine=p.sensitivity_engine, metric=p.sensitivity_metric)
+        latency_options = dict(p.latency_options)
+        if "backend" not in latency_options:  # measured where the model is served
+            with about("runtime"):
+                latency_options = {**latency_kwargs(p.runtime or "paddle_inference"), **latency_options}
         run.pruner = FilterPruneCallback(
             flops=None if p.latency is not None else p.flops, latency=p.latency,
-            latency_options=LatencyOptions(**p.latency_options), at_epoch=at,
+            latency_options=LatencyOptions(**latency_options), at_epoch=at,
             criterion=p.criterion, skip=list(p.skip),
             sensitivity=sensitivity, strategy=p.strategy, round_to=p.round_to, steps=p.steps,
-            input_shape=shape)
+            input_shape=shape, runtime=p.runtime)
         if p.distill.alpha:
             run.distill = DistillCallback(alpha=p.distill.alpha, temperature=p.distill.temperature,
                                           standardize=p.distill.standardize)

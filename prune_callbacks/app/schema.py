@@ -84,7 +84,8 @@ class PruneConf:
     steps: int = 1
     skip: List[str] = field(default_factory=list)
     ratios: List[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
-    round_to: int = 1
+    round_to: Any = "auto"
+    runtime: Optional[str] = None
     sensitivity_samples: Optional[int] = 64
     sensitivity_engine: str = "auto"
     sensitivity_metric: str = "top1"

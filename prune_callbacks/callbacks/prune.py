@@ -12,14 +12,20 @@ from ..utils.errors import about, tagged
 from ..training.distributed import all_gather, check_agree, is_main, rebuild_data_parallel
 from ..planning.importance import get_criterion
 from ..deploy.latency import LatencyOptions, LatencySearch, check_latency_target, plan_for_latency
+from ..deploy.kernels import AUTO, check_round_to, check_runtime, latency_backend, resolve_round_to
+from ..deploy.latency import LatencyMeter
+from ..deploy.latency_table import measure_latency_table, verify_latency_plan
+from ..planning.latency_allocation import LatencyTable
 from ..training.optim import rebuild_optimizer
 from ..training.data_importance import ImportanceStats
 from ..planning.plans import PrunePlan, record_plan
 from ..planning.allocation import STRATEGIES, auto_strategy, check_fraction
+from ..graph.training_graph import LATER
 from ..pruner import FilterPruner
 from ..sensitivity import SensitivityResult
 from ..utils.errors import check_names
 from ._common import check_epoch, infer_input_shape
+from .train_inputs import stop_watching, training_inputs, watch_training_inputs
 from .history import PruneEvent, history_of
 from .sensitivity import SensitivityCallback
 
@@ -61,7 +67,15 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         strategy: "sensitivity" (less sensitive groups lose more, PaddleSlim's rule),
             "uniform" (the same ratio everywhere), or None (default): "sensitivity" when
             `sensitivity` is given, else "uniform".
-        round_to: keep channel counts multiples of this.
+        round_to: keep channel counts multiples of this; "auto" (default): the multiple the
+            runtime's convolution kernels need on this machine (16 floats with AVX-512, 8 with
+            AVX2: `deploy.kernels.channel_multiple`, logged); 1: exact channel counts. Groups no
+            wider than the multiple round to a smaller power of two (`planning.fit_multiple`).
+        runtime: where the pruned network will be served: "paddle_inference" (CPU, oneDNN) or
+            "onnxruntime" (CPU), or the GPU runtimes "paddle_inference_gpu" / "onnxruntime_cuda"
+            (rounding only, not run here). Decides `round_to="auto"` and, for a `latency`
+            target, the backend it is measured on. None (default): the backend of
+            `latency_options` when given, else "paddle_inference".
         steps: number of epochs over which the target is reached.
         input_shape: one input's shape, batch first; default: from the model's input spec.
 
@@ -81,9 +95,9 @@ class FilterPruneCallback(paddle.callbacks.Callback):
 
     def __init__(self, flops: Optional[float] = None, at_epoch: int = 0, criterion: str = "l1",
                  skip: Sequence[str] = (), sensitivity: SensitivitySource = None,
-                 strategy: Optional[str] = None, round_to: int = 1, steps: int = 1,
+                 strategy: Optional[str] = None, round_to: Union[int, str] = AUTO, steps: int = 1,
                  input_shape: Optional[Sequence[int]] = None, latency: Optional[float] = None,
-                 latency_options: Optional[LatencyOptions] = None) -> None:
+                 latency_options: Optional[LatencyOptions] = None, runtime: Optional[str] = None) -> None:
         super().__init__()
         if flops is not None and latency is not None:
             raise tagged("latency", ValueError(f"give exactly one of flops={flops!r} (a FLOPs cut) and "
@@ -95,8 +109,12 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                             f"got {type(latency_options).__name__}"))
         with about("latency"):
             self.latency = check_latency_target(latency) if latency is not None else None
-        self.latency_options = latency_options or LatencyOptions()
+        with about("runtime"):
+            self.runtime, self.latency_options = _runtime_and_options(runtime, latency_options)
+            if self.latency is not None:
+                latency_backend(self.runtime)  # a GPU runtime cannot be measured here: say so now
         self.search: Optional[LatencySearch] = None  # the latency search's trials, once run
+        self.table: Optional[LatencyTable] = None  # the measured latency table (method "table")
         self.flops = check_fraction(flops, "flops") if latency is None else None
         self.at_epoch = check_epoch("at_epoch", at_epoch)
         with about("criterion"):
@@ -112,9 +130,8 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                 f"criterion {criterion!r} scores statistics of the pruning epoch's training steps, "
                 f"which a sensitivity analysis (run before them) cannot use: pass "
                 f"strategy='uniform', or a weight criterion (l1, group_l2, ...) for sensitivity"))
-        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-            raise tagged("round_to", ValueError(f"round_to must be an int >= 1, got {round_to!r}"))
-        self.round_to = round_to
+        with about("round_to"):
+            self.round_to = check_round_to(round_to)
         if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
             raise tagged("steps", ValueError(f"steps must be an int >= 1 (epochs to reach the target), got {steps!r}"))
         self.steps = steps
@@ -156,8 +173,20 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                              "SensitivityCallback (or pruner.sensitivity(..., path=...)) first, "
                              "or pass the callback itself")
         if not self.plans:  # trace now: a bad input shape, skip name or target fails before training
-            self._pruner = self._new_pruner()
-            self._check_plan(self._pruner)
+            self._pruner = self._new_pruner(later=True)
+            if self._pruner.graph.train_failure is not None:  # its training forward needs targets:
+                self._pruner = None  # check on the real inputs, before the first step runs
+                watch_training_inputs(self.model, self._check_at_first_step)
+            else:
+                self._check_plan(self._pruner)
+        watch_training_inputs(self.model)  # the training graph is traced from what fit passes
+
+    def _check_at_first_step(self) -> None:
+        self._pruner = self._new_pruner()
+        self._check_plan(self._pruner)
+
+    def on_train_end(self, logs: Optional[Dict] = None) -> None:
+        stop_watching(self.model)
 
     def _check_plan(self, pruner: FilterPruner) -> None:
         """Skip names, the sensitivity source and the target's reachability, from channel counts."""
@@ -221,8 +250,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
 
             if self.latency is not None:  # prunes copies to measure; the network itself once, below
                 if is_main():  # one measurement decides for every rank (timings differ by rank)
-                    self.search = plan_for_latency(pruner, self.latency, plan_for_flops,
-                                                   self.latency_options)
+                    self.search = self._latency_plan(pruner, sens, plan_for_flops)
                 # the FLOPs cut found; later steps move toward it
                 self.flops = all_gather(self.search.flops if self.search else None)[0]
                 kept = self.search.kept if self.search else plan_for_flops(self.flops)
@@ -249,6 +277,24 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                     "(target %.2f%%)", step, self.steps, epoch, plan.flops_before,
                     plan.flops_after, 100 * total, 100 * target)
         return plan
+
+    def _latency_plan(self, pruner: FilterPruner, sens: Optional[SensitivityResult],
+                      plan_for_flops) -> LatencySearch:
+        """The latency target's plan: from a measured latency table and at most two verification
+        exports (`LatencyOptions.method="table"`), or by the FLOPs-cut search ("search")."""
+        options = self.latency_options
+        if options.method == "search":
+            return plan_for_latency(pruner, self.latency, plan_for_flops, options)
+        table = measure_latency_table(pruner, options, skip=self.skip,
+                                      round_to=resolve_round_to(self.round_to, self.runtime))
+        self.table = table
+
+        def plan_at(share: float):
+            kept = pruner.plan_latency(share, table, sens, self.skip, self.strategy)
+            return kept, pruner.latency_share(table, kept)
+
+        meter = LatencyMeter(pruner.net, pruner.input_shape, options)
+        return verify_latency_plan(pruner, self.latency, plan_at, meter, tolerance=options.tolerance)
 
     def _step_ratios(self, pruner: FilterPruner, step: int) -> Dict[str, float]:
         ratios = {}
@@ -314,12 +360,32 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         self.latency = None  # a latency target was turned into this FLOPs cut on step 1
         self.at_epoch = first_epoch - len(plans)  # step k+1 at first_epoch (step 1 was before this fit)
 
-    def _new_pruner(self) -> FilterPruner:
+    def _new_pruner(self, later: bool = False) -> FilterPruner:
+        """A pruner tracing the training graph from what fit called the network with (`later`:
+        before the first step, when those inputs are still to come)."""
         ds = None
         if isinstance(self.sensitivity, SensitivityCallback):
             ds = self.sensitivity._dataset
         shape = self.input_shape or infer_input_shape(self.model, ds)
-        return FilterPruner(self.model.network, shape, self.criterion)
+        inputs = training_inputs(self.model)
+        return FilterPruner(self.model.network, shape, self.criterion,
+                            train_inputs=LATER if inputs is None and later else inputs, runtime=self.runtime)
+
+
+def _runtime_and_options(runtime: Optional[str], options: Optional[LatencyOptions]) -> tuple:
+    """The deployment runtime and the latency options that measure on it (they must agree)."""
+    if runtime is None:
+        runtime = options.backend if options is not None and options.backend != "eager" else "paddle_inference"
+    rt = check_runtime(runtime).value
+    if options is None:
+        if check_runtime(rt).gpu:
+            return rt, LatencyOptions()  # rounding only: a latency target raises when it measures
+        backend, onednn = latency_backend(rt)
+        return rt, LatencyOptions(backend=backend, onednn=onednn)
+    if options.backend not in (rt, "eager"):
+        raise ValueError(f"runtime={rt!r} but latency_options.backend={options.backend!r}: the latency "
+                         f"must be measured where the network is served; give them the same value")
+    return rt, options
 
 
 def _check_source(sensitivity: SensitivitySource, strategy: str, criterion: str) -> None:

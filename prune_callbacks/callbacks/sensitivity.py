@@ -11,6 +11,7 @@ import paddle
 
 from ..utils.errors import about, tagged
 from ..planning.importance import get_criterion
+from ..graph.training_graph import LATER
 from ..pruner import FilterPruner
 from ..sensitivity import (DEFAULT_RATIOS, EvalData, SensitivityResult, UnresolvableMetric, check_ratios,
                            loss_metric, top1_metric)
@@ -19,6 +20,7 @@ from ..sensitivity.evaluation import HANDFUL
 from ..utils.errors import check_names
 from ._common import check_epoch, infer_input_shape
 from .history import SensitivityFallback, history_of
+from .train_inputs import stop_watching, training_inputs, watch_training_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -144,14 +146,25 @@ class SensitivityCallback(paddle.callbacks.Callback):
                 f"SensitivityCallback(at_epoch={self.at_epoch}) never runs: fit has {epochs} "
                 f"epochs (0..{epochs - 1}); lower at_epoch or fit longer")
         self.fallbacks = []
-        pruner = self._pruner()  # checks input_shape and skip names before any training
+        pruner = self._pruner(later=True)  # checks input_shape and skip names before training
+        if pruner.graph.train_failure is not None:  # its training forward needs targets: check
+            watch_training_inputs(self.model, self._check)  # on them, before the first step
+        else:
+            self._check(pruner)
+        watch_training_inputs(self.model)  # the training graph is traced from what fit passes
+        if self.eval_data is not None:
+            self.eval_data.load()
+
+    def _check(self, pruner: Optional[FilterPruner] = None) -> None:
+        pruner = pruner or self._pruner()
         for name in self.skip:
             pruner.group_index(name)
         self._warn_if_small(pruner)
         if self.path is not None:  # a bad, foreign or unwritable file: fail now, not at the end
             check_file(pruner, self._evaluate(), self.ratios, self.path)
-        if self.eval_data is not None:
-            self.eval_data.load()
+
+    def on_train_end(self, logs: Optional[Dict] = None) -> None:
+        stop_watching(self.model)
 
     def on_epoch_end(self, epoch: int, logs: Optional[Dict] = None) -> None:
         if epoch == self.at_epoch:
@@ -239,6 +252,10 @@ class SensitivityCallback(paddle.callbacks.Callback):
             self.eval_data.metric = self._loss_metric()  # the model's own loss, once there is a model
         return self.eval_data if self.eval_data is not None else self.eval_fn
 
-    def _pruner(self) -> FilterPruner:
+    def _pruner(self, later: bool = False) -> FilterPruner:
+        """A pruner tracing the training graph from what fit called the network with (`later`:
+        before the first step, when those inputs are still to come)."""
         shape = self.input_shape or infer_input_shape(self.model, self._dataset)
-        return FilterPruner(self.model.network, shape, self.criterion)
+        inputs = training_inputs(self.model)
+        return FilterPruner(self.model.network, shape, self.criterion,
+                            train_inputs=LATER if inputs is None and later else inputs)

@@ -21,6 +21,7 @@ import paddle
 import paddle.nn as nn
 
 from ..graph.channels import ChannelGraph
+from ..graph.training_graph import LATER
 from ..utils.modes import eval_mode
 from ..planning.plans import PrunePlan, record_plan, recorded_plans
 from ..utils.files import atomic_path, replace_with, write_json_atomic
@@ -337,7 +338,9 @@ def reapply_plan(net: nn.Layer, plan: PrunePlan) -> None:
         ValueError: a group of the plan is missing, or has another channel count.
         KeyError: a parameter of the plan is missing.
     """
-    groups = {g.name: g for g in ChannelGraph(net, plan.input_shape, supports_layer).groups}
+    # names and counts only: a training forward that needs targets is not traced (LATER)
+    groups = {g.name: g for g in ChannelGraph(net, plan.input_shape, supports_layer,
+                                              train_inputs=LATER).groups}
     for gp in plan.groups:
         g = groups.get(gp.name)
         if g is None:

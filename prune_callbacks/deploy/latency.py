@@ -68,6 +68,7 @@ class Backend(str, Enum):
 
 
 BACKENDS = tuple(b.value for b in Backend)
+METHODS = ("table", "search")  # how a latency target is planned (LatencyOptions.method)
 
 
 @dataclass(frozen=True)
@@ -135,6 +136,9 @@ class LatencyOptions:
         max_flops: the largest FLOPs cut the search tries.
         clock: "wall" (`time.perf_counter`) or "cpu" (`time.thread_time`, this thread's CPU time:
             robust to other processes' load, and right only with `threads=1`).
+        method: how a latency target is planned: "table" (a per-group latency table measured
+            once, then at most two verification exports: `deploy.latency_table`) or "search"
+            (FLOPs cuts tried by exporting whole plans, up to `max_trials`).
 
     Raises:
         ValueError: a value out of range, naming it.
@@ -150,6 +154,7 @@ class LatencyOptions:
     max_trials: int = 8
     max_flops: float = 0.9
     clock: str = "wall"
+    method: str = "table"
 
     def __post_init__(self) -> None:
         _positive_int("batch", self.batch)
@@ -167,6 +172,8 @@ class LatencyOptions:
         if isinstance(self.max_flops, bool) or not isinstance(self.max_flops, (int, float)) \
                 or not 0.0 < self.max_flops < 1.0:
             raise ValueError(f"max_flops must be a FLOPs share in (0, 1) such as 0.9, got {self.max_flops!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
         if self.clock not in CLOCKS:
             raise ValueError(f"clock must be one of {tuple(CLOCKS)}, got {self.clock!r}")
         if self.clock == "cpu" and (self.threads != 1 or self.backend == Backend.EAGER.value):

@@ -18,6 +18,10 @@ import numpy as np
 import paddle
 
 from . import ops  # noqa: F401  (importing it registers the built-in op handlers)
+from . import control_flow, ops_deformable, ops_elementwise, ops_gather  # noqa: F401  (more ops)
+from .training_graph import LATER, TrainInputs, example_spec, hold_train_only_feeders
+from . import attention  # noqa: F401  (tokens and attention heads; after the op modules above)
+from . import norms  # LayerNorm widths (the layer_norm_widths switch)
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
 from ..layers.surgery import allow_plain_parameters, apply_slices, trial_prune
@@ -86,6 +90,7 @@ class _Mac:
     blocks: int
     out: Tuple[Dict[int, int], int]  # positions per group, positions never pruned
     inp: Tuple[Dict[int, int], int]
+    weight: float = 1.0  # calls per forward of an op inside control flow (else 1)
 
 
 def add_axis_slices(keep_sl: Dict[str, Dict[int, Any]], drop_sl: Dict[str, Dict[int, Any]],
@@ -112,12 +117,23 @@ class ChannelGraph:
         modes: which programs to trace (see `tracing.trace_network`): "auto" adds the
             training-mode program when the network's graph differs there (branches under
             `if self.training:`), so groups hold the consumers of both modes.
+        layer_norm_widths: let channels a LayerNorm normalises be pruned (its weight and bias
+            sliced, statistics over the kept channels; `graph.norms`), or keep them whole.
+        train_inputs: what the forward is called with on a training step (a batch, targets
+            included, or a callable returning one; `training_graph.example_spec`): the
+            training program is traced from it. Without it, a training forward that cannot be
+            traced from `input_shape` leaves the eval graph, with the groups that may feed
+            train-only layers held whole (`training_graph.hold_train_only_feeders`).
     """
 
     def __init__(self, net: paddle.nn.Layer, input_shape: Sequence[int],
                  supports_layer: Callable[[paddle.nn.Layer], bool] = lambda layer: True,
-                 modes: "TraceModes | str" = "auto") -> None:
-        state = trace_network(net, input_shape, modes)
+                 modes: "TraceModes | str" = "auto",
+                 train_inputs: Optional[TrainInputs] = None, layer_norm_widths: bool = True) -> None:
+        self.layer_norm_widths = bool(layer_norm_widths)
+        with norms.layer_norm_widths(layer_norm_widths):
+            state = trace_network(net, input_shape, modes, example_spec(train_inputs))
+        self.train_failure = state.train_failure  # the training program could not be built
         self._modes = modes
         self.two_modes = state.two_modes
         self.input_shape = tuple(int(s) for s in input_shape)
@@ -131,6 +147,10 @@ class ChannelGraph:
                     self._buffers[b.name] = f"{path}.{attr}" if path else attr
         self.plain_params: Set[str] = set()  # per-channel parameters of unregistered layers
         self._build(state, supports_layer)
+        attention.attach_head_counts(self, net, state)
+        if train_inputs is not LATER:
+            hold_train_only_feeders(self, net, state)
+        control_flow.weigh_conditional_macs(self, net, state)
         allow_plain_parameters(net, self.plain_params)
         # group index -> its routes, for groups that shuffles route differently at each width
         self.routed: Dict[int, RoutedGroup] = {}
@@ -316,7 +336,8 @@ class ChannelGraph:
             apply_slices(pruned, keep)
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                state = trace_network(pruned, shape, modes)
+                with norms.layer_norm_widths(self.layer_norm_widths):
+                    state = trace_network(pruned, shape, modes)
             _blocked_channels(state)  # as _build does: generic parameters become members
             return state, {p.name: key for key, p in pruned.named_parameters()}, pruned
 
@@ -370,8 +391,8 @@ class ChannelGraph:
                 inp = round(count(mac.inp)) // mac.blocks
             else:
                 inp = round(count(mac.inp))
-            total += out * inp * mac.kernel_spatial
-        return int(total)
+            total += out * inp * mac.kernel_spatial * mac.weight
+        return int(round(total))
 
 
 # Per network: the widths its routed groups were measured at, while its structure (layers,

@@ -157,9 +157,18 @@ def _matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
     state.sources.append(SourceRec(out_ids, w.param))
     state.members.append(MemberRec(w.param, 1 - in_axis, out_ids, Role.OUT))
     state.members.append(MemberRec(w.param, in_axis, in_ids, Role.IN))
-    rows = int(np.prod(out.shape[1:-1]))  # per sample: the batch axis is not counted
+    rows = _rows_per_sample(state, out.shape)
     state.macs.append(MacRec(w.param, out_ids, in_ids, 1, rows, MacKind.DENSE))
     out.ids = out_ids.reshape((1,) * (len(out.shape) - 1) + (-1,))
+
+
+def _rows_per_sample(state: TraceState, shape: Sequence[int]) -> int:
+    """Rows of a linear's output per input sample: all leading axes (windows or patches folded
+    into axis 0 count) over the network's batch, as `layers.registry.per_sample_rows`."""
+    lead = [max(int(s), 1) for s in shape[:-1]]
+    if not lead:
+        return 1
+    return max(int(np.prod(lead)) // max(state.batch or 1, 1), 1)
 
 
 def _count_untraced_linear(state: TraceState, w: _Val, x: _Val, out: _Val) -> None:
@@ -168,7 +177,7 @@ def _count_untraced_linear(state: TraceState, w: _Val, x: _Val, out: _Val) -> No
     out_ids = np.asarray(out.ids).ravel() if out.ids is not None else state.fresh(out.shape[-1])
     if out_ids.size != out.shape[-1]:
         out_ids = state.fresh(out.shape[-1])
-    rows = int(np.prod(out.shape[1:-1]))
+    rows = _rows_per_sample(state, out.shape)
     state.macs.append(MacRec(w.param, out_ids, state.fresh(x.shape[-1]), 1, rows,
                              MacKind.DENSE))
 

@@ -194,6 +194,7 @@ class MacRec:
     kernel: int
     spatial: int
     kind: MacKind
+    conditional: bool = False  # inside an `if`/`while` body: runs as often as the branch does
 
 
 class TraceState:
@@ -218,6 +219,10 @@ class TraceState:
         self.train_macs: List[MacRec] = []  # conv/linear ops of the training-mode program
         self.two_modes = False  # whether a training-mode program was traced too
         self.batch: Optional[int] = None  # the input's batch size, for run-time shapes
+        # why the training program could not be built (no training inputs), and the parameters
+        # the eval program reads: layers outside it may run in training only
+        self.train_failure: Optional[str] = None
+        self.eval_params: Optional[set] = None
 
     # -- helpers for handlers -----------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:
@@ -365,7 +370,8 @@ def flat_outputs(outputs: Any) -> List[Any]:
 
 
 def build_program(net: paddle.nn.Layer, input_shape: Sequence[int],
-                  training: bool = False) -> Tuple[Any, List[Any]]:
+                  training: bool = False,
+                  input_spec: Optional[List[Any]] = None) -> Tuple[Any, List[Any]]:
     """The PIR main program of `net` for one input of `input_shape`, and its output values
     (flattened: a network may return a list, tuple or dict of tensors).
 
@@ -375,6 +381,8 @@ def build_program(net: paddle.nn.Layer, input_shape: Sequence[int],
         training: build the training-mode program (branches under `if self.training:`)
             instead of the eval-mode one. Building never runs the network, so BatchNorm
             statistics are untouched.
+        input_spec: the forward's arguments (`training_graph.example_spec`), instead of one
+            float input of `input_shape`.
 
     `paddle.jit.to_static` replaces `net.forward` in place; we undo that before returning.
     """
@@ -386,8 +394,8 @@ def build_program(net: paddle.nn.Layer, input_shape: Sequence[int],
     net.train() if training else net.eval()
     try:
         static = paddle.jit.to_static(
-            net, input_spec=[InputSpec(list(input_shape), "float32", "x")], full_graph=True
-        )
+            net, input_spec=input_spec or [InputSpec(list(input_shape), "float32", "x")],
+            full_graph=True)
         with _no_op_callstacks():
             concrete = static.forward.concrete_program
         return concrete.main_program, flat_outputs(concrete.outputs)
@@ -495,8 +503,10 @@ def run_trace(program: Any, outputs: Sequence[Any], state: Optional[TraceState] 
     """
     state = TraceState() if state is None else state
     state.vals = {}  # value ids are only unique within one program
+    n_members = len(state.members)
     for op in program.global_block().ops:
         _trace_op(state, op)
+    unite_shared_uses(state, n_members)
     for out in outputs:
         v = state.vals.get(out.id)
         if v is not None:
@@ -504,6 +514,19 @@ def run_trace(program: Any, outputs: Sequence[Any], state: Optional[TraceState] 
     if warn:
         _warn_unknown(state, stacklevel=3)
     return state
+
+
+def unite_shared_uses(state: TraceState, start: int = 0) -> None:
+    """One layer called on several inputs (a head shared by every pyramid level): unite the ids
+    of every use of each parameter axis in `state.members[start:]`, so the inputs' channels, and
+    the outputs', form one group and surgery slices the layer once. Uses of different shapes
+    are left apart (the graph then leaves the layer whole)."""
+    first: Dict[Tuple[str, int, int], MemberRec] = {}
+    for m in state.members[start:]:
+        key = (m.param, m.axis, m.blocks)
+        twin = first.setdefault(key, m)
+        if twin is not m and twin.ids.shape == m.ids.shape:
+            state.uf.union_arrays(twin.ids, m.ids)
 
 
 def _warn_unknown(state: TraceState, stacklevel: int) -> None:
@@ -534,10 +557,12 @@ def _known_shapes(state: TraceState, name: str, op_attrs: Callable[[], Dict[str,
         if -1 not in o.shape:
             continue
         shape = list(o.shape)
-        if shape[0] == -1 and state.batch is not None:
-            shape[0] = state.batch
         known = [v for v in ins if v.shape and -1 not in v.shape]
+        # the batch size is the last resort for axis 0: windows or patches folded into it
+        # ([B * windows, L, C]) make it larger, so sizes that follow from the op come first
         if name in _RESHAPES:
+            if shape.count(-1) > 1 and shape[0] == -1 and state.batch is not None:
+                shape[0] = state.batch  # several run-time sizes: axis 0 is the batch
             if shape.count(-1) == 1 and known:
                 rest = int(np.prod([s for s in shape if s != -1]))
                 total = int(np.prod(known[0].shape))
@@ -545,12 +570,22 @@ def _known_shapes(state: TraceState, name: str, op_attrs: Callable[[], Dict[str,
                     shape[shape.index(-1)] = total // rest
         elif name in ("pd_op.transpose", "pd_op.transpose_") and ins and -1 not in ins[0].shape:
             shape = [ins[0].shape[p] for p in op_attrs()["perm"]]
+        elif name == "pd_op.slice" and ins and ins[0].shape and \
+                len(ins[0].shape) - len(shape) == len(op_attrs().get("decrease_axis", [])):
+            nd = len(ins[0].shape)
+            dropped = {int(a) % nd for a in op_attrs().get("decrease_axis", [])}
+            cut = {int(a) % nd for a in op_attrs().get("axes", [])}
+            left = [-1 if a in cut else s for a, s in enumerate(ins[0].shape) if a not in dropped]
+            shape = [t if s == -1 else s for s, t in zip(shape, left)]  # uncut axes keep sizes
         else:  # elementwise, activations, linear rows: the same axis of a same-rank input
             for ax, size in enumerate(shape):
                 if size == -1:
                     sizes = [v.shape[ax] for v in ins if len(v.shape) == len(shape)
-                             and v.shape[ax] > 0]
+                             and v.shape[ax] > 0 and v.param is None]  # a weight's rows
+                    # are no activation's size
                     shape[ax] = max(sizes) if sizes else -1
+        if shape and shape[0] == -1 and state.batch is not None:
+            shape[0] = state.batch
         o.shape = tuple(shape)
 
 
@@ -586,7 +621,7 @@ def _trace_op(state: TraceState, op: Any) -> None:
         outs[0].param = op.attrs()["parameter_name"]
         return
     blocks = list(op.blocks())  # the container itself is always truthy
-    if blocks:
+    if blocks and _op_key(name) not in _OP_HANDLERS:  # `if`/`while`: graph.control_flow
         _enter_control_flow(state, op, blocks)
     _known_shapes(state, name, op.attrs, ins, outs)
     if name == "pd_op.data" and outs and outs[0].shape:
@@ -639,7 +674,8 @@ class TraceModes(str, enum.Enum):
 
 
 def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
-                  modes: "TraceModes | str" = TraceModes.AUTO) -> TraceState:
+                  modes: "TraceModes | str" = TraceModes.AUTO,
+                  train_spec: Optional[List[Any]] = None) -> TraceState:
     """Trace `net` in eval mode and, where its graph differs there, in training mode too.
 
     The two programs run through one TraceState; each parameter axis used in both gets its ids
@@ -652,6 +688,13 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
         input_shape: batch first.
         modes: "auto" (train program only when a user-defined forward mentions `training` and
             the two programs' op lists differ), "both", or "eval".
+        train_spec: the training forward's arguments (`training_graph.example_spec` of a real
+            training batch, targets included), from which the training program is built; in
+            "auto" mode it is traced when the forward mentions `training` or takes more than
+            one argument. Without it, a training program that cannot be built
+            from one input of `input_shape` (a detector's loss needs targets) is skipped:
+            `state.train_failure` says why, `state.eval_params` which parameters the eval
+            program reads (`training_graph.hold_train_only_feeders` takes it from there).
 
     Raises:
         ValueError: unknown `modes`.
@@ -665,8 +708,22 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
     state = run_trace(program, outputs, warn=False)
     state.train_macs = list(state.macs)
     both = modes == TraceModes.BOTH
-    if both or (modes == TraceModes.AUTO and _forward_reads_training(net)):
-        train_program, train_outputs = build_program(net, input_shape, training=True)
+    more_args = train_spec is not None and len(train_spec) > 1  # targets: a training forward
+    if both or (modes == TraceModes.AUTO and (more_args or _forward_reads_training(net))):
+        try:
+            train_program, train_outputs = build_program(net, input_shape, training=True,
+                                                         input_spec=train_spec)
+        except Exception as e:  # noqa: BLE001  (paddle raises anything from user code)
+            if train_spec is not None:
+                raise TypeError(f"cannot trace the training forward of {type(net).__name__} "
+                                f"with the training inputs given: {_last_line(e)}") from e
+            state.train_failure = _last_line(e)
+            state.eval_params = {op.attrs()["parameter_name"]  # every parameter is declared,
+                                 for op in program.global_block().ops  # the used ones read
+                                 if op.name() == "builtin.parameter"
+                                 and not op.results()[0].use_empty()}
+            _warn_unknown(state, stacklevel=2)
+            return state
         if both or _op_names(train_program) != _op_names(program):
             n_members, n_macs = len(state.members), len(state.macs)
             run_trace(train_program, train_outputs, state, warn=False)
@@ -676,6 +733,13 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
             state.two_modes = True
     _warn_unknown(state, stacklevel=2)
     return state
+
+
+def _last_line(e: BaseException) -> str:
+    """The line of a (paddle) error message that says what went wrong."""
+    lines = [ln.strip() for ln in str(e).strip().splitlines() if ln.strip()]
+    detail = next((ln for ln in reversed(lines) if "Error" in ln), lines[-1] if lines else "")
+    return detail if detail.startswith(type(e).__name__) else f"{type(e).__name__}: {detail}"
 
 
 def merge_training_members(state: TraceState, n_eval: int) -> None:

@@ -2,3 +2,5 @@
 
 What a layer is and how it shrinks; knows nothing of graphs, plans or training.
 """
+
+from . import deformable  # noqa: E402,F401  (registers DeformConv2D)

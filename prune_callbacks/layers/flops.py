@@ -2,7 +2,9 @@
 
 Convention: FLOPs are multiply-accumulates (MACs) of Conv2D and Linear layers only, one MAC per
 weight element per output position (groups respected; bias, norms, activations and pooling not
-counted), per sample: the batch dimension of the input shape never multiplies the count. Each layer type's `LayerPruning.macs`
+counted), per sample: the count is divided by the batch of the network's input, so a linear
+layer counts every leading axis of its input (windows or patches folded into the batch axis, as
+Swin and MobileViT do, are counted). Each layer type's `LayerPruning.macs`
 (prune_callbacks.layers.registry) does the counting. Works under numpy 2, where `paddle.flops` crashes.
 """
 from __future__ import annotations
@@ -13,7 +15,7 @@ import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .registry import layer_handler
+from .registry import layer_handler, network_batch
 
 MacFn = Callable[[nn.Layer, paddle.Tensor], int]
 
@@ -49,7 +51,7 @@ def count_flops(net: nn.Layer, input_shape: Sequence[int], training: bool = Fals
     saved = [(t, t.numpy().copy()) for t in net.state_dict().values()] if training else []
     net.train() if training else net.eval()
     try:
-        with paddle.no_grad():
+        with paddle.no_grad(), network_batch(int(input_shape[0])):
             net(paddle.zeros(list(input_shape), dtype="float32"))
     finally:
         for h in hooks:

@@ -8,6 +8,8 @@ never touches a parameter and imports nothing else from the package.
 """
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 from typing import Callable, Dict, Mapping, Optional, Sequence, Tuple, Type, TypeVar, Union
 
@@ -22,6 +24,7 @@ __all__ = [
     "ConvTransposePruning", "PReLUPruning", "GroupNormPruning",
     "register_layer_type", "layer_handler",
     "supports_layer", "output_channel_axis", "data_format_channel_axis", "lookup_by_class",
+    "network_batch", "per_sample_rows", "LayerNormPruning", "AttentionPruning",
 ]
 
 V = TypeVar("V")
@@ -104,6 +107,13 @@ class LayerPruning:
         override it instead of `macs` when the count depends on the input (a transposed conv
         works once per input position). Defaults to `macs(layer, output)`."""
         return self.macs(layer, output)
+
+    def mask(self, layer: nn.Layer,
+             removed: Mapping[str, Mapping[int, Sequence[int]]]) -> Optional[Callable[[], None]]:
+        """What masking must do beyond zeroing `removed` ({attribute: {axis: indices}} of the
+        layer's own parameters) so that the masked network equals the pruned one (a LayerNorm
+        takes its statistics over the kept channels). Returns an undo, or None (nothing)."""
+        return None
 
 
 _HANDLERS: Dict[type, LayerPruning] = {}
@@ -238,15 +248,40 @@ class NormPruning(LayerPruning):
         return data_format_channel_axis(layer)
 
 
+_NETWORK_BATCH: "contextvars.ContextVar[Optional[int]]" = contextvars.ContextVar(
+    "network_batch", default=None)
+
+
+@contextlib.contextmanager
+def network_batch(batch: int):
+    """While counting MACs of a network fed `batch` samples: `per_sample_rows` divides by it."""
+    token = _NETWORK_BATCH.set(int(batch))
+    try:
+        yield
+    finally:
+        _NETWORK_BATCH.reset(token)
+
+
+def per_sample_rows(shape: Sequence[int]) -> int:
+    """Rows a linear layer works on per input sample: every leading axis of its output
+    (`shape[:-1]`, windows or patches folded into axis 0 included) over the network's batch
+    (`network_batch`; outside it, axis 0 is taken as the batch)."""
+    lead = [int(s) for s in shape[:-1]]
+    batch = _NETWORK_BATCH.get()
+    if batch is None:
+        return int(np.prod(lead[1:])) if len(lead) > 1 else 1
+    return max(int(np.prod(lead)) // max(batch, 1), 1) if lead else 1
+
+
 class LinearPruning(LayerPruning):
-    """`nn.Linear`: it reads its sizes from `weight.shape`, so slicing needs no sync."""
+    """`nn.Linear`: it reads its sizes from `weight.shape`, so slicing needs no sync. MACs
+    cover every leading axis of its input (Swin's windows and MobileViT's patches live on
+    axis 0), per sample of the network's input (`per_sample_rows`)."""
 
     channel_separable = True
 
     def macs(self, layer: nn.Layer, output: paddle.Tensor) -> int:
-        shape = output.shape
-        rows = int(np.prod(shape[1:-1])) if len(shape) > 2 else 1
-        return int(np.prod(layer.weight.shape)) * rows
+        return int(np.prod(layer.weight.shape)) * per_sample_rows(output.shape)
 
     def output_channel_axis(self, layer: nn.Layer) -> Optional[int]:
         return -1
@@ -327,4 +362,65 @@ register_layer_type(nn.GroupNorm, GroupNormPruning())
 register_layer_type([nn.layer.norm._BatchNormBase, nn.BatchNorm, nn.layer.norm._InstanceNormBase],
                     NormPruning())
 register_layer_type(nn.Linear, LinearPruning())
+
+
+class LayerNormPruning(LayerPruning):
+    """`nn.LayerNorm` over the last axis: weight and bias are sliced with the channels, and the
+    statistics are then taken over the kept channels only (not what zeroing them gives, so
+    `mask` makes the masked layer renormalise over the kept channels too: masked equals
+    pruned, and a sensitivity analysis measures the pruned network)."""
+
+    channel_separable = False  # its statistics mix the channels
+
+    def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
+        p = layer.weight if layer.weight is not None else layer.bias
+        if p is not None:
+            layer._normalized_shape = [int(p.shape[0])]
+
+    def mask(self, layer: nn.Layer,
+             removed: Mapping[str, Mapping[int, Sequence[int]]]) -> Optional[Callable[[], None]]:
+        idx = (removed.get("weight") or removed.get("bias") or {}).get(0)
+        shape = list(layer._normalized_shape)
+        if idx is None or len(shape) != 1 or not len(idx):
+            return None
+        keep = np.ones(shape[0], dtype="float32")
+        keep[np.asarray(list(idx), dtype=np.int64)] = 0.0
+        m, n, eps = paddle.to_tensor(keep), float(keep.sum()), float(layer._epsilon)
+
+        def forward(x: paddle.Tensor) -> paddle.Tensor:
+            mean = (x * m).sum(-1, keepdim=True) / n
+            d = (x - mean) * m
+            y = d / paddle.sqrt((d * d).sum(-1, keepdim=True) / n + eps)
+            if layer.weight is not None:
+                y = y * layer.weight
+            return y + layer.bias if layer.bias is not None else y
+
+        had = "forward" in layer.__dict__
+        own = layer.__dict__.get("forward")
+        layer.__dict__["forward"] = forward
+
+        def undo() -> None:
+            if had:
+                layer.__dict__["forward"] = own
+            else:
+                layer.__dict__.pop("forward", None)
+        return undo
+
+
+register_layer_type(nn.LayerNorm, LayerNormPruning())
 register_layer_type([nn.Conv1D, nn.Conv3D], MaskOnlyPruning())
+
+
+class AttentionPruning(LayerPruning):
+    """A multi-head attention layer. The tracer prunes it whole heads at a time (its q, k, v and
+    output projections are sliced by their own handlers); after slicing, surgery sets the int
+    attribute `head_count_attr` to the heads left. Layers keeping an int `num_heads` (or
+    `n_heads`, `heads`, ...) equal to their head count need no registration; register one whose
+    count has another name, e.g. `register_layer_type(MyAttention, AttentionPruning("h"))`.
+    Its own per-head parameters (a relative position bias table) are sliced with the heads."""
+
+    def __init__(self, head_count_attr: str = "num_heads") -> None:
+        self.head_count_attr = head_count_attr
+
+
+register_layer_type(nn.MultiHeadAttention, AttentionPruning())

@@ -20,7 +20,7 @@ import paddle.nn as nn
 from .registry import layer_handler, supports_layer
 
 __all__ = ["AxisSlice", "ParamSlices", "Mask", "apply_slices", "slice_array",
-           "supports_layer", "allow_plain_parameters", "trial_prune"]
+           "supports_layer", "allow_plain_parameters", "trial_prune", "track_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -73,6 +73,28 @@ def allow_plain_parameters(net: nn.Layer, keys: Iterable[str]) -> None:
     _PLAIN[net] = frozenset(keys)
 
 
+# Per network, int attributes that count units of one parameter axis (an attention layer's
+# `num_heads` counts the heads of its q/k/v projection): layer path -> (attribute, parameter key,
+# axis, positions per unit). Held weakly, like _PLAIN.
+_COUNTS: "weakref.WeakKeyDictionary[nn.Layer, Dict[str, Tuple[str, str, int, int]]]" = \
+    weakref.WeakKeyDictionary()
+
+
+def track_count(net: nn.Layer, path: str, attr: str, key: str, axis: int, per_unit: int) -> None:
+    """After `apply_slices` cuts axis `axis` of parameter `key`, set `attr` of the layer at
+    `path` to the units left (positions kept // `per_unit`): what `ChannelGraph` records for
+    an attention layer's head count."""
+    _COUNTS.setdefault(net, {})[path] = (attr, key, axis, int(per_unit))
+
+
+def _inherit_tables(net: nn.Layer, copy_net: nn.Layer) -> None:
+    """A deep copy prunes like its original: same plain parameters and tracked counts."""
+    if net in _PLAIN:
+        _PLAIN[copy_net] = _PLAIN[net]
+    if net in _COUNTS:
+        _COUNTS[copy_net] = dict(_COUNTS[net])
+
+
 def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
     """Slice the parameters named in `slices` (state_dict keys) and sync their layers."""
     layers = dict(net.named_sublayers(include_self=True))
@@ -98,6 +120,9 @@ def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
                 f"layer {path!r} ({type(layer).__name__}) has no registered surgery: register "
                 "a LayerPruning for it with prune_callbacks.register_layer_type")
         layer_handler(layer).sync(layer, old)
+    for path, (attr, key, axis, per) in _COUNTS.get(net, {}).items():
+        if key in slices and axis in slices[key] and path in layers:
+            setattr(layers[path], attr, len(slices[key][axis]) // per)
 
 
 class Mask:
@@ -126,11 +151,28 @@ class Mask:
                     index[ax] = list(idx)
                     masked[tuple(index)] = 0
             p.set_value(masked)
+        # layers whose masked output needs more than zeroed parameters (a LayerNorm's kept
+        # channels' statistics): their handler's `mask`
+        self._undo: List[Callable[[], None]] = []
+        layers = dict(net.named_sublayers(include_self=True))
+        by_layer: Dict[str, Dict[str, Any]] = {}
+        for key, axes in removed.items():
+            path, _, attr = key.rpartition(".")
+            by_layer.setdefault(path, {})[attr] = axes
+        for path, own in by_layer.items():
+            layer = layers.get(path)
+            handler = layer_handler(layer) if layer is not None else None
+            undo = handler.mask(layer, own) if handler is not None else None
+            if undo is not None:
+                self._undo.append(undo)
 
     def restore(self) -> None:
         for p, arr in self._saved.values():
             p.set_value(arr)
         self._saved.clear()
+        for undo in reversed(self._undo):
+            undo()
+        self._undo.clear()
 
     def __enter__(self) -> "Mask":
         return self
@@ -190,6 +232,7 @@ def trial_prune(net: nn.Layer, input_shape: Sequence[int], keep: ParamSlices,
             masked = _outputs(net, x)
         if pruned_copy is None:
             pruned_net = copy.deepcopy(net)
+            _inherit_tables(net, pruned_net)
             apply_slices(pruned_net, keep)
         else:
             pruned_net = _refill(pruned_copy, net, keep)

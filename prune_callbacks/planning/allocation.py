@@ -62,21 +62,39 @@ class PlanGroup:
         return self.units or (self.channels,)
 
 
+def fit_multiple(n: int, rounding: int) -> int:
+    """The multiple a group of `n` channels is rounded to when `rounding` is asked.
+
+    `rounding` itself when the group is wider than it; a group no wider (it could only stay
+    whole) gets the largest power of two that lets it lose half its channels (16 channels at
+    rounding 16: multiples of 8; 8: of 4; 3: of 1), so small layers still prune in even steps.
+
+    Examples:
+        >>> fit_multiple(512, 16), fit_multiple(24, 16), fit_multiple(16, 16), fit_multiple(8, 16)
+        (16, 16, 8, 4)
+    """
+    if rounding <= 1 or n > rounding:
+        return max(1, rounding)
+    return 1 << max(0, (n // 2).bit_length() - 1) if n >= 2 else 1
+
+
 def n_keep(n: int, ratio: float, rounding: int = 1) -> int:
     """Channels kept out of `n` at `ratio`, as PaddleSlim counts them.
 
     `round(ratio * n)` channels go (Python's `round`: to nearest, ties to even, exactly as
     PaddleSlim's `int(round(len(idx) * ratio))`, so the same ratio gives the same shapes: 0.6 of
-    256 keeps 102); the kept count is then rounded up to a multiple of `rounding`, and at least
-    one channel always stays (PaddleSlim would remove them all).
+    256 keeps 102); the kept count is then rounded up to a multiple of `rounding` (of
+    `fit_multiple(n, rounding)` for a group no wider than `rounding`) but never above `n`, and
+    at least one channel always stays (PaddleSlim would remove them all).
 
     Examples:
         >>> n_keep(256, 0.6), n_keep(10, 0.25), n_keep(4, 0.9), n_keep(10, 0.25, 4)
         (102, 8, 1, 8)
     """
-    keep = n - int(round(ratio * n))
-    if rounding > 1:
-        keep = min(n, int(math.ceil(keep / rounding) * rounding))
+    keep = max(1, n - int(round(ratio * n)))
+    if rounding > 1:  # 0 kept rounds up to one whole step, not to a single channel
+        step = fit_multiple(n, rounding)
+        keep = min(n, int(math.ceil(keep / step) * step))
     return max(1, keep)
 
 
@@ -214,6 +232,8 @@ def plan_group_ratios(groups: Sequence[PlanGroup], flops_fn: FlopsFn,
 
     ratios = _bisect(cands, curve, top, strategy, lambda r: reduction(r) >= flops)
     ratios = _top_up(groups, flops_fn, ratios, curve, top, flops, base, round_to)
+    if round_to > 1:  # coarse steps overshoot: give back what the target does not need
+        ratios = _give_back(groups, flops_fn, ratios, curve, flops, base, round_to)
     logger.info("planned a %.3f FLOPs reduction: achieved %.4f, %d of %d groups pruned", flops,
                 reduction(ratios), sum(r > 0 for r in ratios.values()), len(ratios))
     return {groups[i].name: r for i, r in ratios.items() if r > 0}
@@ -313,6 +333,55 @@ def _top_up(groups: Sequence[PlanGroup], flops_fn: FlopsFn, ratios: Dict[int, fl
     return ratios
 
 
+def _give_back(groups: Sequence[PlanGroup], flops_fn: FlopsFn, ratios: Dict[int, float],
+               curves: Dict[int, Curve], target: float, base: int, round_to: int) -> Dict[int, float]:
+    """Restore one `round_to` step at a time, most sensitive group first, while the target holds.
+
+    With coarse rounding the bisection and top-up steps remove whole blocks of channels and can
+    overshoot the target by several points; this brings the cut back to within one step of it.
+    """
+    ratios = dict(ratios)
+
+    def reduction() -> float:
+        return 1.0 - flops_fn({i: kept_count(groups[i], r, round_to) for i, r in ratios.items()}) / base
+
+    def loss_at(i: int, r: float) -> float:
+        if i not in curves:
+            return r
+        xs, ys = zip(*curves[i])
+        return float(np.interp(r, xs, ys))
+
+    frozen: set = set()
+    while True:
+        order = sorted((i for i, r in ratios.items() if r > 0 and i not in frozen),
+                       key=lambda i: (-loss_at(i, ratios[i]), -ratios[i], i))
+        for i in order:
+            prev = _prev_ratio(groups[i], ratios[i], round_to)
+            if prev is None:
+                frozen.add(i)
+                continue
+            old, ratios[i] = ratios[i], prev
+            if reduction() >= target:
+                break
+            ratios[i] = old
+            frozen.add(i)
+        else:
+            return ratios
+
+
+def _prev_ratio(group: PlanGroup, ratio: float, round_to: int) -> Optional[float]:
+    """The ratio one `round_to` step wider than `ratio` (single-block groups only), or None."""
+    if group.round_width is not None or len(group.blocks) != 1:
+        return None
+    n = group.channels
+    keep = n_keep(n, ratio, round_to)
+    if keep >= n:
+        return None
+    step = fit_multiple(n, round_to)
+    wider = min(n, (keep // step + 1) * step)
+    return (n - wider) / n
+
+
 def _next_ratio(group: PlanGroup, ratio: float, round_to: int) -> Optional[float]:
     """The smallest ratio above `ratio` that keeps fewer channels, or None at the minimum."""
     units = group.blocks
@@ -321,7 +390,7 @@ def _next_ratio(group: PlanGroup, ratio: float, round_to: int) -> Optional[float
     if len(units) == 1:
         n = units[0]
         keep = n_keep(n, ratio, round_to)
-        step = round_to if round_to > 1 else 1
+        step = fit_multiple(n, round_to)
         new_keep = keep - step
         if new_keep < 1:
             return None

@@ -269,21 +269,21 @@ def _baseline(runner: Runner, data: Dict[str, Any], path: Optional[str], todo: b
             f"the unpruned network scores {metric} on the evaluation data: it has diverged (NaN "
             "or infinite outputs), so no sensitivity can be measured; lower the learning rate or "
             "analyse an earlier epoch")
+    stored = data["baseline"]  # a file of other weights is named first, whatever they score
+    if stored is not None and not math.isclose(stored, metric, rel_tol=BASELINE_RTOL, abs_tol=1e-12):
+        raise ValueError(
+            f"{path!r} was measured on other weights: its baseline metric is {stored!r}, these "
+            f"weights score {metric!r} on the same data (the curves would not describe them); "
+            f"delete it or pass another path to analyse these weights afresh")
     if metric == 0:
         raise UnresolvableMetric(
             "the baseline metric is 0 on the evaluation data, so relative losses are "
             "undefined: analyse a network that has learned something (a later at_epoch), "
             "evaluate on more samples (num_samples) or use metric='loss'")
     _check_resolution(metric, evaluate)
-    stored = data["baseline"]
     if stored is None:
         data["baseline"] = stored = metric
         _save(path, data)
-    elif not math.isclose(stored, metric, rel_tol=BASELINE_RTOL, abs_tol=1e-12):
-        raise ValueError(
-            f"{path!r} was measured on other weights: its baseline metric is {stored!r}, these "
-            f"weights score {metric!r} on the same data (the curves would not describe them); "
-            f"delete it or pass another path to analyse these weights afresh")
     return stored
 
 

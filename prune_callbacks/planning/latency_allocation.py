@@ -1,0 +1,234 @@
+"""Choose each group's width from a measured latency table (HALP-style), not from FLOPs.
+
+Pure: a function of plain data (groups, a table of measured latency shares per group and width,
+sensitivity curves, a target share). It never measures, exports or prunes; `deploy.latency_table`
+measures the table on the exported network and verifies the plan.
+
+The latency model is additive: the network's share of the original latency when each group g
+keeps width w_g is `1 + sum_g (share_g(w_g) - 1)`, where `share_g(w)` was measured with only
+group g at width w. Interactions between neighbouring groups are what the verification export
+corrects.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from typing import Dict, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .allocation import FlopsFn, PlanGroup
+
+logger = logging.getLogger(__name__)
+
+__all__ = ["LatencyTable", "monotone", "efficient_widths", "predict_share", "plan_latency_widths"]
+
+
+@dataclass(frozen=True)
+class LatencyTable:
+    """Measured latency shares: `shares[group][width]` is the network's latency, relative to the
+    original's, with only that group cut to `width` channels (the full width is 1.0).
+
+    Args:
+        shares: group name -> {width: latency share} (`monotone`: smoothed as measured).
+        channels: group name -> its full width.
+        runtime, batch, input_shape: where and how it was measured (for the log and cache key).
+    """
+
+    shares: Mapping[str, Mapping[int, float]]
+    channels: Mapping[str, int]
+    runtime: str = ""
+    batch: int = 1
+    input_shape: Tuple[int, ...] = ()
+    exports: int = field(default=0, compare=False)
+    raw: Mapping[str, Mapping[int, float]] = field(default_factory=dict, compare=False)
+    """The shares as measured, before `monotone`."""
+
+    def share(self, widths: Mapping[str, int]) -> float:
+        """Predicted latency share of the network when group g keeps `widths[g]` (others whole)."""
+        total = 1.0
+        for name, w in widths.items():
+            if name not in self.shares or w >= self.channels[name]:
+                continue
+            total += self._at(name, w) - 1.0
+        return total
+
+    def _at(self, name: str, width: int) -> float:
+        """The share at `width`; between measured widths, that of the next wider one (a width
+        never costs less than a measured narrower one is known to)."""
+        table = self.shares[name]
+        wider = [w for w in table if w >= width]
+        return table[min(wider)] if wider else 1.0
+
+
+def monotone(shares: Mapping[int, float], channels: int) -> Dict[int, float]:
+    """`shares` made non-increasing as the width falls (isotonic regression, pool adjacent violators),
+    with the full width fixed at 1.0.
+
+    A narrower copy of a group is never slower in truth; measured shares that say otherwise are
+    noise, and a planner that trusts each one picks exactly the widths whose noise flattered them
+    (the winner's curse). Pooling neighbours that disagree averages that noise out.
+
+    Examples:
+        >>> monotone({48: 0.75, 32: 0.85, 16: 0.5}, 64)
+        {16: 0.5, 32: 0.8, 48: 0.8}
+    """
+    blocks: list = []  # [value, weight, widths], widths ascending
+    for w in sorted(shares):
+        if w >= channels:
+            continue
+        blocks.append([float(shares[w]), 1.0, [w]])
+        while len(blocks) > 1 and blocks[-2][0] > blocks[-1][0]:
+            v1, n1, w1 = blocks.pop()
+            v0, n0, w0 = blocks.pop()
+            blocks.append([(v0 * n0 + v1 * n1) / (n0 + n1), n0 + n1, w0 + w1])
+    out = {}
+    for value, _, widths in blocks:
+        for w in widths:
+            out[w] = min(value, 1.0)  # the full width is 1.0 exactly: nothing narrower above it
+    return out
+
+
+def efficient_widths(table: Mapping[int, float], channels: int, tolerance: float = 0.0) -> Tuple[int, ...]:
+    """The widths worth pruning to, widest first: each runs faster (by more than `tolerance`)
+    than every wider one, including the full width.
+
+    A width that costs as much as a wider one is on the expensive side of a latency step (e.g. 17
+    channels where kernels run in blocks of 16 cost as much as 32): it only loses channels.
+
+    Examples:
+        >>> efficient_widths({64: 1.0, 48: 0.9, 40: 0.9, 32: 0.8, 20: 0.8, 16: 0.7}, 64)
+        (64, 48, 32, 16)
+    """
+    out = [channels]
+    best = table.get(channels, 1.0)
+    for w in sorted((w for w in table if w < channels), reverse=True):
+        if table[w] < best - tolerance:
+            out.append(w)
+            best = table[w]
+    return tuple(out)
+
+
+def _loss(curve: Optional[Sequence[Tuple[float, float]]], ratio: float) -> float:
+    """The loss at `ratio`: interpolated from a curve, else ratio squared (spreads the cut)."""
+    proxy = ratio * ratio
+    if curve is None:
+        return proxy
+    xs, ys = zip(*curve)
+    return float(np.interp(ratio, xs, ys)) + 1e-3 * proxy  # flat curves: still spread the cut
+
+
+def predict_share(table: LatencyTable, widths: Mapping[str, int], groups: Sequence[PlanGroup],
+                  flops_fn: Optional[FlopsFn] = None, _single: Optional[Dict[Tuple[str, int], int]] = None) -> float:
+    """Predicted latency share when group g keeps `widths[g]`: the table's summed savings, scaled
+    by how much of the summed single-group FLOPs savings the joint plan really saves.
+
+    Cutting two groups that meet in one layer (a conv's input and output) shrinks that layer as the
+    product of their widths, so single-group savings add up to more than the joint saving. FLOPs
+    (`flops_fn`, exact from the traced graph) measure that overlap; the latency savings are assumed
+    to overlap alike. Without `flops_fn`, the plain sum (`LatencyTable.share`).
+    """
+    additive = table.share(widths)
+    if flops_fn is None or not widths:
+        return additive
+    index = {g.name: i for i, g in enumerate(groups)}
+    base = flops_fn({})
+    single = 0
+    for name, w in widths.items():
+        key = (name, w)
+        if _single is None or key not in _single:
+            saved = base - flops_fn({index[name]: w})
+            if _single is None:
+                single += saved
+                continue
+            _single[key] = saved
+        single += _single[key]
+    joint = base - flops_fn({index[n]: w for n, w in widths.items()})
+    return 1.0 - (1.0 - additive) * joint / single if single > 0 else additive
+
+
+def plan_latency_widths(groups: Sequence[PlanGroup], table: LatencyTable, target: float,
+                        curves: Optional[Mapping[str, Mapping[float, float]]] = None,
+                        skip: Sequence[str] = (), max_ratio: float = 0.9,
+                        tolerance: float = 0.0, flops_fn: Optional[FlopsFn] = None) -> Dict[str, int]:
+    """Width per group whose predicted latency share is at most `target`, losing least.
+
+    Greedy, HALP's trade-off: each step moves one group to its next efficient width (see
+    `efficient_widths`: only where latency drops), the one with the least loss per unit of time
+    saved; loss is the sensitivity curve's (interpolated, `{ratio: loss}`) or, without curves,
+    the squared pruning ratio. Groups without a table entry, skipped, unprunable, or (with
+    curves) without a curve stay whole; no group goes beyond `max_ratio` (or its curve's end).
+
+    Args:
+        groups: the network's groups (names and widths).
+        table: measured latency shares (`deploy.latency_table.measure_latency_table`).
+        target: latency share to reach, in (0, 1).
+        curves: `{group: {ratio: loss}}`, or None.
+        skip: group names kept whole.
+        max_ratio: the largest share of a group's channels removed.
+        tolerance: latency differences below this count as equal (measurement noise).
+        flops_fn: FLOPs of kept counts by group position (`FlopsFn`): predictions then account
+            for groups that meet in one layer (`predict_share`); None: the plain sum.
+
+    Returns:
+        `{group name: kept width}` for every group cut (width below its channels).
+
+    Raises:
+        ValueError: `target` outside (0, 1), or beyond what the table can reach (the message
+            gives the lowest reachable share).
+    """
+    if isinstance(target, bool) or not isinstance(target, (int, float)) or not 0.0 < target < 1.0:
+        raise ValueError(f"target must be a latency share in (0, 1) such as 0.6, got {target!r}")
+    skipped = set(skip)
+    steps: Dict[str, Tuple[int, ...]] = {}
+    curve: Dict[str, Optional[Sequence[Tuple[float, float]]]] = {}
+    for g in groups:
+        if not g.prunable or g.name in skipped or g.name not in table.shares:
+            continue
+        top = max_ratio
+        if curves is not None:
+            if g.name not in curves:
+                continue
+            pts = sorted((float(r), float(l)) for r, l in curves[g.name].items())
+            curve[g.name] = [(0.0, 0.0)] + pts
+            top = min(top, pts[-1][0]) if pts else 0.0
+        else:
+            curve[g.name] = None
+        widths = [w for w in efficient_widths(table.shares[g.name], g.channels, tolerance)
+                  if 1.0 - w / g.channels <= top + 1e-9]
+        if len(widths) > 1:
+            steps[g.name] = tuple(widths)
+    channels = {g.name: g.channels for g in groups}
+    at = {name: 0 for name in steps}  # index into steps[name]
+
+    def widths() -> Dict[str, int]:
+        return {n: steps[n][i] for n, i in at.items() if i > 0}
+
+    single: Dict[Tuple[str, int], int] = {}
+
+    def predicted() -> float:
+        return predict_share(table, widths(), groups, flops_fn, single)
+
+    share = predicted()
+    while share > target:
+        best, best_cost = None, None
+        for name, i in at.items():
+            if i + 1 >= len(steps[name]):
+                continue
+            w0, w1 = steps[name][i], steps[name][i + 1]
+            saved = table._at(name, w0) - table._at(name, w1)
+            if saved <= 0:
+                continue
+            n = channels[name]
+            cost = (_loss(curve[name], 1 - w1 / n) - _loss(curve[name], 1 - w0 / n)) / saved
+            if best_cost is None or (cost, name) < best_cost:
+                best, best_cost = name, (cost, name)
+        if best is None:
+            raise ValueError(f"a latency share of {target:.3f} cannot be reached by the measured table: "
+                             f"the lowest predicted is {share:.3f}; raise the target, skip fewer groups or "
+                             f"measure smaller widths")
+        at[best] += 1
+        share = predicted()
+    logger.info("latency table plan: predicted share %.3f (target %.3f), %d of %d groups cut", share,
+                target, sum(i > 0 for i in at.values()), len(at))
+    return widths()
