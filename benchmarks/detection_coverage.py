@@ -1,4 +1,4 @@
-"""How much of detection- and OCR-style networks the engine can prune (issue 24).
+"""How much of detection- and OCR-style networks the engine can prune.
 
 Small plain-paddle networks, one per pattern real detectors and OCR models use: an FPN with a
 head shared by every level (FCOS/RetinaNet/GFL), convs under a tensor-dependent `if` (PP-YOLOE+'s

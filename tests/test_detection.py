@@ -1,4 +1,4 @@
-"""Detector and OCR patterns (issue 24), each on a minimal plain-paddle network: element-wise
+"""Detector and OCR patterns, each on a minimal plain-paddle network: element-wise
 clean-up ops, a tensor-dependent `if` and a `while`, a head shared across pyramid levels,
 DeformConv2D, a training forward that needs targets, and a train-only head fed from targets.
 
