@@ -176,9 +176,10 @@ def _sizes(values: Dict[str, str]) -> Dict[str, str]:
         sizes["model.scale"] = "0.25"
     if values.get("data") == "folder":
         sizes["data.image_size"] = "32"
-    if "prune.latency" in values:  # a few timed calls per latency-table entry
-        sizes["+prune.latency_options.warmup"] = "1"
+    if "prune.latency" in values:  # a few timed calls each; the search, not the ~50-export table
+        sizes["+prune.latency_options.warmup"] = "1"  # (the table's own tests: test_latency*.py)
         sizes["+prune.latency_options.repeats"] = "3"
+        sizes["+prune.latency_options.method"] = "search"
     return sizes
 
 
