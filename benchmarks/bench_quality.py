@@ -11,7 +11,7 @@ evaluated again, with and without distillation from the unpruned network. Alloca
   group's scores divided by their mean), the least important removed until the cut is met (the
   idea of Torch-Pruning's global pruning).
 
-Accuracy recovery (docs/recover.md) adds three dimensions: `--sparsity group bn_scale` trains
+Accuracy recovery (docs/accuracy.md) adds three dimensions: `--sparsity group bn_scale` trains
 the last `--sparse-epochs` epochs before pruning with SparsityCallback (a separate pretrained
 network per kind, same epoch count as the plain one); `--criteria taylor activation` scores with
 statistics gathered by hooks during the last pretraining epoch (no extra pass); and

@@ -35,7 +35,7 @@ def distill_loss(student: paddle.Tensor, teacher: paddle.Tensor, temperature: fl
     `(z_s - z_t) / classes`), whose size grows with the teacher's logit range and does not fade
     as the student becomes right: at a learning rate set for cross-entropy that step is too
     large (ResNet18 on digits, teacher logits spanning ~28, T = 4: the term rose while training
-    and the student lost up to 38 points; see docs/recover.md).
+    and the student lost up to 38 points; see docs/accuracy.md).
 
     Examples:
         >>> distill_loss(paddle.randn([8, 10]), paddle.randn([8, 10]), 4.0)
