@@ -455,3 +455,111 @@ def test_query_selection_with_a_channel_width_written_into_the_code_stays_whole(
         conv = _groups(FilterPruner(QuerySelect("literal"), SHAPE))["conv"]
     assert not conv.prunable
     assert "take_along_axis indices sizes written into the code" in conv.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Forwards paddle.jit.to_static cannot convert: eager-only post-processing and label assignment
+# ---------------------------------------------------------------------------------------------
+
+
+class NumpyAssigner(nn.Layer):
+    """Label assignment written for eager mode (numpy), as detectors' assigners often are."""
+
+    def forward(self, scores, gt):
+        ranked = np.sort(scores.numpy(), axis=2)  # fails under to_static: no numpy there
+        return gt * float(ranked[:, :, -1].mean())
+
+
+class NumpyPost(nn.Layer):
+    """Post-processing written for eager mode (a detector's NMS)."""
+
+    def forward(self, scores):
+        s = scores.numpy()
+        return paddle.to_tensor(np.sort(s.reshape(s.shape[0], -1), axis=1)[:, -5:])
+
+
+class EagerOnlyDetector(nn.Layer):
+    """Backbone and a two-level head; `proj` (a fixed 1x1 conv) runs once per level in eval and
+    once on both levels concatenated in training, as PP-YOLOE+'s DFL projection does. The
+    post-processing is the network's own method (`post_in_net`) or a sublayer's."""
+
+    def __init__(self, post_in_net: bool = True) -> None:
+        super().__init__()
+        self.post_in_net = post_in_net
+        self.stem = nn.Conv2D(3, 8, 3, padding=1)
+        self.body = nn.Conv2D(8, 8, 3, stride=2, padding=1)
+        self.cls = nn.LayerList([nn.Conv2D(8, 4, 1), nn.Conv2D(8, 4, 1)])
+        self.proj = nn.Conv2D(4, 1, 1)
+        self.assigner = NumpyAssigner()
+        self.post = NumpyPost()
+
+    def _levels(self, x):
+        f1 = F.relu(self.stem(x))
+        f2 = F.relu(self.body(f1))
+        return [c(f).flatten(2) for c, f in zip(self.cls, (f1, f2))]  # [N, 4, HW]
+
+    def forward(self, x, gt=None):
+        levels = self._levels(x)
+        if self.training:
+            out = paddle.concat(levels, axis=2).unsqueeze(-1)  # [N, 4, L, 1]
+            target = self.assigner(out, gt)
+            return ((self.proj(out) - target) ** 2).mean()
+        scores = paddle.concat([self.proj(v.unsqueeze(-1)) for v in levels], axis=2)
+        if self.post_in_net:
+            s = scores.numpy()
+            return paddle.to_tensor(np.sort(s.reshape(s.shape[0], -1), axis=1)[:, -5:]), scores
+        return self.post(scores), scores
+
+
+def _det_batch(n=2):
+    return paddle.randn([n, 3, 8, 8]), paddle.randn([n, 1, 80, 1])
+
+
+def test_an_eval_forward_that_does_not_convert_is_traced_from_the_training_program():
+    paddle.seed(0)
+    net = EagerOnlyDetector(post_in_net=True)
+    randomise(net)
+    batch = _det_batch()
+    pruner = FilterPruner(net, SHAPE, train_inputs=batch)
+    by_name = _groups(pruner)
+    assert by_name["stem"].prunable and by_name["body"].prunable, by_name["stem"].reason
+    # what the assigner reads (the head's output) is left whole, naming it
+    assert any("assigner" in (g.reason or "") and "to_static" in g.reason for g in pruner.groups)
+    assert pruner.flops() == count_flops(net, SHAPE)  # proj: weighed by what eval spends
+    ratios = {"stem": 0.5, "body": 0.5}
+    x = paddle.randn(SHAPE)
+    with pruner.mask(ratios):
+        masked = run(net, x)
+    predicted = pruner.flops(ratios)
+    pruner.prune(ratios)
+    assert rel_err(run(net, x)[1], masked[1]) <= 1e-4
+    assert count_flops(net, SHAPE) == predicted < count_flops(EagerOnlyDetector(), SHAPE)
+    net.train()
+    net(*batch).backward()
+
+
+def test_without_training_inputs_a_sublayer_that_does_not_convert_is_stubbed():
+    paddle.seed(0)
+    net = EagerOnlyDetector(post_in_net=False)
+    randomise(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the training forward needs targets: held, warned
+        pruner = FilterPruner(net, SHAPE)
+    assert _groups(pruner)["stem"].prunable
+    # the post-processing reads the scores: left out of the trace, they stay whole, named
+    assert any("post" in (g.reason or "") and "to_static" in g.reason for g in pruner.groups)
+    assert pruner.flops() == count_flops(net, SHAPE)
+    x = paddle.randn(SHAPE)
+    with pruner.mask({"stem": 0.5}):
+        masked = run(net, x)
+    predicted = pruner.flops({"stem": 0.5})
+    pruner.prune({"stem": 0.5})
+    assert rel_err(run(net, x)[1], masked[1]) <= 1e-4
+    assert count_flops(net, SHAPE) == predicted
+    net.train()
+    net(*_det_batch()).backward()
+
+
+def test_a_network_whose_own_forward_does_not_convert_names_the_fix():
+    with pytest.raises(TypeError, match="cannot trace the eval forward.*pass train_inputs="):
+        FilterPruner(EagerOnlyDetector(post_in_net=True), SHAPE)

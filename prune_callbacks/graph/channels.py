@@ -19,7 +19,8 @@ import paddle
 
 from . import ops  # noqa: F401  (importing it registers the built-in op handlers)
 from . import control_flow, ops_deformable, ops_elementwise, ops_gather  # noqa: F401  (more ops)
-from .training_graph import LATER, TrainInputs, example_spec, hold_train_only_feeders
+from .training_graph import (LATER, TrainInputs, example_batch, example_spec,
+                             hold_train_only_feeders)
 from . import attention  # noqa: F401  (tokens and attention heads; after the op modules above)
 from . import norms  # LayerNorm widths (the layer_norm_widths switch)
 from ..layers.registry import layer_handler
@@ -132,7 +133,8 @@ class ChannelGraph:
                  train_inputs: Optional[TrainInputs] = None, layer_norm_widths: bool = True) -> None:
         self.layer_norm_widths = bool(layer_norm_widths)
         with norms.layer_norm_widths(layer_norm_widths):
-            state = trace_network(net, input_shape, modes, example_spec(train_inputs))
+            state = trace_network(net, input_shape, modes, example_spec(train_inputs),
+                                  example_batch(train_inputs))
         self.train_failure = state.train_failure  # the training program could not be built
         self._modes = modes
         self.two_modes = state.two_modes
@@ -150,7 +152,8 @@ class ChannelGraph:
         attention.attach_head_counts(self, net, state)
         if train_inputs is not LATER:
             hold_train_only_feeders(self, net, state)
-        control_flow.weigh_conditional_macs(self, net, state)
+        control_flow.weigh_conditional_macs(
+            self, net, state, example_batch(train_inputs) if state.eval_failure else None)
         allow_plain_parameters(net, self.plain_params)
         # group index -> its routes, for groups that shuffles route differently at each width
         self.routed: Dict[int, RoutedGroup] = {}

@@ -12,13 +12,14 @@ as `count_flops` does): `weigh_conditional_macs`. This module only reads the net
 from __future__ import annotations
 
 import logging
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 import paddle
 import paddle.nn as nn
 
-from .tracing import (SourceRec, TraceState, _expand, _shape_of, _trace_op, _Val, register_op,
+from ..layers.registry import layer_handler, network_batch
+from .tracing import (MacKind, MacRec, SourceRec, TraceState, _expand, _shape_of, _trace_op, _Val, register_op,
                       unknown_op)
 
 logger = logging.getLogger(__name__)
@@ -102,32 +103,60 @@ def _while(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
         _join(state, out, carried, "the body of pd_op.while")
 
 
-def _calls(net: nn.Layer, input_shape: List[int], params: set) -> Dict[str, int]:
+def _calls(net: nn.Layer, input_shape: List[int], params: set,
+           example: Optional[List[Any]] = None) -> Tuple[Dict[str, int], Dict[str, int]]:
     """How often each parameter's layer runs in one eval forward on zeros (as `count_flops`
-    runs it)."""
+    runs it), and its MACs there; on `example` (the forward's arguments) when zeros of
+    `input_shape` are not what the forward takes (a dict of inputs)."""
     counts: Dict[str, int] = {}
+    macs: Dict[str, int] = {}
     hooks = []
     for layer in net.sublayers(include_self=True):
         names = [p.name for p in layer.parameters(include_sublayers=False) if p.name in params]
         if names:
             def hook(layer: nn.Layer, inputs: Any, output: Any, names: List[str] = names) -> None:
+                handler = layer_handler(layer)
+                cost = handler.call_macs(layer, inputs, output) if handler is not None else 0
                 for n in names:
                     counts[n] = counts.get(n, 0) + 1
+                    macs[n] = macs.get(n, 0) + cost
             hooks.append(layer.register_forward_post_hook(hook))
     modes = [(layer, layer.training) for layer in net.sublayers(include_self=True)]
     net.eval()
     try:
         with paddle.no_grad():
-            net(paddle.zeros(list(input_shape), dtype="float32"))
+            try:
+                with network_batch(int(input_shape[0])):
+                    net(paddle.zeros(list(input_shape), dtype="float32"))
+            except Exception:  # noqa: BLE001  (the user's forward)
+                if example is None:
+                    raise
+                counts.clear()
+                macs.clear()
+                first = next((v for v in example if isinstance(v, paddle.Tensor)), None)
+                with network_batch(int(first.shape[0]) if first is not None else 1):
+                    net(*example)
     finally:
         for h in hooks:
             h.remove()
         for layer, training in modes:
             layer.training = training
-    return counts
+    return counts, macs
 
 
-def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState) -> None:
+def _full_macs(m: MacRec) -> int:
+    """A traced conv/linear op's MACs at full width."""
+    if m.kind == MacKind.DEPTHWISE:
+        inp = 1
+    elif m.kind == MacKind.GROUPED:
+        inp = int(m.in_ids.shape[-1])
+    else:
+        inp = int(m.in_ids.size)
+    return int(m.out_ids.size) * inp * m.kernel * m.spatial
+
+
+def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState,
+                           example: Optional[List[Any]] = None) -> None:
     """Convs and linears inside control flow count as often as they run on the traced input:
     a branch not taken counts nothing, a loop body once per iteration. Predicted FLOPs then
     equal `count_flops` (which runs the same input). The training count reuses the eval weights.
@@ -138,7 +167,7 @@ def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState) -> None
         return
     cond = {m.param for m in recs if m.conditional}
     try:
-        calls = _calls(net, list(graph.input_shape), cond)
+        calls, eager_macs = _calls(net, list(graph.input_shape), cond, example)
     except Exception as e:  # noqa: BLE001  (the user's forward, on zeros)
         logger.warning("an eval forward on zeros failed (%s: %s): FLOPs of the convs under "
                        "control flow count every branch once", type(e).__name__, e)
@@ -148,6 +177,16 @@ def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState) -> None
         u = uses.setdefault(m.param, [0, 0])
         u[1 if m.conditional else 0] += 1
     weights = {p: max(calls.get(p, 0) - u[0], 0) / u[1] for p, u in uses.items() if u[1]}
+    # only under control flow (or traced from the training program alone): its uses may run
+    # on other sizes than in the eval forward (one call per level against one on all levels
+    # concatenated), so weigh by the MACs the eval forward really spends there
+    traced: Dict[str, int] = {}
+    for m in recs:
+        if m.conditional:
+            traced[m.param] = traced.get(m.param, 0) + _full_macs(m)
+    for p, u in uses.items():
+        if u[0] == 0 and traced.get(p) and p in eager_macs:
+            weights[p] = eager_macs[p] / traced[p]
     for m, mac in zip(recs, graph._macs):
         if m.conditional:
             mac.weight = weights[m.param]

@@ -223,6 +223,11 @@ class TraceState:
         # the eval program reads: layers outside it may run in training only
         self.train_failure: Optional[str] = None
         self.eval_params: Optional[set] = None
+        # why the eval program could not be built: the training program alone was traced
+        self.eval_failure: Optional[str] = None
+        # layers stubbed because their forward does not convert (`graph.stubs`), per program
+        self.stubs: Any = None
+        self.stubbed: List[str] = []
 
     # -- helpers for handlers -----------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:
@@ -413,6 +418,34 @@ def build_program(net: paddle.nn.Layer, input_shape: Sequence[int],
             layer.training = training
 
 
+def _eager_run(net: paddle.nn.Layer, training: bool, args: List[Any]) -> Callable[[], Any]:
+    """One eager forward in the given mode (each layer's mode restored), for the stubs."""
+    def run() -> Any:
+        modes = [(layer, layer.training) for layer in net.sublayers(include_self=True)]
+        net.train() if training else net.eval()
+        try:
+            return net(*args)
+        finally:
+            for layer, mode in modes:
+                layer.training = mode
+    return run
+
+
+def convert(net: paddle.nn.Layer, input_shape: Sequence[int], training: bool = False,
+            input_spec: Optional[List[Any]] = None,
+            example: Optional[List[Any]] = None) -> Tuple[Any, List[Any], Any]:
+    """`build_program`, stubbing the sublayers whose forward does not convert (`graph.stubs`):
+    returns the program, its outputs and the `StubRecord` for `run_trace`. `example` is the
+    forward's arguments when `input_spec` is given (the stubs imitate one eager forward)."""
+    from .stubs import build_with_stubs
+
+    args = example if example is not None else [paddle.zeros(list(input_shape), "float32")]
+    (program, outputs), record = build_with_stubs(
+        net, lambda: build_program(net, input_shape, training, input_spec),
+        _eager_run(net, training, args), "training forward" if training else "eval forward")
+    return program, outputs, record
+
+
 class _QuietStacks:
     """Stands in for `traceback.extract_stack`: an empty stack for argument-less calls made on a
     thread inside `_no_op_callstacks`, the real function for every other call."""
@@ -507,6 +540,18 @@ def run_trace(program: Any, outputs: Sequence[Any], state: Optional[TraceState] 
     for op in program.global_block().ops:
         _trace_op(state, op)
     unite_shared_uses(state, n_members)
+    if state.stubs is not None:
+        for vid, path in state.stubs.inputs.items():
+            v = state.vals.get(vid)
+            if v is None:
+                continue
+            for item in (v.items or [v]):
+                if item.param is not None:
+                    state.opaque_params.setdefault(item.param, _stub_reason(path))
+                else:
+                    state.block(state.ids_of(item), _stub_reason(path))
+        state.stubbed += [p for p in state.stubs.paths if p not in state.stubbed]
+        state.stubs = None
     for out in outputs:
         v = state.vals.get(out.id)
         if v is not None:
@@ -631,6 +676,21 @@ def _trace_op(state: TraceState, op: Any) -> None:
         unknown_op(state, op, ins, outs)
     else:
         _call_handler(state, handler, op, ins, outs)
+    if state.stubs is not None and state.stubs.outputs:
+        for res, v in zip(op.results(), outs):
+            path = state.stubs.outputs.get(res.id)
+            if path is not None and v.shape:  # what a stubbed layer returns: nobody's channels
+                v.const = None
+                ax = 1 if len(v.shape) >= 2 else 0
+                shape = [1] * len(v.shape)
+                shape[ax] = max(v.shape[ax], 1)
+                v.ids = state.fresh(shape[ax]).reshape(shape)
+                state.sources.append(SourceRec(v.ids.ravel(), None, blocked=_stub_reason(path)))
+
+
+def _stub_reason(path: str) -> str:
+    return (f"read or made by {path}, whose forward paddle.jit.to_static cannot convert (it is "
+            "left out of the trace: what it does with these channels is unknown)")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -675,7 +735,8 @@ class TraceModes(str, enum.Enum):
 
 def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
                   modes: "TraceModes | str" = TraceModes.AUTO,
-                  train_spec: Optional[List[Any]] = None) -> TraceState:
+                  train_spec: Optional[List[Any]] = None,
+                  train_example: Optional[List[Any]] = None) -> TraceState:
     """Trace `net` in eval mode and, where its graph differs there, in training mode too.
 
     The two programs run through one TraceState; each parameter axis used in both gets its ids
@@ -704,15 +765,25 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
     except ValueError:
         raise ValueError(f"modes must be 'auto', 'both' or 'eval' (a TraceModes), got "
                          f"{modes!r}") from None
-    program, outputs = build_program(net, input_shape)
-    state = run_trace(program, outputs, warn=False)
+    try:
+        program, outputs, stubs = convert(net, input_shape)
+    except TraceShapeError:
+        raise
+    except Exception as e:  # noqa: BLE001  (paddle raises anything from user code)
+        return _trace_training_only(net, input_shape, train_spec, train_example, e)
+    if stubs.paths and train_spec is not None:  # the training program shows what they hide
+        return _trace_training_only(net, input_shape, train_spec, train_example,
+                                    f"{', '.join(stubs.paths)} do(es) not convert")
+    state = TraceState()
+    state.stubs = stubs
+    state = run_trace(program, outputs, state, warn=False)
     state.train_macs = list(state.macs)
     both = modes == TraceModes.BOTH
     more_args = train_spec is not None and len(train_spec) > 1  # targets: a training forward
     if both or (modes == TraceModes.AUTO and (more_args or _forward_reads_training(net))):
         try:
-            train_program, train_outputs = build_program(net, input_shape, training=True,
-                                                         input_spec=train_spec)
+            train_program, train_outputs, train_stubs = convert(
+                net, input_shape, True, train_spec, train_example)
         except Exception as e:  # noqa: BLE001  (paddle raises anything from user code)
             if train_spec is not None:
                 raise TypeError(f"cannot trace the training forward of {type(net).__name__} "
@@ -726,12 +797,52 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
             return state
         if both or _op_names(train_program) != _op_names(program):
             n_members, n_macs = len(state.members), len(state.macs)
+            state.stubs = train_stubs
             run_trace(train_program, train_outputs, state, warn=False)
             state.train_macs = state.macs[n_macs:]
             del state.macs[n_macs:]
             merge_training_members(state, n_members)
             state.two_modes = True
     _warn_unknown(state, stacklevel=2)
+    return state
+
+
+def _trace_training_only(net: paddle.nn.Layer, input_shape: Sequence[int],
+                         train_spec: Optional[List[Any]], train_example: Optional[List[Any]],
+                         eval_error: "Exception | str") -> TraceState:
+    """The eval forward cannot be converted (post-processing written for the old static graph,
+    such as PaddleDetection's NMS, or a forward taking a dict): follow the training program
+    alone. Every parameter it reads is in it, so groups hold every consumer; what runs only in
+    eval (post-processing) has no parameters. Its convs count FLOPs as often as an eval forward
+    runs them (marked conditional: `control_flow.weigh_conditional_macs`), so a layer that
+    runs only in training counts nothing."""
+    from .stubs import is_shape_error
+
+    why = eval_error if isinstance(eval_error, str) else _last_line(eval_error)
+    if train_spec is None:
+        if is_shape_error(eval_error) or isinstance(eval_error.__cause__, TraceShapeError) \
+                or isinstance(eval_error, TraceShapeError):
+            raise eval_error
+        raise TypeError(
+            f"cannot trace the eval forward of {type(net).__name__} from an input of shape "
+            f"{list(input_shape)} ({_last_line(eval_error)}): pass train_inputs= (what the "
+            "forward is called with on a training step, targets included) so the pruner follows "
+            "the training graph instead") from eval_error
+    try:
+        program, outputs, stubs = convert(net, input_shape, True, train_spec, train_example)
+    except Exception as e:  # noqa: BLE001
+        raise TypeError(f"cannot trace the eval forward of {type(net).__name__} "
+                        f"({why}) nor its training forward with the training "
+                        f"inputs given ({_last_line(e)})") from e
+    state = TraceState()
+    state.stubs = stubs
+    state = run_trace(program, outputs, state, warn=False)
+    for mac in state.macs:
+        mac.conditional = True
+    state.train_macs = list(state.macs)
+    state.eval_failure = why
+    state.two_modes = True
+    _warn_unknown(state, stacklevel=3)
     return state
 
 
