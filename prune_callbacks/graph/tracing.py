@@ -641,10 +641,15 @@ def _call_handler(state: TraceState, handler: OpHandler, op: Any, ins: List[_Val
     except TraceShapeError:
         raise
     except Exception as e:  # the tracer's failure, never the user's input shape
-        logger.warning("tracing %s failed (%s: %s); its channels stay unpruned", op.name(),
-                       type(e).__name__, e)
         for o in outs:
             o.ids = None
+        if any(-1 in v.shape for v in ins + outs if v.shape):  # sizes known only at run time
+            logger.debug("tracing %s failed on run-time sizes (%s: %s)", op.name(),
+                         type(e).__name__, e)
+            unknown_op(state, op, ins, outs, why="sizes known only at run time")
+            return
+        logger.warning("tracing %s failed (%s: %s); its channels stay unpruned", op.name(),
+                       type(e).__name__, e)
         unknown_op(state, op, ins, outs, why=f"its handler failed: {type(e).__name__}")
 
 
