@@ -14,6 +14,13 @@ Run it with this branch's engine, and with an older one to compare (the script o
 
     python benchmarks/detection_coverage.py
     PYTHONPATH=/path/to/older/checkout python benchmarks/detection_coverage.py
+
+With `--real`, the real networks instead (`real_detectors.py`: PP-YOLOE+, PicoDet, FCOS, YOLOv3,
+PP-YOLO tiny, PP-YOLOv2, RT-DETR; PP-OCR det, rec and cls, SVTR), built from their sources and
+config files, which are not dependencies of this project; those it cannot build are skipped
+with the reason. Each runs in its own process:
+
+    python benchmarks/detection_coverage.py --real --ppdet SRC --ppocr SRC --configs DIR
 """
 from __future__ import annotations
 
@@ -21,6 +28,9 @@ import argparse
 import inspect
 import logging
 import warnings
+from pathlib import Path
+
+import numpy as np
 
 import paddle
 import paddle.nn as nn
@@ -223,11 +233,116 @@ def coverage(name: str) -> tuple:
             "yes" if exact else "NO")
 
 
+def real_coverage(real: "real_detectors.RealNet") -> tuple:
+    """Groups with parameters (prunable / all), their channels, FLOPs exact at full width and
+    after a uniform 30% cut, and pruned == masked (eval outputs) after that cut."""
+    net, shape = real.net, real.input_shape
+    randomise(net)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = FilterPruner(net, shape, train_inputs=real.train_inputs)
+        groups = [g for g in pruner.groups if g.members]
+        ok = [g for g in groups if g.prunable]
+        exact = pruner.flops() == count_flops(net, shape)
+        ratios = {g.name: 0.3 for g in ok}
+        x = paddle.randn(shape)
+        with pruner.mask(ratios):
+            masked = _eval_outputs(net, x)
+        predicted = pruner.flops(ratios)
+        pruner.prune(ratios)
+        pruned = _eval_outputs(net, x)
+        exact = exact and predicted == count_flops(net, shape)
+    same = len(pruned) == len(masked) and all(
+        p.shape == m.shape and float(np.abs(p - m).max()) <= 1e-4 * max(float(np.abs(m).max()), 1e-12)
+        for p, m in zip(pruned, masked))
+    return (len(ok), len(groups), sum(g.channels for g in ok), sum(g.channels for g in groups),
+            "yes" if exact else "NO", "yes" if same else "NO")
+
+
+def randomise(net: nn.Layer) -> None:
+    """Distinct per-channel scales and statistics, so a channel sliced wrongly shows."""
+    rng = np.random.default_rng(0)
+    for p in net.parameters():
+        if p.ndim == 1 and p.shape[0] > 1 and p.dtype == paddle.float32:
+            p.set_value(rng.uniform(0.5, 1.5, p.shape).astype("float32"))
+
+
+def _eval_outputs(net: nn.Layer, x: paddle.Tensor) -> list:
+    """The float outputs of the eval forward (post-processing that selects boxes by score is
+    left out: NMS may pick other boxes on ties), as arrays."""
+    net.eval()
+    with paddle.no_grad():
+        out = net(x)
+    flat, stack = [], [out]
+    while stack:
+        item = stack.pop(0)
+        if isinstance(item, dict):
+            stack = [item[k] for k in sorted(item)] + stack
+        elif isinstance(item, (list, tuple)):
+            stack = list(item) + stack
+        elif isinstance(item, paddle.Tensor) and item.dtype == paddle.float32:
+            flat.append(item.numpy())
+    return flat
+
+
+def main_real(args: argparse.Namespace) -> None:
+    """One child process per network (PaddleDetection's config registry is global)."""
+    import subprocess
+    import sys
+    import time
+
+    from real_detectors import real_networks
+
+    nets = dict(real_networks(args.ppdet, args.ppocr, args.configs))
+    if args.only:
+        build = nets[args.only]
+        try:
+            real = build()
+        except Exception as e:  # noqa: BLE001  (their code, their dependencies)
+            print(f"SKIP {type(e).__name__}: {str(e).strip().splitlines()[-1][:150] if str(e) else ''}")
+            return
+        row = real_coverage(real)
+        print("ROW " + " ".join(str(v) for v in row))
+        return
+    logger.info("%-28s %15s %19s %12s %14s %7s", "network", "groups (params)", "channels",
+                "FLOPs exact", "pruned=masked", "time")
+    for name in nets:
+        start = time.time()
+        cmd = [sys.executable, __file__, "--real", "--configs", str(args.configs), "--only", name]
+        for flag, path in (("--ppdet", args.ppdet), ("--ppocr", args.ppocr)):
+            if path is not None:
+                cmd += [flag, str(path)]
+        done = subprocess.run(cmd, capture_output=True, text=True)
+        lines = [ln for ln in done.stdout.splitlines() if ln.startswith(("ROW ", "SKIP "))]
+        took = f"{time.time() - start:.0f}s"
+        if lines and lines[-1].startswith("ROW "):
+            v = lines[-1].split()[1:]
+            logger.info("%-28s %7s / %5s %9s / %7s %12s %14s %7s", name, *v, took)
+        elif lines:
+            logger.info("%-28s skipped: %s", name, lines[-1][5:])
+        else:
+            err = [ln for ln in done.stderr.strip().splitlines() if ln.strip()]
+            logger.info("%-28s fails: %s", name, (err[-1] if err else "no output")[:150])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", nargs="*", default=list(NETS))
+    parser.add_argument("--real", action="store_true",
+                        help="real PaddleDetection / PaddleOCR networks instead of the replicas")
+    parser.add_argument("--ppdet", type=Path, help="directory holding the ppdet package")
+    parser.add_argument("--ppocr", type=Path,
+                        help="directory holding the ppocr package (with ppocr/modeling)")
+    parser.add_argument("--configs", type=Path, default=Path("."),
+                        help="directory searched for the config .yml files")
+    parser.add_argument("--only", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(message)s", force=True)
+    for noisy in ("prune_callbacks", "ppdet"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.real:
+        main_real(args)
+        return
     totals = [0, 0, 0, 0]
     logger.info("%-20s %15s %19s %14s", "network", "prunable groups", "prunable channels",
                 "FLOPs exact")

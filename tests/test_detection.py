@@ -483,9 +483,10 @@ class EagerOnlyDetector(nn.Layer):
     once on both levels concatenated in training, as PP-YOLOE+'s DFL projection does. The
     post-processing is the network's own method (`post_in_net`) or a sublayer's."""
 
-    def __init__(self, post_in_net: bool = True) -> None:
+    def __init__(self, post_in_net: bool = True, eval_only: bool = False) -> None:
         super().__init__()
         self.post_in_net = post_in_net
+        self.eval_only = nn.Conv2D(8, 4, 1) if eval_only else None  # runs in eval only
         self.stem = nn.Conv2D(3, 8, 3, padding=1)
         self.body = nn.Conv2D(8, 8, 3, stride=2, padding=1)
         self.cls = nn.LayerList([nn.Conv2D(8, 4, 1), nn.Conv2D(8, 4, 1)])
@@ -504,6 +505,8 @@ class EagerOnlyDetector(nn.Layer):
             out = paddle.concat(levels, axis=2).unsqueeze(-1)  # [N, 4, L, 1]
             target = self.assigner(out, gt)
             return ((self.proj(out) - target) ** 2).mean()
+        if self.eval_only is not None:
+            levels[0] = levels[0] + self.eval_only(F.relu(self.stem(x))).flatten(2)
         scores = paddle.concat([self.proj(v.unsqueeze(-1)) for v in levels], axis=2)
         if self.post_in_net:
             s = scores.numpy()
@@ -563,3 +566,12 @@ def test_without_training_inputs_a_sublayer_that_does_not_convert_is_stubbed():
 def test_a_network_whose_own_forward_does_not_convert_names_the_fix():
     with pytest.raises(TypeError, match="cannot trace the eval forward.*pass train_inputs="):
         FilterPruner(EagerOnlyDetector(post_in_net=True), SHAPE)
+
+
+def test_layers_only_the_unconvertible_eval_forward_runs_hold_what_they_may_read():
+    paddle.seed(0)
+    net = EagerOnlyDetector(post_in_net=True, eval_only=True)
+    with pytest.warns(UserWarning, match=r"eval forward.*does not convert.*eval_only"):
+        pruner = FilterPruner(net, SHAPE, train_inputs=_det_batch())
+    stem = _groups(pruner)["stem"]
+    assert not stem.prunable and "layers only the eval forward runs (eval_only)" in stem.reason

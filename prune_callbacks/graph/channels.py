@@ -20,7 +20,7 @@ import paddle
 from . import ops  # noqa: F401  (importing it registers the built-in op handlers)
 from . import control_flow, ops_deformable, ops_elementwise, ops_gather  # noqa: F401  (more ops)
 from .training_graph import (LATER, TrainInputs, example_batch, example_spec,
-                             hold_train_only_feeders)
+                             hold_eval_only_feeders, hold_train_only_feeders)
 from . import attention  # noqa: F401  (tokens and attention heads; after the op modules above)
 from . import norms  # LayerNorm widths (the layer_norm_widths switch)
 from ..layers.registry import layer_handler
@@ -154,6 +154,7 @@ class ChannelGraph:
             hold_train_only_feeders(self, net, state)
         control_flow.weigh_conditional_macs(
             self, net, state, example_batch(train_inputs) if state.eval_failure else None)
+        hold_eval_only_feeders(self, net, state)
         allow_plain_parameters(net, self.plain_params)
         # group index -> its routes, for groups that shuffles route differently at each width
         self.routed: Dict[int, RoutedGroup] = {}

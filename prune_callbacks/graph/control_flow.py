@@ -165,13 +165,16 @@ def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState,
     recs = [m for m in state.macs if m.param in owned]
     if not any(m.conditional for m in recs):
         return
-    cond = {m.param for m in recs if m.conditional}
+    # traced from the training program alone: see which layers the eval forward runs too
+    cond = owned if state.eval_failure else {m.param for m in recs if m.conditional}
     try:
         calls, eager_macs = _calls(net, list(graph.input_shape), cond, example)
     except Exception as e:  # noqa: BLE001  (the user's forward, on zeros)
         logger.warning("an eval forward on zeros failed (%s: %s): FLOPs of the convs under "
                        "control flow count every branch once", type(e).__name__, e)
         return
+    if state.eval_failure:
+        state.eval_params = set(calls)
     uses: Dict[str, List[int]] = {}  # param -> [unconditional uses, conditional uses]
     for m in recs:
         u = uses.setdefault(m.param, [0, 0])

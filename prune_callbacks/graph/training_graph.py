@@ -104,6 +104,47 @@ def train_only_layers(net: nn.Layer, state: TraceState) -> Dict[str, nn.Layer]:
     return out
 
 
+def _hold_by_width(graph: Any, layers: Dict[str, nn.Layer], reason: str) -> List[str]:
+    """Hold whole every prunable group whose channel count one of `layers` reads."""
+    widths: Set[int] = set()
+    for layer in layers.values():
+        widths |= _input_widths(layer)
+    held = []
+    for g in graph.groups:
+        if g.prunable and g.channels in widths:
+            g.prunable, g.reason = False, reason
+            held.append(g.name)
+    return held
+
+
+def hold_eval_only_feeders(graph: Any, net: nn.Layer, state: TraceState) -> None:
+    """Traced from the training program alone (the eval forward does not convert): hold whole
+    every group whose width a layer the eval forward runs, but the training program never
+    reads, takes (it may read those channels in eval), and warn naming those layers."""
+    if state.eval_failure is None or state.eval_params is None:
+        return
+    traced = {m.param for m in state.members} | set(state.opaque_params)
+    layers = {}
+    for path, layer in net.named_sublayers():
+        names = [p.name for p in layer.parameters(include_sublayers=False)]
+        if names and any(n in state.eval_params for n in names) and \
+                not any(n in traced for n in names):
+            layers[path] = layer
+    if not layers:
+        return
+    names = ", ".join(sorted(layers)[:6]) + (" ..." if len(layers) > 6 else "")
+    held = _hold_by_width(graph, layers, (
+        f"may feed layers only the eval forward runs ({names}), which could not be traced "
+        f"({state.eval_failure})"))
+    warnings.warn(
+        f"the eval forward of {type(net).__name__} does not convert to a static graph "
+        f"({state.eval_failure}); pruning follows the training graph, and layers only the eval "
+        f"forward runs ({names}) read groups it cannot see: {len(held)} group(s) of matching "
+        "width are held whole. Fix: make the eval forward convertible with paddle.jit.to_static "
+        "(post-processing outside the network, or in a sublayer, which is then left out)",
+        stacklevel=4)
+
+
 def hold_train_only_feeders(graph: Any, net: nn.Layer, state: TraceState) -> None:
     """Without the training graph, hold whole every prunable group whose channel count is one a
     layer the eval forward never runs reads (it may feed that layer in training: pruning it
@@ -112,18 +153,11 @@ def hold_train_only_feeders(graph: Any, net: nn.Layer, state: TraceState) -> Non
     layers = train_only_layers(net, state)
     if not layers:
         return
-    widths: Set[int] = set()
-    for layer in layers.values():
-        widths |= _input_widths(layer)
     names = ", ".join(sorted(layers)[:6]) + (" ..." if len(layers) > 6 else "")
     reason = (f"may feed layers the eval forward never runs ({names}) in training, and the "
               f"training graph could not be traced ({state.train_failure}); pass train_inputs= "
               "(FilterPruner) or prune inside fit, whose callbacks capture them")
-    held = []
-    for g in graph.groups:
-        if g.prunable and g.channels in widths:
-            g.prunable, g.reason = False, reason
-            held.append(g.name)
+    held = _hold_by_width(graph, layers, reason)
     if net not in _WARNED:
         _WARNED.add(net)
         warnings.warn(
