@@ -465,9 +465,10 @@ def test_query_selection_with_a_channel_width_written_into_the_code_stays_whole(
 class NumpyAssigner(nn.Layer):
     """Label assignment written for eager mode (numpy), as detectors' assigners often are."""
 
-    def forward(self, scores, gt):
+    def forward(self, scores, gt, feat):
         ranked = np.sort(scores.numpy(), axis=2)  # fails under to_static: no numpy there
-        return gt * float(ranked[:, :, -1].mean())
+        cells = feat.shape[2] * feat.shape[3]  # reads only the feature map's size (anchors)
+        return gt * float(ranked[:, :, -1].mean()) * (cells / cells)
 
 
 class NumpyPost(nn.Layer):
@@ -494,16 +495,13 @@ class EagerOnlyDetector(nn.Layer):
         self.assigner = NumpyAssigner()
         self.post = NumpyPost()
 
-    def _levels(self, x):
+    def forward(self, x, gt=None):
         f1 = F.relu(self.stem(x))
         f2 = F.relu(self.body(f1))
-        return [c(f).flatten(2) for c, f in zip(self.cls, (f1, f2))]  # [N, 4, HW]
-
-    def forward(self, x, gt=None):
-        levels = self._levels(x)
+        levels = [c(f).flatten(2) for c, f in zip(self.cls, (f1, f2))]  # [N, 4, HW]
         if self.training:
             out = paddle.concat(levels, axis=2).unsqueeze(-1)  # [N, 4, L, 1]
-            target = self.assigner(out, gt)
+            target = self.assigner(out, gt, f2)
             return ((self.proj(out) - target) ** 2).mean()
         if self.eval_only is not None:
             levels[0] = levels[0] + self.eval_only(F.relu(self.stem(x))).flatten(2)
@@ -525,8 +523,10 @@ def test_an_eval_forward_that_does_not_convert_is_traced_from_the_training_progr
     batch = _det_batch()
     pruner = FilterPruner(net, SHAPE, train_inputs=batch)
     by_name = _groups(pruner)
-    assert by_name["stem"].prunable and by_name["body"].prunable, by_name["stem"].reason
-    # what the assigner reads (the head's output) is left whole, naming it
+    assert by_name["stem"].prunable, by_name["stem"].reason
+    # the assigner reads body's output for its size only (a probe shows it): body prunes
+    assert by_name["body"].prunable, by_name["body"].reason
+    # what the assigner reads the values of (the head's output) is left whole, naming it
     assert any("assigner" in (g.reason or "") and "to_static" in g.reason for g in pruner.groups)
     assert pruner.flops() == count_flops(net, SHAPE)  # proj: weighed by what eval spends
     ratios = {"stem": 0.5, "body": 0.5}

@@ -16,7 +16,7 @@ import contextlib
 import logging
 import types
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
 import paddle
 import paddle.nn as nn
@@ -37,6 +37,10 @@ class StubRecord:
     inputs: Dict[int, str] = field(default_factory=dict)
     outputs: Dict[int, str] = field(default_factory=dict)
     paths: List[str] = field(default_factory=list)
+    # (path, leaf index of the arguments) -> axes along which the stubbed method's result does
+    # not depend on that argument: neither on its values nor on its size there
+    free_axes: Dict[Tuple[str, int], Set[int]] = field(default_factory=dict)
+    leaf: Dict[int, int] = field(default_factory=dict)  # value id -> leaf index
 
 
 def is_shape_error(e: BaseException) -> bool:
@@ -89,28 +93,100 @@ def failing_layer(net: nn.Layer, error: BaseException,
 
 
 def _capture(net: nn.Layer, methods: Dict[Tuple[str, str], nn.Layer],
-             run: Callable[[], Any]) -> Dict[Tuple[str, str], Any]:
-    """What each (path, method) returns on its first call in one eager forward (`run`), norm
-    statistics restored."""
+             run: Callable[[], Any]) -> Tuple[Dict[Tuple[str, str], Any],
+                                               Dict[Tuple[str, str], Dict[int, Set[int]]]]:
+    """What each (path, method) returns on its first call in one eager forward (`run`), and
+    for each of its tensor arguments the axes its result does not depend on (`_free_axes`);
+    norm statistics restored."""
     outputs: Dict[Tuple[str, str], Any] = {}
+    calls: Dict[Tuple[str, str], Tuple[Any, tuple, dict]] = {}
     for key, layer in methods.items():
         bound = getattr(layer, key[1])
 
         def spy(*args: Any, key: Tuple[str, str] = key, bound: Any = bound, **kw: Any) -> Any:
             out = bound(*args, **kw)
             outputs.setdefault(key, out)
+            calls.setdefault(key, (bound, args, kw))
             return out
         layer.__dict__[key[1]] = spy
     saved = [(t, t.numpy().copy()) for t in net.state_dict().values()]
+    free: Dict[Tuple[str, str], Dict[int, Set[int]]] = {}
     try:
         with paddle.no_grad():
             run()
+            for key, (bound, args, kw) in calls.items():
+                free[key] = _free_axes(bound, args, kw)
     finally:
         for key, layer in methods.items():
             layer.__dict__.pop(key[1], None)
         for t, value in saved:
             t.set_value(value)
-    return outputs
+    return outputs, free
+
+
+def _same(a: Any, b: Any) -> bool:
+    la, lb = _flat(a), _flat(b)
+    if len(la) != len(lb):
+        return False
+    for x, y in zip(la, lb):
+        if isinstance(x, paddle.Tensor) != isinstance(y, paddle.Tensor):
+            return False
+        if isinstance(x, paddle.Tensor):
+            if list(x.shape) != list(y.shape) or x.dtype != y.dtype:
+                return False
+            if not bool((x.astype("float64") == y.astype("float64")).all()):
+                return False
+        elif isinstance(x, (int, float, str, bool)) and x != y:
+            return False
+    return True
+
+
+def _replace(tree: Any, index: int, value: Any, counter: List[int]) -> Any:
+    """`tree` with its `index`-th leaf (in `_flat` order) replaced."""
+    if isinstance(tree, dict):
+        return {k: _replace(v, index, value, counter) for k, v in tree.items()}
+    if isinstance(tree, (list, tuple)):
+        return type(tree)(_replace(v, index, value, counter) for v in tree)
+    counter[0] += 1
+    return value if counter[0] - 1 == index else tree
+
+
+def _free_axes(bound: Callable[..., Any], args: tuple, kw: dict) -> Dict[int, Set[int]]:
+    """For each float tensor argument (by leaf index): the axes (from 1) along which removing
+    the last index leaves the method's result bit for bit the same, provided changing the
+    argument's values does too (it reads only its shape, e.g. to lay out anchors). Anything
+    else, or a method that does not repeat itself, frees nothing."""
+    tree = (list(args), dict(kw))
+
+    def call(t: Any) -> Any:
+        return bound(*t[0], **t[1])
+
+    try:
+        base = call(tree)
+        if not _same(base, call(tree)):
+            return {}
+    except Exception:  # noqa: BLE001  (their code: nothing is free)
+        return {}
+    out: Dict[int, Set[int]] = {}
+    for i, leaf in enumerate(_flat(tree)):
+        if not isinstance(leaf, paddle.Tensor) or not leaf.is_floating_point() or leaf.ndim < 2:
+            continue
+        try:
+            if not _same(base, call(_replace(tree, i, leaf * 1.5 + 0.25, [0]))):
+                continue
+        except Exception:  # noqa: BLE001
+            continue
+        axes = set()
+        for a in range(1, leaf.ndim):
+            if leaf.shape[a] > 1:
+                cut = paddle.slice(leaf, axes=[a], starts=[0], ends=[leaf.shape[a] - 1])
+                try:
+                    if _same(base, call(_replace(tree, i, cut, [0]))):
+                        axes.add(a)
+                except Exception:  # noqa: BLE001  (that size matters to it)
+                    pass
+        out[i] = axes
+    return out
 
 
 def _zeros_like(example: Any, record: StubRecord, path: str) -> Any:
@@ -128,9 +204,10 @@ def _zeros_like(example: Any, record: StubRecord, path: str) -> Any:
 def _stub_forward(record: StubRecord, path: str, example: Any) -> Callable[..., Any]:
     @paddle.jit.not_to_static
     def forward(self: nn.Layer, *args: Any, **kwargs: Any) -> Any:
-        for v in _flat(list(args) + list(kwargs.values())):
+        for i, v in enumerate(_flat((list(args), dict(kwargs)))):
             if _is_value(v):
                 record.inputs[v.id] = path
+                record.leaf[v.id] = i
         return _zeros_like(example, record, path)
     return forward
 
@@ -143,11 +220,13 @@ def stubbed(net: nn.Layer, methods: Sequence[Tuple[str, str]], run: Callable[[],
     layers = dict(net.named_sublayers())
     chosen = {key: layers[key[0]] for key in methods}
     try:
-        examples = _capture(net, chosen, run) if chosen else {}
+        examples, free = _capture(net, chosen, run) if chosen else ({}, {})
     except Exception as e:  # noqa: BLE001  (the eager forward itself fails: not a conversion)
         raise StubCaptureError(f"the eager forward the stubs imitate fails: {e}") from e
     for key, layer in chosen.items():
         what = key[0] if key[1] == "forward" else f"{key[0]}.{key[1]}()"
+        for i, axes in free.get(key, {}).items():
+            record.free_axes[(what, i)] = axes
         # not called on this forward: it reads nothing and returns None
         stub = _stub_forward(record, what, examples.get(key))
         layer.__dict__[key[1]] = types.MethodType(stub, layer)

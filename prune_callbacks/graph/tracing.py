@@ -545,6 +545,11 @@ def run_trace(program: Any, outputs: Sequence[Any], state: Optional[TraceState] 
             v = state.vals.get(vid)
             if v is None:
                 continue
+            free = state.stubs.free_axes.get((path, state.stubs.leaf.get(vid, -1)))
+            ids = state.ids_of(v) if v.items is None else None
+            if free is not None and ids is not None and all(  # it reads only sizes that pruning
+                    a in free for a in range(ids.ndim) if ids.shape[a] > 1):  # leaves alone
+                continue
             for item in (v.items or [v]):
                 if item.param is not None:
                     state.opaque_params.setdefault(item.param, _stub_reason(path))
