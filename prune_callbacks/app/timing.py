@@ -1,7 +1,7 @@
 """The measured latency of the exported network before and after pruning, for the results table.
 
-One short timing on the backend the run uses (`prune.latency_options`); `trainer.measure_latency`
-turns it off. The unpruned architecture is built afresh: latency depends on the shapes, not on the
+One short timing on the backend the run deploys to (`prune.runtime`, or `prune.latency_options.backend`
+when set); `trainer.measure_latency` turns it off. The unpruned architecture is built afresh: latency depends on the shapes, not on the
 weights. Never changes the trained network.
 """
 from __future__ import annotations
@@ -12,7 +12,9 @@ from typing import Any, Dict, Optional
 import paddle.nn as nn
 from omegaconf import DictConfig
 
+from ..deploy.kernels import check_runtime, latency_kwargs
 from ..deploy.latency import CLOCKS, LatencyOptions, build_runner, time_runners
+from ..utils.errors import about
 from .model import build_network, input_shape
 
 log = logging.getLogger(__name__)
@@ -22,12 +24,28 @@ REPEATS = 15
 """Timed calls per network, alternating: a short timing, not a benchmark (see benchmarks/)."""
 
 
+def run_latency_options(cfg: DictConfig) -> LatencyOptions:
+    """The run's `LatencyOptions`: `prune.latency_options`, measured on `prune.runtime` unless
+    they name a backend themselves (for `latency=` targets and the results' latency line alike)."""
+    options = dict(cfg.prune.latency_options)
+    runtime = cfg.prune.get("runtime")
+    if "backend" not in options:
+        with about("runtime"):
+            options = {**latency_kwargs(runtime or "paddle_inference"), **options}
+    return LatencyOptions(**options)
+
+
 def exported_latency(cfg: DictConfig, pruned: nn.Layer) -> Optional[Dict[str, Any]]:
     """Median latency (ms) of the exported unpruned and pruned networks, timed call by call
     alternately; None when switched off or when the backend cannot run here (logged)."""
     if not cfg.trainer.get("measure_latency", True):
         return None
-    opts = LatencyOptions(**cfg.prune.latency_options)
+    runtime = cfg.prune.get("runtime")
+    if runtime and check_runtime(runtime).gpu:
+        log.warning("latency of the exported model not measured: runtime %s is not measured on this "
+                    "machine (CPU runtimes only); trainer.measure_latency=false skips this line", runtime)
+        return None
+    opts = run_latency_options(cfg)
     shape = input_shape(cfg)
     try:
         original = build_network(cfg)
