@@ -260,9 +260,13 @@ def real_coverage(real: "real_detectors.RealNet") -> tuple:
 
 
 def randomise(net: nn.Layer) -> None:
-    """Distinct per-channel scales and statistics, so a channel sliced wrongly shows."""
+    """Distinct per-channel scales and statistics, and random weights where a layer starts
+    constant, so a channel sliced wrongly shows."""
     rng = np.random.default_rng(0)
     for p in net.parameters():
+        if p.ndim > 1 and p.dtype == paddle.float32 and float(p.max()) == float(p.min()):
+            # constant-initialised predictors (PP-YOLOE+'s zero convs): outputs would be too
+            p.set_value(rng.normal(0, 0.05, p.shape).astype("float32"))
         if p.ndim == 1 and p.shape[0] > 1 and p.dtype == paddle.float32:
             p.set_value(rng.uniform(0.5, 1.5, p.shape).astype("float32"))
 
