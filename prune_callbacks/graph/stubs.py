@@ -1,14 +1,16 @@
-"""Tracing a forward that `paddle.jit.to_static` cannot fully convert: stub the failing layers.
+"""Tracing a forward that `paddle.jit.to_static` cannot fully convert: stub the failing methods.
 
 Real detectors' losses, label assigners and post-processing (PaddleDetection's NMS, written for
 the old static graph) often fail to convert while their backbone, neck and head convert fine. When
-a conversion fails, the innermost sublayer of the network on the failing call stack is replaced,
-for the conversion only, by a stub: it returns zeros shaped like what the layer returned on one
-eager forward, and records which values it read. The tracer then blocks every channel a stub
-reads (whatever it does with them stays possible) and gives its outputs blocked channels, so the
-groups around it are left whole with a reason naming the layer. Up to `MAX_STUBS` layers are
-stubbed, one per failed attempt. This module never changes a parameter; each stub is removed
-before returning.
+a conversion fails, the innermost method of a sublayer on the failing call stack (its `forward`,
+or another method such as `post_process`) is replaced, for the conversion only, by a stub: it
+returns zeros shaped like what the method returned on one eager forward, and records which
+values it read. The tracer then blocks every channel a stub reads (whatever it does with them
+stays possible), except along axes an eager probe shows it reads only the size of and not even
+that (`_free_axes`: a loss laying out anchors from a feature map's height and width), and gives
+its outputs blocked channels, so the groups around it are left whole with a reason naming the
+layer. Up to `MAX_STUBS` methods are stubbed, one per failed attempt. This module never changes a
+parameter; each stub is removed before returning.
 """
 from __future__ import annotations
 
