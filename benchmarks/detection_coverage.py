@@ -247,10 +247,10 @@ def real_coverage(real: "real_detectors.RealNet") -> tuple:
         ratios = {g.name: 0.3 for g in ok}
         x = paddle.randn(shape)
         with pruner.mask(ratios):
-            masked = _eval_outputs(net, x)
+            masked = _eval_outputs(net, x, real.compared)
         predicted = pruner.flops(ratios)
         pruner.prune(ratios)
-        pruned = _eval_outputs(net, x)
+        pruned = _eval_outputs(net, x, real.compared)
         exact = exact and predicted == count_flops(net, shape)
     same = len(pruned) == len(masked) and all(
         p.shape == m.shape and float(np.abs(p - m).max()) <= 1e-4 * max(float(np.abs(m).max()), 1e-12)
@@ -271,13 +271,20 @@ def randomise(net: nn.Layer) -> None:
             p.set_value(rng.uniform(0.5, 1.5, p.shape).astype("float32"))
 
 
-def _eval_outputs(net: nn.Layer, x: paddle.Tensor) -> list:
-    """The float outputs of the eval forward (post-processing that selects boxes by score is
-    left out: NMS may pick other boxes on ties), as arrays."""
+def _eval_outputs(net: nn.Layer, x: paddle.Tensor, compared: "nn.Layer | None") -> list:
+    """The float outputs of the eval forward, or of `compared` in it (a detector's head: NMS
+    after it may keep other boxes on ties), as arrays."""
+    got: list = []
+    hook = compared.register_forward_post_hook(lambda layer, i, o: got.append(o)) \
+        if compared is not None else None
     net.eval()
-    with paddle.no_grad():
-        out = net(x)
-    flat, stack = [], [out]
+    try:
+        with paddle.no_grad():
+            out = net(x)
+    finally:
+        if hook is not None:
+            hook.remove()
+    flat, stack = [], [got[0] if got else out]
     while stack:
         item = stack.pop(0)
         if isinstance(item, dict):

@@ -51,6 +51,9 @@ class RealNet:
     net: nn.Layer
     input_shape: List[int]
     train_inputs: Tuple[Any, ...]
+    # the layer whose eval output pruned and masked networks are compared on: a detector's head,
+    # before NMS (which may keep other boxes on ties); None: the network's output
+    compared: Optional[nn.Layer] = None
 
 
 class DictInput(nn.Layer):
@@ -132,7 +135,9 @@ def build_detector(ppdet_src: Path, config: Path, size: int = 320) -> RealNet:
 
     cfg = load_config(str(config))
     net = DictInput(create(cfg.architecture))
-    return RealNet(net, [1, 3, size, size], _det_batch(DETECTORS[config.name], size))
+    head = next((getattr(net.net, a) for a in ("yolo_head", "head", "fcos_head", "detr_head")
+                 if isinstance(getattr(net.net, a, None), nn.Layer)), None)
+    return RealNet(net, [1, 3, size, size], _det_batch(DETECTORS[config.name], size), head)
 
 
 def build_ocr(ppocr_src: Path, config: Path) -> RealNet:
