@@ -575,3 +575,50 @@ def test_layers_only_the_unconvertible_eval_forward_runs_hold_what_they_may_read
         pruner = FilterPruner(net, SHAPE, train_inputs=_det_batch())
     stem = _groups(pruner)["stem"]
     assert not stem.prunable and "layers only the eval forward runs (eval_only)" in stem.reason
+
+
+class DropBlockNet(nn.Layer):
+    """A training-only random mask drawn with the feature map's shape (PP-YOLO's DropBlock):
+    to_static writes that shape into the program as a literal. `literal` writes the channel
+    count into the code instead."""
+
+    def __init__(self, literal: bool = False) -> None:
+        super().__init__()
+        self.literal = literal
+        self.c1 = nn.Conv2D(3, 8, 3, padding=1)
+        self.c2 = nn.Conv2D(8, 8, 3, padding=1)
+        self.head = nn.Conv2D(8, 4, 1)
+
+    def forward(self, x, targets=None):
+        f = F.relu(self.c1(x))
+        if self.training:
+            shape = [f.shape[0], 8, f.shape[2], f.shape[3]] if self.literal else f.shape
+            f = f * (paddle.rand(shape) > 0.1).astype("float32")
+        out = self.head(F.relu(self.c2(f)))
+        if self.training:
+            return ((out - targets) ** 2).mean()
+        return out
+
+
+@pytest.mark.parametrize("literal", [False, True], ids=["shape-of-input", "literal"])
+def test_a_training_only_mask_shaped_like_its_input_is_verified_by_a_training_run(literal):
+    paddle.seed(0)
+    net = DropBlockNet(literal)
+    batch = _batch()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pruner = FilterPruner(net, SHAPE, train_inputs=batch)
+    c1 = _groups(pruner)["c1"]
+    if literal:
+        assert not c1.prunable and "sizes written into the code" in c1.reason
+        return
+    assert c1.prunable, c1.reason
+    x = paddle.randn(SHAPE)
+    with pruner.mask({"c1": 0.5}):
+        masked = run(net, x)
+    predicted = pruner.flops({"c1": 0.5})
+    pruner.prune({"c1": 0.5})
+    assert rel_err(run(net, x)[0], masked[0]) <= 1e-4
+    assert count_flops(net, SHAPE) == predicted
+    net.train()
+    net(*batch).backward()

@@ -25,7 +25,8 @@ from . import attention  # noqa: F401  (tokens and attention heads; after the op
 from . import norms  # LayerNorm widths (the layer_norm_widths switch)
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
-from ..layers.surgery import allow_plain_parameters, apply_slices, trial_prune
+from ..layers.surgery import (allow_plain_parameters, apply_slices, trial_prune,
+                               trial_train_run)
 from .tracing import (MacKind, MacRec, MemberRec, Role, TraceModes, TraceState, _components, _compress,
                       trace_network)
 
@@ -159,6 +160,8 @@ class ChannelGraph:
         # group index -> its routes, for groups that shuffles route differently at each width
         self.routed: Dict[int, RoutedGroup] = {}
         self._trial_split_groups(net)
+        self._trial_training_groups(net, example_batch(train_inputs)
+                                    if train_inputs is not LATER else None)
         self._route_groups(net, state)
 
     # -- construction ----------------------------------------------------------------------
@@ -184,6 +187,10 @@ class ChannelGraph:
         parts = self._add_param_axes(st, classes, reasons, supports_layer)
         partitions, self._split_groups = _block_partitions(st, classes, reasons)
         self._trial_whats: Dict[int, str] = {}
+        self._train_trials: Dict[int, str] = {}
+        for ids, what in st.train_trials:  # verified by a training run of a pruned copy
+            for gi in classes.groups_of(ids):
+                self._train_trials.setdefault(gi, what)
         for ids, what in st.trials:  # a channel shuffle: verified like a split
             for gi in classes.groups_of(ids):
                 self._split_groups.add(gi)
@@ -281,6 +288,38 @@ class ChannelGraph:
                 what = self._trial_whats.get(gi, "split or slice")
                 g.reason = (f"{what} sizes written into the code: pruning one channel per "
                             f"part on a copy did not reproduce masking ({failure})")
+                warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
+
+    def _trial_training_groups(self, net: paddle.nn.Layer,
+                               example: Optional[List[Any]]) -> None:
+        """Groups whose pruning rests on sizes only the training forward computes (a dropout
+        mask drawn with the input's shape): prune one channel of each on a copy and run a
+        training forward on the training inputs (zeros of the input shape without them), all
+        groups at once and, if that fails, one by one; a group whose run fails stays whole."""
+        todo = [gi for gi in sorted(self._train_trials) if self.groups[gi].prunable
+                and self.groups[gi].channels > 1]
+        if not todo:
+            return
+        args = example if example is not None else [paddle.zeros(list(self.input_shape))]
+
+        def keep_of(gis: List[int]) -> Dict[str, Dict[int, Any]]:
+            keep: Dict[str, Dict[int, Any]] = {}
+            for gi in gis:
+                mask = np.ones(self.groups[gi].channels, dtype=bool)
+                mask[-1] = False
+                for key, axes in self.group_slices(gi, mask)[0].items():
+                    keep.setdefault(key, {}).update(axes)
+            return keep
+
+        if trial_train_run(net, keep_of(todo), args) is None:
+            return
+        for gi in todo:
+            failure = trial_train_run(net, keep_of([gi]), args)
+            if failure is not None:
+                g = self.groups[gi]
+                g.prunable = False
+                g.reason = (f"{self._train_trials[gi]} sizes written into the code: a training "
+                            f"forward of a copy pruned by one channel failed ({failure})")
                 warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
 
     def paddle_names(self) -> Dict[str, str]:

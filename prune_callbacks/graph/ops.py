@@ -204,8 +204,14 @@ def _elementwise(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) 
         out.ids = None
         return
     for real in consts:
-        for ids, _ in operands:
+        for ids, full in operands:
             if any(real[ax] > 1 and ids.shape[ax] > 1 for ax in range(nd)):
+                if state.in_training and tuple(real) == tuple(full):
+                    # shaped like the operand (DropBlock's `rand(x.shape)`, static in the
+                    # program): a training run of a pruned copy tells if the code computes it
+                    state.train_trials.append((np.unique(ids), "a constant shaped like its "
+                                                              "input in the training forward"))
+                    continue
                 # e.g. x * paddle.ones([1, 64, 1, 1]): the constant's size is fixed in the code
                 state.block(ids, f"{_op_key(op.name())} with a constant of fixed size along "
                                  "these channels")

@@ -228,6 +228,11 @@ class TraceState:
         # layers stubbed because their forward does not convert (`graph.stubs`), per program
         self.stubs: Any = None
         self.stubbed: List[str] = []
+        # tracing the training program; (ids, what) of channels whose pruning rests on sizes
+        # only the training forward computes (a dropout mask drawn with the input's shape):
+        # verified by a training-mode run of a pruned copy
+        self.in_training = False
+        self.train_trials: List[Tuple[np.ndarray, str]] = []
 
     # -- helpers for handlers -----------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:
@@ -808,7 +813,9 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
         if both or _op_names(train_program) != _op_names(program):
             n_members, n_macs = len(state.members), len(state.macs)
             state.stubs = train_stubs
+            state.in_training = True
             run_trace(train_program, train_outputs, state, warn=False)
+            state.in_training = False
             state.train_macs = state.macs[n_macs:]
             del state.macs[n_macs:]
             merge_training_members(state, n_members)
@@ -846,7 +853,9 @@ def _trace_training_only(net: paddle.nn.Layer, input_shape: Sequence[int],
                         f"inputs given ({_last_line(e)})") from e
     state = TraceState()
     state.stubs = stubs
+    state.in_training = True
     state = run_trace(program, outputs, state, warn=False)
+    state.in_training = False
     for mac in state.macs:
         mac.conditional = True
     state.train_macs = list(state.macs)

@@ -20,7 +20,8 @@ import paddle.nn as nn
 from .registry import layer_handler, supports_layer
 
 __all__ = ["AxisSlice", "ParamSlices", "Mask", "apply_slices", "slice_array",
-           "supports_layer", "allow_plain_parameters", "trial_prune", "track_count"]
+           "supports_layer", "allow_plain_parameters", "trial_prune", "trial_train_run",
+           "track_count"]
 
 logger = logging.getLogger(__name__)
 
@@ -231,7 +232,7 @@ def trial_prune(net: nn.Layer, input_shape: Sequence[int], keep: ParamSlices,
         with Mask(net, drop):
             masked = _outputs(net, x)
         if pruned_copy is None:
-            pruned_net = copy.deepcopy(net)
+            pruned_net = _copy_network(net)
             _inherit_tables(net, pruned_net)
             apply_slices(pruned_net, keep)
         else:
@@ -247,6 +248,41 @@ def trial_prune(net: nn.Layer, input_shape: Sequence[int], keep: ParamSlices,
         err = float(np.abs(p - m).max() / max(float(np.abs(m).max()), 1e-12))
         if err > rtol:
             return f"outputs differ from masking by {err:.2g}"
+    return None
+
+
+def _copy_network(net: nn.Layer) -> nn.Layer:
+    """A deep copy of `net`, leaving out static-graph values a conversion left in layer
+    attributes (a forward that stores its inputs, `self.inputs = inputs`, keeps the last
+    conversion's values there, which cannot be copied; the next forward replaces them)."""
+    memo: Dict[int, Any] = {}
+    for layer in net.sublayers(include_self=True):
+        stack = list(layer.__dict__.values())
+        while stack:
+            v = stack.pop()
+            if isinstance(v, paddle.pir.Value):
+                memo[id(v)] = None
+            elif isinstance(v, dict):
+                stack.extend(v.values())
+            elif isinstance(v, (list, tuple)):
+                stack.extend(v)
+    return copy.deepcopy(net, memo)
+
+
+def trial_train_run(net: nn.Layer, keep: ParamSlices, args: Sequence[Any]) -> Optional[str]:
+    """Prune a deep copy of `net` to `keep` and run one training-mode forward on `args` (no
+    gradient): None when it runs, else what went wrong. For sizes only a training forward
+    computes (a dropout mask drawn with the input's shape), whose outputs are random: it checks
+    that the pruned forward runs, not what it returns."""
+    try:
+        pruned_net = _copy_network(net)
+        _inherit_tables(net, pruned_net)
+        apply_slices(pruned_net, keep)
+        pruned_net.train()
+        with paddle.no_grad():
+            pruned_net(*args)
+    except Exception as e:  # a size written into forward no longer fits: that is the answer
+        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
     return None
 
 
