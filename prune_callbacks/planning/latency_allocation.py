@@ -266,20 +266,19 @@ def trade_for_latency(groups: Sequence[PlanGroup], flops_fn: FlopsFn, table: Lat
     between groups.
 
     Each step tries, for every group, one move to its next narrower *efficient* width (faster
-    than every wider one, `efficient_widths`); the FLOPs that
-    move removes beyond the target are then given back to other groups, one `round_to` step
-    at a time (the plan's multiple: free where it stays within one kernel block), where the table says they cost the least time per FLOP, while the target
-    holds. Of the moves that land within [flops, flops + slack] and save more than `min_gain` of
-    predicted latency, the one losing least per unit of latency saved is made (HALP's
-    trade-off). Repeats until no move saves time.
+    than every wider one, `efficient_widths`, on the table's grid); the FLOPs that move removes
+    beyond the target are then given back to other groups, one `round_to` step at a time (free
+    where it stays within one kernel block), where the table says they cost the least time per
+    FLOP, while the target holds. Of the moves that land within [flops, flops + slack] and save
+    more than `min_gain` of predicted latency, the one losing least per unit of latency saved
+    is made (HALP's trade-off). Repeats until no move saves time.
 
     The start plan's accuracy logic is kept twice: moves are ranked by the sensitivity loss
     they cost (without curves, the squared ratio, which spreads the cut), and no group loses
     more than `max_shift` of its channels (or one kernel block, if more) beyond what `counts`
-    takes from it, so the plan
-    stays near the one the allocation chose (widening is free). Groups that are
-    skipped, unprunable, grouped into blocks, routed, without a table entry or (with curves)
-    without a curve keep their count in `counts`.
+    takes from it, so the plan stays near the one the allocation chose (widening is free).
+    Groups that are skipped, unprunable, grouped into blocks, routed, without a table entry or
+    (with curves) without a curve keep their count in `counts`.
 
     Latency is predicted as `predict_share`, with shares interpolated between the measured
     widths on the table's grid (`LatencyTable.interpolated`; off it, a width costs as the next
