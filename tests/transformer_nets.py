@@ -86,8 +86,12 @@ class TinyViT(nn.Layer):
     def __init__(self, img: int = 8, patch: int = 4, in_ch: int = 3, dim: int = 32,
                  depth: int = 2, num_heads: int = 4, num_classes: int = 10,
                  distilled: bool = False, paddleclas: bool = False,
-                 drop_path: float = 0.1) -> None:
+                 drop_path: float = 0.1, reads_width: bool = False) -> None:
         super().__init__()
+        # ints equal to the width, as PaddleClas keeps them; `reads_width`: the forward reads
+        # one (`reshape` of the patches with `self.embed_dim`), so it must follow a pruned width
+        self.num_features = self.embed_dim = dim
+        self.reads_width = reads_width
         self.patch_embed = nn.Conv2D(in_ch, dim, patch, stride=patch)
         n_tok = (img // patch) ** 2 + (2 if distilled else 1)
         self.cls_token = self.create_parameter([1, 1, dim],
@@ -104,6 +108,8 @@ class TinyViT(nn.Layer):
 
     def forward(self, x):
         x = self.patch_embed(x).flatten(2).transpose((0, 2, 1))
+        if self.reads_width:
+            x = x.reshape((-1, x.shape[1], self.embed_dim))
         B = paddle.shape(x)[0]
         tokens = [self.cls_token.expand((B, -1, -1))]
         if self.dist_token is not None:
@@ -226,29 +232,34 @@ class MHAViT(nn.Layer):
 
 
 class TalkingAttention(nn.Layer):
-    """Attention whose head count is called `h`, with a learnable per-head temperature: needs
+    """Attention whose head count is called `h`, with a learnable per-head temperature (or
+    none, `temperature=False`): without a per-head parameter of its own, `h` needs
     `register_layer_type(TalkingAttention, AttentionPruning("h"))`."""
 
-    def __init__(self, dim: int = 32, h: int = 4) -> None:
+    def __init__(self, dim: int = 32, h: int = 4, temperature: bool = True) -> None:
         super().__init__()
         self.h, self.d = h, dim // h
-        self.temperature = self.create_parameter([1, h, 1, 1],
-                                                 default_initializer=nn.initializer.Constant(1.0))
+        self.temperature = self.create_parameter(
+            [1, h, 1, 1], default_initializer=nn.initializer.Constant(1.0)) if temperature \
+            else None
         self.qkv = nn.Linear(dim, 3 * dim)
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):
         n = x.shape[1]
         q, k, v = self.qkv(x).reshape((-1, n, 3, self.h, self.d)).transpose((2, 0, 3, 1, 4))
-        attn = F.softmax((q @ k.transpose((0, 1, 3, 2))) * self.temperature, axis=-1)
+        attn = q @ k.transpose((0, 1, 3, 2))
+        if self.temperature is not None:
+            attn = attn * self.temperature
+        attn = F.softmax(attn, axis=-1)
         return self.proj((attn @ v).transpose((0, 2, 1, 3)).reshape((-1, n, self.h * self.d)))
 
 
 class TalkingViT(nn.Layer):
-    def __init__(self) -> None:
+    def __init__(self, temperature: bool = True) -> None:
         super().__init__()
         self.patch_embed = nn.Conv2D(3, 32, 4, stride=4)
-        self.attn = TalkingAttention()
+        self.attn = TalkingAttention(temperature=temperature)
         self.head = nn.Linear(32, 10)
 
     def forward(self, x):
@@ -287,3 +298,17 @@ class FirstHeadOnly(nn.Layer):
         q, k, v = qkv[0], qkv[1], qkv[2]
         out = F.softmax(q @ k.transpose((0, 1, 3, 2)), axis=-1) @ v
         return self.proj(out[:, 0].mean(1))
+
+
+def sized_attention_forward(self, x):
+    """What a user registers for PaddleClas-style attention (`Attention(paddleclas=True)`, whose
+    forward reshapes with `C // self.num_heads`): the same computation with the head size read
+    from the qkv weight and heads merged with `num_heads * head_dim`. Passed as
+    `AttentionPruning(forward=sized_attention_forward)`."""
+    n = x.shape[1]
+    head_dim = self.qkv.weight.shape[1] // 3 // self.num_heads
+    qkv = self.qkv(x).reshape((-1, n, 3, self.num_heads, head_dim)).transpose((2, 0, 3, 1, 4))
+    q, k, v = qkv[0], qkv[1], qkv[2]
+    attn = F.softmax((q @ k.transpose((0, 1, 3, 2))) * self.scale, axis=-1)
+    x = (attn @ v).transpose((0, 2, 1, 3)).reshape((-1, n, self.num_heads * head_dim))
+    return self.proj(x)

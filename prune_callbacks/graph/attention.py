@@ -24,7 +24,8 @@ from .tracing import (_OP_HANDLERS, SourceRec, TraceState, _compress, _expand, _
 
 HEADS_TRIAL = ("attention heads (the forward must reshape q, k and v with the layer's head count "
                "and merge the heads with -1 or num_heads * head_dim, not with the input's "
-               "width C, e.g. PaddleClas's `C // self.num_heads`)")
+               "width C, e.g. PaddleClas's `C // self.num_heads`; register a forward that "
+               "does with AttentionPruning(forward=...))")
 """What a head group's trial prune checks: that the forward reshapes q, k and v with a head count
 that follows the pruned one (`self.num_heads`, synced, or -1), and merges heads with a width that
 follows too (`-1` or `num_heads * head_dim`, not the input's `C`)."""
@@ -357,10 +358,14 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
                 found = (path, layer, attr)
                 break
         if found is None:
+            hint = (" (these are attention heads: register the attention layer with "
+                    "prune_callbacks.layers.registry.AttentionPruning('<the name of its head "
+                    "count>'), or with AttentionPruning(forward=...), a forward that reads its "
+                    "sizes from its parameters)")
             if not g.prunable and "has no registered surgery" in g.reason:
-                g.reason += (" (these are attention heads: register the attention layer with "
-                             "prune_callbacks.layers.registry.AttentionPruning('<the name of "
-                             "its head count>'))")
+                g.reason += hint
+            elif graph._trial_whats.get(gi) == HEADS_TRIAL:  # said if the trial fails
+                graph._trial_whats[gi] = HEADS_TRIAL + hint
             continue
         path, layer, attr = found
         key, axis = g.producers[0]
