@@ -106,25 +106,38 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
                 return
             outs[0].ids = None
         target = ins[1].const if len(ins) > 1 else None
-        literal = target is None or np.asarray(target).ravel()[-1] not in (-1, 0)
-        if literal and _regroups_tokens(before, ins[0].shape, outs[0].shape):
+        c_out = _regroups_tokens(before, ins[0].shape, outs[0].shape) \
+            if _op_key(op.name()) in ("reshape", "view_shape") else None
+        literal = c_out is not None and (target is None or len(np.asarray(target).ravel())
+                                         != len(outs[0].shape) or
+                                         np.asarray(target).ravel()[c_out] not in (-1, 0))
+        if literal:
             ops._reshape_like(state, ins[0], outs[0], lambda a: a)
             state.trials.append((np.unique(before), TOKENS_TRIAL))
             return
     _base_reshape(state, op, ins, outs)
 
 
-TOKENS_TRIAL = ("reshape of tokens ([N, L, C] <-> [N, H, W, C], windows) with the channel count "
-                "written in (the forward must read C from the tensor)")
+TOKENS_TRIAL = ("reshape of tokens ([N, L, C] <-> [N, H, W, C], [N, C, L] <-> [N, C, H, W], "
+                "windows) with the channel count written in (the forward must read C from the "
+                "tensor)")
 
 
-def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> bool:
-    """A reshape that regroups leading (token, window) axes and keeps the last, channel, axis:
-    `[N, L, C] -> [N, H, W, C]`. Static shapes show C as a literal either way, so a trial prune
-    checks that the forward reads it from the tensor."""
-    if not before or not after or before[-1] != after[-1] or ids.shape[-1] <= 1:
-        return False
-    return all(s == 1 for s in ids.shape[:-1])
+def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> Optional[int]:
+    """A reshape that regroups the token (and window) axes around one channel axis and keeps
+    that axis whole: `[N, L, C] -> [N, H, W, C]`, `[N, C, L] -> [N, C, H, W]` and back. Returns
+    the channel axis of the output (None: not such a reshape). Static shapes show C as a
+    literal either way, so a trial prune checks that the forward reads it from the tensor."""
+    if not before or not after or ids.ndim != len(before) or _varying(ids) != 1:
+        return None
+    c = next(a for a, s in enumerate(ids.shape) if s > 1)
+    lead = int(np.prod([abs(int(s)) for s in before[:c]]))
+    acc = 1
+    for a, s in enumerate(after):
+        if acc == lead and int(s) == int(before[c]):
+            return a
+        acc *= abs(int(s))
+    return None
 
 
 _base_slice = _OP_HANDLERS["slice"]  # whatever handled it before
@@ -164,6 +177,22 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
     taken = taken.reshape([n for a, n in enumerate(taken.shape) if a not in drop]) if drop \
         else taken
     out.ids = _compress(taken.reshape(out.shape))
+
+
+@register_op("strided_slice")
+def _strided_slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    """`x[:, 0::2, 1::2, :]` (Swin's patch merging) along axes that carry no channels passes
+    them; along a channel axis it is given up on."""
+    x, out = ins[0], outs[0]
+    ids = state.ids_of(x)
+    if ids is None:
+        out.ids = None
+        return
+    axes = [int(a) % max(len(x.shape), 1) for a in op.attrs().get("axes", [])]
+    if not axes or ids.ndim != len(out.shape) or any(ids.shape[a] > 1 for a in axes):
+        unknown_op(state, op, ins, outs, why="strided slice along a channel axis")
+        return
+    out.ids = ids
 
 
 _base_concat = _OP_HANDLERS["concat"]  # whatever handled it before
