@@ -429,3 +429,29 @@ def test_a_registered_forward_that_changes_the_output_is_not_used():
         assert "forward" not in vars(net.blocks[0].attn)
     finally:
         _HANDLERS.pop(Attention, None)
+
+
+def test_swin_patch_merging_shift_mask_and_pvt_mlp_prune(tmp_path):
+    """PaddleClas's Swin and PVT ops: the shifted window's mask built with `set_value` on a
+    constant (no channels), strided slices of patch merging, the MLP's tokens reshaped to an
+    image around a depth-wise conv (`[N, C, L] -> [N, C, H, W]`): every group prunes, heads,
+    widths and the merged width included; pruned equals masked (eval, train), a training step
+    runs, the network exports; FLOPs predicted equal counted (a hand count)."""
+    shape = [2, 3, 16, 16]
+    net = TinySwin(paddleclas_ops=True)
+    tokens, dim, hidden = 64, 32, 64
+    expected = (3 * dim * 4 * tokens + 2 * tokens * (4 * dim * dim + 2 * dim * hidden)
+                + 2 * tokens * hidden * 9 + (tokens // 4) * 4 * dim * 2 * dim + 2 * dim * 10)
+    assert count_flops(net, shape) == expected
+    names = [g.name for g in _pruner(net, shape).groups]
+    assert len(names) == 8, names  # input, width, 2 x (heads, MLP), merged width, output
+    check_pruned(net, shape, expect_groups=["patch_embed", "blocks.0.attn.qkv",
+                                            "blocks.1.attn.qkv", "blocks.0.fc1",
+                                            "blocks.1.fc1", "merge.reduction"])
+    assert net.merge.norm.weight.shape == [64] and net.blocks[1].dwconv.weight.shape[0] == 32
+    net.eval()
+    path = os.path.join(tmp_path, "swin")
+    paddle.jit.save(net, path, input_spec=[paddle.static.InputSpec([None] + shape[1:],
+                                                                   "float32")])
+    x = paddle.randn(shape)
+    assert rel_err(paddle.jit.load(path)(x).numpy(), net(x).numpy()) < 1e-5

@@ -154,7 +154,7 @@ class WindowAttention(nn.Layer):
         self.qkv = nn.Linear(dim, dim * 3)
         self.proj = nn.Linear(dim, dim)
 
-    def forward(self, x):
+    def forward(self, x, mask=None):
         N = x.shape[1]
         qkv = self.qkv(x).reshape((-1, N, 3, self.num_heads, self.head_dim))
         qkv = qkv.transpose((2, 0, 3, 1, 4))
@@ -163,19 +163,43 @@ class WindowAttention(nn.Layer):
         bias = paddle.index_select(self.relative_position_bias_table,
                                    self.relative_position_index, axis=0)
         bias = bias.reshape((N, N, -1)).transpose((2, 0, 1))
-        attn = F.softmax(attn + bias.unsqueeze(0), axis=-1)
+        attn = attn + bias.unsqueeze(0)
+        if mask is not None:  # [windows, N, N], windows of every sample folded into axis 0
+            nw = mask.shape[0]
+            attn = attn.reshape((-1, nw, self.num_heads, N, N)) + mask.unsqueeze(1).unsqueeze(0)
+            attn = attn.reshape((-1, self.num_heads, N, N))
+        attn = F.softmax(attn, axis=-1)
         x = (attn @ v).transpose((0, 2, 1, 3)).reshape((-1, N, self.num_heads * self.head_dim))
         return self.proj(x)
 
 
+def shifted_window_mask(res: int, window: int, shift: int):
+    """Swin's attention mask of a shifted window, built in the forward as PaddleClas does:
+    a constant image of region numbers written with `set_value`, partitioned into windows."""
+    img = paddle.zeros((1, res, res, 1))
+    cuts = (slice(0, -window), slice(-window, -shift), slice(-shift, None))
+    count = 0
+    for h in cuts:
+        for w in cuts:
+            img[:, h, w, :] = count
+            count += 1
+    win = window_partition(img, window).reshape((-1, window * window))
+    diff = win.unsqueeze(1) - win.unsqueeze(2)
+    return paddle.where(diff != 0, paddle.full(diff.shape, -100.0), paddle.zeros(diff.shape))
+
+
 class SwinBlock(nn.Layer):
-    def __init__(self, dim: int, res: int, window: int, num_heads: int, shift: int = 0) -> None:
+    def __init__(self, dim: int, res: int, window: int, num_heads: int, shift: int = 0,
+                 paddleclas_ops: bool = False) -> None:
         super().__init__()
         self.res, self.window, self.shift = res, window, shift
+        self.paddleclas_ops = paddleclas_ops
         self.norm1 = nn.LayerNorm(dim)
         self.attn = WindowAttention(dim, window, num_heads)
         self.norm2 = nn.LayerNorm(dim)
         self.fc1 = nn.Linear(dim, dim * 2)
+        self.dwconv = nn.Conv2D(dim * 2, dim * 2, 3, padding=1, groups=dim * 2) \
+            if paddleclas_ops else None
         self.fc2 = nn.Linear(dim * 2, dim)
         self.drop_path = DropPath(0.1)
 
@@ -185,32 +209,65 @@ class SwinBlock(nn.Layer):
         h = self.norm1(x).reshape((-1, H, W, C))
         if self.shift:
             h = paddle.roll(h, shifts=(-self.shift, -self.shift), axis=(1, 2))
-        h = window_reverse(self.attn(window_partition(h, self.window)), self.window, H, W)
+        mask = shifted_window_mask(H, self.window, self.shift) \
+            if self.shift and self.paddleclas_ops else None
+        h = window_reverse(self.attn(window_partition(h, self.window), mask), self.window, H, W)
         if self.shift:
             h = paddle.roll(h, shifts=(self.shift, self.shift), axis=(1, 2))
         x = x + self.drop_path(h.reshape((-1, H * W, C)))
-        return x + self.drop_path(self.fc2(F.gelu(self.fc1(self.norm2(x)))))
+        m = F.gelu(self.fc1(self.norm2(x)))
+        if self.dwconv is not None:  # PVT's MLP: tokens to an image and back, C written in
+            hidden = m.shape[-1]
+            m = self.dwconv(m.transpose((0, 2, 1)).reshape((-1, hidden, H, W)))
+            m = m.flatten(2).transpose((0, 2, 1))
+        return x + self.drop_path(self.fc2(m))
+
+
+class PatchMerging(nn.Layer):
+    """Swin's downsampling as PaddleClas writes it: four strided slices of the token image,
+    concatenated on the channel axis, reshaped with `4 * C`, LayerNorm, linear reduction."""
+
+    def __init__(self, dim: int, res: int) -> None:
+        super().__init__()
+        self.res = res
+        self.norm = nn.LayerNorm(4 * dim)
+        self.reduction = nn.Linear(4 * dim, 2 * dim, bias_attr=False)
+
+    def forward(self, x):
+        B, L, C = x.shape
+        x = x.reshape([-1, self.res, self.res, C])
+        parts = [x[:, 0::2, 0::2, :], x[:, 1::2, 0::2, :], x[:, 0::2, 1::2, :],
+                 x[:, 1::2, 1::2, :]]
+        x = paddle.concat(parts, -1).reshape([-1, (self.res // 2) ** 2, 4 * C])
+        return self.reduction(self.norm(x))
 
 
 class TinySwin(nn.Layer):
     """Swin-style: patch embedding + LayerNorm, two window blocks (the second shifted),
-    mean pooling, head."""
+    mean pooling, head. `paddleclas_ops`: the shifted window's mask built in the forward,
+    a PVT-style depth-wise conv in each MLP, and a patch merging before the head."""
 
     def __init__(self, img: int = 16, patch: int = 2, in_ch: int = 3, dim: int = 32,
-                 window: int = 4, num_heads: int = 4, num_classes: int = 10) -> None:
+                 window: int = 4, num_heads: int = 4, num_classes: int = 10,
+                 paddleclas_ops: bool = False) -> None:
         super().__init__()
         res = img // patch
         self.patch_embed = nn.Conv2D(in_ch, dim, patch, stride=patch)
         self.embed_norm = nn.LayerNorm(dim)
-        self.blocks = nn.LayerList([SwinBlock(dim, res, window, num_heads, 0),
-                                    SwinBlock(dim, res, window, num_heads, window // 2)])
-        self.norm = nn.LayerNorm(dim)
-        self.head = nn.Linear(dim, num_classes)
+        self.blocks = nn.LayerList([
+            SwinBlock(dim, res, window, num_heads, 0, paddleclas_ops),
+            SwinBlock(dim, res, window, num_heads, window // 2, paddleclas_ops)])
+        self.merge = PatchMerging(dim, res) if paddleclas_ops else None
+        out = 2 * dim if paddleclas_ops else dim
+        self.norm = nn.LayerNorm(out)
+        self.head = nn.Linear(out, num_classes)
 
     def forward(self, x):
         x = self.embed_norm(self.patch_embed(x).flatten(2).transpose((0, 2, 1)))
         for blk in self.blocks:
             x = blk(x)
+        if self.merge is not None:
+            x = self.merge(x)
         return self.head(self.norm(x).mean(1))
 
 

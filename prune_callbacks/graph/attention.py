@@ -131,6 +131,9 @@ def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> Optional[int]:
     if not before or not after or ids.ndim != len(before) or _varying(ids) != 1:
         return None
     c = next(a for a, s in enumerate(ids.shape) if s > 1)
+    tokens = int(np.prod([abs(int(s)) for a, s in enumerate(before) if a not in (0, c)]))
+    if c == 0 or tokens <= 1:  # no tokens to regroup (`[N, C, 1, 1] -> [N, C]`)
+        return None
     lead = int(np.prod([abs(int(s)) for s in before[:c]]))
     acc = 1
     for a, s in enumerate(after):
