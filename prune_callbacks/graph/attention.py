@@ -118,9 +118,9 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
     _base_reshape(state, op, ins, outs)
 
 
-TOKENS_TRIAL = ("reshape of tokens ([N, L, C] <-> [N, H, W, C], [N, C, L] <-> [N, C, H, W], "
-                "windows) with the channel count written in (the forward must read C from the "
-                "tensor)")
+TOKENS_TRIAL = ("reshape to a fixed channel count? (a reshape of tokens, [N, L, C] <-> "
+                "[N, H, W, C], [N, C, L] <-> [N, C, H, W] or windows, shows C as a literal: the "
+                "forward must read it from the tensor)")
 
 
 def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> Optional[int]:
@@ -138,7 +138,11 @@ def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> Optional[int]:
     acc = 1
     for a, s in enumerate(after):
         if acc == lead and int(s) == int(before[c]):
-            return a
+            # tokens regrouped, not only unit axes added or dropped (a channel shuffle's
+            # `[N, 2, H, W] -> [N, 2, 1, H, W]` at one channel per branch is the shuffle's)
+            kept = [int(x) for i, x in enumerate(before) if i not in (0, c) and x != 1]
+            now = [int(x) for i, x in enumerate(after) if i not in (0, a) and x != 1]
+            return a if kept != now else None
         acc *= abs(int(s))
     return None
 
