@@ -1,6 +1,7 @@
-"""What the two MobileNetV1 tutorial scripts share: their command line, their data and how they
-print an evaluation. Imported by `tutorial_mobilenet_cifar10.py` and `manual_pruning.py` (run as
-scripts, so this file sits beside them); not part of the library.
+"""What the example scripts share: the MobileNetV1 tutorials' command line, data and how they
+print an evaluation (`tutorial_mobilenet_cifar10.py`, `manual_pruning.py`), and the command line
+of the generated-shapes tasks (`detection.py`, `segmentation.py`). Run as scripts, they import this
+file from beside them; not part of the library.
 """
 from __future__ import annotations
 
@@ -65,6 +66,29 @@ def parse_args(argv: Optional[List[str]], description: str, data: str, num_sampl
             p.error(f"--{name.replace('_', '-')} {value} must be >= 1")
     if args.scale <= 0:
         p.error(f"--scale {args.scale} must be > 0")
+    return args
+
+
+def shapes_task_args(argv: Optional[List[str]], description: str, epochs: Tuple[int, int],
+                     tiny: Dict[str, Any], width_help: str) -> argparse.Namespace:
+    """The generated-shapes examples' options: `epochs` (before, after pruning) are the defaults,
+    `tiny` the settings of a `--tiny` smoke run."""
+    p = argparse.ArgumentParser(description=description,
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--flops", type=float, default=0.4, help="share of FLOPs to remove")
+    p.add_argument("--epochs-before", type=int, default=epochs[0])
+    p.add_argument("--epochs-after", type=int, default=epochs[1])
+    p.add_argument("--train-samples", type=int, default=512)
+    p.add_argument("--val-samples", type=int, default=128)
+    p.add_argument("--width", type=int, default=16, help=width_help)
+    p.add_argument("--tiny", action="store_true", help="a smoke run: tiny data, few epochs")
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+    if args.tiny:
+        for name, value in tiny.items():
+            setattr(args, name, value)
+    if not 0 < args.flops < 1:
+        p.error(f"--flops must be in (0, 1), got {args.flops}")
     return args
 
 

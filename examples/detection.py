@@ -22,7 +22,7 @@ from __future__ import annotations
 import argparse
 import logging
 import warnings
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, List, Optional, Tuple
 
 for _notice in ("When training, we now always track global mean",
                 "To copy construct from a tensor"):
@@ -36,6 +36,8 @@ with warnings.catch_warnings():
     from paddle.static import InputSpec
 
     from prune_callbacks import FilterPruneCallback, SensitivityCallback, count_flops
+
+import _cli  # the examples' shared command line (beside this file)
 
 CLASSES = 3  # disc, square, cross
 MAX_OBJECTS = 3
@@ -250,26 +252,11 @@ class DetectionMAP(paddle.metric.Metric):
 
 
 # -- the job --------------------------------------------------------------------------------------
-def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Prune a small anchor-free detector (FPN, head shared "
-                                "across levels) on generated shapes, inside fit, with mAP "
-                                "sensitivity.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--flops", type=float, default=0.4, help="share of FLOPs to remove")
-    p.add_argument("--epochs-before", type=int, default=6)
-    p.add_argument("--epochs-after", type=int, default=3)
-    p.add_argument("--train-samples", type=int, default=512)
-    p.add_argument("--val-samples", type=int, default=128)
-    p.add_argument("--width", type=int, default=16, help="channels of the stem")
-    p.add_argument("--tiny", action="store_true", help="a smoke run: tiny data, few epochs")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.epochs_before, args.epochs_after = 2, 1
-        args.train_samples, args.val_samples, args.width = 128, 32, 8
-    if not 0 < args.flops < 1:
-        p.error(f"--flops must be in (0, 1), got {args.flops}")
-    return args
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    return _cli.shapes_task_args(
+        argv, "Prune a small anchor-free detector (FPN, head shared across levels) on generated "
+        "shapes, inside fit, with mAP sensitivity.", epochs=(6, 3), width_help="channels of the stem",
+        tiny={"epochs_before": 2, "epochs_after": 1, "train_samples": 128, "val_samples": 32, "width": 8})
 
 
 def evaluate(net: nn.Layer, data: Shapes) -> float:
@@ -281,7 +268,7 @@ def evaluate(net: nn.Layer, data: Shapes) -> float:
     return metric.accumulate()
 
 
-def main(argv: Optional[Sequence[str]] = None) -> None:
+def main(argv: Optional[List[str]] = None) -> None:
     args = parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     paddle.seed(args.seed)

@@ -36,6 +36,8 @@ with warnings.catch_warnings():
 
     from prune_callbacks import FilterPruneCallback, SensitivityCallback, count_flops
 
+import _cli  # the examples' shared command line (beside this file)
+
 CLASSES = 4  # background, disc, square, bar
 
 
@@ -149,24 +151,10 @@ class MeanIoU(paddle.metric.Metric):
 
 # -- the job --------------------------------------------------------------------------------------
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description="Prune a small UNet (with a train-only auxiliary "
-                                "head) on generated shapes, inside fit, with mIoU sensitivity.",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--flops", type=float, default=0.4, help="share of FLOPs to remove")
-    p.add_argument("--epochs-before", type=int, default=3)
-    p.add_argument("--epochs-after", type=int, default=2)
-    p.add_argument("--train-samples", type=int, default=512)
-    p.add_argument("--val-samples", type=int, default=128)
-    p.add_argument("--width", type=int, default=16, help="channels of the first level")
-    p.add_argument("--tiny", action="store_true", help="a smoke run: tiny data, 1+1 epochs")
-    p.add_argument("--seed", type=int, default=0)
-    args = p.parse_args(argv)
-    if args.tiny:
-        args.epochs_before, args.epochs_after = 1, 1
-        args.train_samples, args.val_samples, args.width = 64, 32, 8
-    if not 0 < args.flops < 1:
-        p.error(f"--flops must be in (0, 1), got {args.flops}")
-    return args
+    return _cli.shapes_task_args(
+        argv, "Prune a small UNet (with a train-only auxiliary head) on generated shapes, inside fit, "
+        "with mIoU sensitivity.", epochs=(3, 2), width_help="channels of the first level",
+        tiny={"epochs_before": 1, "epochs_after": 1, "train_samples": 64, "val_samples": 32, "width": 8})
 
 
 def evaluate(net: nn.Layer, data: Shapes) -> float:

@@ -204,6 +204,26 @@ def test_prune_callback_rejects_bad_arguments(kwargs: Dict, error: type, match: 
         FilterPruneCallback(**args)
 
 
+def test_the_layer_norm_widths_switch_reaches_the_pruner_of_both_callbacks() -> None:
+    from transformer_nets import TinyViT
+
+    model = paddle.Model(TinyViT(), inputs=[InputSpec([None, 3, 8, 8], "float32", "x")])
+    widths = {}
+    for on in (True, False):
+        sens = SensitivityCallback(lambda: 1.0, layer_norm_widths=on)
+        cb = FilterPruneCallback(flops=0.3, sensitivity=sens, layer_norm_widths=on)
+        for c in (sens, cb):
+            c.set_model(model)
+        pruners = [sens._pruner(), cb._new_pruner()]
+        assert [p.layer_norm_widths for p in pruners] == [on, on]
+        widths[on] = [g.prunable for g in pruners[1].groups if g.norms]
+    # the embedding width (normalised by every LayerNorm) prunes only with the switch on
+    assert any(widths[True]) and not any(widths[False])
+    with pytest.raises(ValueError, match="layer_norm_widths=False but the SensitivityCallback analyses with "
+                                         "layer_norm_widths=True"):
+        FilterPruneCallback(flops=0.3, sensitivity=SensitivityCallback(lambda: 1.0), layer_norm_widths=False)
+
+
 class NoTraining(paddle.callbacks.Callback):
     def on_train_batch_begin(self, step: int, logs: Optional[Dict] = None) -> None:
         raise AssertionError("training started although the arguments were bad")

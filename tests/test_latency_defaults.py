@@ -83,6 +83,21 @@ def test_callback_takes_the_runtime_and_checks_it() -> None:
         FilterPruneCallback(flops=0.3, round_to="16")
 
 
+def test_the_app_times_and_prunes_on_the_runtime_it_deploys_to() -> None:
+    from app_helpers import make_cfg
+    from prune_callbacks.app.timing import exported_latency, run_latency_options
+
+    assert run_latency_options(make_cfg()).backend == "paddle_inference"
+    ort = run_latency_options(make_cfg(["prune.runtime=onnxruntime"]))
+    assert ort.backend == "onnxruntime" and not ort.onednn
+    # an explicit backend wins over the runtime
+    assert run_latency_options(make_cfg(["prune.runtime=onnxruntime",
+                                         "+prune.latency_options.backend=eager"])).backend == "eager"
+    # a GPU runtime is not timed here: no latency line rather than a CPU figure under its name
+    gpu = make_cfg(["prune.runtime=onnxruntime_cuda", "trainer.measure_latency=true"])
+    assert exported_latency(gpu, nn.Linear(2, 2)) is None
+
+
 # -- plans with rounding ---------------------------------------------------------------------------
 def test_small_groups_round_to_a_power_of_two_never_to_zero_or_wider() -> None:
     assert [fit_multiple(n, 16) for n in (512, 24, 17, 16, 12, 8, 3, 1)] == [16, 16, 16, 8, 4, 4, 1, 1]

@@ -36,7 +36,7 @@ def _worker(out_dir: str) -> None:
     np.save(os.path.join(out_dir, f"shape{pdist.rank()}.npy"), np.array(net.c1.weight.shape))
 
 
-@pytest.mark.slow
+@pytest.mark.xdist_group("distributed")  # spawned ranks share the machine's ports
 def test_sparsity_taylor_and_distillation_on_two_ranks(tmp_path):
     dist.spawn(_worker, args=(str(tmp_path),), nprocs=2, backend="gloo")
     assert not list(tmp_path.glob("error*.txt")), (tmp_path / "error0.txt").read_text()

@@ -22,14 +22,12 @@ from hydra.utils import instantiate
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from ..training import distributed
-from ..utils.errors import about, argument_of
+from ..utils.errors import argument_of
 from ..utils.files import directory_problem
 from ..callbacks import DistillCallback, FilterPruneCallback, SensitivityCallback
 from ..callbacks.sparsity import SparsityCallback
 from ..datasets.bundled import subset
 from ..deploy.io import load_pruned
-from ..deploy.latency import LatencyOptions
-from ..deploy.kernels import latency_kwargs
 from ..planning.plans import PrunePlan, recorded_plans
 from .artefacts import ResumePoint
 from .model import build_model, build_network, check_network, input_shape
@@ -37,7 +35,7 @@ from .phases import Diverged, DivergenceGuard, PhaseClock, PhaseMark, TrainSpan,
 from .report import RESULTS_FILE, append_sweep_row, collect_results, format_results, write_results
 from .resume import ResumeState, check_inferred_plans, find_resume_point
 from .schema import ConfigError, validate_config
-from .timing import exported_latency
+from .timing import exported_latency, run_latency_options
 
 log = logging.getLogger(__name__)
 
@@ -199,17 +197,14 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
                 run.val_ds, at_epoch=at, ratios=tuple(p.ratios), path=run.paths["sensitivity"],
                 num_samples=p.sensitivity_samples, batch_size=t.eval_batch_size, skip=list(p.skip),
                 max_loss=p.max_loss, criterion=p.criterion, input_shape=shape,
-                engine=p.sensitivity_engine, metric=p.sensitivity_metric)
-        latency_options = dict(p.latency_options)
-        if "backend" not in latency_options:  # measured where the model is served
-            with about("runtime"):
-                latency_options = {**latency_kwargs(p.runtime or "paddle_inference"), **latency_options}
+                engine=p.sensitivity_engine, metric=p.sensitivity_metric,
+                layer_norm_widths=p.layer_norm_widths)
         run.pruner = FilterPruneCallback(
             flops=None if p.latency is not None else p.flops, latency=p.latency,
-            latency_options=LatencyOptions(**latency_options), at_epoch=at,
+            latency_options=run_latency_options(cfg), at_epoch=at,
             criterion=p.criterion, skip=list(p.skip),
             sensitivity=sensitivity, strategy=p.strategy, round_to=p.round_to, steps=p.steps,
-            input_shape=shape, runtime=p.runtime)
+            input_shape=shape, runtime=p.runtime, layer_norm_widths=p.layer_norm_widths)
         if p.distill.alpha:
             run.distill = DistillCallback(alpha=p.distill.alpha, temperature=p.distill.temperature,
                                           standardize=p.distill.standardize)

@@ -86,6 +86,7 @@ class PruneConf:
     ratios: List[float] = field(default_factory=lambda: [round(0.1 * i, 1) for i in range(1, 10)])
     round_to: Any = "auto"
     runtime: Optional[str] = None
+    layer_norm_widths: bool = True
     sensitivity_samples: Optional[int] = 64
     sensitivity_engine: str = "auto"
     sensitivity_metric: str = "top1"

@@ -78,6 +78,9 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             `latency_options` when given, else "paddle_inference".
         steps: number of epochs over which the target is reached.
         input_shape: one input's shape, batch first; default: from the model's input spec.
+        layer_norm_widths: let channels a LayerNorm normalises (a transformer's embedding
+            width) be pruned, LayerNorm renormalising over the kept ones (default); False keeps
+            them whole (`FilterPruner`'s switch of the same name).
 
     Raises:
         ValueError / TypeError: at construction for bad arguments, or curves measured with
@@ -97,7 +100,8 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                  skip: Sequence[str] = (), sensitivity: SensitivitySource = None,
                  strategy: Optional[str] = None, round_to: Union[int, str] = AUTO, steps: int = 1,
                  input_shape: Optional[Sequence[int]] = None, latency: Optional[float] = None,
-                 latency_options: Optional[LatencyOptions] = None, runtime: Optional[str] = None) -> None:
+                 latency_options: Optional[LatencyOptions] = None, runtime: Optional[str] = None,
+                 layer_norm_widths: bool = True) -> None:
         super().__init__()
         if flops is not None and latency is not None:
             raise tagged("latency", ValueError(f"give exactly one of flops={flops!r} (a FLOPs cut) and "
@@ -113,6 +117,11 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             self.runtime, self.latency_options = _runtime_and_options(runtime, latency_options)
             if self.latency is not None:
                 latency_backend(self.runtime)  # a GPU runtime cannot be measured here: say so now
+        self.layer_norm_widths = bool(layer_norm_widths)
+        if isinstance(sensitivity, SensitivityCallback) and sensitivity.layer_norm_widths != self.layer_norm_widths:
+            raise tagged("layer_norm_widths", ValueError(
+                f"layer_norm_widths={self.layer_norm_widths} but the SensitivityCallback analyses with "
+                f"layer_norm_widths={sensitivity.layer_norm_widths}: give both callbacks the same value"))
         self.search: Optional[LatencySearch] = None  # the latency search's trials, once run
         self.table: Optional[LatencyTable] = None  # the measured latency table (method "table")
         self.flops = check_fraction(flops, "flops") if latency is None else None
@@ -363,13 +372,12 @@ class FilterPruneCallback(paddle.callbacks.Callback):
     def _new_pruner(self, later: bool = False) -> FilterPruner:
         """A pruner tracing the training graph from what fit called the network with (`later`:
         before the first step, when those inputs are still to come)."""
-        ds = None
-        if isinstance(self.sensitivity, SensitivityCallback):
-            ds = self.sensitivity._dataset
+        ds = self.sensitivity.dataset if isinstance(self.sensitivity, SensitivityCallback) else None
         shape = self.input_shape or infer_input_shape(self.model, ds)
         inputs = training_inputs(self.model)
         return FilterPruner(self.model.network, shape, self.criterion,
-                            train_inputs=LATER if inputs is None and later else inputs, runtime=self.runtime)
+                            train_inputs=LATER if inputs is None and later else inputs, runtime=self.runtime,
+                            layer_norm_widths=self.layer_norm_widths)
 
 
 def _runtime_and_options(runtime: Optional[str], options: Optional[LatencyOptions]) -> tuple:

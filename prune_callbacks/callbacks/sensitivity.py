@@ -76,6 +76,8 @@ class SensitivityCallback(paddle.callbacks.Callback):
         engine: "auto" (default; datasets with the top-1 metric on the CPU: the network runs
             compiled by Paddle Inference with oneDNN, the same top-1 counts as eager masking)
             or "eager" (see `EvalData`).
+        layer_norm_widths: analyse channels a LayerNorm normalises (default), as
+            `FilterPruneCallback`'s switch of the same name prunes them; give both the same value.
 
     Examples:
         >>> sens = SensitivityCallback(val_ds, at_epoch=1, path="sen.json", num_samples=512)
@@ -89,7 +91,8 @@ class SensitivityCallback(paddle.callbacks.Callback):
                  metric: Optional[Callable] = None, skip: Sequence[str] = (),
                  max_loss: Optional[float] = None, criterion: str = "l1",
                  input_shape: Optional[Sequence[int]] = None,
-                 workers: Optional[int] = None, engine: str = "auto") -> None:
+                 workers: Optional[int] = None, engine: str = "auto",
+                 layer_norm_widths: bool = True) -> None:
         super().__init__()
         is_dataset = hasattr(eval_data, "__getitem__") and hasattr(eval_data, "__len__")
         if not is_dataset and not callable(eval_data):
@@ -112,9 +115,10 @@ class SensitivityCallback(paddle.callbacks.Callback):
         self.skip = check_names("skip", skip)
         self.max_loss = max_loss
         self.input_shape = list(input_shape) if input_shape is not None else None
+        self.layer_norm_widths = bool(layer_norm_widths)
         self.eval_fn: Optional[Callable[[], float]] = None
         self.eval_data: Optional[EvalData] = None
-        self._dataset = eval_data if is_dataset else None
+        self.dataset = eval_data if is_dataset else None  # the evaluation dataset (None: an eval_fn)
         if isinstance(metric, str) and metric not in METRICS:
             raise tagged("metric", ValueError(f"metric must be one of {', '.join(METRICS)} or a function "
                                               f"(logits, labels) -> (correct, count), got {metric!r}"))
@@ -255,7 +259,8 @@ class SensitivityCallback(paddle.callbacks.Callback):
     def _pruner(self, later: bool = False) -> FilterPruner:
         """A pruner tracing the training graph from what fit called the network with (`later`:
         before the first step, when those inputs are still to come)."""
-        shape = self.input_shape or infer_input_shape(self.model, self._dataset)
+        shape = self.input_shape or infer_input_shape(self.model, self.dataset)
         inputs = training_inputs(self.model)
         return FilterPruner(self.model.network, shape, self.criterion,
-                            train_inputs=LATER if inputs is None and later else inputs)
+                            train_inputs=LATER if inputs is None and later else inputs,
+                            layer_norm_widths=self.layer_norm_widths)
