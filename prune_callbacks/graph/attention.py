@@ -131,8 +131,9 @@ def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> Optional[int]:
     if not before or not after or ids.ndim != len(before) or _varying(ids) != 1:
         return None
     c = next(a for a, s in enumerate(ids.shape) if s > 1)
-    tokens = int(np.prod([abs(int(s)) for a, s in enumerate(before) if a not in (0, c)]))
-    if c == 0 or tokens <= 1:  # no tokens to regroup (`[N, C, 1, 1] -> [N, C]`)
+    if c == len(before) - 1 and int(before[-1]) == int(after[-1]):
+        return len(after) - 1  # channels last on both sides: `[N * L, C] -> [N, L, C]` too
+    if c == 0:
         return None
     lead = int(np.prod([abs(int(s)) for s in before[:c]]))
     acc = 1
