@@ -155,12 +155,16 @@ def main() -> None:
         logger.info("%-28s %7d / %5d %9d / %7d  %d (%s)%s", name, len(ok), len(groups),
                     sum(g.channels for g in ok), sum(g.channels for g in groups), len(heads),
                     ", ".join(str(g.channels) for g in heads), extra)
-        if args.reasons:
-            seen = set()
+        if args.reasons:  # one line per kind of reason (its start), with how many groups
+            kinds: dict = {}
             for g in groups:
-                if not g.prunable and g.reason not in seen:
-                    seen.add(g.reason)
-                    logger.info("    whole: %s: %s", g.name, g.reason[:150])
+                if not g.prunable:
+                    kinds.setdefault(g.reason[:60], []).append(g)
+            for same in kinds.values():
+                where = same[0].reason.rfind("(in layer ")
+                tail = f" ... {same[0].reason[where:where + 90]}" if where > 150 else ""
+                logger.info("    whole: %d x, e.g. %s: %s%s", len(same), same[0].name,
+                            same[0].reason[:150], tail)
 
 
 if __name__ == "__main__":
