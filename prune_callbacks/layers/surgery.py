@@ -149,7 +149,7 @@ def install_forwards(net: nn.Layer, input_shape: Sequence[int]) -> List[str]:
         warnings.warn(f"the registered forward of {', '.join(names)} is not used: with it "
                       f"{failure}; the layers keep their own", stacklevel=3)
         return []
-    logger.info("registered forwards run in %d layers", len(swaps))
+    logger.debug("registered forwards run in %d layers", len(swaps))
     return [p for p, _, _ in swaps]
 
 
