@@ -26,6 +26,12 @@ pruned copies timed alternately; prints latency cut / FLOPs cut per row (see doc
     python benchmarks/bench_latency.py --defaults                    # about 10 minutes
     python benchmarks/bench_latency.py --defaults --round-to 1       # the old default, for comparison
 
+`--defaults --latency-aware` measures the latency table on each runtime and model first (about 50
+exports), then times, per FLOPs cut, the baseline, the default plan and the latency-aware plan
+(`plan(f, latency_table=table)`) alternately; prints both ratios and what the table predicted:
+
+    python benchmarks/bench_latency.py --defaults --latency-aware --models mobilenet_v1 mobilenet_v2 --batches 1
+
 `--search T` runs the latency search instead (`plan_for_latency`, target share T, each backend,
 batch and round_to; tolerance 0.02, at most 8 trials) and prints its trials, time and outcome.
 
@@ -161,6 +167,50 @@ def defaults_model(name: str, args: argparse.Namespace) -> List[float]:
     return ratios
 
 
+def latency_aware_model(name: str, args: argparse.Namespace) -> List[Tuple[float, float]]:
+    """The default FLOPs plan against the latency-aware one (`latency_table=`, the table measured on
+    the runtime first), at each FLOPs cut: baseline, plain and latency-aware copies timed
+    alternately. Returns (plain ratio, latency-aware ratio) per row."""
+    rows = []
+    for batch, size in DEFAULT_GRID:
+        if args.batches != [1, 64] and batch not in args.batches:
+            continue
+        paddle.seed(0)
+        net = getattr(models, name)(num_classes=10)
+        net.eval()
+        shape = [1, 3, size, size]
+        for key in args.backends:
+            runtime = DEFAULT_RUNTIMES[key]
+            backend, onednn = BACKENDS[key]
+            kw = dict(batch=batch, backend=backend, threads=args.threads, onednn=onednn)
+            options = LatencyOptions(warmup=args.warmup, repeats=args.repeats, clock=args.clock, **kw)
+            start = time.perf_counter()
+            table = measure_latency_table(FilterPruner(net, shape, runtime=runtime), options,
+                                          round_to=resolve_round_to("auto", runtime))
+            print(f"# {name} {size}px bs{batch} {key}: table of {table.exports} exports in "
+                  f"{time.perf_counter() - start:.0f} s; {_machine()}", flush=True)
+            base = build_runner(net, shape, **kw)
+            for f in args.flops:
+                copies = []
+                for lt in (None, table):
+                    copy_ = copy.deepcopy(net)
+                    pruner = FilterPruner(copy_, shape, runtime=runtime)
+                    kept = pruner.plan(f, latency_table=lt)
+                    predicted = pruner.latency_share(table, kept, interpolate=True)
+                    plan = pruner.apply(kept)
+                    copies.append((plan.pruned_flops, predicted, build_runner(copy_, shape, **kw)))
+                b, plain, aware = time_runners([base, copies[0][2], copies[1][2]], warmup=args.warmup,
+                                               repeats=args.repeats, clock=CLOCKS[args.clock])
+                (pc, pp, _), (ac, ap, _) = copies
+                pl, al = 1.0 - plain.median / b.median, 1.0 - aware.median / b.median
+                print(f"{name:<13}{size:>4}{batch:>4}  {key:<10}{f:>5.2f}  plain {100 * pc:5.1f}% "
+                      f"{1e3 * plain.median:8.2f} ms ratio {pl / pc:5.2f} (pred {1 - pp:.3f}/{pl:.3f})  "
+                      f"aware {100 * ac:5.1f}% {1e3 * aware.median:8.2f} ms ratio {al / ac:5.2f} "
+                      f"(pred {1 - ap:.3f}/{al:.3f})  base {1e3 * b.median:.2f} ms", flush=True)
+                rows.append((pl / pc, al / ac))
+    return rows
+
+
 def search_model(name: str, size: int, args: argparse.Namespace) -> None:
     """Run the latency search for each (batch, backend, round_to) and print what it cost."""
     paddle.seed(0)
@@ -219,6 +269,9 @@ def main() -> None:
     ap.add_argument("--defaults", action="store_true",
                     help="MobileNetV1/V2, ResNet18 pruned with default settings at 30/50/70%% FLOPs, "
                          "ort and pi-onednn, bs1 224px and bs64 32px, CPU clock, 1 thread")
+    ap.add_argument("--latency-aware", dest="latency_aware", action="store_true",
+                    help="with --defaults: measure the latency table on each runtime, then compare the "
+                         "FLOPs plan with the latency-aware one (plan(f, latency_table=...)) per FLOPs cut")
     ap.add_argument("--backends", nargs="+", choices=list(BACKENDS), default=list(BACKENDS))
     ap.add_argument("--batches", nargs="+", type=int, default=[1, 64])
     ap.add_argument("--threads", type=int, default=1)
@@ -262,6 +315,13 @@ def main() -> None:
           f"strategy uniform, criterion l1{', round_to auto (rnd 0)' if args.defaults and args.round_to is None else ''}")
     print(f"{'model':<13}{'px':>4}{'bs':>4}  {'backend':<10}{'tgt':>5}{'rnd':>4}{'FLOPs cut':>10}"
           f"{'base ms':>10}{'pruned ms':>10}{'lat cut':>9}{'ratio':>7}{'(p10)':>7}")
+    if args.defaults and args.latency_aware:
+        rows = [r for name in args.models for r in latency_aware_model(name, args)]
+        print(f"median ratio: plain {statistics.median(r[0] for r in rows):.2f}, latency-aware "
+              f"{statistics.median(r[1] for r in rows):.2f}; aware better in "
+              f"{sum(r[1] > r[0] for r in rows)} of {len(rows)} rows; {time.perf_counter() - start:.0f} s; "
+              f"{_machine()}")
+        return
     ratios = []
     for name in args.models:
         if args.defaults:

@@ -28,9 +28,9 @@ from .planning.allocation import (PlanGroup, auto_strategy, check_fraction, chec
 from .sensitivity import DEFAULT_RATIOS, EvalData, SensitivityResult, analyse, top1_metric
 from .sensitivity.fingerprint import network_signature
 from .layers.surgery import Mask, apply_slices, supports_layer
-from .utils.errors import check_names
+from .utils.errors import check_names, tagged
 from .deploy.kernels import AUTO, Runtime, check_runtime, resolve_round_to
-from .planning.latency_allocation import LatencyTable, plan_latency_widths, predict_share
+from .planning.latency_allocation import LatencyTable, plan_latency_widths, predict_share, trade_for_latency
 
 logger = logging.getLogger(__name__)
 
@@ -392,15 +392,18 @@ class FilterPruner:
         return self.sensitivity(eval_func, path=sen_file, skip=skip).curves()
 
     def plan(self, flops: float, sensitivities: Optional[Sensitivities] = None,
-             skip: Names = (), strategy: Optional[str] = None, round_to: RoundTo = AUTO) -> Kept:
+             skip: Names = (), strategy: Optional[str] = None, round_to: RoundTo = AUTO,
+             latency_table: Optional[LatencyTable] = None) -> Kept:
         """Channels each group keeps so that the network loses `flops` of its FLOPs.
 
         Describes the groups to `planning.plan_group_ratios` (FLOPs from channel counts, through
-        the traced graph) and selects the channels of the ratios it returns. Prunes nothing.
+        the traced graph) and selects the channels of the ratios it returns; with
+        `latency_table`, then trades width between groups toward the plan the table predicts
+        fastest (`planning.latency_allocation.trade_for_latency`). Prunes nothing.
         The target is relative to the network as it is now (pruned before or not).
 
         Args:
-            flops, sensitivities, skip, strategy, round_to: see `prune_to_flops`.
+            flops, sensitivities, skip, strategy, round_to, latency_table: see `prune_to_flops`.
 
         Returns:
             Group index -> kept channel indices (for `apply`).
@@ -411,6 +414,8 @@ class FilterPruner:
         auto = isinstance(round_to, str) and round_to == AUTO
         if auto:  # a bad target is an error now, not a reason to try finer multiples
             check_fraction(flops, "FLOPs target")
+        if latency_table is not None:
+            self._check_table(latency_table)
         round_to = resolve_round_to(round_to, self.runtime)
         curves = self._curves(sensitivities)
         strategy = auto_strategy(strategy, curves is not None)
@@ -427,12 +432,40 @@ class FilterPruner:
                 kept = self.select(ratios, round_to)
                 cut = 1.0 - self.graph.flops({gi: len(k) for gi, k in kept.items()}) / base
                 if not auto or round_to == 1 or cut <= float(flops) + AUTO_SLACK:
-                    return kept
+                    if latency_table is None:
+                        return kept
+                    return self._trade(kept, latency_table, float(flops), curves, strategy, skip_names, round_to)
             # "auto" keeps the target within AUTO_SLACK: widths too small to round well (a small
             # network's) get a finer multiple instead of a plan far past the target
             logger.info("round_to='auto': multiples of %d do not reach a %.3f FLOPs cut within %.3f; trying "
                         "multiples of %d", round_to, float(flops), AUTO_SLACK, round_to // 2)
             round_to //= 2
+
+    def _check_table(self, table: Any) -> None:
+        if not isinstance(table, LatencyTable):
+            raise tagged("latency_table", TypeError(
+                f"latency_table must be a LatencyTable (deploy.latency_table.measure_latency_table), got "
+                f"{type(table).__name__}"))
+        here = {g.name: g.channels for g in self.groups}
+        for name, n in table.channels.items():
+            if here.get(name) != n:
+                what = f"{here[name]} channels here" if name in here else "no such group here"
+                raise tagged("latency_table", ValueError(
+                    f"latency_table was measured on another network or before it was pruned: group {name!r} "
+                    f"has {n} channels in the table, {what}; measure it again on the network as it is now"))
+
+    def _trade(self, kept: Kept, table: LatencyTable, flops: float, curves: Any, strategy: str,
+               skip: Sequence[str], round_to: int) -> Kept:
+        """`kept` with width traded between groups where `table` predicts it faster (same FLOPs cut)."""
+        counts = {gi: len(k) for gi, k in kept.items()}
+        traded = trade_for_latency(self._plan_groups(), self.graph.flops, table, counts, flops,
+                                   curves if strategy == "sensitivity" else None, skip, round_to,
+                                   slack=AUTO_SLACK)
+        out: Kept = {gi: k for gi, k in kept.items() if traded.get(gi) == len(k)}
+        changed = {self.groups[gi].name: (self.groups[gi].channels - w) / self.groups[gi].channels
+                   for gi, w in traded.items() if gi not in out}
+        out.update(self.select(changed))  # single-block groups: the exact count (round_to 1)
+        return out
 
     def plan_latency(self, target: float, table: LatencyTable, sensitivities: Optional[Sensitivities] = None,
                      skip: Names = (), strategy: Optional[str] = None, max_ratio: float = 0.9) -> Kept:
@@ -460,10 +493,11 @@ class FilterPruner:
         channels = {g.name: g.channels for g in self.groups}
         return self.select({name: (channels[name] - w) / channels[name] for name, w in widths.items()})
 
-    def latency_share(self, table: LatencyTable, kept: Kept) -> float:
-        """The latency share `table` predicts for `kept` (as `plan_latency` predicts it)."""
+    def latency_share(self, table: LatencyTable, kept: Kept, interpolate: bool = False) -> float:
+        """The latency share `table` predicts for `kept` (as `plan_latency` predicts it; with
+        `interpolate`, as `plan(..., latency_table=)` does)."""
         widths = {self.groups[gi].name: len(k) for gi, k in kept.items() if len(k) < self.groups[gi].channels}
-        return predict_share(table, widths, self._plan_groups(), self.graph.flops)
+        return predict_share(table, widths, self._plan_groups(), self.graph.flops, interpolate=interpolate)
 
     def check_target(self, flops: float, skip: Names = (), strategy: Optional[str] = None,
                      sensitivities: Optional[Sensitivities] = None,
@@ -532,7 +566,7 @@ class FilterPruner:
 
     def prune_to_flops(self, flops: float, sensitivities: Optional[Sensitivities] = None,
                        skip: Names = (), strategy: Optional[str] = None,
-                       round_to: RoundTo = AUTO) -> PrunePlan:
+                       round_to: RoundTo = AUTO, latency_table: Optional[LatencyTable] = None) -> PrunePlan:
         """Prune so that the network loses `flops` of its FLOPs (see `planning.plan_group_ratios`).
 
         The share is of the network's FLOPs as it is now: pruning twice by 0.2 leaves 0.64 of
@@ -553,14 +587,21 @@ class FilterPruner:
                 point (widths too small to round well); 1: exact counts. A group no wider than
                 the multiple rounds to a smaller power of two (`planning.fit_multiple`); no group
                 is rounded wider than it is or to zero channels.
+            latency_table: a LatencyTable measured on this network as it is now
+                (`deploy.latency_table.measure_latency_table`, on the runtime it will be served by,
+                at the same multiple): among plans that meet the same FLOPs target (within half a
+                point), take one the table predicts faster, by trading width between groups (no
+                group cut to a loss above the plan's most-cut group; see
+                `planning.latency_allocation.trade_for_latency`). None (default): the FLOPs plan.
 
         Raises:
             ValueError: see `planning.plan_group_ratios`; an unknown group in `skip`; curves
-                measured with another criterion or on another network, or holding NaN.
-            TypeError: `sensitivities` of another type.
+                measured with another criterion or on another network, or holding NaN; a
+                `latency_table` measured on another network.
+            TypeError: `sensitivities` or `latency_table` of another type.
         """
         sens = sensitivities if sensitivities is not None else self._sensitivity
-        return self.apply(self.plan(flops, sens, skip, strategy, round_to))
+        return self.apply(self.plan(flops, sens, skip, strategy, round_to, latency_table))
 
     def sensitive_prune(self, pruned_flops: float, skip_vars: Sequence[str] = (),
                         align: Optional[int] = None) -> PrunePlan:

@@ -276,3 +276,132 @@ def test_predicted_share_accounts_for_groups_that_meet_in_one_layer() -> None:
     additive = table.share({pruner.groups[gi].name: len(k) for gi, k in kept.items()})
     predicted = pruner.latency_share(table, kept)
     assert abs(predicted - truth) < 0.02 < abs(additive - truth), (predicted, additive, truth)
+
+
+# -- the latency table for FLOPs targets -----------------------------------------------------------
+def fake_table(pruner: FilterPruner, round_to: int = 16) -> LatencyTable:
+    clock = FakeClock()
+    options = LatencyOptions(backend="eager", warmup=0, repeats=1)
+    return measure_latency_table(pruner, options, round_to=round_to, clock=clock,
+                                 runner_factory=fake_factory(clock, []))
+
+
+def cut_of(pruner: FilterPruner, kept: Dict[int, Any]) -> float:
+    return 1 - pruner.graph.flops({gi: len(k) for gi, k in kept.items()}) / pruner.graph.flops({})
+
+
+def test_latency_table_picks_a_faster_plan_with_the_same_flops_on_a_stepped_device() -> None:
+    """The tiny network's FLOPs plan lands off the blocks of 16 (round_to 'auto' halves its multiple
+    to reach 30% within half a point), so on the fake device it is no faster at all; the table moves
+    widths onto the cheap side of the steps and gives the FLOPs back where they cost no time."""
+    net = step_net()
+    pruner = FilterPruner(net, [1, 3, 8, 8])
+    table = fake_table(pruner)
+    plain = pruner.plan(0.3, strategy="uniform")
+    aware = pruner.plan(0.3, strategy="uniform", latency_table=table)
+    for kept in (plain, aware):
+        assert 0.3 <= cut_of(pruner, kept) <= 0.305
+    predicted = [pruner.latency_share(table, k, interpolate=True) for k in (plain, aware)]
+    measured = [blocked_cost(pruned_net(pruner, k)) / blocked_cost(net) for k in (plain, aware)]
+    assert measured[0] == pytest.approx(1.0) and predicted[0] == pytest.approx(1.0)
+    assert predicted[1] < 0.8 and measured[1] < 0.8, (predicted, measured)
+    assert any(len(k) % 16 == 0 for k in aware.values())
+    assert net[0].weight.shape[0] == 64  # planning prunes nothing
+
+
+@pytest.fixture(scope="module")
+def mobilenet_table():
+    paddle.seed(0)
+    net = M.mobilenet_v1(scale=0.5, num_classes=10)
+    pruner = FilterPruner(net, S32)
+    return net, pruner, fake_table(pruner)
+
+
+@pytest.mark.parametrize("strategy", ["uniform", "sensitivity"])
+def test_latency_aware_flops_plans_on_mobilenet_meet_the_target_and_run_faster(strategy, mobilenet_table) -> None:
+    net, pruner, table = mobilenet_table
+    curves = None
+    if strategy == "sensitivity":  # later groups matter less, as trained networks' often do
+        n = len(pruner.prunable_groups)
+        curves = {g.name: {r: r * r * (2.0 - i / n) for r in (0.2, 0.4, 0.6, 0.8, 0.9)}
+                  for i, g in enumerate(pruner.prunable_groups)}
+    base = blocked_cost(net)
+    for flops in (0.3, 0.5, 0.7):
+        plain = pruner.plan(flops, curves, strategy=strategy)
+        aware = pruner.plan(flops, curves, strategy=strategy, latency_table=table)
+        assert flops <= cut_of(pruner, aware) <= flops + 0.005
+        predicted = [pruner.latency_share(table, k, interpolate=True) for k in (plain, aware)]
+        measured = [blocked_cost(pruned_net(pruner, k)) / base for k in (plain, aware)]
+        assert predicted[1] < predicted[0] - 0.01 and measured[1] < measured[0], (flops, predicted, measured)
+        # no group is cut more than 10% of its channels (or one block of 16) beyond the FLOPs plan
+        for gi, k in aware.items():
+            n = pruner.groups[gi].channels
+            assert len(k) >= min(len(plain.get(gi, range(n))) - 0.1 * n, len(plain.get(gi, range(n))) - 16)
+
+
+def test_without_a_latency_table_the_flops_plan_is_unchanged() -> None:
+    paddle.seed(0)
+    net = M.mobilenet_v1(num_classes=10)
+    pruner = FilterPruner(net, S32)
+    groups = pruner._plan_groups()
+    for flops in (0.3, 0.5):
+        kept = pruner.plan(flops, strategy="uniform", latency_table=None)
+        ratios = plan_group_ratios(groups, pruner.graph.flops, None, flops, strategy="uniform",
+                                   round_to=resolve_round_to("auto", pruner.runtime))
+        want = pruner.select(ratios, resolve_round_to("auto", pruner.runtime))
+        assert set(kept) == set(want) and all((kept[gi] == want[gi]).all() for gi in kept)
+    cb = FilterPruneCallback(flops=0.3)
+    assert cb.latency_aware is False and cb.table is None
+
+
+def test_latency_table_and_latency_aware_are_checked() -> None:
+    net = step_net()
+    pruner = FilterPruner(net, [1, 3, 8, 8])
+    with pytest.raises(TypeError, match="latency_table must be a LatencyTable") as err:
+        pruner.plan(0.3, strategy="uniform", latency_table={"0": {48: 0.9}})
+    assert err.value.argument == "latency_table"
+    other = LatencyTable({"0": {16: 0.5}}, {"0": 32})
+    with pytest.raises(ValueError, match="latency_table was measured on another network or before it was pruned: "
+                                         "group '0' has 32 channels in the table, 64 channels here"):
+        pruner.prune_to_flops(0.3, strategy="uniform", latency_table=other)
+    assert net[0].weight.shape[0] == 64
+    with pytest.raises(TypeError, match="latency_aware must be True or False, got 'yes'"):
+        FilterPruneCallback(flops=0.3, latency_aware="yes")
+    with pytest.raises(ValueError, match="latency_aware=True chooses among plans for a flops target"):
+        FilterPruneCallback(latency=0.6, latency_aware=True)
+    with pytest.raises(ValueError, match="GPU runtime"):
+        FilterPruneCallback(flops=0.3, latency_aware=True, runtime="onnxruntime_cuda")
+
+
+def test_callback_measures_the_table_on_its_runtime_and_plans_with_it(monkeypatch, make_model) -> None:
+    from prune_callbacks.callbacks import prune as prune_module
+
+    seen = {}
+
+    def measure(pruner, options, **kwargs):
+        seen.update(backend=options.backend, **kwargs)
+        return fake_table(pruner, kwargs["round_to"])
+
+    monkeypatch.setattr(prune_module, "measure_latency_table", measure)
+    net = step_net()
+    model = paddle.Model(net, inputs=[paddle.static.InputSpec([None, 3, 8, 8], "float32", "x")])
+    model.prepare(paddle.optimizer.SGD(0.1, parameters=net.parameters()), nn.CrossEntropyLoss())
+    cb = FilterPruneCallback(flops=0.3, strategy="uniform", latency_aware=True, runtime="onnxruntime")
+    cb.set_model(model)
+    plan = cb.prune_now(0)
+    assert seen["backend"] == "onnxruntime" and seen["round_to"] == resolve_round_to("auto", "onnxruntime")
+    assert cb.table is not None and 0.3 <= plan.pruned_flops <= 0.305
+    assert blocked_cost(net) / blocked_cost(step_net()) < 0.8  # the plain plan's would be 1.0
+
+
+def test_the_app_passes_prune_latency_aware(tmp_path) -> None:
+    from app_helpers import make_cfg
+    from prune_callbacks.app.run import prepare
+    from prune_callbacks.app.schema import ConfigError, validate_config
+
+    small = ["trainer.epochs_before=1", "trainer.epochs_after=0", "callbacks=none", "prune.strategy=uniform"]
+    run = prepare(validate_config(make_cfg(small + ["prune.latency_aware=true"], tmp_path)))
+    assert run.pruner.latency_aware is True
+    assert prepare(validate_config(make_cfg(small, tmp_path))).pruner.latency_aware is False
+    with pytest.raises(ConfigError, match="prune.latency_aware=True: latency_aware=True chooses among plans"):
+        prepare(validate_config(make_cfg(small + ["prune.latency_aware=true", "prune.latency=0.6"], tmp_path)))

@@ -49,7 +49,7 @@ ARGUMENT_KEYS = {
     "path": "prune.sensitivity_file", "max_loss": "prune.max_loss",
     "batch_size": "trainer.eval_batch_size", "input_shape": "data.image_size", "eval_data": "data.val",
     "alpha": "prune.distill.alpha", "temperature": "prune.distill.temperature",
-    "latency": "prune.latency", "sensitivity": "prune.strategy",
+    "latency": "prune.latency", "latency_aware": "prune.latency_aware", "sensitivity": "prune.strategy",
     "standardize": "prune.distill.standardize", "kind": "prune.sparsity.kind",
     "strength": "prune.sparsity.strength", "growing": "prune.sparsity.growing",
     "start_epoch": "prune.sparsity.start_epoch",
@@ -204,7 +204,8 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
             latency_options=run_latency_options(cfg), at_epoch=at,
             criterion=p.criterion, skip=list(p.skip),
             sensitivity=sensitivity, strategy=p.strategy, round_to=p.round_to, steps=p.steps,
-            input_shape=shape, runtime=p.runtime, layer_norm_widths=p.layer_norm_widths)
+            input_shape=shape, runtime=p.runtime, layer_norm_widths=p.layer_norm_widths,
+            latency_aware=p.latency_aware)
         if p.distill.alpha:
             run.distill = DistillCallback(alpha=p.distill.alpha, temperature=p.distill.temperature,
                                           standardize=p.distill.standardize)

@@ -87,6 +87,7 @@ class PruneConf:
     round_to: Any = "auto"
     runtime: Optional[str] = None
     layer_norm_widths: bool = True
+    latency_aware: bool = False
     sensitivity_samples: Optional[int] = 64
     sensitivity_engine: str = "auto"
     sensitivity_metric: str = "top1"

@@ -81,6 +81,12 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         layer_norm_widths: let channels a LayerNorm normalises (a transformer's embedding
             width) be pruned, LayerNorm renormalising over the kept ones (default); False keeps
             them whole (`FilterPruner`'s switch of the same name).
+        latency_aware: for a `flops` target: measure the per-group latency table on `runtime`
+            first (`measure_latency_table`, about four exports per group: 1.5-2.5 minutes for
+            MobileNetV1 at 224x224 on a 2-core CPU) and take, among plans meeting the same FLOPs
+            target, one the table predicts faster (`FilterPruner.plan(..., latency_table=)`).
+            Off by default (see docs/latency.md for what it measured). The table is kept in
+            `.table`.
 
     Raises:
         ValueError / TypeError: at construction for bad arguments, or curves measured with
@@ -101,7 +107,7 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                  strategy: Optional[str] = None, round_to: Union[int, str] = AUTO, steps: int = 1,
                  input_shape: Optional[Sequence[int]] = None, latency: Optional[float] = None,
                  latency_options: Optional[LatencyOptions] = None, runtime: Optional[str] = None,
-                 layer_norm_widths: bool = True) -> None:
+                 layer_norm_widths: bool = True, latency_aware: bool = False) -> None:
         super().__init__()
         if flops is not None and latency is not None:
             raise tagged("latency", ValueError(f"give exactly one of flops={flops!r} (a FLOPs cut) and "
@@ -115,15 +121,22 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             self.latency = check_latency_target(latency) if latency is not None else None
         with about("runtime"):
             self.runtime, self.latency_options = _runtime_and_options(runtime, latency_options)
-            if self.latency is not None:
+            if self.latency is not None or latency_aware is True:
                 latency_backend(self.runtime)  # a GPU runtime cannot be measured here: say so now
+        if not isinstance(latency_aware, bool):
+            raise tagged("latency_aware", TypeError(f"latency_aware must be True or False, got {latency_aware!r}"))
+        if latency_aware and latency is not None:
+            raise tagged("latency_aware", ValueError(
+                "latency_aware=True chooses among plans for a flops target; a latency target plans from the "
+                "latency table already: drop latency_aware, or give flops= instead of latency="))
+        self.latency_aware = latency_aware
         self.layer_norm_widths = bool(layer_norm_widths)
         if isinstance(sensitivity, SensitivityCallback) and sensitivity.layer_norm_widths != self.layer_norm_widths:
             raise tagged("layer_norm_widths", ValueError(
                 f"layer_norm_widths={self.layer_norm_widths} but the SensitivityCallback analyses with "
                 f"layer_norm_widths={sensitivity.layer_norm_widths}: give both callbacks the same value"))
         self.search: Optional[LatencySearch] = None  # the latency search's trials, once run
-        self.table: Optional[LatencyTable] = None  # the measured latency table (method "table")
+        self.table: Optional[LatencyTable] = None  # the measured latency table (method "table", latency_aware)
         self.flops = check_fraction(flops, "flops") if latency is None else None
         self.at_epoch = check_epoch("at_epoch", at_epoch)
         with about("criterion"):
@@ -251,11 +264,12 @@ class FilterPruneCallback(paddle.callbacks.Callback):
         net = self.model.network
         if step == 1:
             sens = self._sensitivities(epoch)
+            table = self._latency_table(pruner) if self.latency_aware and self.latency is None else None
 
             def plan_for_flops(f: float) -> Dict[int, np.ndarray]:
                 # no curves after a sensitivity fallback (SensitivityCallback.fallbacks): uniform
                 strategy = self.strategy if sens is not None else "uniform"
-                return pruner.plan(f, sens, self.skip, strategy, self.round_to)
+                return pruner.plan(f, sens, self.skip, strategy, self.round_to, latency_table=table)
 
             if self.latency is not None:  # prunes copies to measure; the network itself once, below
                 if is_main():  # one measurement decides for every rank (timings differ by rank)
@@ -286,6 +300,15 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                     "(target %.2f%%)", step, self.steps, epoch, plan.flops_before,
                     plan.flops_after, 100 * total, 100 * target)
         return plan
+
+    def _latency_table(self, pruner: FilterPruner) -> LatencyTable:
+        """The latency table on `runtime`, measured by rank 0 and shared (timings differ by rank)."""
+        if is_main():
+            skip = [pruner.groups[pruner.group_index(s)].name for s in self.skip]
+            self.table = measure_latency_table(pruner, self.latency_options, skip=skip,
+                                               round_to=resolve_round_to(self.round_to, self.runtime))
+        self.table = all_gather(self.table)[0]
+        return self.table
 
     def _latency_plan(self, pruner: FilterPruner, sens: Optional[SensitivityResult],
                       plan_for_flops) -> LatencySearch:

@@ -107,7 +107,7 @@ def measure_latency_table(pruner: TablePruner, options: LatencyOptions = Latency
                     ", ".join(f"{w}:{s:.3f}" for w, s in raw[g.name].items()))
     logger.info("latency table: %d groups, %d exports in %.0f s (%s, batch %d)", len(shares), exports,
                 time.perf_counter() - start, options.backend, options.batch)
-    return LatencyTable(shares, channels, options.backend, options.batch, tuple(shape), exports, raw)
+    return LatencyTable(shares, channels, options.backend, options.batch, tuple(shape), exports, raw, round_to)
 
 
 def verify_latency_plan(pruner: TablePruner, target: float, plan_at: Callable[[float], Tuple[Kept, float]],

@@ -12,16 +12,18 @@ corrects.
 from __future__ import annotations
 
 import logging
+import math
 from dataclasses import dataclass, field
 from typing import Dict, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .allocation import FlopsFn, PlanGroup
+from .allocation import FlopsFn, PlanGroup, fit_multiple
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["LatencyTable", "monotone", "efficient_widths", "predict_share", "plan_latency_widths"]
+__all__ = ["LatencyTable", "monotone", "efficient_widths", "predict_share", "plan_latency_widths",
+           "trade_for_latency"]
 
 
 @dataclass(frozen=True)
@@ -43,15 +45,34 @@ class LatencyTable:
     exports: int = field(default=0, compare=False)
     raw: Mapping[str, Mapping[int, float]] = field(default_factory=dict, compare=False)
     """The shares as measured, before `monotone`."""
+    round_to: int = 1
+    """The channel multiple of the measured widths (the kernels' block: `fit_multiple` per group)."""
 
-    def share(self, widths: Mapping[str, int]) -> float:
-        """Predicted latency share of the network when group g keeps `widths[g]` (others whole)."""
+    def share(self, widths: Mapping[str, int], interpolate: bool = False) -> float:
+        """Predicted latency share of the network when group g keeps `widths[g]` (others whole);
+        between measured widths the next wider one's share, or with `interpolate` the line
+        between its neighbours (`interpolated`)."""
+        at = self.interpolated if interpolate else self._at
         total = 1.0
         for name, w in widths.items():
             if name not in self.shares or w >= self.channels[name]:
                 continue
-            total += self._at(name, w) - 1.0
+            total += at(name, w) - 1.0
         return total
+
+    def interpolated(self, name: str, width: int) -> float:
+        """The share at `width`: a width off the table's grid (multiples of `round_to`, per group
+        `fit_multiple`) costs as the next grid width above it (blocked kernels: 17 channels
+        cost as much as 32); on the grid, linear between the measured widths and the full width
+        at 1.0 (there every width runs blocked kernels and time falls with the work); below the
+        narrowest measured, that one's.
+        """
+        table, n = self.shares[name], self.channels[name]
+        step = fit_multiple(n, self.round_to)
+        width = min(n, int(math.ceil(width / step)) * step)
+        xs = sorted(w for w in table if w < n) + [n]
+        ys = [table[w] for w in xs[:-1]] + [1.0]
+        return float(np.interp(width, xs, ys))
 
     def _at(self, name: str, width: int) -> float:
         """The share at `width`; between measured widths, that of the next wider one (a width
@@ -119,16 +140,17 @@ def _loss(curve: Optional[Sequence[Tuple[float, float]]], ratio: float) -> float
 
 
 def predict_share(table: LatencyTable, widths: Mapping[str, int], groups: Sequence[PlanGroup],
-                  flops_fn: Optional[FlopsFn] = None, _single: Optional[Dict[Tuple[str, int], int]] = None) -> float:
+                  flops_fn: Optional[FlopsFn] = None, _single: Optional[Dict[Tuple[str, int], int]] = None,
+                  interpolate: bool = False) -> float:
     """Predicted latency share when group g keeps `widths[g]`: the table's summed savings, scaled
     by how much of the summed single-group FLOPs savings the joint plan really saves.
 
     Cutting two groups that meet in one layer (a conv's input and output) shrinks that layer as the
     product of their widths, so single-group savings add up to more than the joint saving. FLOPs
     (`flops_fn`, exact from the traced graph) measure that overlap; the latency savings are assumed
-    to overlap alike. Without `flops_fn`, the plain sum (`LatencyTable.share`).
+    to overlap alike. Without `flops_fn`, the plain sum (`LatencyTable.share`, `interpolate`d or not).
     """
-    additive = table.share(widths)
+    additive = table.share(widths, interpolate)
     if flops_fn is None or not widths:
         return additive
     index = {g.name: i for i, g in enumerate(groups)}
@@ -232,3 +254,167 @@ def plan_latency_widths(groups: Sequence[PlanGroup], table: LatencyTable, target
     logger.info("latency table plan: predicted share %.3f (target %.3f), %d of %d groups cut", share,
                 target, sum(i > 0 for i in at.values()), len(at))
     return widths()
+
+
+def trade_for_latency(groups: Sequence[PlanGroup], flops_fn: FlopsFn, table: LatencyTable,
+                      counts: Mapping[int, int], flops: float,
+                      curves: Optional[Mapping[str, Mapping[float, float]]] = None, skip: Sequence[str] = (),
+                      round_to: int = 1, max_ratio: float = 0.9, max_shift: float = 0.1,
+                      slack: float = 0.005, min_gain: float = 1e-4) -> Dict[int, int]:
+    """Kept counts that still remove `flops` of the FLOPs (within `slack`) and that `table`
+    predicts faster than `counts` (a FLOPs plan, e.g. `plan_group_ratios`'): width is traded
+    between groups.
+
+    Each step tries, for every group, one move to its next narrower *efficient* width (faster
+    than every wider one, `efficient_widths`, on the table's grid); the FLOPs that move removes
+    beyond the target are then given back to other groups, one `round_to` step at a time (free
+    where it stays within one kernel block), where the table says they cost the least time per
+    FLOP, while the target holds. Of the moves that land within [flops, flops + slack] and save
+    more than `min_gain` of predicted latency, the one losing least per unit of latency saved
+    is made (HALP's trade-off). Repeats until no move saves time.
+
+    The start plan's accuracy logic is kept twice: moves are ranked by the sensitivity loss
+    they cost (without curves, the squared ratio, which spreads the cut), and no group loses
+    more than `max_shift` of its channels (or one kernel block, if more) beyond what `counts`
+    takes from it, so the plan stays near the one the allocation chose (widening is free).
+    Groups that are skipped, unprunable, grouped into blocks, routed, without a table entry or
+    (with curves) without a curve keep their count in `counts`.
+
+    Latency is predicted as `predict_share`, with shares interpolated between the measured
+    widths on the table's grid (`LatencyTable.interpolated`; off it, a width costs as the next
+    grid width above it).
+
+    Args:
+        groups: every group, in `flops_fn`'s order.
+        flops_fn: FLOPs of kept counts by group position (`FlopsFn`).
+        table: the measured latency table.
+        counts: the FLOPs plan's kept counts by group position (groups left out are whole).
+        flops: the FLOPs cut it must keep, in (0, 1).
+        curves: `{group: {ratio: loss}}`, or None (loss: the squared ratio).
+        skip: group names kept as in `counts`.
+        round_to: the plan's channel multiple: the steps in which FLOPs are given back.
+        max_ratio: the largest share of a group's channels removed.
+        max_shift: the largest share of a group's channels removed beyond `counts`.
+        slack: the FLOPs cut may exceed `flops` by this much (or by as much as `counts` does).
+        min_gain: a move must save more predicted latency share than this.
+
+    Returns:
+        Kept counts by group position, for every group below its width; `counts` itself (as a
+        dict) when no trade is predicted faster.
+    """
+    counts = {int(i): int(c) for i, c in counts.items() if c < groups[i].channels}
+    base = flops_fn({})
+    if base <= 0:
+        return counts
+
+    def cut(c: Mapping[int, int]) -> float:
+        return 1.0 - flops_fn(c) / base
+
+    ceiling = max(cut(counts), flops + slack)
+    skipped = set(skip)
+    grid: Dict[int, Tuple[int, ...]] = {}  # efficient widths, widest (the full width) first
+    curve: Dict[int, Optional[Sequence[Tuple[float, float]]]] = {}
+    for i, g in enumerate(groups):
+        if not g.prunable or g.name in skipped or g.name not in table.shares or g.units \
+                or g.round_width is not None or not table.shares[g.name]:
+            continue
+        top = max_ratio
+        if curves is not None:
+            if g.name not in curves:
+                continue
+            pts = sorted((float(r), float(l)) for r, l in curves[g.name].items())
+            curve[i] = [(0.0, 0.0)] + pts
+            top = min(top, pts[-1][0]) if pts else 0.0
+        else:
+            curve[i] = None
+        n, step = g.channels, fit_multiple(g.channels, table.round_to)
+        start = counts.get(i, n)
+        below = (start - 1) // step * step  # one kernel block below the start, at least
+        low = max(min(table.shares[g.name]), int(math.ceil(n * (1.0 - top) - 1e-9)),
+                  min(int(math.ceil(start - n * max_shift - 1e-9)), below))
+        widths = [n] + [w for w in range(n - n % step if n % step else n - step, 0, -step) if w >= low]
+        efficient, best = [], 2.0
+        for w in widths:
+            s = table.interpolated(g.name, w) if w < n else 1.0
+            if s < best - 1e-12:
+                efficient.append(w)
+                best = s
+        if len(efficient) > 1:
+            grid[i] = tuple(efficient)
+    if not grid:
+        return counts
+
+    def width(c: Mapping[int, int], i: int) -> int:
+        return c.get(i, groups[i].channels)
+
+    def loss(i: int, w: int) -> float:
+        return _loss(curve[i], 1.0 - w / groups[i].channels)
+
+    single: Dict[Tuple[str, int], int] = {}
+
+    def predicted(c: Mapping[int, int]) -> float:
+        named = {groups[i].name: w for i, w in c.items()}
+        return predict_share(table, named, groups, flops_fn, single, interpolate=True)
+
+    def shrink(i: int, w: int) -> Optional[int]:
+        return next((x for x in grid[i] if x < w), None)
+
+    def widen(i: int, w: int) -> Optional[int]:
+        n = groups[i].channels
+        if w >= n:
+            return None
+        step = fit_multiple(n, round_to)
+        return min(n, (w // step + 1) * step)
+
+    def land(c: Dict[int, int], moved: int) -> Dict[int, int]:
+        """Give back what the target does not need, where it costs the least time per FLOP."""
+        while True:
+            now_flops = flops_fn(c)
+            best, best_cost = None, None
+            for i in grid:
+                w = width(c, i)
+                wider = widen(i, w) if i != moved else None
+                if wider is None:
+                    continue
+                trial = dict(c)
+                trial[i] = wider
+                added = flops_fn(trial) - now_flops
+                if added <= 0 or cut(trial) < flops:
+                    continue
+                s0 = table.interpolated(groups[i].name, w)
+                s1 = table.interpolated(groups[i].name, wider)
+                cost = ((s1 - s0) / added, i)
+                if best_cost is None or cost < best_cost:
+                    best, best_cost = trial, cost
+            if best is None:
+                return {i: w for i, w in c.items() if w < groups[i].channels}
+            c = best
+
+    state = dict(counts)
+    share, total = predicted(state), sum(loss(i, w) for i, w in state.items() if i in grid)
+    start_share = share
+    for _ in range(10_000):  # each move saves more than min_gain: this bound is never reached
+        best = None
+        for i in grid:
+            narrower = shrink(i, width(state, i))
+            if narrower is None:
+                continue
+            moved = dict(state)
+            moved[i] = narrower
+            moved = land(moved, i)
+            if cut(moved) > ceiling + 1e-12 or cut(moved) < flops:
+                continue
+            s = predicted(moved)
+            if s > share - min_gain:
+                continue
+            lost = sum(loss(j, w) for j, w in moved.items() if j in grid)
+            key = ((lost - total) / (share - s), groups[i].name)
+            if best is None or key < best[0]:
+                best = (key, moved, s, lost)
+        if best is None:
+            break
+        _, state, share, total = best
+    if share < start_share:
+        logger.info("latency-aware FLOPs plan: predicted latency share %.3f instead of %.3f, FLOPs cut %.4f "
+                    "(target %.3f)", share, start_share, cut(state), flops)
+    return state
