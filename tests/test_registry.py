@@ -1,8 +1,10 @@
 """The README's extension recipe as written: a custom layer and a custom op, then an exact prune.
 
 The network uses a layer the package has never heard of (one learnable scale per channel) and an
-op the tracer has no handler for (`erf`). Unregistered, both keep conv1's channels; registered
-in the README's few lines, the network prunes and the pruned output equals the masked one.
+op the tracer has no handler for (`erf`). The unknown op keeps conv1's channels; the layer, once
+the op is known, prunes because a trial prune shows its `channels` int right when kept in sync;
+registered in the README's few lines, the network prunes and the pruned output equals the
+masked one.
 """
 from __future__ import annotations
 
@@ -90,10 +92,18 @@ def test_unregistered_layer_and_op_keep_their_channels(isolated_registries):
 
     tracing.register_op("erf")(lambda state, op, ins, outs: setattr(outs[0], "ids",
                                                                      state.ids_of(ins[0])))
-    conv1 = {g.name: g for g in FilterPruner(_Net(), SHAPE).groups}["conv1"]
-    assert not conv1.prunable
-    assert conv1.reason == ("layer gain (ChannelScale) has no registered surgery; see "
-                            "prune_callbacks.register_layer_type")
+    # no handler for ChannelScale: its scale is sliced as a plain parameter, and the trial
+    # prune on a copy decides its `channels` int (kept in sync, which leaves the output right)
+    net = _Net()
+    net.gain.scale.set_value(np.linspace(0.5, 1.5, 8).astype("float32"))
+    pruner = FilterPruner(net, SHAPE)
+    assert {g.name: g for g in pruner.groups}["conv1"].prunable
+    x = paddle.randn(SHAPE)
+    with pruner.mask({"conv1": 0.5}):
+        masked = _run(net, x)
+    pruner.prune({"conv1": 0.5})
+    assert net.gain.channels == 4 and net.gain.scale.shape == [4]
+    np.testing.assert_allclose(_run(net, x), masked, rtol=1e-5, atol=1e-6)
 
 
 def test_readme_recipe_prunes_the_custom_layer_exactly(isolated_registries):

@@ -325,15 +325,27 @@ def test_an_attention_layer_registers_its_head_count_name():
     from prune_callbacks.layers.registry import AttentionPruning, _HANDLERS
     from transformer_nets import TalkingAttention, TalkingViT
     shape = [2, 3, 16, 16]
-    heads = {g.name: g for g in _pruner(TalkingViT(), shape).groups}["attn.qkv"]
+    heads = {g.name: g for g in _pruner(TalkingViT(temperature=False), shape).groups}["attn.qkv"]
     assert not heads.prunable and "AttentionPruning" in heads.reason
     register_layer_type(TalkingAttention, AttentionPruning("h"))
     try:
-        net = TalkingViT()
-        check_pruned(net, shape, {"attn.qkv": 0.5})
-        assert net.attn.h == 2 and net.attn.temperature.shape == [1, 2, 1, 1]
+        for temperature in (True, False):
+            net = TalkingViT(temperature)
+            check_pruned(net, shape, {"attn.qkv": 0.5})
+            assert net.attn.h == 2
+        assert net.attn.temperature is None
     finally:
         _HANDLERS.pop(TalkingAttention, None)
+
+
+def test_an_int_kept_equal_to_a_per_head_parameter_is_synced_by_trial():
+    """Unregistered, `h` sits next to a per-head temperature of the same layer: the trial prune
+    shows the forward needs it in sync with the pruned heads, so it is kept so, and the heads
+    prune (pruned equals masked)."""
+    from transformer_nets import TalkingViT
+    net = TalkingViT()
+    check_pruned(net, [2, 3, 16, 16], {"attn.qkv": 0.5})
+    assert net.attn.h == 2 and net.attn.temperature.shape == [1, 2, 1, 1]
 
 
 @pytest.mark.parametrize("batch", [1, 3])
@@ -354,3 +366,92 @@ def test_an_index_along_the_heads_axis_keeps_heads_whole():
     groups = {g.name: g for g in _pruner(FirstHeadOnly(), [1, 3, 16, 16]).groups}
     heads = groups["qkv"]
     assert not heads.prunable and "picks single heads" in heads.reason
+
+
+# ---------------------------------------------------------------------------------------------
+# Ints kept equal to the width; forwards registered for attention that writes sizes in
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("reads_width", [False, True])
+def test_width_ints_of_the_root_are_decided_by_trial(reads_width):
+    """The root keeps `embed_dim`/`num_features` equal to the width next to its class token and
+    position embedding (as PaddleClas does). Read by the forward or not, the width prunes:
+    pruned equals masked, and the ints follow the pruned width."""
+    net = TinyViT(reads_width=reads_width)
+    check_pruned(net, [2, 3, 8, 8], {"patch_embed": 0.25, "blocks.0.fc1": 0.5})
+    assert net.embed_dim == net.num_features == 24 == net.pos_embed.shape[-1]
+
+
+def test_a_registered_forward_makes_paddleclas_attention_prunable(tmp_path):
+    """PaddleClas's attention (`C // self.num_heads`, heads merged with C) keeps heads and width
+    whole; registered with `AttentionPruning(forward=...)` (the same computation, sizes read
+    from the weights), every head and the width prune: pruned equals masked (eval, train), a
+    training step runs, the network exports, and heads-only pruning equals masking exactly."""
+    from prune_callbacks import register_layer_type
+    from prune_callbacks.layers.registry import AttentionPruning, _HANDLERS
+    from transformer_nets import Attention, sized_attention_forward
+    shape = [2, 3, 8, 8]
+    groups = {g.name: g for g in _pruner(TinyViT(paddleclas=True), shape).groups}
+    assert not groups["blocks.0.attn.qkv"].prunable
+    assert "AttentionPruning(forward=" in groups["blocks.0.attn.qkv"].reason
+    assert not groups["patch_embed"].prunable and "blocks.0.attn" in groups["patch_embed"].reason
+    register_layer_type(Attention, AttentionPruning(forward=sized_attention_forward))
+    try:
+        net = TinyViT(paddleclas=True, distilled=True)
+        check_pruned(net, shape, expect_groups=["patch_embed", "blocks.0.attn.qkv",
+                                                "blocks.1.attn.qkv"])
+        assert net.blocks[0].attn.num_heads == 2 and net.patch_embed.weight.shape[0] == 16
+        net.eval()
+        path = os.path.join(tmp_path, "vit")
+        paddle.jit.save(net, path, input_spec=[paddle.static.InputSpec([None] + shape[1:],
+                                                                       "float32")])
+        x = paddle.randn(shape)
+        assert rel_err(paddle.jit.load(path)(x).numpy(), net(x).numpy()) < 1e-5
+        heads_only = TinyViT(paddleclas=True)
+        check_pruned(heads_only, shape, {"blocks.0.attn.qkv": 0.5, "blocks.1.attn.qkv": 0.25},
+                     rtol=1e-5)
+    finally:
+        _HANDLERS.pop(Attention, None)
+
+
+def test_a_registered_forward_that_changes_the_output_is_not_used():
+    """A registered forward is checked on the unpruned network first: one that computes
+    something else is taken out again with a warning, and the layer keeps its own."""
+    from prune_callbacks import register_layer_type
+    from prune_callbacks.layers.registry import AttentionPruning, _HANDLERS
+    from transformer_nets import Attention
+    register_layer_type(Attention, AttentionPruning(forward=lambda self, x: x))
+    try:
+        net = TinyViT(paddleclas=True)
+        with pytest.warns(UserWarning, match="registered forward of Attention is not used"):
+            FilterPruner(net, [1, 3, 8, 8])
+        assert "forward" not in vars(net.blocks[0].attn)
+    finally:
+        _HANDLERS.pop(Attention, None)
+
+
+def test_swin_patch_merging_shift_mask_and_pvt_mlp_prune(tmp_path):
+    """PaddleClas's Swin and PVT ops: the shifted window's mask built with `set_value` on a
+    constant (no channels), strided slices of patch merging, the MLP's tokens reshaped to an
+    image around a depth-wise conv (`[N, C, L] -> [N, C, H, W]`): every group prunes, heads,
+    widths and the merged width included; pruned equals masked (eval, train), a training step
+    runs, the network exports; FLOPs predicted equal counted (a hand count)."""
+    shape = [2, 3, 16, 16]
+    net = TinySwin(paddleclas_ops=True)
+    tokens, dim, hidden = 64, 32, 64
+    expected = (3 * dim * 4 * tokens + 2 * tokens * (4 * dim * dim + 2 * dim * hidden)
+                + 2 * tokens * hidden * 9 + (tokens // 4) * 4 * dim * 2 * dim + 2 * dim * 10)
+    assert count_flops(net, shape) == expected
+    names = [g.name for g in _pruner(net, shape).groups]
+    assert len(names) == 8, names  # input, width, 2 x (heads, MLP), merged width, output
+    check_pruned(net, shape, expect_groups=["patch_embed", "blocks.0.attn.qkv",
+                                            "blocks.1.attn.qkv", "blocks.0.fc1",
+                                            "blocks.1.fc1", "merge.reduction"])
+    assert net.merge.norm.weight.shape == [64] and net.blocks[1].dwconv.weight.shape[0] == 32
+    net.eval()
+    path = os.path.join(tmp_path, "swin")
+    paddle.jit.save(net, path, input_spec=[paddle.static.InputSpec([None] + shape[1:],
+                                                                   "float32")])
+    x = paddle.randn(shape)
+    assert rel_err(paddle.jit.load(path)(x).numpy(), net(x).numpy()) < 1e-5

@@ -24,7 +24,8 @@ from .tracing import (_OP_HANDLERS, SourceRec, TraceState, _compress, _expand, _
 
 HEADS_TRIAL = ("attention heads (the forward must reshape q, k and v with the layer's head count "
                "and merge the heads with -1 or num_heads * head_dim, not with the input's "
-               "width C, e.g. PaddleClas's `C // self.num_heads`)")
+               "width C, e.g. PaddleClas's `C // self.num_heads`; register a forward that "
+               "does with AttentionPruning(forward=...))")
 """What a head group's trial prune checks: that the forward reshapes q, k and v with a head count
 that follows the pruned one (`self.num_heads`, synced, or -1), and merges heads with a width that
 follows too (`-1` or `num_heads * head_dim`, not the input's `C`)."""
@@ -105,25 +106,46 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
                 return
             outs[0].ids = None
         target = ins[1].const if len(ins) > 1 else None
-        literal = target is None or np.asarray(target).ravel()[-1] not in (-1, 0)
-        if literal and _regroups_tokens(before, ins[0].shape, outs[0].shape):
+        c_out = _regroups_tokens(before, ins[0].shape, outs[0].shape) \
+            if _op_key(op.name()) in ("reshape", "view_shape") else None
+        literal = c_out is not None and (target is None or len(np.asarray(target).ravel())
+                                         != len(outs[0].shape) or
+                                         np.asarray(target).ravel()[c_out] not in (-1, 0))
+        if literal:
             ops._reshape_like(state, ins[0], outs[0], lambda a: a)
             state.trials.append((np.unique(before), TOKENS_TRIAL))
             return
     _base_reshape(state, op, ins, outs)
 
 
-TOKENS_TRIAL = ("reshape of tokens ([N, L, C] <-> [N, H, W, C], windows) with the channel count "
-                "written in (the forward must read C from the tensor)")
+TOKENS_TRIAL = ("reshape to a fixed channel count? (a reshape of tokens, [N, L, C] <-> "
+                "[N, H, W, C], [N, C, L] <-> [N, C, H, W] or windows, shows C as a literal: the "
+                "forward must read it from the tensor)")
 
 
-def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> bool:
-    """A reshape that regroups leading (token, window) axes and keeps the last, channel, axis:
-    `[N, L, C] -> [N, H, W, C]`. Static shapes show C as a literal either way, so a trial prune
-    checks that the forward reads it from the tensor."""
-    if not before or not after or before[-1] != after[-1] or ids.shape[-1] <= 1:
-        return False
-    return all(s == 1 for s in ids.shape[:-1])
+def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> Optional[int]:
+    """A reshape that regroups the token (and window) axes around one channel axis and keeps
+    that axis whole: `[N, L, C] -> [N, H, W, C]`, `[N, C, L] -> [N, C, H, W]` and back. Returns
+    the channel axis of the output (None: not such a reshape). Static shapes show C as a
+    literal either way, so a trial prune checks that the forward reads it from the tensor."""
+    if not before or not after or ids.ndim != len(before) or _varying(ids) != 1:
+        return None
+    c = next(a for a, s in enumerate(ids.shape) if s > 1)
+    if c == len(before) - 1 and int(before[-1]) == int(after[-1]):
+        return len(after) - 1  # channels last on both sides: `[N * L, C] -> [N, L, C]` too
+    if c == 0:
+        return None
+    lead = int(np.prod([abs(int(s)) for s in before[:c]]))
+    acc = 1
+    for a, s in enumerate(after):
+        if acc == lead and int(s) == int(before[c]):
+            # tokens regrouped, not only unit axes added or dropped (a channel shuffle's
+            # `[N, 2, H, W] -> [N, 2, 1, H, W]` at one channel per branch is the shuffle's)
+            kept = [int(x) for i, x in enumerate(before) if i not in (0, c) and x != 1]
+            now = [int(x) for i, x in enumerate(after) if i not in (0, a) and x != 1]
+            return a if kept != now else None
+        acc *= abs(int(s))
+    return None
 
 
 _base_slice = _OP_HANDLERS["slice"]  # whatever handled it before
@@ -163,6 +185,22 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
     taken = taken.reshape([n for a, n in enumerate(taken.shape) if a not in drop]) if drop \
         else taken
     out.ids = _compress(taken.reshape(out.shape))
+
+
+@register_op("strided_slice")
+def _strided_slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+    """`x[:, 0::2, 1::2, :]` (Swin's patch merging) along axes that carry no channels passes
+    them; along a channel axis it is given up on."""
+    x, out = ins[0], outs[0]
+    ids = state.ids_of(x)
+    if ids is None:
+        out.ids = None
+        return
+    axes = [int(a) % max(len(x.shape), 1) for a in op.attrs().get("axes", [])]
+    if not axes or ids.ndim != len(out.shape) or any(ids.shape[a] > 1 for a in axes):
+        unknown_op(state, op, ins, outs, why="strided slice along a channel axis")
+        return
+    out.ids = ids
 
 
 _base_concat = _OP_HANDLERS["concat"]  # whatever handled it before
@@ -357,10 +395,14 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
                 found = (path, layer, attr)
                 break
         if found is None:
+            hint = (" (these are attention heads: register the attention layer with "
+                    "prune_callbacks.layers.registry.AttentionPruning('<the name of its head "
+                    "count>'), or with AttentionPruning(forward=...), a forward that reads its "
+                    "sizes from its parameters)")
             if not g.prunable and "has no registered surgery" in g.reason:
-                g.reason += (" (these are attention heads: register the attention layer with "
-                             "prune_callbacks.layers.registry.AttentionPruning('<the name of "
-                             "its head count>'))")
+                g.reason += hint
+            elif graph._trial_whats.get(gi) == HEADS_TRIAL:  # said if the trial fails
+                graph._trial_whats[gi] = HEADS_TRIAL + hint
             continue
         path, layer, attr = found
         key, axis = g.producers[0]

@@ -25,8 +25,8 @@ from . import attention  # noqa: F401  (tokens and attention heads; after the op
 from . import norms  # LayerNorm widths (the layer_norm_widths switch)
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
-from ..layers.surgery import (allow_plain_parameters, apply_slices, trial_prune,
-                               trial_train_run)
+from ..layers.surgery import (allow_plain_parameters, apply_slices, install_forwards,
+                              track_count, trial_prune, trial_train_run, untrack_count)
 from .tracing import (MacKind, MacRec, MemberRec, Role, TraceModes, TraceState, _components, _compress,
                       trace_network)
 
@@ -133,6 +133,7 @@ class ChannelGraph:
                  modes: "TraceModes | str" = "auto",
                  train_inputs: Optional[TrainInputs] = None, layer_norm_widths: bool = True) -> None:
         self.layer_norm_widths = bool(layer_norm_widths)
+        install_forwards(net, input_shape)  # registered forwards (AttentionPruning(forward=))
         with norms.layer_norm_widths(layer_norm_widths):
             state = trace_network(net, input_shape, modes, example_spec(train_inputs),
                                   example_batch(train_inputs))
@@ -184,6 +185,9 @@ class ChannelGraph:
             reasons.add(classes.groups_of(ids), why)
         lead = _lead_params(st, classes)
         self.param_axes: Dict[Tuple[str, int], ParamAxis] = {}
+        # group -> ints kept by layers with no handler that equal the width of their own
+        # per-channel parameter: (layer path, attribute, parameter key, axis)
+        self._kept_ints: Dict[int, List[Tuple[str, str, str, int]]] = {}
         parts = self._add_param_axes(st, classes, reasons, supports_layer)
         partitions, self._split_groups = _block_partitions(st, classes, reasons)
         self._trial_whats: Dict[int, str] = {}
@@ -195,6 +199,9 @@ class ChannelGraph:
             for gi in classes.groups_of(ids):
                 self._split_groups.add(gi)
                 self._trial_whats.setdefault(gi, what)
+        for gi, ints in self._kept_ints.items():  # widths kept as ints: verified likewise
+            self._split_groups.add(gi)
+            self._trial_whats.setdefault(gi, _ints_what(ints))
         self.groups: List[Group] = self._make_groups(classes, lead, parts, partitions, reasons)
         # groups left whole only because shuffles nest splits: the route model may prune them
         self._reroute = sorted(gi for gi in reasons.fixable if gi in self._trial_whats)
@@ -225,13 +232,18 @@ class ChannelGraph:
                             f"parameter {key} is used with different channels")
                 continue
             self.param_axes[(key, m.axis)] = ParamAxis(key, m.axis, grp, ch, m.role)
-            # a plain parameter used in arithmetic (a LayerScale `x * self.gamma`) by a layer
-            # with no handler: its forward reads the tensor itself, so slicing it is enough,
-            # unless the layer also keeps the count as a number (that needs a registered sync)
-            plain = (m.role == Role.NORM and layer_handler(layer) is None
-                     and not _keeps_count(layer, int(m.ids.shape[-1])))
+            # a plain parameter used in arithmetic (a LayerScale `x * self.gamma`, a position
+            # embedding) by a layer with no handler: its forward reads the tensor itself, so
+            # slicing it is enough. Ints the layer keeps equal to the count (`self.embed_dim`)
+            # may be read by its forward or not: a trial prune decides (`_trial_kept_ints`)
+            plain = m.role == Role.NORM and layer_handler(layer) is None
             if plain:
                 self.plain_params.add(key)
+                ints = _kept_ints(layer, int(m.ids.shape[-1]))
+                if ints:
+                    for gi in hit:
+                        self._kept_ints.setdefault(gi, []).extend(
+                            (path, a, key, m.axis) for a in ints)
             if not supports_layer(layer) and not plain:
                 reasons.add(hit, f"layer {path or '<root>'} ({type(layer).__name__}) has no "
                                  "registered surgery; see "
@@ -282,7 +294,7 @@ class ChannelGraph:
             if drop.all():
                 continue
             keep_sl, drop_sl = self.group_slices(gi, ~drop)
-            failure = trial_prune(net, self.input_shape, keep_sl, drop_sl)
+            failure = self._trial_kept_ints(net, gi, keep_sl, drop_sl)
             if failure is not None:
                 g.prunable = False
                 what = self._trial_whats.get(gi, "split or slice")
@@ -321,6 +333,25 @@ class ChannelGraph:
                 g.reason = (f"{self._train_trials[gi]} sizes written into the code: a training "
                             f"forward of a copy pruned by one channel failed ({failure})")
                 warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
+    def _trial_kept_ints(self, net: paddle.nn.Layer, gi: int, keep_sl: Slices,
+                         drop_sl: Slices) -> Optional[str]:
+        """Trial-prune group `gi`. Ints its layers keep equal to the width
+        (`self.embed_dim = 768` next to a position embedding) are first kept in sync with the
+        pruned width (`surgery.track_count`); if the copy then differs from masking they are
+        left alone and tried again: a forward that reads them needs them in sync, one that never
+        reads them passes either way (they are then synced, so the attribute stays true). The
+        failure with them in sync is returned when neither passes."""
+        ints = self._kept_ints.get(gi, [])
+        for path, attr, key, axis in ints:
+            track_count(net, path, attr, key, axis, 1)
+        failure = trial_prune(net, self.input_shape, keep_sl, drop_sl)
+        if failure is None or not ints:
+            return failure
+        for path, attr, _, _ in ints:
+            untrack_count(net, path, attr)
+        if trial_prune(net, self.input_shape, keep_sl, drop_sl) is None:
+            return None
+        return failure
 
     def paddle_names(self) -> Dict[str, str]:
         """Structured parameter key (`features.3.weight`) -> Paddle's own name (`conv2d_26.w_0`),
@@ -479,10 +510,16 @@ def _first_fit(rg: RoutedGroup) -> str:
             f"({rg.why_not(tried[0]) if tried else 'it has one channel per producer'})")
 
 
-def _keeps_count(layer: paddle.nn.Layer, count: int) -> bool:
-    """Whether a layer stores `count` as a number (`self.channels = 8`), which slicing its
-    parameters would leave stale."""
-    return any(type(v) is int and v == count for v in vars(layer).values())
+def _kept_ints(layer: paddle.nn.Layer, count: int) -> List[str]:
+    """The attributes in which a layer stores `count` as a number (`self.embed_dim = 768`),
+    which slicing its parameters would leave stale."""
+    return sorted(a for a, v in vars(layer).items() if type(v) is int and v == count)
+
+
+def _ints_what(ints: Sequence[Tuple[str, str, str, int]]) -> str:
+    names = sorted({f"{path or '<root>'}.{attr}" for path, attr, _, _ in ints})
+    return (f"ints kept equal to the width ({', '.join(names)}; tried in sync with the pruned "
+            "width and left alone)")
 
 
 def _same_partition(a: np.ndarray, b: np.ndarray) -> bool:

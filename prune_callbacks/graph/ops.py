@@ -557,6 +557,10 @@ def _set_value(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) ->
     x, out = ins[0], outs[0]
     ids = state.ids_of(x)
     axes = [int(a) % len(x.shape) for a in op.attrs().get("axes", [])]
+    value = ins[1] if _op_key(op.name()).startswith("set_value_with_tensor") else None
+    if ids is None and (value is None or state.ids_of(value) is None):
+        out.ids = None  # a constant written into a constant (Swin's shifted-window mask)
+        return
     if ids is None or any(ids.shape[a] > 1 for a in axes):
         unknown_op(state, op, ins, outs, why="set_value on channel slices")
         return

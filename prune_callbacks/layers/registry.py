@@ -81,6 +81,13 @@ class LayerPruning:
     zeroing a channel's parameters and zeroing that channel where the next mixing layer reads
     it give the same network output (the compiled sensitivity path relies on it)."""
 
+    forward: Optional[Callable[..., object]] = None
+    """A forward to run instead of the class's own, called as `forward(layer, *inputs)`: for
+    a layer whose forward writes sizes in that pruning changes (`C // self.num_heads` with C
+    the input's width) where one that reads them from its parameters or synced ints prunes.
+    Installed on every instance of the type in a network when the network is traced
+    (`surgery.install_forwards`), once it is shown to give the original's outputs."""
+
     def sync(self, layer: nn.Layer, old_shapes: OldShapes) -> None:
         """Make the layer's attributes agree with its parameters, which surgery has just sliced
         in place. `old_shapes` maps each changed parameter's attribute name (`"weight"`) to its
@@ -417,10 +424,22 @@ class AttentionPruning(LayerPruning):
     attribute `head_count_attr` to the heads left. Layers keeping an int `num_heads` (or
     `n_heads`, `heads`, ...) equal to their head count need no registration; register one whose
     count has another name, e.g. `register_layer_type(MyAttention, AttentionPruning("h"))`.
-    Its own per-head parameters (a relative position bias table) are sliced with the heads."""
+    Its own per-head parameters (a relative position bias table) are sliced with the heads.
 
-    def __init__(self, head_count_attr: str = "num_heads") -> None:
+    A forward that writes the head size in (`reshape(.., C // self.num_heads)` with C the
+    input's width, as PaddleClas does) cannot follow pruned heads or widths: pass `forward`, a
+    function of `(layer, *inputs)` computing the same with sizes read from the parameters and
+    the head count (`head_dim = layer.qkv.weight.shape[1] // 3 // layer.num_heads`, heads
+    merged with `-1`). It replaces the forward of every instance when a network is traced,
+    after a check that the network's output is unchanged (docs/transformers.md)."""
+
+    def __init__(self, head_count_attr: str = "num_heads",
+                 forward: Optional[Callable[..., object]] = None) -> None:
         self.head_count_attr = head_count_attr
+        if forward is not None and not callable(forward):
+            raise TypeError(f"AttentionPruning(forward=...) expects a function of (layer, "
+                            f"*inputs), got {forward!r}")
+        self.forward = forward
 
 
 register_layer_type(nn.MultiHeadAttention, AttentionPruning())

@@ -7,11 +7,14 @@ check a slicing against masking, leaving the network itself unchanged.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
+import types
+import warnings
 import weakref
-from typing import (Any, Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple,
-                    Union)
+from typing import (Any, Callable, Dict, Iterable, Iterator, List, Mapping, Optional, Sequence,
+                    Tuple, Union)
 
 import numpy as np
 import paddle
@@ -21,7 +24,7 @@ from .registry import layer_handler, supports_layer
 
 __all__ = ["AxisSlice", "ParamSlices", "Mask", "apply_slices", "slice_array",
            "supports_layer", "allow_plain_parameters", "trial_prune", "trial_train_run",
-           "track_count"]
+           "track_count", "untrack_count", "install_forwards"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,17 +78,24 @@ def allow_plain_parameters(net: nn.Layer, keys: Iterable[str]) -> None:
 
 
 # Per network, int attributes that count units of one parameter axis (an attention layer's
-# `num_heads` counts the heads of its q/k/v projection): layer path -> (attribute, parameter key,
-# axis, positions per unit). Held weakly, like _PLAIN.
-_COUNTS: "weakref.WeakKeyDictionary[nn.Layer, Dict[str, Tuple[str, str, int, int]]]" = \
+# `num_heads` counts the heads of its q/k/v projection; a layer's `embed_dim` the positions of
+# its own per-channel parameter): (layer path, attribute) -> (parameter key, axis, positions per
+# unit). Held weakly, like _PLAIN.
+_COUNTS: "weakref.WeakKeyDictionary[nn.Layer, Dict[Tuple[str, str], Tuple[str, int, int]]]" = \
     weakref.WeakKeyDictionary()
 
 
 def track_count(net: nn.Layer, path: str, attr: str, key: str, axis: int, per_unit: int) -> None:
     """After `apply_slices` cuts axis `axis` of parameter `key`, set `attr` of the layer at
     `path` to the units left (positions kept // `per_unit`): what `ChannelGraph` records for
-    an attention layer's head count."""
-    _COUNTS.setdefault(net, {})[path] = (attr, key, axis, int(per_unit))
+    an attention layer's head count, and for a width a layer keeps as an int when a trial
+    prune shows the forward needs it in sync."""
+    _COUNTS.setdefault(net, {})[(path, attr)] = (key, axis, int(per_unit))
+
+
+def untrack_count(net: nn.Layer, path: str, attr: str) -> None:
+    """Leave `attr` of the layer at `path` alone again (undoes `track_count`)."""
+    _COUNTS.get(net, {}).pop((path, attr), None)
 
 
 def _inherit_tables(net: nn.Layer, copy_net: nn.Layer) -> None:
@@ -94,6 +104,53 @@ def _inherit_tables(net: nn.Layer, copy_net: nn.Layer) -> None:
         _PLAIN[copy_net] = _PLAIN[net]
     if net in _COUNTS:
         _COUNTS[copy_net] = dict(_COUNTS[net])
+
+
+def install_forwards(net: nn.Layer, input_shape: Sequence[int]) -> List[str]:
+    """Run the `forward` a layer's registered handler carries (`LayerPruning.forward`) instead
+    of the class's own, on every such layer of `net` (bound to the instance; the class is left
+    alone). Checked first: the network's eval output with them must equal its output without
+    (rtol 1e-4), else they are taken out again with a warning. Installing twice is a no-op.
+
+    Returns:
+        The paths of the layers whose forward was replaced.
+    """
+    swaps = []
+    for path, layer in net.named_sublayers(include_self=True):
+        handler = layer_handler(layer)
+        fn = getattr(handler, "forward", None) if handler is not None else None
+        current = layer.__dict__.get("forward")
+        if fn is None or getattr(current, "__func__", None) is fn:
+            continue
+        swaps.append((path, layer, current))
+    if not swaps:
+        return []
+    x = paddle.to_tensor(np.random.default_rng(0).normal(size=list(input_shape))
+                         .astype("float32"))
+    before = _outputs(net, x)
+    for _, layer, _ in swaps:
+        layer.forward = types.MethodType(layer_handler(layer).forward, layer)
+    failure = None
+    try:
+        after = _outputs(net, x)
+        if len(after) != len(before) or any(
+                a.shape != b.shape or np.abs(a - b).max() > 1e-4 * max(np.abs(b).max(), 1e-12)
+                for a, b in zip(after, before)):
+            failure = "the network's output changes"
+    except Exception as e:  # a registered forward that does not run here
+        failure = f"{type(e).__name__}: {_last_line(e)}"
+    if failure is not None:
+        for _, layer, current in swaps:
+            if current is None:
+                del layer.__dict__["forward"]
+            else:
+                layer.forward = current
+        names = sorted({type(layer).__name__ for _, layer, _ in swaps})
+        warnings.warn(f"the registered forward of {', '.join(names)} is not used: with it "
+                      f"{failure}; the layers keep their own", stacklevel=3)
+        return []
+    logger.debug("registered forwards run in %d layers", len(swaps))
+    return [p for p, _, _ in swaps]
 
 
 def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
@@ -121,7 +178,7 @@ def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
                 f"layer {path!r} ({type(layer).__name__}) has no registered surgery: register "
                 "a LayerPruning for it with prune_callbacks.register_layer_type")
         layer_handler(layer).sync(layer, old)
-    for path, (attr, key, axis, per) in _COUNTS.get(net, {}).items():
+    for (path, attr), (key, axis, per) in _COUNTS.get(net, {}).items():
         if key in slices and axis in slices[key] and path in layers:
             setattr(layers[path], attr, len(slices[key][axis]) // per)
 
@@ -237,9 +294,15 @@ def trial_prune(net: nn.Layer, input_shape: Sequence[int], keep: ParamSlices,
             apply_slices(pruned_net, keep)
         else:
             pruned_net = _refill(pruned_copy, net, keep)
-        pruned = _outputs(pruned_net, x)
+    except Exception as e:
+        return f"{type(e).__name__}: {_last_line(e)}"
+    stack: List[str] = []
+    try:
+        with _layer_stack(pruned_net, stack):
+            pruned = _outputs(pruned_net, x)
     except Exception as e:  # a size written into forward no longer fits: that is the answer
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+        where = f"in layer {stack[-1]}: " if stack else ""
+        return f"{where}{type(e).__name__}: {_last_line(e)}"
     if len(pruned) != len(masked):
         return "the pruned copy returns another number of outputs"
     for p, m in zip(pruned, masked):
@@ -284,6 +347,32 @@ def trial_train_run(net: nn.Layer, keep: ParamSlices, args: Sequence[Any]) -> Op
     except Exception as e:  # a size written into forward no longer fits: that is the answer
         return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
     return None
+def _last_line(e: Exception) -> str:
+    return str(e).strip().splitlines()[-1] if str(e).strip() else ""
+
+
+@contextlib.contextmanager
+def _layer_stack(net: nn.Layer, stack: List[str]) -> Iterator[None]:
+    """While inside, `stack` holds the path and type of every layer whose forward is running
+    (innermost last): after an exception, the layer whose forward raised it."""
+    def enter(name: str) -> Callable[..., None]:
+        def hook(layer: nn.Layer, inputs: Any) -> None:
+            stack.append(f"{name or '<root>'} ({type(layer).__name__})")
+        return hook
+
+    def leave(layer: nn.Layer, inputs: Any, output: Any) -> None:
+        if stack:
+            stack.pop()
+
+    handles = []
+    for name, layer in net.named_sublayers(include_self=True):
+        handles.append(layer.register_forward_pre_hook(enter(name)))
+        handles.append(layer.register_forward_post_hook(leave))
+    try:
+        yield
+    finally:
+        for h in handles:
+            h.remove()
 
 
 def _refill(pruned: nn.Layer, net: nn.Layer, keep: ParamSlices) -> nn.Layer:
