@@ -25,7 +25,7 @@ from prune_callbacks.graph import tracing
 def isolated_registries(monkeypatch):
     """Registrations made by a test vanish after it."""
     monkeypatch.setattr(layers, "_HANDLERS", dict(layers._HANDLERS))
-    monkeypatch.setattr(tracing, "_OP_HANDLERS", dict(tracing._OP_HANDLERS))
+    monkeypatch.setattr(tracing, "OP_HANDLERS", dict(tracing.OP_HANDLERS))
 
 
 # --- the README snippet's layer -------------------------------------------------------------

@@ -11,7 +11,6 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import numpy as np
 import paddle
-import paddle.nn as nn
 
 from ..pruner import FilterPruner
 from ..training.sparsity import GroupSparsity, Regulariser, grow, spread

@@ -19,7 +19,7 @@ from typing import Any, List, Optional
 import numpy as np
 
 from . import ops
-from .tracing import (_OP_HANDLERS, SourceRec, TraceState, _compress, _expand, _op_key, _Val,
+from .tracing import (OP_HANDLERS, SourceRec, TraceState, compress_ids, broadcast_ids, op_key, Val,
                       register_op, unknown_op)
 
 HEADS_TRIAL = ("attention heads (the forward must reshape q, k and v with the layer's head count "
@@ -70,7 +70,7 @@ def _leads_to_attention(op: Any, depth: int = 6) -> bool:
             except Exception:
                 continue
             for user in users:
-                key = _op_key(user.name())
+                key = op_key(user.name())
                 if key == "matmul":
                     operands = [o.source() for o in user.operands()]
                     if not any(_is_parameter(v) for v in operands):
@@ -86,20 +86,20 @@ def _varying(ids: Optional[np.ndarray]) -> int:
     return 0 if ids is None else sum(1 for s in ids.shape if s > 1)
 
 
-_base_reshape = _OP_HANDLERS["reshape"]  # whatever handled it before
+_base_reshape = OP_HANDLERS["reshape"]  # whatever handled it before
 
 
 @register_op("reshape", "flatten", "squeeze", "unsqueeze", "view_shape")
-def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _reshape(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """A projection cut into heads on its way to attention, or heads merged back: channels
     follow; the sizes are checked by the heads trial. Anything else: the built-in handler."""
     before = state.ids_of(ins[0])
     if before is not None and ins[0].param is None:
         if _in_attention(state, before):  # heads merged back (or moved): sizes trialled
-            ops._reshape_like(state, ins[0], outs[0], lambda a: a)
+            ops.reshape_like(state, ins[0], outs[0], lambda a: a)
             return
-        if _varying(before) == 1 and _op_key(op.name()) in ("reshape", "view_shape"):
-            ops._reshape_like(state, ins[0], outs[0], lambda a: a)
+        if _varying(before) == 1 and op_key(op.name()) in ("reshape", "view_shape"):
+            ops.reshape_like(state, ins[0], outs[0], lambda a: a)
             if _varying(outs[0].ids) > 1 and _leads_to_attention(op):  # cut into heads
                 _mark_attention(state, before)
                 state.trials.append((np.unique(before), HEADS_TRIAL))
@@ -107,12 +107,12 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
             outs[0].ids = None
         target = ins[1].const if len(ins) > 1 else None
         c_out = _regroups_tokens(before, ins[0].shape, outs[0].shape) \
-            if _op_key(op.name()) in ("reshape", "view_shape") else None
+            if op_key(op.name()) in ("reshape", "view_shape") else None
         literal = c_out is not None and (target is None or len(np.asarray(target).ravel())
                                          != len(outs[0].shape) or
                                          np.asarray(target).ravel()[c_out] not in (-1, 0))
         if literal:
-            ops._reshape_like(state, ins[0], outs[0], lambda a: a)
+            ops.reshape_like(state, ins[0], outs[0], lambda a: a)
             state.trials.append((np.unique(before), TOKENS_TRIAL))
             return
     _base_reshape(state, op, ins, outs)
@@ -148,11 +148,11 @@ def _regroups_tokens(ids: np.ndarray, before: Any, after: Any) -> Optional[int]:
     return None
 
 
-_base_slice = _OP_HANDLERS["slice"]  # whatever handled it before
+_base_slice = OP_HANDLERS["slice"]  # whatever handled it before
 
 
 @register_op("slice")
-def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _slice(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """`x[:, 0]` (the class token) and other slices along axes that carry no channels pass the
     channels; `qkv[0]` of an attention cut takes q's channels. Else: the built-in handler."""
     x, out = ins[0], outs[0]
@@ -173,7 +173,7 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
     if not varying and not attrs.get("decrease_axis"):
         _base_slice(state, op, ins, outs)
         return
-    full = _expand(ids, x.shape)
+    full = broadcast_ids(ids, x.shape)
     for a in varying:  # checked once heads are known (`attach_head_counts`)
         rows = np.moveaxis(full, a, 0).reshape(full.shape[a], -1)
         state.attention_slices = getattr(state, "attention_slices", []) + [rows]  # type: ignore[attr-defined]
@@ -184,11 +184,11 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
     drop = sorted({int(a) % len(x.shape) for a in attrs.get("decrease_axis", [])})
     taken = taken.reshape([n for a, n in enumerate(taken.shape) if a not in drop]) if drop \
         else taken
-    out.ids = _compress(taken.reshape(out.shape))
+    out.ids = compress_ids(taken.reshape(out.shape))
 
 
 @register_op("strided_slice")
-def _strided_slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _strided_slice(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """`x[:, 0::2, 1::2, :]` (Swin's patch merging) along axes that carry no channels passes
     them; along a channel axis it is given up on."""
     x, out = ins[0], outs[0]
@@ -203,11 +203,11 @@ def _strided_slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]
     out.ids = ids
 
 
-_base_concat = _OP_HANDLERS["concat"]  # whatever handled it before
+_base_concat = OP_HANDLERS["concat"]  # whatever handled it before
 
 
 @register_op("concat")
-def _concat(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _concat(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """Tokens joined on an axis that carries no channels (a class token before the patches):
     every piece shares the channels at each position of the other axes."""
     parts, out = ins[0].items or [], outs[0]
@@ -224,17 +224,17 @@ def _concat(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
         _base_concat(state, op, ins, outs)
         return
     joint = tuple(max(ids.shape[a] for ids, _ in pieces) for a in range(len(out.shape)))
-    first = _expand(pieces[0][0], joint)
+    first = broadcast_ids(pieces[0][0], joint)
     for ids, _ in pieces[1:]:
-        state.uf.union_arrays(first, _expand(ids, joint))
-    out.ids = _compress(first)
+        state.uf.union_arrays(first, broadcast_ids(ids, joint))
+    out.ids = compress_ids(first)
 
 
-_base_index_select = _OP_HANDLERS["index_select"]  # whatever handled it before
-_base_gather = _OP_HANDLERS["gather"]  # whatever handled it before
+_base_index_select = OP_HANDLERS["index_select"]  # whatever handled it before
+_base_gather = OP_HANDLERS["gather"]  # whatever handled it before
 
 
-def _param_lookup(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val],
+def _param_lookup(state: TraceState, op: Any, ins: List[Val], outs: List[Val],
                   axis: int) -> bool:
     """A parameter indexed along `axis` by a run-time index (a relative position bias table):
     which rows are read is unknown, so the rows share one class per position of the other axes;
@@ -243,32 +243,32 @@ def _param_lookup(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val],
     if x.param is None or len(out.shape) != len(x.shape):
         return False
     ids = state.ids_of(x)
-    full = _expand(ids, x.shape)
+    full = broadcast_ids(ids, x.shape)
     first = np.take(full, [0], axis=axis)
     state.uf.union_arrays(np.broadcast_to(first, full.shape), full)
-    out.ids = _compress(first)
+    out.ids = compress_ids(first)
     return True
 
 
 @register_op("index_select")
-def _index_select(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _index_select(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     axis = int(op.attrs().get("axis", 0)) % max(len(ins[0].shape), 1)
     if not _param_lookup(state, op, ins, outs, axis):
         _base_index_select(state, op, ins, outs)
 
 
 @register_op("gather")
-def _gather(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
-    axes = ops._axes_operand(op, ins, len(ins[0].shape), operand=2) or [0]
+def _gather(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
+    axes = ops.axes_operand(op, ins, len(ins[0].shape), operand=2) or [0]
     if len(axes) != 1 or not _param_lookup(state, op, ins, outs, axes[0]):
         _base_gather(state, op, ins, outs)
 
 
-_base_matmul = _OP_HANDLERS["matmul"]  # whatever handled it before
+_base_matmul = OP_HANDLERS["matmul"]  # whatever handled it before
 
 
 @register_op("matmul")
-def _matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _matmul(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """A matmul of two activations (q @ k^T, attn @ v): see `_activation_matmul`. A linear
     layer (a parameter operand): the built-in handler."""
     if ins[1].param is not None or ins[0].param is not None:
@@ -277,7 +277,7 @@ def _matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
     _activation_matmul(state, op, ins, outs)
 
 
-def _activation_matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _activation_matmul(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """A[..., M, K] @ B[..., K, N].
 
     Where channels vary along the batch axes (heads), each batch position is one unit: every
@@ -303,13 +303,13 @@ def _activation_matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_
     nb = nd - 2
     batch = tuple(max(ia.shape[x], ib.shape[x]) for x in range(nb))
     if any(s > 1 for s in batch):  # heads: one class per batch position
-        fa = _expand(ia, batch + ia.shape[-2:]).reshape(batch + (-1,))
-        fb = _expand(ib, batch + ib.shape[-2:]).reshape(batch + (-1,))
+        fa = broadcast_ids(ia, batch + ia.shape[-2:]).reshape(batch + (-1,))
+        fb = broadcast_ids(ib, batch + ib.shape[-2:]).reshape(batch + (-1,))
         head = fa[..., :1]
         state.uf.union_arrays(np.broadcast_to(head, fa.shape), fa)
         state.uf.union_arrays(np.broadcast_to(head, fb.shape), fb)
         _mark_attention(state, np.concatenate([fa.ravel(), fb.ravel()]))
-        out.ids = _compress(head.reshape(batch + (1, 1)))
+        out.ids = compress_ids(head.reshape(batch + (1, 1)))
         return
     a_m, a_k = ia.shape[-2] > 1, ia.shape[-1] > 1
     b_k, b_n = ib.shape[-2] > 1, ib.shape[-1] > 1
@@ -318,8 +318,8 @@ def _activation_matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_
                                              "several axes")
         return
     k = max(ia.shape[-1], ib.shape[-2])
-    ka = _expand(ia.reshape(-1), (k,)) if ia.shape[-1] > 1 else np.repeat(ia.reshape(-1)[:1], k)
-    kb = _expand(ib.reshape(-1), (k,)) if ib.shape[-2] > 1 else np.repeat(ib.reshape(-1)[:1], k)
+    ka = broadcast_ids(ia.reshape(-1), (k,)) if ia.shape[-1] > 1 else np.repeat(ia.reshape(-1)[:1], k)
+    kb = broadcast_ids(ib.reshape(-1), (k,)) if ib.shape[-2] > 1 else np.repeat(ib.reshape(-1)[:1], k)
     if a_k or b_k:
         state.uf.union_arrays(ka, kb)
     shape = [1] * nd
@@ -337,7 +337,7 @@ def _activation_matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_
 
 
 @register_op("uniform", "gaussian", "randint", "bernoulli", "randperm", "rand", "randn")
-def _random(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _random(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """Random tensors (DropPath's keep mask) carry no channels."""
     for o in outs:
         o.ids = None
@@ -366,8 +366,9 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
         return
     head_groups = set()
     for m in state.members:
-        if m.param in graph._owner and np.isin(m.ids, att).any():
-            pa = graph.param_axes.get((graph._owner[m.param][0], m.axis))
+        key = graph.param_key(m.param)
+        if key is not None and np.isin(m.ids, att).any():
+            pa = graph.param_axes.get((key, m.axis))
             if pa is not None:
                 head_groups.update(np.unique(pa.group[pa.group >= 0]).tolist())
     layers = dict(net.named_sublayers(include_self=True))
@@ -401,8 +402,8 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
                     "sizes from its parameters)")
             if not g.prunable and "has no registered surgery" in g.reason:
                 g.reason += hint
-            elif graph._trial_whats.get(gi) == HEADS_TRIAL:  # said if the trial fails
-                graph._trial_whats[gi] = HEADS_TRIAL + hint
+            elif graph.trial_whats.get(gi) == HEADS_TRIAL:  # said if the trial fails
+                graph.trial_whats[gi] = HEADS_TRIAL + hint
             continue
         path, layer, attr = found
         key, axis = g.producers[0]
@@ -434,8 +435,8 @@ def _check_part_slices(graph: Any, state: TraceState) -> None:
         bad = np.unique(root[rows])
         hit = set()
         for m in state.members:
-            owner = graph._owner.get(m.param)
-            pa = graph.param_axes.get((owner[0], m.axis)) if owner else None
+            key = graph.param_key(m.param)
+            pa = graph.param_axes.get((key, m.axis)) if key else None
             if pa is not None and np.isin(root[np.asarray(m.ids)], bad).any():
                 hit.update(np.unique(pa.group[pa.group >= 0]).tolist())
         for gi in hit:

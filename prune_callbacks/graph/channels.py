@@ -27,7 +27,7 @@ from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
 from ..layers.surgery import (allow_plain_parameters, apply_slices, install_forwards,
                               track_count, trial_prune, trial_train_run, untrack_count)
-from .tracing import (MacKind, MacRec, MemberRec, Role, TraceModes, TraceState, _components, _compress,
+from .tracing import (MacKind, MacRec, MemberRec, Role, TraceModes, TraceState, connected_components, compress_ids,
                       trace_network)
 
 __all__ = ["ChannelGraph", "Group", "ParamAxis"]
@@ -190,7 +190,10 @@ class ChannelGraph:
         self._kept_ints: Dict[int, List[Tuple[str, str, str, int]]] = {}
         parts = self._add_param_axes(st, classes, reasons, supports_layer)
         partitions, self._split_groups = _block_partitions(st, classes, reasons)
-        self._trial_whats: Dict[int, str] = {}
+        # group -> what a trial prune of a copy must confirm (a split, a shuffle, kept ints);
+        # MAC records per census below: read by the graph's sibling modules (attention,
+        # control_flow) that extend this class's analysis
+        self.trial_whats: Dict[int, str] = {}
         self._train_trials: Dict[int, str] = {}
         for ids, what in st.train_trials:  # verified by a training run of a pruned copy
             for gi in classes.groups_of(ids):
@@ -198,15 +201,15 @@ class ChannelGraph:
         for ids, what in st.trials:  # a channel shuffle: verified like a split
             for gi in classes.groups_of(ids):
                 self._split_groups.add(gi)
-                self._trial_whats.setdefault(gi, what)
+                self.trial_whats.setdefault(gi, what)
         for gi, ints in self._kept_ints.items():  # widths kept as ints: verified likewise
             self._split_groups.add(gi)
-            self._trial_whats.setdefault(gi, _ints_what(ints))
+            self.trial_whats.setdefault(gi, _ints_what(ints))
         self.groups: List[Group] = self._make_groups(classes, lead, parts, partitions, reasons)
         # groups left whole only because shuffles nest splits: the route model may prune them
-        self._reroute = sorted(gi for gi in reasons.fixable if gi in self._trial_whats)
-        self._macs = [_mac_census(m, classes) for m in st.macs if m.param in self._owner]
-        self._train_macs = [_mac_census(m, classes) for m in st.train_macs
+        self._reroute = sorted(gi for gi in reasons.fixable if gi in self.trial_whats)
+        self.mac_census = [_mac_census(m, classes) for m in st.macs if m.param in self._owner]
+        self.train_mac_census = [_mac_census(m, classes) for m in st.train_macs
                             if m.param in self._owner]
 
     def _add_param_axes(self, st: TraceState, classes: "_Classes", reasons: "_Reasons",
@@ -297,7 +300,7 @@ class ChannelGraph:
             failure = self._trial_kept_ints(net, gi, keep_sl, drop_sl)
             if failure is not None:
                 g.prunable = False
-                what = self._trial_whats.get(gi, "split or slice")
+                what = self.trial_whats.get(gi, "split or slice")
                 g.reason = (f"{what} sizes written into the code: pruning one channel per "
                             f"part on a copy did not reproduce masking ({failure})")
                 warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
@@ -352,6 +355,12 @@ class ChannelGraph:
         if trial_prune(net, self.input_shape, keep_sl, drop_sl) is None:
             return None
         return failure
+
+    def param_key(self, name: str) -> Optional[str]:
+        """The structured key (`features.3.weight`) of the parameter Paddle names `name`
+        (`conv2d_26.w_0`), None for a tensor that is not one of the network's parameters."""
+        owner = self._owner.get(name)
+        return owner[0] if owner else None
 
     def paddle_names(self) -> Dict[str, str]:
         """Structured parameter key (`features.3.weight`) -> Paddle's own name (`conv2d_26.w_0`),
@@ -457,7 +466,7 @@ class ChannelGraph:
             return total
 
         total = 0
-        for mac in (self._train_macs if training else self._macs):
+        for mac in (self.train_mac_census if training else self.mac_census):
             out = round(count(mac.out))
             if mac.kind == MacKind.DEPTHWISE:
                 inp = 1
@@ -603,7 +612,7 @@ def _blocked_channels(st: TraceState) -> List[Tuple[np.ndarray, str]]:
     blocked: List[Tuple[np.ndarray, str]] = []
     for pname, elems in st.param_elems.items():
         r = st.uf.roots(elems)
-        varying = [ax for ax in range(r.ndim) if _compress(r).shape[ax] > 1]
+        varying = [ax for ax in range(r.ndim) if compress_ids(r).shape[ax] > 1]
         if len(varying) == 1:
             ax = varying[0]
             line = np.moveaxis(r, ax, 0).reshape(r.shape[ax], -1)[:, 0]
@@ -624,7 +633,7 @@ def _source_components(st: TraceState, root: np.ndarray) -> Tuple[np.ndarray, np
     srcs = [root[src.ids] for src in st.sources]
     heads = [np.full(len(r), r[0]) for r in srcs if len(r)]
     flat = np.concatenate(srcs) if srcs else np.zeros(0, np.int64)
-    gcomp = _components(len(root), np.concatenate(heads) if heads else flat, flat)
+    gcomp = connected_components(len(root), np.concatenate(heads) if heads else flat, flat)
     return gcomp, flat
 
 

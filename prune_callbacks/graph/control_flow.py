@@ -19,7 +19,7 @@ import paddle
 import paddle.nn as nn
 
 from ..layers.registry import layer_handler, network_batch
-from .tracing import (MacKind, MacRec, SourceRec, TraceState, _expand, _shape_of, _trace_op, _Val, register_op,
+from .tracing import (MacKind, MacRec, SourceRec, TraceState, broadcast_ids, shape_of, trace_op, Val, register_op,
                       unknown_op)
 
 logger = logging.getLogger(__name__)
@@ -27,22 +27,22 @@ logger = logging.getLogger(__name__)
 _YIELD = "cf.yield"
 
 
-def _trace_block(state: TraceState, block: Any) -> List[Optional[_Val]]:
+def _trace_block(state: TraceState, block: Any) -> List[Optional[Val]]:
     """Trace a block's ops; return the values its closing `cf.yield` hands back."""
     n_macs = len(state.macs)
-    yielded: List[Optional[_Val]] = []
+    yielded: List[Optional[Val]] = []
     for inner in block.ops:
         if inner.name() == _YIELD:
             yielded = [state.vals.get(o.source().id) if o.source().initialized() else None
                        for o in inner.operands()]
             continue
-        _trace_op(state, inner)
+        trace_op(state, inner)
     for mac in state.macs[n_macs:]:
         mac.conditional = True
     return yielded
 
 
-def _join(state: TraceState, out: _Val, values: List[Optional[_Val]], what: str) -> None:
+def _join(state: TraceState, out: Val, values: List[Optional[Val]], what: str) -> None:
     """`out` is one of `values` depending on the data: unite their channel ids (as an add
     would). A value nobody traces (a constant) of a size fixed along channels blocks them."""
     traced = [(v, state.ids_of(v)) for v in values if v is not None]
@@ -62,7 +62,7 @@ def _join(state: TraceState, out: _Val, values: List[Optional[_Val]], what: str)
     main = with_ids[0][1]
     for _, ids in with_ids[1:]:
         joint = tuple(max(a, b) for a, b in zip(ids.shape, main.shape))
-        state.uf.union_arrays(_expand(ids, joint), _expand(main, joint))
+        state.uf.union_arrays(broadcast_ids(ids, joint), broadcast_ids(main, joint))
     for v, ids in traced:
         if ids is None and v.shape and len(v.shape) == nd and any(
                 v.shape[a] > 1 and main.shape[a] > 1 for a in range(nd)):
@@ -75,7 +75,7 @@ def _join(state: TraceState, out: _Val, values: List[Optional[_Val]], what: str)
 
 
 @register_op("if")
-def _if(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _if(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """Both branches traced; each result unites what the two branches yield for it."""
     branches = [_trace_block(state, b) for b in op.blocks()]
     for k, out in enumerate(outs):
@@ -84,7 +84,7 @@ def _if(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
 
 
 @register_op("while")
-def _while(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _while(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """Operands (cond, *init); the body's arguments are the carried values, its `cf.yield`
     gives (cond, *next). Each carried value keeps the same channels in every iteration: its
     initial ids, the body's argument and the next value are united."""
@@ -95,7 +95,7 @@ def _while(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
         unknown_op(state, op, ins, outs, why="a loop whose carried values we cannot match")
         return
     for arg, v in zip(args, init):
-        state.vals[arg.id] = _Val(shape=v.shape or _shape_of(arg), ids=state.ids_of(v),
+        state.vals[arg.id] = Val(shape=v.shape or shape_of(arg), ids=state.ids_of(v),
                                   const=v.const)
     yielded = _trace_block(state, body)[1:]
     for k, out in enumerate(outs):
@@ -190,10 +190,10 @@ def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState,
     for p, u in uses.items():
         if u[0] == 0 and traced.get(p) and p in eager_macs:
             weights[p] = eager_macs[p] / traced[p]
-    for m, mac in zip(recs, graph._macs):
+    for m, mac in zip(recs, graph.mac_census):
         if m.conditional:
             mac.weight = weights[m.param]
     for m, mac in zip([m for m in state.train_macs if m.param in owned],
-                      graph._train_macs):
+                      graph.train_mac_census):
         if m.conditional and m.param in weights:
             mac.weight = weights[m.param]

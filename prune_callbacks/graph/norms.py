@@ -16,7 +16,7 @@ import contextvars
 from typing import Any, Iterator, List
 
 from . import ops
-from .tracing import _OP_HANDLERS, MemberRec, Role, TraceState, _Val, register_op
+from .tracing import OP_HANDLERS, MemberRec, Role, TraceState, Val, register_op
 
 WIDTH_TRIAL = ("LayerNorm width (the forward must read the width from the tensor or from the "
                "parameters, never write it in)")
@@ -39,11 +39,11 @@ def layer_norm_widths(on: bool) -> Iterator[None]:
         _WIDTHS.reset(token)
 
 
-_base_layer_norm = _OP_HANDLERS["layer_norm"]  # whatever handled it before
+_base_layer_norm = OP_HANDLERS["layer_norm"]  # whatever handled it before
 
 
 @register_op("layer_norm")
-def _layer_norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _layer_norm(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """LayerNorm over the last axis: weight and bias follow the channels (see the module)."""
     x = ins[0]
     ids = state.ids_of(x)

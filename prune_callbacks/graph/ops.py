@@ -10,7 +10,7 @@ from typing import Any, Callable, List, Optional, Sequence
 import numpy as np
 
 from .tracing import (MacKind, MacRec, MemberRec, Role, SourceRec, TraceShapeError, TraceState,
-                      _compress, _expand, _op_key, _Val, register_op, unknown_op)
+                      compress_ids, broadcast_ids, op_key, Val, register_op, unknown_op)
 
 
 _POINTWISE = (
@@ -22,20 +22,20 @@ _POINTWISE = (
 
 
 @register_op(*_POINTWISE)
-def _pointwise(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _pointwise(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     outs[0].ids = state.ids_of(ins[0])
 
 
 @register_op("full", "full_int_array", "full_like", "shape", "shape64", "arange", "assign_value",
              "zeros_like", "ones_like", "builtin.constant")
-def _constant(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _constant(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     attrs = op.attrs()
     for o in outs:
         o.const = attrs.get("value")
 
 
 @register_op("data")
-def _data(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _data(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     out = outs[0]
     if len(out.shape) >= 2:
         ids = state.fresh(out.shape[1]).reshape((1, -1) + (1,) * (len(out.shape) - 2))
@@ -46,7 +46,7 @@ def _data(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
 
 
 @register_op("builtin.combine")
-def _combine(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _combine(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     outs[0].items = list(ins)
 
 
@@ -75,7 +75,7 @@ def _depthwise_filters(state: TraceState, param: str, in_ids: np.ndarray, out_id
 
 
 @register_op("conv2d", "depthwise_conv2d")
-def _conv(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def trace_conv(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     x, w, out = ins[0], ins[1], outs[0]
     if w.param is None:
         unknown_op(state, op, ins, outs, why="conv2d with a non-parameter filter")
@@ -114,7 +114,7 @@ def _conv(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
 
 
 @register_op("batch_norm", "batch_norm_", "sync_batch_norm", "sync_batch_norm_", "instance_norm")
-def _norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _norm(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     x = ins[0]
     ax = _channel_axis(op, len(x.shape))
     ids = state.channel_ids(x, ax)
@@ -133,7 +133,7 @@ def _norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
 
 
 @register_op("matmul")
-def _matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _matmul(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     x, w, out = ins[0], ins[1], outs[0]
     attrs = op.attrs()
     if w.param is None or attrs.get("transpose_x", False) or len(w.shape) != 2:
@@ -152,7 +152,7 @@ def _matmul(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
             unknown_op(state, op, ins, outs, why="linear input whose features vary across rows")
             _count_untraced_linear(state, w, x, out)
             return
-    in_ids = _expand(xi.reshape(-1), (x.shape[-1],)).copy()
+    in_ids = broadcast_ids(xi.reshape(-1), (x.shape[-1],)).copy()
     out_ids = state.fresh(out.shape[-1])
     state.sources.append(SourceRec(out_ids, w.param))
     state.members.append(MemberRec(w.param, 1 - in_axis, out_ids, Role.OUT))
@@ -171,7 +171,7 @@ def _rows_per_sample(state: TraceState, shape: Sequence[int]) -> int:
     return max(int(np.prod(lead)) // max(state.batch or 1, 1), 1)
 
 
-def _count_untraced_linear(state: TraceState, w: _Val, x: _Val, out: _Val) -> None:
+def _count_untraced_linear(state: TraceState, w: Val, x: Val, out: Val) -> None:
     """A linear layer on a path we cannot follow still costs MACs: count them on fixed ids, so
     predicted FLOPs equal counted FLOPs."""
     out_ids = np.asarray(out.ids).ravel() if out.ids is not None else state.fresh(out.shape[-1])
@@ -186,7 +186,7 @@ _ELEMENTWISE = "add subtract multiply divide maximum minimum elementwise_pow".sp
 
 
 @register_op(*_ELEMENTWISE)
-def _elementwise(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def trace_elementwise(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     out = outs[0]
     nd = len(out.shape)
     operands = []
@@ -213,7 +213,7 @@ def _elementwise(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) 
                                                               "input in the training forward"))
                     continue
                 # e.g. x * paddle.ones([1, 64, 1, 1]): the constant's size is fixed in the code
-                state.block(ids, f"{_op_key(op.name())} with a constant of fixed size along "
+                state.block(ids, f"{op_key(op.name())} with a constant of fixed size along "
                                  "these channels")
     # An operand of real size 1 along an axis is shared by every channel there: no coupling.
     main_ids, main_real = max(operands, key=lambda t: int(np.prod(t[1])))
@@ -228,18 +228,18 @@ def _elementwise(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) 
         if any(main_ids.shape[ax] > 1 for ax in other_spread):
             continue  # one value shared across channels (a scalar gate, a spatial map)
         joint = tuple(max(a, b) for a, b in zip(ids.shape, main_ids.shape))
-        state.uf.union_arrays(_expand(ids, joint), _expand(main_ids, joint))
+        state.uf.union_arrays(broadcast_ids(ids, joint), broadcast_ids(main_ids, joint))
     out.ids = main_ids
 
 
-def _reshape_like(state: TraceState, x: _Val, out: _Val,
+def reshape_like(state: TraceState, x: Val, out: Val,
                   fn: Callable[[np.ndarray], np.ndarray]) -> None:
     ids = state.ids_of(x)
     if ids is None:
         out.ids = None
         return
-    full = _expand(ids, x.shape)
-    out.ids = _compress(fn(full).reshape(out.shape))
+    full = broadcast_ids(ids, x.shape)
+    out.ids = compress_ids(fn(full).reshape(out.shape))
 
 
 _SHAPE_COMPUTED = ("forward code usually computes these sizes from the input's shape, so they "
@@ -276,8 +276,8 @@ def _tie_runs(state: TraceState, after: np.ndarray, target: Optional[Sequence[in
 
 
 @register_op("reshape", "flatten", "squeeze", "unsqueeze", "view_shape")
-def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
-    _reshape_like(state, ins[0], outs[0], lambda a: a)
+def _reshape(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
+    reshape_like(state, ins[0], outs[0], lambda a: a)
     before, after = state.ids_of(ins[0]), outs[0].ids
     target = ins[1].const if len(ins) > 1 else None
     target = list(np.asarray(target).ravel()) if target is not None else None
@@ -293,7 +293,7 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
         return
     # paddle reshapes a bias to [1, C, 1, 1] with sizes read from the parameter at run time
     param_view = ins[0].param is not None and _varying_axes(before) == _varying_axes(after) == 1
-    if _op_key(op.name()) == "reshape" and after is not None and not param_view:
+    if op_key(op.name()) == "reshape" and after is not None and not param_view:
         literal = target is None or any(
             after.shape[ax] > 1 and target[ax] not in (-1, 0) for ax in range(len(target)))
         if literal:  # a channel count written into the code (e.g. reshape(x, [-1, 2048]))
@@ -301,14 +301,14 @@ def _reshape(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> N
 
 
 @register_op("transpose")
-def _transpose(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _transpose(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     perm = list(op.attrs()["perm"])
-    _reshape_like(state, ins[0], outs[0], lambda a: np.transpose(a, perm))
+    reshape_like(state, ins[0], outs[0], lambda a: np.transpose(a, perm))
 
 
 @register_op("pool2d", "max_pool2d_with_index", "lp_pool2d", "nearest_interp", "bilinear_interp",
              "bicubic_interp", "linear_interp", "trilinear_interp", "pad3d")
-def _pool(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _pool(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     x = ins[0]
     ax = _channel_axis(op, len(x.shape))
     ids = state.ids_of(x)
@@ -320,7 +320,7 @@ def _pool(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
 
 
 @register_op("mean", "sum", "max", "min", "amax", "amin", "logsumexp", "prod")
-def _reduce(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _reduce(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     x, out = ins[0], outs[0]
     ids = state.ids_of(x)
     if ids is None:
@@ -337,20 +337,20 @@ def _reduce(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
 
 
 @register_op("softmax", "log_softmax", "cumsum")
-def _axis_mixing(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _axis_mixing(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     ids = state.ids_of(ins[0])
     # softmax keeps its axis in an attribute; cumsum takes it as an operand (a `full` constant)
     axis_val = ins[1].const if len(ins) > 1 and ins[1].const is not None else \
         op.attrs().get("axis", -1)
     axis = int(np.asarray(axis_val).ravel()[0]) % max(len(ins[0].shape), 1)
     if ids is not None and ids.shape[axis] > 1:
-        unknown_op(state, op, ins, outs, why=f"{_op_key(op.name())} across channels")
+        unknown_op(state, op, ins, outs, why=f"{op_key(op.name())} across channels")
         return
     outs[0].ids = ids
 
 
 @register_op("concat")
-def _concat(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _concat(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     parts, out = ins[0].items or [], outs[0]
     axis = int(np.asarray(ins[1].const).ravel()[0]) % len(out.shape)
     pieces = []
@@ -362,8 +362,8 @@ def _concat(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
             state.sources.append(SourceRec(ids.ravel(), None, blocked="constant input to concat"))
         shape = list(out.shape)
         shape[axis] = p.shape[axis]
-        pieces.append(_expand(ids, shape))
-    out.ids = _compress(np.concatenate(pieces, axis=axis))
+        pieces.append(broadcast_ids(ids, shape))
+    out.ids = compress_ids(np.concatenate(pieces, axis=axis))
 
 
 def _equal_parts(state: TraceState, ids: np.ndarray, axis: int, size: int, parts: int,
@@ -373,7 +373,7 @@ def _equal_parts(state: TraceState, ids: np.ndarray, axis: int, size: int, parts
     line = ids.reshape(-1) if _varying_axes(ids) == 1 and ids.shape[axis] > 1 else None
     if line is None or parts < 2 or size % parts:
         return False
-    state.partitions.append((_expand(line, (size,)).reshape(parts, size // parts).copy(), what))
+    state.partitions.append((broadcast_ids(line, (size,)).reshape(parts, size // parts).copy(), what))
     return True
 
 
@@ -382,7 +382,7 @@ _EQUAL_PARTS = ("split into equal parts: the forward computes the part sizes fro
 
 
 @register_op("split", "split_with_num")
-def _split(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _split(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     axis_val = ins[-1].const if ins[-1].const is not None else op.attrs().get("axis", 0)
     x = ins[0]
     axis = int(np.asarray(axis_val).ravel()[0]) % len(x.shape)
@@ -391,7 +391,7 @@ def _split(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
     ids = state.ids_of(x)
     if ids is None or ids.shape[axis] == 1:
         return
-    if _op_key(op.name()) == "split_with_num":
+    if op_key(op.name()) == "split_with_num":
         parts = int(op.attrs().get("num", 0))
     else:  # sections: equal ones are what `x.shape[1] // n` gives; unequal ones are literal
         sections = ins[1].const if len(ins) > 2 else op.attrs().get("sections")
@@ -403,7 +403,7 @@ def _split(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
 
 
 @register_op("builtin.split")
-def _unpack(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _unpack(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     src = ins[0]
     if src.split_axis is None or not src.items:
         if src.items and len(src.items) == len(outs):  # split of a combine: pass items through
@@ -418,7 +418,7 @@ def _unpack(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
     for o in outs:
         n = o.shape[axis]
         if ids is not None:
-            o.ids = _compress(np.take(_expand(ids, [s if i == axis else ids.shape[i]
+            o.ids = compress_ids(np.take(broadcast_ids(ids, [s if i == axis else ids.shape[i]
                                                       for i, s in enumerate(x.shape)]),
                                       range(start, start + n), axis=axis))
         start += n
@@ -435,7 +435,7 @@ def _slice_part(size: int, start: int, end: int) -> Optional[int]:
 
 
 @register_op("slice")
-def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _slice(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     x, out = ins[0], outs[0]
     attrs = op.attrs()
     starts = ins[1].const if len(ins) > 1 else attrs.get("starts")
@@ -447,7 +447,7 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
     if starts is None or ends is None or attrs.get("decrease_axis"):
         unknown_op(state, op, ins, outs, why="slice with dynamic bounds")
         return
-    full = _expand(ids, x.shape)
+    full = broadcast_ids(ids, x.shape)
     index = [slice(None)] * len(x.shape)
     for a, s, e in zip(attrs["axes"], starts, ends):
         index[a] = slice(int(s), int(e))
@@ -456,7 +456,7 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
             if part is None or not _equal_parts(state, ids, a, x.shape[a], part, "slice"):
                 # x[:, 3:] keeps writing 3 after pruning: the bounds cannot follow the channels
                 state.block(ids, f"slice along channels; {_SHAPE_COMPUTED}")
-    out.ids = _compress(full[tuple(index)].reshape(out.shape))
+    out.ids = compress_ids(full[tuple(index)].reshape(out.shape))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -465,7 +465,7 @@ def _slice(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
 # ---------------------------------------------------------------------------------------------
 
 
-def _axes_operand(op: Any, ins: List[_Val], ndim: int, operand: int = 1) -> Optional[List[int]]:
+def axes_operand(op: Any, ins: List[Val], ndim: int, operand: int = 1) -> Optional[List[int]]:
     """The axes an op works along, from its `axis` attribute or a constant operand."""
     value = op.attrs().get("axis")
     if value is None and len(ins) > operand:
@@ -476,7 +476,7 @@ def _axes_operand(op: Any, ins: List[_Val], ndim: int, operand: int = 1) -> Opti
     return sorted({int(a) % max(ndim, 1) for a in axes})
 
 
-def _keeps_channels(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val],
+def _keeps_channels(state: TraceState, op: Any, ins: List[Val], outs: List[Val],
                     axes: Optional[List[int]], what: str) -> bool:
     """True (and the output's ids set, broadcast to its shape) when `axes` carry no varying ids;
     else the op is given up on."""
@@ -494,7 +494,7 @@ def _keeps_channels(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val
 
 
 @register_op("roll")
-def _roll(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _roll(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     ndim = len(ins[0].shape)
     axes = op.attrs().get("axis")
     # roll without an axis flattens first: every axis moves
@@ -503,22 +503,22 @@ def _roll(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None
 
 
 @register_op("index_select")
-def _index_select(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _index_select(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     axis = int(op.attrs().get("axis", 0)) % max(len(ins[0].shape), 1)
     _keeps_channels(state, op, ins, outs, [axis], "index_select")
 
 
 @register_op("gather")
-def _gather(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _gather(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     if len(ins[0].shape) != len(outs[0].shape):
         unknown_op(state, op, ins, outs, why="gather that changes the rank")
         return
-    axes = _axes_operand(op, ins, len(ins[0].shape), operand=2) or [0]
+    axes = axes_operand(op, ins, len(ins[0].shape), operand=2) or [0]
     _keeps_channels(state, op, ins, outs, axes, "gather")
 
 
 @register_op("expand", "expand_as", "broadcast_to", "tile")
-def _expand_op(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _expand_op(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     x, out = ins[0], outs[0]
     ids = state.ids_of(x)
     if ids is None:
@@ -535,7 +535,7 @@ def _expand_op(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) ->
 
 
 @register_op("unfold")
-def _unfold(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _unfold(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """[N, C, H, W] -> [N, C*kh*kw, L]: channel c owns rows c*kh*kw .. (c+1)*kh*kw - 1."""
     x, out = ins[0], outs[0]
     ids = state.ids_of(x)
@@ -546,25 +546,25 @@ def _unfold(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> No
         unknown_op(state, op, ins, outs, why="unfold of a mixed channel layout")
         return
     patch = int(np.prod(op.attrs().get("kernel_sizes", [1])))
-    line = np.repeat(_expand(ids.reshape(-1), (x.shape[1],)), patch)
-    out.ids = _compress(line.reshape(1, -1, 1))
+    line = np.repeat(broadcast_ids(ids.reshape(-1), (x.shape[1],)), patch)
+    out.ids = compress_ids(line.reshape(1, -1, 1))
 
 
 @register_op("set_value", "set_value_", "set_value_with_tensor", "set_value_with_tensor_")
-def _set_value(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _set_value(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """`x[..., a:b, ...] = v` along axes that carry no channels: channels pass; a tensor value
     written into them shares their channels."""
     x, out = ins[0], outs[0]
     ids = state.ids_of(x)
     axes = [int(a) % len(x.shape) for a in op.attrs().get("axes", [])]
-    value = ins[1] if _op_key(op.name()).startswith("set_value_with_tensor") else None
+    value = ins[1] if op_key(op.name()).startswith("set_value_with_tensor") else None
     if ids is None and (value is None or state.ids_of(value) is None):
         out.ids = None  # a constant written into a constant (Swin's shifted-window mask)
         return
     if ids is None or any(ids.shape[a] > 1 for a in axes):
         unknown_op(state, op, ins, outs, why="set_value on channel slices")
         return
-    value = ins[1] if _op_key(op.name()).startswith("set_value_with_tensor") else None
+    value = ins[1] if op_key(op.name()).startswith("set_value_with_tensor") else None
     vids = state.ids_of(value) if value is not None else None
     if vids is not None and _varying_axes(vids):
         pad = len(x.shape) - vids.ndim
@@ -573,12 +573,12 @@ def _set_value(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) ->
         if any(vids.shape[a] > 1 for a in axes):
             unknown_op(state, op, ins, outs, why="set_value with a value mixing channels")
             return
-        state.uf.union_arrays(_expand(vids, joint), _expand(ids, joint))
+        state.uf.union_arrays(broadcast_ids(vids, joint), broadcast_ids(ids, joint))
     out.ids = ids
 
 
 @register_op("prelu")
-def _prelu(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _prelu(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """PReLU: one slope for all channels passes them; one slope per channel is a per-channel
     affine of the channel axis (sliced with it); one per element is given up on."""
     x, alpha = ins[0], ins[1]
@@ -598,7 +598,7 @@ def _prelu(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> Non
 
 
 @register_op("conv2d_transpose", "depthwise_conv2d_transpose")
-def _conv_transpose(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _conv_transpose(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """Transposed convolution: filter [in, out/groups, kh, kw], so its axis 0 reads the input's
     channels and axis 1 makes the output's. MACs scale with the input's positions."""
     x, w, out = ins[0], ins[1], outs[0]
@@ -632,7 +632,7 @@ LAYER_NORM_REASON = (
 
 
 @register_op("layer_norm", "rms_norm")
-def _layer_norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _layer_norm(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """Normalisation over the trailing axes from `begin_norm_axis`: channels on the leading axes
     pass through; channels on the normalised axes pass but stay whole (LAYER_NORM_REASON)."""
     x = ins[0]
@@ -644,7 +644,7 @@ def _layer_norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -
 
 
 @register_op("group_norm")
-def _group_norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _group_norm(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """GroupNorm prunes whole groups: a group's statistics mix its channels, so they are joined
     into one prunable unit (removing a whole group leaves every other group's statistics, and
     so the network, exactly as masking would). One channel per group is a per-channel norm."""
@@ -668,7 +668,7 @@ def _group_norm(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -
 
 
 @register_op("stack")
-def _stack(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _stack(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """Stacking shape scalars (`[paddle.shape(x)[0], 8, 256]`) carries no channels; stacking
     traced tensors is given up on."""
     parts = ins[0].items or []

@@ -2,15 +2,15 @@
 
 Clean-up ops on feature maps (`where`, `isnan`, comparisons, logical ops, `clip`, `sign`, `cast`
 ...) compute each output element from the same element of their inputs: a unary one passes its
-input's channels on; one with several inputs couples them like an add (`ops._elementwise`, which
+input's channels on; one with several inputs couples them like an add (`ops.trace_elementwise`, which
 also handles broadcasting and constants of fixed size). This module only registers handlers.
 """
 from __future__ import annotations
 
 from typing import Any, List
 
-from .ops import _elementwise
-from .tracing import TraceState, _Val, register_op
+from .ops import trace_elementwise
+from .tracing import TraceState, Val, register_op
 
 # One input, one output of the same shape: channel c out of channel c in. Activations and
 # arithmetic ops registered by `ops` (relu, clip, sign, cast, scale, add, multiply, maximum ...)
@@ -35,14 +35,14 @@ SHAPED_LIKE = ("full_like", "zeros_like", "ones_like")
 
 
 @register_op(*UNARY)
-def _unary(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _unary(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     outs[0].ids = state.ids_of(ins[0])
 
 
-register_op(*MULTI)(_elementwise)
+register_op(*MULTI)(trace_elementwise)
 
 
 @register_op(*SHAPED_LIKE)
-def _shaped_like(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _shaped_like(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     outs[0].const = op.attrs().get("value")
     outs[0].ids = state.ids_of(ins[0]) if ins and ins[0].param is None else None

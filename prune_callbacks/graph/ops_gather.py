@@ -8,11 +8,11 @@ from typing import Any, List
 
 import numpy as np
 
-from .tracing import TraceState, _Val, register_op, unknown_op
+from .tracing import TraceState, Val, register_op, unknown_op
 
 
 @register_op("argmax", "argmin")
-def _arg_reduce(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _arg_reduce(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """The position of the largest (smallest) value along one axis (or all, `flatten`)."""
     x, out = ins[0], outs[0]
     ids = state.ids_of(x)
@@ -32,7 +32,7 @@ def _arg_reduce(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -
 
 
 @register_op("gather_nd")
-def _gather_nd(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _gather_nd(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """out = x[index[..., 0], ..., index[..., k-1]]: shape index.shape[:-1] + x.shape[k:]."""
     x, index, out = ins[0], ins[1], outs[0]
     ids = state.ids_of(x)
@@ -48,7 +48,7 @@ def _gather_nd(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) ->
 
 
 @register_op("take_along_axis")
-def _take_along_axis(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _take_along_axis(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """Picks along one axis; the others keep their channels where the output keeps their size."""
     x, out = ins[0], outs[0]
     ids = state.ids_of(x)
@@ -72,7 +72,7 @@ def _take_along_axis(state: TraceState, op: Any, ins: List[_Val], outs: List[_Va
 
 
 @register_op("topk")
-def _topk(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val]) -> None:
+def _topk(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     """The k largest along one axis: values and indices keep the other axes' channels."""
     x = ins[0]
     ids = state.ids_of(x)

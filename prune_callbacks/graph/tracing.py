@@ -67,7 +67,7 @@ class _UnionFind:
         pairs = [p for p, t in zip(self._pairs, self._ties) if not (untied and t)]
         a = np.concatenate([p[0] for p in pairs]) if pairs else np.zeros(0, np.int64)
         b = np.concatenate([p[1] for p in pairs]) if pairs else np.zeros(0, np.int64)
-        table = _components(self.size, a, b)
+        table = connected_components(self.size, a, b)
         if untied:
             self._untied = table
         else:
@@ -78,7 +78,7 @@ class _UnionFind:
         return self.root_table()[np.asarray(ids, dtype=np.int64)]
 
 
-def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+def connected_components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Connected components of n nodes with edges (a[k], b[k]): each node's smallest member.
 
     Hook every tree root onto the smallest root across its edges, then jump pointers; each round
@@ -106,7 +106,7 @@ def _components(n: int, a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return parent
 
 
-def _compress(ids: np.ndarray) -> np.ndarray:
+def compress_ids(ids: np.ndarray) -> np.ndarray:
     """Shrink every axis along which `ids` is constant to size 1."""
     for ax in range(ids.ndim):
         if ids.shape[ax] > 1:
@@ -116,19 +116,19 @@ def _compress(ids: np.ndarray) -> np.ndarray:
     return ids
 
 
-def _expand(ids: np.ndarray, shape: Sequence[int]) -> np.ndarray:
+def broadcast_ids(ids: np.ndarray, shape: Sequence[int]) -> np.ndarray:
     return np.ascontiguousarray(np.broadcast_to(ids, tuple(shape)))
 
 
 @dataclass
-class _Val:
+class Val:
     """What the tracer knows about one PIR value."""
 
     shape: Tuple[int, ...] = ()
     ids: Optional[np.ndarray] = None  # compressed channel ids, same ndim as shape
     param: Optional[str] = None  # paddle parameter name when the value is a parameter
     const: Any = None  # python value of a constant (full, full_int_array)
-    items: Optional[List["_Val"]] = None  # builtin.combine / split vectors
+    items: Optional[List["Val"]] = None  # builtin.combine / split vectors
     split_axis: Optional[int] = None
 
 
@@ -202,7 +202,7 @@ class TraceState:
 
     def __init__(self) -> None:
         self.uf = _UnionFind()
-        self.vals: Dict[str, _Val] = {}
+        self.vals: Dict[str, Val] = {}
         self.members: List[MemberRec] = []
         self.sources: List[SourceRec] = []
         self.blocks: List[Tuple[np.ndarray, str]] = []
@@ -242,16 +242,16 @@ class TraceState:
         if ids is not None and ids.size:
             self.blocks.append((np.unique(ids), reason))
 
-    def ids_of(self, v: _Val) -> Optional[np.ndarray]:
+    def ids_of(self, v: Val) -> Optional[np.ndarray]:
         """Channel ids of a value; a parameter gets one id per element, minted on first use."""
         if v.ids is None and v.param is not None:
             if v.param not in self.param_elems:
                 n = int(np.prod(v.shape)) if v.shape else 1
                 self.param_elems[v.param] = self.fresh(n).reshape(v.shape)
-            v.ids = _compress(self.param_elems[v.param])
+            v.ids = compress_ids(self.param_elems[v.param])
         return v.ids
 
-    def channel_ids(self, v: _Val, axis: int) -> Optional[np.ndarray]:
+    def channel_ids(self, v: Val, axis: int) -> Optional[np.ndarray]:
         """1-D ids along `axis` if they are constant along every other axis, else None."""
         ids = self.ids_of(v)
         if ids is None:
@@ -259,11 +259,11 @@ class TraceState:
         other = [ax for ax in range(ids.ndim) if ax != axis]
         if any(ids.shape[ax] != 1 for ax in other):
             return None
-        return _expand(ids.reshape(-1), (v.shape[axis],)).copy()
+        return broadcast_ids(ids.reshape(-1), (v.shape[axis],)).copy()
 
 
-OpHandler = Callable[[TraceState, Any, List[_Val], List[_Val]], None]
-_OP_HANDLERS: Dict[str, OpHandler] = {}
+OpHandler = Callable[[TraceState, Any, List[Val], List[Val]], None]
+OP_HANDLERS: Dict[str, OpHandler] = {}
 
 
 def register_op(*names: str) -> Callable[[OpHandler], OpHandler]:
@@ -303,21 +303,21 @@ def register_op(*names: str) -> Callable[[OpHandler], OpHandler]:
 
     def deco(fn: OpHandler) -> OpHandler:
         for n in names:
-            _OP_HANDLERS[n] = fn
+            OP_HANDLERS[n] = fn
         return fn
 
     return deco
 
 
-def _op_key(name: str) -> str:
+def op_key(name: str) -> str:
     short = name.split(".", 1)[1] if name.startswith(("pd_op.", "builtin.")) else name
     if name.startswith("builtin."):
         return "builtin." + short
-    return short[:-1] if short.endswith("_") and short[:-1] in _OP_HANDLERS else short
+    return short[:-1] if short.endswith("_") and short[:-1] in OP_HANDLERS else short
 
 
 
-def unknown_op(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val],
+def unknown_op(state: TraceState, op: Any, ins: List[Val], outs: List[Val],
                why: str = "") -> None:
     """What happens to an op no handler understands (handlers call it to give up, saying `why`):
     the channels it reads are blocked, parameters it reads keep their shape, and its outputs get
@@ -342,7 +342,7 @@ def unknown_op(state: TraceState, op: Any, ins: List[_Val], outs: List[_Val],
             state.sources.append(SourceRec(o.ids.ravel(), None, blocked=reason))
 
 
-def _carrier_axis(state: TraceState, ins: List[_Val], outs: List[_Val]) -> Optional[int]:
+def _carrier_axis(state: TraceState, ins: List[Val], outs: List[Val]) -> Optional[int]:
     """The axis that carries channels in an op's first traced input (the one axis along which
     its ids vary), when the outputs have that input's rank: token tensors [N, L, C] keep their
     channels last, so whatever follows an op we cannot follow still sees channels there."""
@@ -362,7 +362,7 @@ def _carrier_axis(state: TraceState, ins: List[_Val], outs: List[_Val]) -> Optio
 # ---------------------------------------------------------------------------------------------
 
 
-def _shape_of(value: Any) -> Tuple[int, ...]:
+def shape_of(value: Any) -> Tuple[int, ...]:
     try:
         return tuple(int(s) for s in value.shape)
     except Exception:  # vectors have no shape
@@ -543,7 +543,7 @@ def run_trace(program: Any, outputs: Sequence[Any], state: Optional[TraceState] 
     state.vals = {}  # value ids are only unique within one program
     n_members = len(state.members)
     for op in program.global_block().ops:
-        _trace_op(state, op)
+        trace_op(state, op)
     unite_shared_uses(state, n_members)
     if state.stubs is not None:
         for vid, path in state.stubs.inputs.items():
@@ -605,7 +605,7 @@ _RESHAPES = ("pd_op.reshape", "pd_op.reshape_", "pd_op.view_shape", "pd_op.flatt
 
 
 def _known_shapes(state: TraceState, name: str, op_attrs: Callable[[], Dict[str, Any]],
-                  ins: List[_Val], outs: List[_Val]) -> None:
+                  ins: List[Val], outs: List[Val]) -> None:
     """Fill in sizes PIR could not infer (-1, shapes computed at run time): the batch axis takes
     the input's batch size, and one remaining -1 of a reshape follows from the element count."""
     for o in outs:
@@ -644,8 +644,8 @@ def _known_shapes(state: TraceState, name: str, op_attrs: Callable[[], Dict[str,
         o.shape = tuple(shape)
 
 
-def _call_handler(state: TraceState, handler: OpHandler, op: Any, ins: List[_Val],
-                  outs: List[_Val]) -> None:
+def _call_handler(state: TraceState, handler: OpHandler, op: Any, ins: List[Val],
+                  outs: List[Val]) -> None:
     try:
         handler(state, op, ins, outs)
     except TraceShapeError:
@@ -663,30 +663,30 @@ def _call_handler(state: TraceState, handler: OpHandler, op: Any, ins: List[_Val
         unknown_op(state, op, ins, outs, why=f"its handler failed: {type(e).__name__}")
 
 
-def _trace_op(state: TraceState, op: Any) -> None:
+def trace_op(state: TraceState, op: Any) -> None:
     name = op.name()
     ins = []
     for operand in op.operands():
         src = operand.source()
         if not src.initialized():  # an absent optional input
-            ins.append(_Val())
+            ins.append(Val())
             continue
-        ins.append(state.vals.get(src.id) or _Val(shape=_shape_of(src)))
+        ins.append(state.vals.get(src.id) or Val(shape=shape_of(src)))
     outs = []
     for res in op.results():
-        v = _Val(shape=_shape_of(res))
+        v = Val(shape=shape_of(res))
         state.vals[res.id] = v
         outs.append(v)
     if name == "builtin.parameter":
         outs[0].param = op.attrs()["parameter_name"]
         return
     blocks = list(op.blocks())  # the container itself is always truthy
-    if blocks and _op_key(name) not in _OP_HANDLERS:  # `if`/`while`: graph.control_flow
+    if blocks and op_key(name) not in OP_HANDLERS:  # `if`/`while`: graph.control_flow
         _enter_control_flow(state, op, blocks)
     _known_shapes(state, name, op.attrs, ins, outs)
     if name == "pd_op.data" and outs and outs[0].shape:
         state.batch = outs[0].shape[0] if outs[0].shape[0] > 0 else None
-    handler = _OP_HANDLERS.get(_op_key(name))
+    handler = OP_HANDLERS.get(op_key(name))
     if handler is None:
         unknown_op(state, op, ins, outs)
     else:

@@ -52,7 +52,7 @@ class LatencyTable:
         """Predicted latency share of the network when group g keeps `widths[g]` (others whole);
         between measured widths the next wider one's share, or with `interpolate` the line
         between its neighbours (`interpolated`)."""
-        at = self.interpolated if interpolate else self._at
+        at = self.interpolated if interpolate else self.share_at
         total = 1.0
         for name, w in widths.items():
             if name not in self.shares or w >= self.channels[name]:
@@ -74,7 +74,7 @@ class LatencyTable:
         ys = [table[w] for w in xs[:-1]] + [1.0]
         return float(np.interp(width, xs, ys))
 
-    def _at(self, name: str, width: int) -> float:
+    def share_at(self, name: str, width: int) -> float:
         """The share at `width`; between measured widths, that of the next wider one (a width
         never costs less than a measured narrower one is known to)."""
         table = self.shares[name]
@@ -238,7 +238,7 @@ def plan_latency_widths(groups: Sequence[PlanGroup], table: LatencyTable, target
             if i + 1 >= len(steps[name]):
                 continue
             w0, w1 = steps[name][i], steps[name][i + 1]
-            saved = table._at(name, w0) - table._at(name, w1)
+            saved = table.share_at(name, w0) - table.share_at(name, w1)
             if saved <= 0:
                 continue
             n = channels[name]

@@ -23,8 +23,8 @@ from ..utils.files import check_writable
 from .evaluation import EvalData, top1_metric
 from .fingerprint import fingerprint, network_signature
 from .replay import EvaluateFn, ParamSlices, Runner
-from .result import (DEFAULT_RATIOS, FORMAT, SensitivityResult, _check_header, _key, _read,
-                     _save)
+from .result import (DEFAULT_RATIOS, FORMAT, SensitivityResult, check_header, ratio_key, read_result,
+                     save_result)
 
 logger = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def _curves(pruner: SensitivityPruner, runner: Runner, todo: Sequence[Tuple[int,
         with runner.group(g) as run:
             for _ in _fill(pruner, g.name, run, pts, ratios, baseline, max_loss, lower):
                 filled += 1
-                _save(path, data)
+                save_result(path, data)
         progress.log(filled, f"[{n}/{len(todo)}] {g.name}")
 
 
@@ -179,7 +179,7 @@ def _shared_curves(pruner: SensitivityPruner, runner: Runner, todo: Sequence[Tup
         got = [p for p in all_gather(point) if p is not None]
         for name, key, loss in got:
             data["losses"].setdefault(name, {})[key] = loss
-        _save(path, data)
+        save_result(path, data)
         progress.log(len(got), f"{len(got)} point(s) on {world_size()} ranks")
 
 
@@ -248,8 +248,8 @@ def _start(pruner: SensitivityPruner, evaluate: Any, ratios: Tuple[float, ...],
     describe = evaluate.describe() if isinstance(evaluate, EvalData) else ""
     network = network_signature(pruner.net, pruner.groups)
     if path and os.path.exists(path):
-        data = _read(path)
-        _check_header(path, data, network, pruner.criterion.name, ratios, describe)
+        data = read_result(path)
+        check_header(path, data, network, pruner.criterion.name, ratios, describe)
         data["groups"].update(channels)
         logger.info("resuming sensitivity analysis from %s", path)
         return data
@@ -283,7 +283,7 @@ def _baseline(runner: Runner, data: Dict[str, Any], path: Optional[str], todo: b
     _check_resolution(metric, evaluate)
     if stored is None:
         data["baseline"] = stored = metric
-        _save(path, data)
+        save_result(path, data)
     return stored
 
 
@@ -308,15 +308,15 @@ def _fill(pruner: SensitivityPruner, name: str, run: EvaluateFn,
     """Fill the missing points of one group's curve in `pts`, yielding each (ratio key, loss):
     the metric's relative drop, or for a loss (`lower`) its relative rise: higher is worse."""
     for r in ratios:
-        if _key(r) in pts:
+        if ratio_key(r) in pts:
             continue
         if _stopped(pts, max_loss):
-            pts[_key(r)] = None
+            pts[ratio_key(r)] = None
         else:
             _, drop = pruner.slices(pruner.select({name: r}))
             change = baseline - run(drop)
-            pts[_key(r)] = (-change if lower else change) / baseline
-        yield _key(r), pts[_key(r)]
+            pts[ratio_key(r)] = (-change if lower else change) / baseline
+        yield ratio_key(r), pts[ratio_key(r)]
 
 
 def _stopped(pts: Mapping[str, Optional[float]], max_loss: Optional[float]) -> bool:
@@ -332,7 +332,7 @@ def check_ratios(ratios: Sequence[float]) -> Tuple[float, ...]:
         raise tagged("ratios", TypeError(f"ratios must be numbers in (0, 1), got {ratios!r}")) from e
     if not out or any(not 0.0 < r < 1.0 for r in out):
         raise tagged("ratios", ValueError(f"ratios must be numbers in (0, 1), got {list(ratios)!r}"))
-    keys = [_key(r) for r in out]
+    keys = [ratio_key(r) for r in out]
     dupes = sorted({k for k in keys if keys.count(k) > 1})
     if dupes:
         raise tagged("ratios", ValueError(f"ratios must be distinct (to 6 decimals, the precision of the file's keys); "

@@ -64,7 +64,7 @@ class SensitivityResult:
     @classmethod
     def load(cls, path: str) -> "SensitivityResult":
         """Read an analysis written by `analyse` (complete or not)."""
-        data = _read(path)
+        data = read_result(path)
         res = cls(baseline=data["baseline"], ratios=tuple(data["ratios"]),
                   channels=dict(data["groups"]), criterion=data["criterion"],
                   network=data["network"])
@@ -74,7 +74,7 @@ class SensitivityResult:
 
 
 
-def _read(path: str) -> Dict[str, Any]:
+def read_result(path: str) -> Dict[str, Any]:
     """The content of a sensitivity file, checked to be one of this version, whole."""
     if os.path.isdir(path):
         raise ValueError(f"sensitivity path {path!r} is a directory: pass a file path such as "
@@ -109,7 +109,7 @@ def _read(path: str) -> Dict[str, Any]:
     return data
 
 
-def _key(r: float) -> str:
+def ratio_key(r: float) -> str:
     return repr(round(float(r), 6))
 
 
@@ -123,12 +123,12 @@ def check_same_network(where: str, made_for: Optional[Mapping[str, Any]],
                      f"describe this network: {_FIX} (or analyse this network)")
 
 
-def _check_header(path: str, data: Dict[str, Any], network: Mapping[str, Any], criterion: str,
+def check_header(path: str, data: Dict[str, Any], network: Mapping[str, Any], criterion: str,
                   ratios: Sequence[float], describe: str) -> None:
     if data["criterion"] != criterion:
         raise ValueError(f"{path!r} was made with criterion {data['criterion']!r}, not "
                          f"{criterion!r}; {_FIX}")
-    if [_key(r) for r in data["ratios"]] != [_key(r) for r in ratios]:
+    if [ratio_key(r) for r in data["ratios"]] != [ratio_key(r) for r in ratios]:
         raise ValueError(f"{path!r} was made for ratios {data['ratios']}, not {list(ratios)}; {_FIX}")
     check_same_network(repr(path), data["network"], network)
     if describe and data.get("data") and data["data"] != describe:
@@ -136,6 +136,6 @@ def _check_header(path: str, data: Dict[str, Any], network: Mapping[str, Any], c
                          f"{_FIX}")
 
 
-def _save(path: Optional[str], data: Dict[str, Any]) -> None:
+def save_result(path: Optional[str], data: Dict[str, Any]) -> None:
     if path:
         write_json_atomic(path, data)
