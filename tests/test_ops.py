@@ -151,6 +151,32 @@ def test_shapes_computed_at_run_time():
     assert net.fc.weight.shape == [4, 3]
 
 
+class SizesReadFromTheTensor(nn.Layer):
+    """PP-OCR's ClsHead and PaddleClas's custom layers: sizes read from `x.shape`, which the
+    static program shows as literals; `written` writes the channel count into the code."""
+
+    def __init__(self, written: bool) -> None:
+        super().__init__()
+        self.written = written
+        self.conv = nn.Conv2D(3, 8, 3, padding=1)
+        self.fc = nn.Linear(8, 4)
+
+    def forward(self, x):
+        y = F.adaptive_avg_pool2d(F.relu(self.conv(x)), 1)
+        n, c = y.shape[0], y.shape[1]
+        m = y.mean(axis=[2, 3]).reshape([n, c, 1, 1])  # [N, C, 1, 1] from the tensor's sizes
+        y = (y * m).reshape([n, 8] if self.written else [n, c])
+        return self.fc(y)
+
+
+def test_sizes_read_from_the_tensor_prune_and_written_ones_stay_whole():
+    paddle.seed(0)
+    check_pruned(SizesReadFromTheTensor(written=False), SHAPE, expect_groups=["conv"])
+    blocked = _groups(SizesReadFromTheTensor(written=True))["conv"]
+    assert not blocked.prunable
+    assert "reshape to a fixed channel count" in blocked.reason and "did not reproduce" in blocked.reason
+
+
 class Norms(nn.Layer):
     def __init__(self) -> None:
         super().__init__()

@@ -251,13 +251,15 @@ def test_nested_shuffle_stages_are_routed():
     gi = pruner.group_index(STAGES[0])
     assert np.bincount(groups[STAGES[0]].partition).tolist() == [8, 8, 8, 8]
     rg = pruner.graph.routed[gi]
-    assert rg.width == 8 and rg.feasible(3) and rg.nearest(1) == 2
-    assert "blocked" in rg.why_not(1)  # [n, 2, 1, h, w]: the tracer reads a literal 1
+    # every width down to 1: at 1 the shuffle's reshape is [n, 2, 1, h, w], whose sizes the
+    # program shows as literals; a trial prune of the copy confirms the forward computes them
+    assert rg.width == 8 and all(rg.feasible(w) for w in range(1, 9)) and rg.nearest(1) == 1
+    assert rg.why_not(1) == ""
     kept = pruner.select({STAGES[0]: 0.5})[gi]
     assert np.bincount(groups[STAGES[0]].partition[kept]).tolist() == [4, 4, 4, 4]
 
 
-@pytest.mark.parametrize("ratio", [0.25, 0.7])
+@pytest.mark.parametrize("ratio", [0.25, 0.7, 0.875])  # 0.875: one channel per producer
 def test_nested_shuffle_stages_prune_exactly(ratio):
     paddle.seed(0)
     net = TinyShuffleNetV2()

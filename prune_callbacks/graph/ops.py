@@ -251,6 +251,9 @@ def _varying_axes(ids: Optional[np.ndarray]) -> int:
 
 
 _SHUFFLE_TRIAL = "channel shuffle"
+LITERAL_TRIAL = ("reshape to a fixed channel count? (the program shows the reshape's sizes as "
+                 "literals: the forward must read the channel count from the tensor, e.g. "
+                 "x.reshape([x.shape[0], -1]), not write it, e.g. reshape(x, [-1, 2048]))")
 
 
 def _tie_runs(state: TraceState, after: np.ndarray, target: Optional[Sequence[int]]) -> bool:
@@ -296,8 +299,11 @@ def _reshape(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> Non
     if op_key(op.name()) == "reshape" and after is not None and not param_view:
         literal = target is None or any(
             after.shape[ax] > 1 and target[ax] not in (-1, 0) for ax in range(len(target)))
-        if literal:  # a channel count written into the code (e.g. reshape(x, [-1, 2048]))
-            state.block(before, "reshape to a fixed channel count")
+        if literal and before is not None:
+            # Static shapes show every size as a literal, whether the code wrote it
+            # (reshape(x, [-1, 2048])) or read it from the tensor (x.reshape([x.shape[0],
+            # x.shape[1]])): a trial prune of a copy, run eagerly, tells them apart.
+            state.trials.append((np.unique(before), LITERAL_TRIAL))
 
 
 @register_op("transpose")
