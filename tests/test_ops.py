@@ -177,6 +177,33 @@ def test_sizes_read_from_the_tensor_prune_and_written_ones_stay_whole():
     assert "reshape to a fixed channel count" in blocked.reason and "did not reproduce" in blocked.reason
 
 
+class ReadAndWritten(nn.Layer):
+    """Two groups a trial prune decides: one reads its size from the tensor, one writes it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.read = nn.Conv2D(3, 8, 3, padding=1)
+        self.written = nn.Conv2D(3, 8, 3, padding=1)
+        self.fc = nn.Linear(16, 4)
+
+    def forward(self, x):
+        a = F.adaptive_avg_pool2d(self.read(x), 1)
+        b = F.adaptive_avg_pool2d(self.written(x), 1)
+        a = a.reshape([a.shape[0], a.shape[1]])
+        b = b.reshape([b.shape[0], 8])
+        return self.fc(paddle.concat([a, b], axis=1))
+
+
+def test_groups_tried_together_fall_back_to_one_by_one():
+    """The trial of all such groups together fails (one writes its size), so each is tried
+    alone: the one that reads its size prunes, exactly."""
+    paddle.seed(0)
+    groups = _groups(ReadAndWritten())
+    assert groups["read"].prunable and not groups["written"].prunable
+    assert "did not reproduce masking" in groups["written"].reason
+    check_pruned(ReadAndWritten(), SHAPE, expect_groups=["read"])
+
+
 class Norms(nn.Layer):
     def __init__(self) -> None:
         super().__init__()

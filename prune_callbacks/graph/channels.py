@@ -283,7 +283,9 @@ class ChannelGraph:
         forward computes the part sizes (and the shuffle's reshape sizes) from the channel
         count: prune one channel per part (one channel if it has no parts) on a copy and
         compare with masking (`surgery.trial_prune`); sizes written into the code leave the
-        group whole."""
+        group whole. All such groups are tried together first (one copy); only if that
+        fails, one by one."""
+        todo: List[Tuple[int, Slices, Slices]] = []
         for gi in sorted(self._split_groups):
             g = self.groups[gi]
             if not g.prunable:
@@ -296,7 +298,11 @@ class ChannelGraph:
                     drop[np.flatnonzero(g.partition == b)[-1]] = True
             if drop.all():
                 continue
-            keep_sl, drop_sl = self.group_slices(gi, ~drop)
+            todo.append((gi, *self.group_slices(gi, ~drop)))
+        if len(todo) > 1 and self._trial_together(net, todo):
+            return
+        for gi, keep_sl, drop_sl in todo:
+            g = self.groups[gi]
             failure = self._trial_kept_ints(net, gi, keep_sl, drop_sl)
             if failure is not None:
                 g.prunable = False
@@ -336,6 +342,28 @@ class ChannelGraph:
                 g.reason = (f"{self._train_trials[gi]} sizes written into the code: a training "
                             f"forward of a copy pruned by one channel failed ({failure})")
                 warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
+    def _trial_together(self, net: paddle.nn.Layer,
+                        todo: List[Tuple[int, Slices, Slices]]) -> bool:
+        """Trial-prune every group of `todo` on one copy, their kept ints in sync: True when the
+        copy reproduces masking (each group then passes alone as well: its sizes follow the
+        tensor), else False with the ints left alone again (the groups are tried one by one)."""
+        keep: Slices = {}
+        drop: Slices = {}
+        for _, keep_sl, drop_sl in todo:
+            for out, part in ((keep, keep_sl), (drop, drop_sl)):
+                for key, axes in part.items():
+                    if set(axes) & set(out.get(key, {})):
+                        return False  # two groups cut one axis: only apart
+                    out.setdefault(key, {}).update(axes)
+        ints = [i for gi, _, _ in todo for i in self._kept_ints.get(gi, [])]
+        for path, attr, key, axis in ints:
+            track_count(net, path, attr, key, axis, 1)
+        if trial_prune(net, self.input_shape, keep, drop) is None:
+            return True
+        for path, attr, _, _ in ints:
+            untrack_count(net, path, attr)
+        return False
+
     def _trial_kept_ints(self, net: paddle.nn.Layer, gi: int, keep_sl: Slices,
                          drop_sl: Slices) -> Optional[str]:
         """Trial-prune group `gi`. Ints its layers keep equal to the width
