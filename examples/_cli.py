@@ -92,6 +92,18 @@ def shapes_task_args(argv: Optional[List[str]], description: str, epochs: Tuple[
     return args
 
 
+def evaluate(net: paddle.nn.Layer, data: Any, metric: Any, batch_size: int = 64) -> float:
+    """`metric` (a paddle.metric.Metric taking the network's outputs and the labels) over a
+    generated-shapes set (`data.x`, `data.y`), in eval mode without gradients."""
+    net.eval()
+    metric.reset()
+    with paddle.no_grad():
+        for i in range(0, len(data), batch_size):
+            metric.update(net(paddle.to_tensor(data.x[i:i + batch_size])),
+                          data.y[i:i + batch_size])
+    return metric.accumulate()
+
+
 def load_data(args: argparse.Namespace) -> Tuple[paddle.io.Dataset, paddle.io.Dataset]:
     """Train and validation sets as (float32 [3, 32, 32] in [-1, 1], int64 [1]) samples."""
     if args.data == "digits":

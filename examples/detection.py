@@ -260,12 +260,7 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def evaluate(net: nn.Layer, data: Shapes) -> float:
-    metric = DetectionMAP()
-    net.eval()
-    with paddle.no_grad():
-        for i in range(0, len(data), 64):
-            metric.update(net(paddle.to_tensor(data.x[i:i + 64])), data.y[i:i + 64])
-    return metric.accumulate()
+    return _cli.evaluate(net, data, DetectionMAP())
 
 
 def main(argv: Optional[List[str]] = None) -> None:
