@@ -92,6 +92,56 @@ def test_bn_scale_gradient_is_the_sign_of_gamma_only():
     assert float(reg.penalty(lam)) == pytest.approx(float((lam[0] * np.abs(gamma)).sum()), rel=1e-6)
 
 
+def test_proximal_step_equals_hand_computation():
+    """Each channel's parameters scaled by max(0, 1 - lr * lam / norm), norms taken before the
+    step, but the group's strongest channel; a parameter in two groups (c2's filters: producer
+    of c2, consumer of c1) gets both."""
+    net = _randomised(_Net())
+    reg = _sparsity(net, Regulariser.GROUP)
+    w = {k: p.numpy().astype(np.float64) for k, p in net.named_parameters()}
+    c2_in = lambda c: w["c2.weight"][3 * (c // 2):3 * (c // 2 + 1), c % 2]  # noqa: E731
+    n1 = np.array([np.sqrt((w["c1.weight"][c] ** 2).sum() + w["c1.bias"][c] ** 2
+                           + w["b1.weight"][c] ** 2 + w["b1.bias"][c] ** 2
+                           + (c2_in(c) ** 2).sum() + EPS) for c in range(4)])
+    n2 = np.array([np.sqrt((w["c2.weight"][o] ** 2).sum() + w["c2.bias"][o] ** 2
+                           + (w["fc.weight"][o] ** 2).sum() + EPS) for o in range(6)])
+    lr = 0.1
+    lam = [n1 * np.array([2.0, 15.0, 5.0, 0.0]), n2 * np.array([1, 2, 3, 4, 5, 20.0])]
+    s1 = np.clip(1 - lr * lam[0] / n1, 0, 1)  # 0.8, 0 (zeroed), 0.5, 1 (untouched)
+    s2 = np.clip(1 - lr * lam[1] / n2, 0, 1)
+    s1[np.argmax(n1)] = s2[np.argmax(n2)] = 1  # each group's strongest channel is left alone
+    assert (s1 == 0).any() and (s2 == 0).any()
+    reg.proximal_step(lam, lr)
+    want = {"c1.weight": w["c1.weight"] * s1[:, None, None, None], "c1.bias": w["c1.bias"] * s1,
+            "b1.weight": w["b1.weight"] * s1, "b1.bias": w["b1.bias"] * s1,
+            "b1._mean": w["b1._mean"], "b1._variance": w["b1._variance"],
+            "c2.bias": w["c2.bias"] * s2, "fc.weight": w["fc.weight"] * s2[:, None],
+            "fc.bias": w["fc.bias"]}
+    c2 = w["c2.weight"] * s2[:, None, None, None]
+    for o in range(6):
+        for j in range(2):
+            c2[o, j] *= s1[2 * (o // 3) + j]
+    want["c2.weight"] = c2
+    for key, p in net.named_parameters():
+        np.testing.assert_allclose(p.numpy(), want[key], rtol=1e-5, atol=1e-7, err_msg=key)
+    assert not net.c1.weight.numpy()[s1 == 0].any() and not net.fc.weight.numpy()[s2 == 0].any()
+
+
+def test_bn_scale_proximal_step_soft_thresholds_gamma():
+    net = _randomised(_Net(), seed=2)
+    reg = _sparsity(net, Regulariser.BN_SCALE)
+    gamma, beta = net.b1.weight.numpy().copy(), net.b1.bias.numpy().copy()
+    lam = [np.array([0.1, 0.2, 0.3, 100.0])]
+    reg.proximal_step(lam, 0.5)
+    want = np.sign(gamma) * np.maximum(np.abs(gamma) - 0.5 * lam[0], 0)
+    strongest = np.argmax(np.abs(gamma))
+    want[strongest] = gamma[strongest]  # left alone: the group never empties
+    assert strongest != 3
+    np.testing.assert_allclose(net.b1.weight.numpy(), want, rtol=1e-5, atol=1e-7)
+    np.testing.assert_array_equal(net.b1.bias.numpy(), beta)  # the shift is not penalised
+    assert net.b1.weight.numpy()[3] == 0
+
+
 def test_grow_pushes_the_weakest_channels_hardest_and_spread_reports_it():
     lam = grow([np.zeros(4)], [np.array([4.0, 1.0, 3.0, 2.0])], 0.3)[0]
     np.testing.assert_allclose(lam, [0.0, 0.3, 0.1, 0.2])
@@ -144,6 +194,25 @@ def test_sparsity_drives_the_ranked_channels_toward_zero():
     assert shares[1.0] < 0.5 * shares[0.0], shares
 
 
+def test_proximal_steps_shrink_weak_channels_under_adam():
+    """Adam rescales a penalty's gradient like the task's, so it barely shrinks anything;
+    "auto" steps proximally with Adam, and the weak channels fall much further (no group
+    empties: its strongest channel is left alone)."""
+    shares = {}
+    for method in ("none", "gradient", "auto"):
+        paddle.seed(0)
+        net = _Net()
+        cb = SparsityCallback(kind="group", strength=3.0, growing=3.0, method=method) \
+            if method != "none" else None
+        _model(net, "adam").fit(_Data(), epochs=4, batch_size=16, verbose=0,
+                                callbacks=[cb] if cb else [])
+        shares[method] = _weak_share(net)
+        if cb is not None:
+            assert cb.method == ("gradient" if method == "gradient" else "proximal")
+    assert shares["auto"] < 0.5 * shares["gradient"] and shares["auto"] < 0.5 * shares["none"], shares
+    assert all(np.abs(p.numpy()).max() > 0 for p in (net.c1.weight, net.c2.weight))
+
+
 @pytest.mark.parametrize("optimizer", ["momentum", "adam"])
 def test_sparsity_then_pruning_in_one_fit(optimizer, tmp_path):
     paddle.seed(0)
@@ -186,6 +255,8 @@ def test_sparsity_arguments_checked():
         SparsityCallback(strength=0)
     with pytest.raises(ValueError, match="stop_epoch=1 must be after start_epoch=1"):
         SparsityCallback(start_epoch=1, stop_epoch=1)
+    with pytest.raises(ValueError, match=r"method must be one of \['auto', 'gradient', 'proximal'\]"):
+        SparsityCallback(method="prox")
     model = _model(_Net())
     with pytest.raises(ValueError, match="unknown group 'c3'"):
         model.fit(_Data(16), epochs=1, batch_size=16, verbose=0,

@@ -52,7 +52,7 @@ ARGUMENT_KEYS = {
     "latency": "prune.latency", "latency_aware": "prune.latency_aware", "sensitivity": "prune.strategy",
     "standardize": "prune.distill.standardize", "kind": "prune.sparsity.kind",
     "strength": "prune.sparsity.strength", "growing": "prune.sparsity.growing",
-    "start_epoch": "prune.sparsity.start_epoch",
+    "start_epoch": "prune.sparsity.start_epoch", "method": "prune.sparsity.method",
 }
 
 
@@ -213,7 +213,8 @@ def build_prune_callbacks(cfg: DictConfig, run: Run) -> List[paddle.callbacks.Ca
         if p.sparsity.kind:  # regularised until the pruning step
             sparsity_cb = SparsityCallback(
                 kind=p.sparsity.kind, strength=p.sparsity.strength, growing=p.sparsity.growing,
-                start_epoch=p.sparsity.start_epoch, skip=list(p.skip), input_shape=shape)
+                start_epoch=p.sparsity.start_epoch, method=p.sparsity.method, skip=list(p.skip),
+                input_shape=shape)
     except (ValueError, TypeError) as exc:
         raise as_config_error(exc, cfg, "prune") from None
     clock, val, bs = run.clock, run.val_ds, t.eval_batch_size

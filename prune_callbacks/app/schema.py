@@ -64,6 +64,7 @@ class SparsityConf:
     strength: float = 1e-4
     growing: float = 0.0
     start_epoch: int = 0
+    method: str = "auto"
 
 
 @dataclass

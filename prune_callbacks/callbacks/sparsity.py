@@ -1,8 +1,10 @@
 """SparsityCallback: sparse training before pruning, a regulariser over the traced channel groups.
 
 It adds a term to the model's loss while it is on, so its gradient reaches every optimizer,
-AMP's scaled backward and data-parallel gradient averaging like the task loss's. It never prunes
-and turns itself off before the first pruning step (the groups change then).
+AMP's scaled backward and data-parallel gradient averaging like the task loss's; or, with an
+adaptive optimizer (Adam & co., whose per-element step normalisation all but cancels such a
+gradient on weak channels), it takes the term's proximal step after each optimizer step. It
+never prunes and turns itself off before the first pruning step (the groups change then).
 """
 from __future__ import annotations
 
@@ -21,6 +23,20 @@ from .history import Scalar, history_of
 logger = logging.getLogger(__name__)
 
 
+METHODS = ("auto", "gradient", "proximal")
+# optimizers that normalise each element's step by its gradient history: a penalty's gradient
+# is then rescaled like the task's and barely shrinks weak channels, so "auto" steps proximally
+ADAPTIVE = ("Adam", "AdamW", "Adamax", "NAdam", "RAdam", "RMSProp", "Adagrad", "Adadelta", "Lamb")
+
+
+def _resolve_method(method: str, optimizer: Any) -> str:
+    if method != "auto":
+        return method
+    inner = getattr(optimizer, "_inner_opt", optimizer)  # fleet's wrappers hold the real one
+    names = {c.__name__ for c in type(inner).__mro__}
+    return "proximal" if names & set(ADAPTIVE) else "gradient"
+
+
 class _RegularisedLoss:
     """The task loss plus the sparsity term while the callback is on and the network trains."""
 
@@ -31,7 +47,8 @@ class _RegularisedLoss:
     def __call__(self, *outputs_and_labels: Any) -> Any:
         task = self.task_loss(*outputs_and_labels)
         cb = self.cb
-        if not cb.active or cb.reg is None or not cb.model.network.training:
+        if not cb.active or cb.reg is None or not cb.model.network.training \
+                or cb.method == "proximal":  # that one acts after the optimizer's step
             return task
         penalty = cb.reg.penalty(cb.strengths)
         cb._epoch_penalty.append(float(penalty))
@@ -54,6 +71,13 @@ class SparsityCallback(paddle.callbacks.Callback):
       group's producers; pair it with `criterion="bn_scale"`, and `group` with
       `criterion="group_l2"`.
 
+    `method` says how the term acts. "gradient": added to the loss. "proximal": after each
+    optimizer step, every channel's parameters are scaled by `max(0, 1 - lr * strength /
+    magnitude)` (the term's proximal operator; soft thresholding of gamma for `bn_scale`), which
+    shrinks alike under every optimizer and zeroes channels exactly. "auto" (default): proximal
+    with an adaptive optimizer (Adam, AdamW, Adamax, NAdam, RAdam, RMSProp, Adagrad, Adadelta,
+    Lamb), the gradient otherwise; the choice is logged.
+
     With `growing > 0` each channel's strength rises by `growing * (max - m) / (max - min)` at
     the start of every epoch after the first (m: its group's magnitudes then), so the channels
     ranked for removal are pushed harder and harder (Torch-Pruning's GrowingReg).
@@ -69,6 +93,7 @@ class SparsityCallback(paddle.callbacks.Callback):
         start_epoch: first 0-based epoch regularised.
         stop_epoch: first epoch no longer regularised; None: until the first pruning step.
         growing: growth of the strength per epoch on the least important channels; 0: fixed.
+        method: "auto", "gradient" or "proximal" (above).
         skip: groups left alone (layer paths, or Paddle parameter names).
         input_shape: one input's shape, batch first; default: from the model's input spec.
 
@@ -85,8 +110,12 @@ class SparsityCallback(paddle.callbacks.Callback):
 
     def __init__(self, kind: str = "group", strength: float = 1e-4, start_epoch: int = 0,
                  stop_epoch: Optional[int] = None, growing: float = 0.0, skip: Sequence[str] = (),
-                 input_shape: Optional[Sequence[int]] = None) -> None:
+                 input_shape: Optional[Sequence[int]] = None, method: str = "auto") -> None:
         super().__init__()
+        if method not in METHODS:
+            raise tagged("method", ValueError(f"method must be one of {list(METHODS)}, got {method!r}"))
+        self.requested_method = method
+        self.method = method
         try:
             self.kind = Regulariser(kind)
         except ValueError:
@@ -130,12 +159,27 @@ class SparsityCallback(paddle.callbacks.Callback):
         self.reg = GroupSparsity(pruner.graph, dict(net.named_parameters()), groups, self.kind)
         self.strengths = [np.full(c, self.strength) for c in self.reg.channels]
         self._stopped, self.active = False, False
+        self.method = _resolve_method(self.requested_method, self.model._optimizer)
         self._wrapper = _RegularisedLoss(self.model._loss, self)
         self.model._loss = self._wrapper
         history_of(self.model).before_prune.append(self._on_before_prune)
-        logger.info("sparse training (%s, strength %g, growing %g) on %d groups from epoch %d",
-                    self.kind.value, self.strength, self.growing, len(self.reg.groups),
+        logger.info("sparse training (%s, strength %g, growing %g, %s%s) on %d groups from epoch %d",
+                    self.kind.value, self.strength, self.growing, self.method,
+                    f" for {type(self.model._optimizer).__name__}"
+                    if self.requested_method == "auto" else "", len(self.reg.groups),
                     self.start_epoch)
+
+    def on_train_batch_end(self, step: int, logs: Optional[Dict] = None) -> None:
+        if not self.active or self.reg is None or self.method != "proximal" \
+                or not self.model.network.training:
+            return
+        self._epoch_penalty.append(float(self.reg.penalty(self.strengths)))  # before the step
+        opt = self.model._optimizer
+        masters = getattr(opt, "_master_weights", None) or {}  # AMP O2: float32 copies
+        net = self.model.network
+        net = net._layers if isinstance(net, paddle.DataParallel) else net
+        extra = {k: masters[p.name] for k, p in net.named_parameters() if p.name in masters}
+        self.reg.proximal_step(self.strengths, float(opt.get_lr()), extra)
 
     def on_epoch_begin(self, epoch: Optional[int] = None, logs: Optional[Dict] = None) -> None:
         epoch = self._current_epoch = epoch or 0

@@ -67,6 +67,25 @@ def _position_squares(w: paddle.Tensor, axis: int, blocks: int) -> paddle.Tensor
     return sq.sum(axis=dims) if dims else sq
 
 
+def _position_shape(w: paddle.Tensor, axis: int, blocks: int) -> List[int]:
+    """The shape of `_position_squares`' result before flattening."""
+    if blocks > 1:
+        return [blocks, int(w.shape[1])]
+    return [int(w.shape[axis])]
+
+
+def _scaled(w: paddle.Tensor, factor: np.ndarray, axis: int, blocks: int) -> np.ndarray:
+    """`w` times a per-position factor along `axis` (laid out as `_position_squares` lays the
+    positions out), as an array of `w`'s dtype."""
+    arr = w.numpy()
+    if blocks > 1:  # [out, per_block, ...] -> [blocks, out / blocks, per_block, ...]
+        shape = [blocks, arr.shape[0] // blocks] + list(arr.shape[1:])
+        f = factor.reshape([blocks, 1, arr.shape[1]] + [1] * (arr.ndim - 2))
+        return (arr.reshape(shape) * f).reshape(arr.shape).astype(arr.dtype)
+    f = factor.reshape([-1 if d == axis else 1 for d in range(arr.ndim)])
+    return (arr * f).astype(arr.dtype)
+
+
 class GroupSparsity:
     """The sparsity term of some groups of a traced network.
 
@@ -143,6 +162,44 @@ class GroupSparsity:
         for mag, lam in zip(self.per_channel(), strengths):
             total = total + (mag * paddle.to_tensor(lam.astype("float32"))).sum()
         return total
+
+    def proximal_step(self, strengths: Sequence[np.ndarray], lr: float,
+                      extra: Mapping[str, paddle.Tensor] = {}) -> None:
+        """One proximal step of the term, after the optimizer's: every channel's parameters are
+        scaled by `max(0, 1 - lr * strength / magnitude)`, the proximal operator of the group
+        lasso (`group`); for `bn_scale` each scale is soft-thresholded, `max(0, 1 - lr *
+        strength / |gamma|)`. Unlike the term's gradient, this shrinks by the same amount
+        whatever the optimizer does to its steps (Adam's per-element normalisation makes a
+        gradient penalty almost powerless on weak channels), and zeroes a channel exactly.
+        Each group's strongest channel is left alone, so a strength too high for the learning
+        rate can empty a group's other channels but never the whole group (which would cut the
+        network in two).
+
+        Args:
+            strengths: per group, each channel's strength.
+            lr: the optimizer's learning rate now.
+            extra: structured name -> another copy of a parameter scaled alike (AMP O2's
+                float32 master weights).
+        """
+        with paddle.no_grad():
+            mags = [m.numpy().astype(np.float64) for m in self.per_channel()]
+            for pieces, mag, lam, channels in zip(self._pieces, mags, strengths, self.channels):
+                for pc in pieces:
+                    w = self.params[pc.key]
+                    if self.kind is Regulariser.BN_SCALE:
+                        pos = np.abs(w.numpy().astype(np.float64).ravel())[pc.positions]
+                    else:
+                        pos = mag[pc.channels]
+                    shrink = np.clip(1.0 - lr * lam[pc.channels] / np.maximum(pos, 1e-12), 0.0, 1.0)
+                    shrink[pc.channels == int(np.argmax(mag))] = 1.0  # the group never empties
+                    if np.all(shrink == 1.0):
+                        continue
+                    n = int(np.prod(_position_shape(w, pc.axis, pc.blocks)))
+                    factor = np.ones(n, dtype=np.float64)
+                    factor[pc.positions] = shrink
+                    for t in (w, extra.get(pc.key)):
+                        if t is not None:
+                            t.set_value(_scaled(t, factor, pc.axis, pc.blocks))
 
     def magnitudes(self) -> Dict[str, np.ndarray]:
         """Group name -> per-channel magnitude now, as numpy (no gradient)."""
