@@ -455,3 +455,150 @@ def test_swin_patch_merging_shift_mask_and_pvt_mlp_prune(tmp_path):
                                                                    "float32")])
     x = paddle.randn(shape)
     assert rel_err(paddle.jit.load(path)(x).numpy(), net(x).numpy()) < 1e-5
+
+
+class _SeparateQKV(paddle.nn.Layer):
+    """Patch embedding, class token, one attention with separate q, k, v projections whose
+    forward reads `self.num_heads` and leaves the head size to reshape (-1)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.patch_embed = paddle.nn.Conv2D(3, dim, 4, 4)
+        self.cls_token = self.create_parameter([1, 1, dim])
+        self.norm = paddle.nn.LayerNorm(dim)
+        self.num_heads = heads
+        self.q, self.k, self.v, self.o = (paddle.nn.Linear(dim, dim) for _ in range(4))
+        self.head = paddle.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose((0, 2, 1))
+        x = paddle.concat([self.cls_token.expand([x.shape[0], -1, -1]), x], axis=1)
+        b, n, _ = x.shape
+        y = self.norm(x)
+        q, k, v = (f(y).reshape([b, n, self.num_heads, -1]).transpose([0, 2, 1, 3])
+                   for f in (self.q, self.k, self.v))
+        a = paddle.nn.functional.softmax(q @ k.transpose([0, 1, 3, 2]) * 0.3, -1)
+        x = x + self.o((a @ v).transpose([0, 2, 1, 3]).reshape([b, n, -1]))
+        return self.head(x[:, 0])
+
+
+def test_a_second_prune_does_not_apply_the_first_traces_head_count():
+    """Two steps on one pruner (FilterPruneCallback(steps=2)): heads 4 -> 1, then a quarter of
+    every group. The second trace sees one head, whose q/k size is an ordinary group now; the
+    head count the first trace tracked must not be applied to it (it would set num_heads to
+    6 // 8 = 0, which reshape reads as "copy this axis": six heads of one, silently wrong)."""
+    paddle.seed(0)
+    net = _SeparateQKV()
+    randomise(net)
+    net.eval()
+    shape = [2, 3, 16, 16]
+    p = _pruner(net, shape)
+    p.prune({"q": 0.75})
+    assert net.num_heads == 1 and net.q.weight.shape == [32, 8]
+    x = paddle.randn(shape)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        ratios = {g.name: 0.25 for g in p.prunable_groups}
+        assert "q" in ratios
+        with p.mask(ratios):
+            masked = run(net, x)[0]
+        p.prune(ratios)
+    assert net.num_heads == 1 and net.q.weight.shape[1] < 8
+    assert rel_err(run(net, x)[0], masked) < 1e-4
+
+
+def test_pruned_copies_of_a_vit_prune_like_the_network():
+    """`deploy.latency.pruned_copy` (the latency table and search time such copies): the copy
+    keeps the network's surgery tables, so a LayerScale and position embedding are sliced and
+    the head count follows, and it equals the network pruned the same way."""
+    from prune_callbacks.deploy.latency import pruned_copy
+    paddle.seed(0)
+    net = TinyViT(drop_path=0.0)
+    randomise(net)
+    net.eval()
+    shape = [1, 3, 8, 8]
+    p = _pruner(net, shape)
+    x = paddle.randn(shape)
+    for ratios in ({"blocks.0.attn.qkv": 0.5}, {"patch_embed": 0.25}):
+        kept = p.select(ratios)
+        copy_net = pruned_copy(p, kept)
+        want = copy.deepcopy(net)
+        _pruner(want, shape).prune(ratios)
+        assert copy_net.blocks[0].attn.num_heads == want.blocks[0].attn.num_heads
+        assert rel_err(run(copy_net, x)[0], run(want, x)[0]) < 1e-5
+
+
+class _HeadsByMinusOne(paddle.nn.Layer):
+    """Attention that keeps its head count as `nh` (a name the search does not know) and
+    reshapes with -1 heads, so its forward never reads the count."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.nh, self.hd = heads, dim // heads
+        self.qkv = paddle.nn.Linear(dim, 3 * dim)
+        self.proj = paddle.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        qkv = self.qkv(x).reshape([b, n, 3, -1, self.hd]).transpose([2, 0, 3, 1, 4])
+        a = paddle.nn.functional.softmax(qkv[0] @ qkv[1].transpose([0, 1, 3, 2]), -1)
+        return self.proj((a @ qkv[2]).transpose([0, 2, 1, 3]).reshape([b, n, -1]))
+
+
+class _ModelWideHeadCount(paddle.nn.Layer):
+    """Two such attentions under a root that keeps the model's `num_heads` (config)."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.num_heads = heads
+        self.patch_embed = paddle.nn.Conv2D(3, dim, 4, 4)
+        self.norms = paddle.nn.LayerList([paddle.nn.LayerNorm(dim) for _ in range(2)])
+        self.attns = paddle.nn.LayerList([_HeadsByMinusOne(dim, heads) for _ in range(2)])
+        self.head = paddle.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose((0, 2, 1))
+        for norm, attn in zip(self.norms, self.attns):
+            x = x + attn(norm(x))
+        return self.head(x.mean(1))
+
+
+def test_a_head_count_shared_by_several_attentions_is_left_alone():
+    """The search for each head group's count climbs to the root's `num_heads` for both
+    attentions: one int cannot count two layers' heads, so neither sets it (it stays the
+    model's config); the heads prune because the forwards follow (checked by the trial)."""
+    paddle.seed(0)
+    net = _ModelWideHeadCount()
+    check_pruned(net, [2, 3, 16, 16], {"attns.0.qkv": 0.5, "attns.1.qkv": 0.25})
+    assert net.num_heads == 4
+    assert [a.qkv.weight.shape[1] // 3 // a.hd for a in net.attns] == [2, 3]
+
+
+class _ImageSizeEqualsWidth(paddle.nn.Layer):
+    """Width 32 at 32x32 input: the root keeps `img_size = 32`, which equals the width but
+    counts pixels, and only a helper the trace never runs reads it."""
+
+    def __init__(self, img_size: int = 32, dim: int = 32, patch: int = 8) -> None:
+        super().__init__()
+        self.img_size, self.patch = img_size, patch
+        self.patch_embed = paddle.nn.Conv2D(3, dim, patch, patch)
+        self.pos_embed = self.create_parameter([1, (img_size // patch) ** 2, dim])
+        self.norm = paddle.nn.LayerNorm(dim)
+        self.head = paddle.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        t = self.patch_embed(x).flatten(2).transpose([0, 2, 1]) + self.pos_embed
+        return self.head(self.norm(t).mean(1))
+
+    def resized_pos_embed(self, size: int):  # fine-tuning at another resolution
+        g = self.img_size // self.patch
+        grid = self.pos_embed.reshape([1, g, g, -1]).transpose([0, 3, 1, 2])
+        return paddle.nn.functional.interpolate(grid, size=[size // self.patch] * 2)
+
+
+def test_an_int_that_equals_the_width_and_an_input_size_is_not_rewritten():
+    paddle.seed(0)
+    net = _ImageSizeEqualsWidth()
+    check_pruned(net, [1, 3, 32, 32], {"patch_embed": 0.25})
+    assert net.pos_embed.shape == [1, 16, 24] and net.img_size == 32
+    assert net.resized_pos_embed(64).shape == [1, 24, 8, 8]

@@ -13,7 +13,6 @@ the calling thread, so time the scheduler gives other processes drops out of the
 """
 from __future__ import annotations
 
-import copy
 import logging
 import math
 import os
@@ -30,7 +29,7 @@ from paddle.static import InputSpec
 
 from ..utils.modes import eval_mode
 from .onnx import export_onnx, require_onnx, save_inference
-from ..layers.surgery import apply_slices
+from ..layers.surgery import apply_slices, copy_for_pruning
 
 logger = logging.getLogger(__name__)
 
@@ -400,7 +399,7 @@ def pruned_copy(pruner: SlicingPruner, kept: Kept) -> nn.Layer:
     Uses the pruner's traced slices (`pruner.slices(kept)`), so the copy has exactly the shapes
     `pruner.apply(kept)` would give the network, without tracing the copy again.
     """
-    net = copy.deepcopy(pruner.net)
+    net = copy_for_pruning(pruner.net)
     keep, _ = pruner.slices(kept)
     apply_slices(net, keep)
     return net

@@ -13,8 +13,8 @@ a trial prune on a copy (`TraceState.trials`). This module only reads op attribu
 """
 from __future__ import annotations
 
-from collections import deque
-from typing import Any, List, Optional
+from collections import Counter, deque
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -350,6 +350,30 @@ def _random(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None
 _HEAD_ATTRS = ("num_heads", "n_heads", "heads", "_num_heads", "nhead", "num_attention_heads")
 
 
+def _head_count_of(g: Any, layers: Dict[str, Any]) -> Optional[Tuple[str, Any, str]]:
+    """(path, layer, attribute) of the int head count of head group `g`: on the nearest common
+    ancestor of its layers that holds one equal to its channels; None if none does."""
+    from ..layers.registry import AttentionPruning, layer_handler
+
+    parts = [p.split(".") if p else [] for p in g.layers]
+    common: List[str] = []
+    for seg in zip(*parts):
+        if len(set(seg)) != 1:
+            break
+        common.append(seg[0])
+    for n in range(len(common), -1, -1):
+        path = ".".join(common[:n])
+        layer = layers.get(path)
+        handler = layer_handler(layer) if layer is not None else None
+        names = (handler.head_count_attr,) if isinstance(handler, AttentionPruning) \
+            else _HEAD_ATTRS
+        attr = next((a for a in names if type(getattr(layer, a, None)) is int
+                     and getattr(layer, a) == g.channels), None)
+        if attr is not None:
+            return path, layer, attr
+    return None
+
+
 def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
     """For each head group (channels from an attention cut), find the attention layer: the
     nearest common ancestor of the group's layers holding an int head count equal to the
@@ -358,7 +382,7 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
     keep). Surgery then sets it after slicing (`surgery.track_count`), so the attention layer's
     own per-head parameters (a relative position bias table) slice without a registered
     handler. Without such a count the heads trial decides (a forward that reshapes with -1)."""
-    from ..layers.registry import AttentionPruning, layer_handler
+    from ..layers.registry import layer_handler
     from ..layers.surgery import track_count
 
     att = _attention_ids(state)
@@ -373,28 +397,15 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
                 head_groups.update(np.unique(pa.group[pa.group >= 0]).tolist())
     layers = dict(net.named_sublayers(include_self=True))
     _check_part_slices(graph, state)
-    for gi in sorted(head_groups):
+    founds = {gi: _head_count_of(graph.groups[gi], layers) for gi in sorted(head_groups)
+              if graph.groups[gi].producers and graph.groups[gi].layers}
+    claims = Counter((f[0], f[2]) for f in founds.values() if f is not None)
+    for gi, found in founds.items():
         g = graph.groups[gi]
-        if not g.producers or not g.layers:
-            continue
-        parts = [p.split(".") if p else [] for p in g.layers]
-        common: List[str] = []
-        for seg in zip(*parts):
-            if len(set(seg)) != 1:
-                break
-            common.append(seg[0])
-        found = None
-        for n in range(len(common), -1, -1):
-            path = ".".join(common[:n])
-            layer = layers.get(path)
-            handler = layer_handler(layer) if layer is not None else None
-            names = (handler.head_count_attr,) if isinstance(handler, AttentionPruning) \
-                else _HEAD_ATTRS
-            attr = next((a for a in names if type(getattr(layer, a, None)) is int
-                         and getattr(layer, a) == g.channels), None)
-            if attr is not None:
-                found = (path, layer, attr)
-                break
+        if found is not None and claims[(found[0], found[2])] > 1:
+            # one int for several attentions' heads (a model-wide `num_heads` on an ancestor):
+            # not theirs to set; the heads trial decides whether their forwards follow
+            found = None
         if found is None:
             hint = (" (these are attention heads: register the attention layer with "
                     "prune_callbacks.layers.registry.AttentionPruning('<the name of its head "

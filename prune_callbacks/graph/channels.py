@@ -7,7 +7,6 @@ unprunable with a reason. This module only reads the network; it never changes a
 """
 from __future__ import annotations
 
-import copy
 import logging
 import warnings
 import weakref
@@ -25,8 +24,9 @@ from . import attention  # noqa: F401  (tokens and attention heads; after the op
 from . import norms  # LayerNorm widths (the layer_norm_widths switch)
 from ..layers.registry import layer_handler
 from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
-from ..layers.surgery import (allow_plain_parameters, apply_slices, install_forwards,
-                              track_count, trial_prune, trial_train_run, untrack_count)
+from ..layers.surgery import (allow_plain_parameters, apply_slices, copy_for_pruning,
+                              install_forwards, reset_counts, track_count, trial_prune,
+                              trial_train_run, untrack_count)
 from .tracing import (MacKind, MacRec, MemberRec, Role, TraceModes, TraceState, connected_components, compress_ids,
                       trace_network)
 
@@ -133,6 +133,7 @@ class ChannelGraph:
                  modes: "TraceModes | str" = "auto",
                  train_inputs: Optional[TrainInputs] = None, layer_norm_widths: bool = True) -> None:
         self.layer_norm_widths = bool(layer_norm_widths)
+        reset_counts(net)  # counts an earlier trace tracked describe the network as it was
         install_forwards(net, input_shape)  # registered forwards (AttentionPruning(forward=))
         with norms.layer_norm_widths(layer_norm_widths):
             state = trace_network(net, input_shape, modes, example_spec(train_inputs),
@@ -344,9 +345,10 @@ class ChannelGraph:
                 warnings.warn(f"group {g.name} left unpruned: {g.reason}", stacklevel=4)
     def _trial_together(self, net: paddle.nn.Layer,
                         todo: List[Tuple[int, Slices, Slices]]) -> bool:
-        """Trial-prune every group of `todo` on one copy, their kept ints in sync: True when the
-        copy reproduces masking (each group then passes alone as well: its sizes follow the
-        tensor), else False with the ints left alone again (the groups are tried one by one)."""
+        """Trial-prune every group of `todo` on one copy, their kept ints as `_trial_kept_ints`
+        tries them first: True when the copy reproduces masking (each group then passes alone as
+        well: its sizes follow the tensor), else False with the ints left alone again (the groups
+        are tried one by one)."""
         keep: Slices = {}
         drop: Slices = {}
         for _, keep_sl, drop_sl in todo:
@@ -355,10 +357,14 @@ class ChannelGraph:
                     if set(axes) & set(out.get(key, {})):
                         return False  # two groups cut one axis: only apart
                     out.setdefault(key, {}).update(axes)
-        ints = [i for gi, _, _ in todo for i in self._kept_ints.get(gi, [])]
+        ints = [i for gi, _, _ in todo if self.groups[gi].channels not in self.input_shape[2:]
+                for i in self._kept_ints.get(gi, [])]
         for path, attr, key, axis in ints:
             track_count(net, path, attr, key, axis, 1)
         if trial_prune(net, self.input_shape, keep, drop) is None:
+            if ints:
+                logger.info("%s kept equal to their widths as they prune", ", ".join(
+                    f"{path or '<root>'}.{attr}" for path, attr, _, _ in ints))
             return True
         for path, attr, _, _ in ints:
             untrack_count(net, path, attr)
@@ -366,23 +372,37 @@ class ChannelGraph:
 
     def _trial_kept_ints(self, net: paddle.nn.Layer, gi: int, keep_sl: Slices,
                          drop_sl: Slices) -> Optional[str]:
-        """Trial-prune group `gi`. Ints its layers keep equal to the width
-        (`self.embed_dim = 768` next to a position embedding) are first kept in sync with the
-        pruned width (`surgery.track_count`); if the copy then differs from masking they are
-        left alone and tried again: a forward that reads them needs them in sync, one that never
-        reads them passes either way (they are then synced, so the attribute stays true). The
-        failure with them in sync is returned when neither passes."""
+        """Trial-prune group `gi`, deciding the ints its layers keep equal to the width
+        (`self.embed_dim = 768` next to a position embedding). They are first kept in sync with
+        the pruned width (`surgery.track_count`), so attributes such as `embed_dim` stay true
+        for code the trace never runs (a `reset_classifier`); if the copy then differs from
+        masking, they are left alone and tried again (a forward that never reads them passes
+        either way). When the width also equals a size of the input (`img_size = 32` at 32x32
+        next to a width of 32), an int may be that size: they are tried left alone first and
+        synced only if the forward needs it. Synced ints are logged. The failure with them in
+        sync is returned when neither passes."""
         ints = self._kept_ints.get(gi, [])
-        for path, attr, key, axis in ints:
-            track_count(net, path, attr, key, axis, 1)
-        failure = trial_prune(net, self.input_shape, keep_sl, drop_sl)
-        if failure is None or not ints:
-            return failure
+        if not ints:
+            return trial_prune(net, self.input_shape, keep_sl, drop_sl)
+        ambiguous = self.groups[gi].channels in self.input_shape[2:]
+        failures: List[str] = []
+        for synced in ((False, True) if ambiguous else (True, False)):
+            for path, attr, key, axis in ints:
+                if synced:
+                    track_count(net, path, attr, key, axis, 1)
+                else:
+                    untrack_count(net, path, attr)
+            failure = trial_prune(net, self.input_shape, keep_sl, drop_sl)
+            if failure is None:
+                if synced:
+                    logger.info("group %s: %s kept equal to its width as it prunes",
+                                self.groups[gi].name, ", ".join(
+                                    f"{path or '<root>'}.{attr}" for path, attr, _, _ in ints))
+                return None
+            failures.append(failure)
         for path, attr, _, _ in ints:
             untrack_count(net, path, attr)
-        if trial_prune(net, self.input_shape, keep_sl, drop_sl) is None:
-            return None
-        return failure
+        return failures[-1] if ambiguous else failures[0]
 
     def param_key(self, name: str) -> Optional[str]:
         """The structured key (`features.3.weight`) of the parameter Paddle names `name`
@@ -442,7 +462,7 @@ class ChannelGraph:
             return target
 
         def trace(keep: Slices) -> Tuple[TraceState, Dict[str, str], paddle.nn.Layer]:
-            pruned = copy.deepcopy(alive())
+            pruned = copy_for_pruning(alive())  # with the head counts tracked so far
             allow_plain_parameters(pruned, plain)
             apply_slices(pruned, keep)
             with warnings.catch_warnings():

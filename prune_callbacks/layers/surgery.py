@@ -24,7 +24,7 @@ from .registry import layer_handler, supports_layer
 
 __all__ = ["AxisSlice", "ParamSlices", "Mask", "apply_slices", "slice_array",
            "supports_layer", "allow_plain_parameters", "trial_prune", "trial_train_run",
-           "track_count", "untrack_count", "install_forwards"]
+           "track_count", "untrack_count", "reset_counts", "copy_for_pruning", "install_forwards"]
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,21 @@ def track_count(net: nn.Layer, path: str, attr: str, key: str, axis: int, per_un
 def untrack_count(net: nn.Layer, path: str, attr: str) -> None:
     """Leave `attr` of the layer at `path` alone again (undoes `track_count`)."""
     _COUNTS.get(net, {}).pop((path, attr), None)
+
+
+def reset_counts(net: nn.Layer) -> None:
+    """Forget every count tracked for `net`: a new trace describes the network as it is now
+    (a head count recorded when a layer had 4 heads must not be applied once it has 1)."""
+    _COUNTS.pop(net, None)
+
+
+def copy_for_pruning(net: nn.Layer) -> nn.Layer:
+    """A deep copy of `net` that prunes like it: the same plain parameters and tracked counts
+    (`allow_plain_parameters`, `track_count`), which a bare `copy.deepcopy` would lose (a copy's
+    LayerScale would then have no surgery, its head counts would not follow)."""
+    copy_net = _copy_network(net)
+    _inherit_tables(net, copy_net)
+    return copy_net
 
 
 def _inherit_tables(net: nn.Layer, copy_net: nn.Layer) -> None:
@@ -180,7 +195,12 @@ def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
         layer_handler(layer).sync(layer, old)
     for (path, attr), (key, axis, per) in _COUNTS.get(net, {}).items():
         if key in slices and axis in slices[key] and path in layers:
-            setattr(layers[path], attr, len(slices[key][axis]) // per)
+            kept = len(slices[key][axis])
+            if kept % per or kept < per:
+                raise ValueError(
+                    f"{path or '<root>'}.{attr} counts units of {per} positions of {key} (axis "
+                    f"{axis}), but {kept} positions are kept: prune whole units")
+            setattr(layers[path], attr, kept // per)
 
 
 class Mask:
@@ -289,8 +309,7 @@ def trial_prune(net: nn.Layer, input_shape: Sequence[int], keep: ParamSlices,
         with Mask(net, drop):
             masked = _outputs(net, x)
         if pruned_copy is None:
-            pruned_net = _copy_network(net)
-            _inherit_tables(net, pruned_net)
+            pruned_net = copy_for_pruning(net)
             apply_slices(pruned_net, keep)
         else:
             pruned_net = _refill(pruned_copy, net, keep)
@@ -338,8 +357,7 @@ def trial_train_run(net: nn.Layer, keep: ParamSlices, args: Sequence[Any]) -> Op
     computes (a dropout mask drawn with the input's shape), whose outputs are random: it checks
     that the pruned forward runs, not what it returns."""
     try:
-        pruned_net = _copy_network(net)
-        _inherit_tables(net, pruned_net)
+        pruned_net = copy_for_pruning(net)
         apply_slices(pruned_net, keep)
         pruned_net.train()
         with paddle.no_grad():
