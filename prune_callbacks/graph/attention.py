@@ -36,11 +36,11 @@ _ON_THE_WAY = {"transpose", "slice", "split", "split_with_num", "builtin.split",
 
 
 def _attention_ids(state: TraceState) -> np.ndarray:
-    return getattr(state, "attention_ids", np.zeros(0, np.int64))
+    return state.attention_ids
 
 
 def _mark_attention(state: TraceState, ids: np.ndarray) -> None:
-    state.attention_ids = np.union1d(_attention_ids(state), np.unique(ids))  # type: ignore[attr-defined]
+    state.attention_ids = np.union1d(state.attention_ids, np.unique(ids))
 
 
 def _in_attention(state: TraceState, ids: Optional[np.ndarray]) -> bool:
@@ -176,7 +176,7 @@ def _slice(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None:
     full = broadcast_ids(ids, x.shape)
     for a in varying:  # checked once heads are known (`attach_head_counts`)
         rows = np.moveaxis(full, a, 0).reshape(full.shape[a], -1)
-        state.attention_slices = getattr(state, "attention_slices", []) + [rows]  # type: ignore[attr-defined]
+        state.attention_slices.append(rows)
     index: List[Any] = [slice(None)] * len(x.shape)
     for a, s, e in zip(axes, starts, ends):
         index[a] = slice(int(s), int(e))
@@ -439,7 +439,7 @@ def _check_part_slices(graph: Any, state: TraceState) -> None:
     the same heads, so pruning a head keeps the index right. An index along the heads axis
     itself (`q[:, 0]`) holds one head: its group stays whole."""
     root = state.uf.root_table()
-    for rows in getattr(state, "attention_slices", []):
+    for rows in state.attention_slices:
         sets = [frozenset(np.unique(root[r]).tolist()) for r in rows]
         if len(set(sets)) == 1:
             continue

@@ -233,6 +233,10 @@ class TraceState:
         # verified by a training-mode run of a pruned copy
         self.in_training = False
         self.train_trials: List[Tuple[np.ndarray, str]] = []
+        # `graph.attention`: ids of channels cut into attention heads, and the [rows] of each
+        # fused projection's slices (q, k, v) that must lose the same heads
+        self.attention_ids: np.ndarray = np.zeros(0, np.int64)
+        self.attention_slices: List[Any] = []
 
     # -- helpers for handlers -----------------------------------------------------------------
     def fresh(self, n: int) -> np.ndarray:
