@@ -162,3 +162,25 @@ def test_pruning_epoch_statistics_choose_the_channels_without_a_second_pass(crit
         scores = mine["scores"][g.name]
         dropped = sorted(set(range(len(scores))) - set(g.kept))
         assert dropped and scores[dropped].max() <= scores[list(g.kept)].min()
+
+
+def test_trial_copies_do_not_feed_the_statistics():
+    """Tracing a network whose statistics are being gathered deep-copies it for trial prunes
+    (here DropBlock's training-only mask): the copies carry the hooks, pruned by one channel;
+    they must not add to (or, with their other width, wipe) the sums."""
+    import warnings
+    from test_detection import DropBlockNet, _batch
+    paddle.seed(0)
+    net = DropBlockNet()
+    stats = ImportanceStats(net, ["activation"]).start()
+    net.train()
+    for _ in range(5):
+        net(*_batch())
+    before = {k: (list(v.shape), stats.batches["activation"][k])
+              for k, v in stats.sums["activation"].items()}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        FilterPruner(net, [1, 3, 8, 8], train_inputs=_batch())
+    after = {k: (list(v.shape), stats.batches["activation"][k])
+             for k, v in stats.sums["activation"].items()}
+    assert after == before and before["c1.weight"] == ([8], 5)

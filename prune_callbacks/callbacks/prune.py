@@ -256,11 +256,13 @@ class FilterPruneCallback(paddle.callbacks.Callback):
                 f"this FilterPruneCallback made all its {self.steps} pruning step(s) already (see "
                 f".plans); to prune again, use another FilterPruneCallback (its target is then a "
                 f"share of the network's FLOPs at that moment)")
+        stats, self._stats = self._stats, None
+        if stats is not None:  # before tracing: its hooks must not see the trace's forwards
+            stats.stop()
         pruner = self._pruner or self._new_pruner()
         self._pruner = None
-        if self._stats is not None:
-            self._stats.stop()
-            pruner.statistics, self._stats = self._stats, None
+        if stats is not None:
+            pruner.statistics = stats
         net = self.model.network
         if step == 1:
             sens = self._sensitivities(epoch)

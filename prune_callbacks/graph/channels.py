@@ -134,6 +134,9 @@ class ChannelGraph:
                  train_inputs: Optional[TrainInputs] = None, layer_norm_widths: bool = True) -> None:
         self.layer_norm_widths = bool(layer_norm_widths)
         reset_counts(net)  # counts an earlier trace tracked describe the network as it was
+        if train_inputs is not None and train_inputs is not LATER:
+            # one batch for everything below: a callable draws a new one at every call
+            train_inputs = example_batch(train_inputs)
         install_forwards(net, input_shape)  # registered forwards (AttentionPruning(forward=))
         with norms.layer_norm_widths(layer_norm_widths):
             state = trace_network(net, input_shape, modes, example_spec(train_inputs),

@@ -193,6 +193,8 @@ def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState,
     for m, mac in zip(recs, graph.mac_census):
         if m.conditional:
             mac.weight = weights[m.param]
+    if state.eval_failure:  # traced from the training program alone: its counts are its own
+        return
     for m, mac in zip([m for m in state.train_macs if m.param in owned],
                       graph.train_mac_census):
         if m.conditional and m.param in weights:

@@ -20,6 +20,7 @@ import types
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
 
+import numpy as np
 import paddle
 import paddle.nn as nn
 
@@ -102,6 +103,7 @@ def _capture(net: nn.Layer, methods: Dict[Tuple[str, str], nn.Layer],
     norm statistics restored."""
     outputs: Dict[Tuple[str, str], Any] = {}
     calls: Dict[Tuple[str, str], Tuple[Any, tuple, dict]] = {}
+    own = {key: layer.__dict__.get(key[1], _MISSING) for key, layer in methods.items()}
     for key, layer in methods.items():
         bound = getattr(layer, key[1])
 
@@ -119,11 +121,23 @@ def _capture(net: nn.Layer, methods: Dict[Tuple[str, str], nn.Layer],
             for key, (bound, args, kw) in calls.items():
                 free[key] = _free_axes(bound, args, kw)
     finally:
-        for key, layer in methods.items():
-            layer.__dict__.pop(key[1], None)
+        _restore(methods, own)
         for t, value in saved:
             t.set_value(value)
     return outputs, free
+
+
+_MISSING = object()
+
+
+def _restore(layers: Dict[Tuple[str, str], nn.Layer], own: Dict[Tuple[str, str], Any]) -> None:
+    """Put back what each layer's instance held under the method's name before (a forward set
+    on the instance, `install_forwards`'), or nothing if it held nothing."""
+    for key, layer in layers.items():
+        if own[key] is _MISSING:
+            layer.__dict__.pop(key[1], None)
+        else:
+            layer.__dict__[key[1]] = own[key]
 
 
 def _same(a: Any, b: Any) -> bool:
@@ -153,11 +167,37 @@ def _replace(tree: Any, index: int, value: Any, counter: List[int]) -> Any:
     return value if counter[0] - 1 == index else tree
 
 
+def _degenerate(result: Any) -> bool:
+    """A result that could not show a dependence on values: its tensors are all empty or
+    constant (an NMS that kept nothing, or a dummy box standing in for nothing)."""
+    tensors = [x for x in _flat(result) if isinstance(x, paddle.Tensor)]
+    if not tensors:
+        return False
+    for t in tensors:
+        arr = t.numpy()
+        if arr.size and not (arr == arr.ravel()[0]).all():
+            return False
+    return True
+
+
+def _perturbed(leaf: paddle.Tensor, rng: np.random.Generator) -> List[paddle.Tensor]:
+    """Values of `leaf`'s shape no thresholding can ignore: an affine map, and two draws of
+    large random values (a local generator: the global seed is left alone)."""
+    scale = float(np.abs(leaf.numpy()).max()) + 1.0
+    draws = [leaf * 1.5 + 0.25]
+    for _ in range(2):
+        noise = rng.normal(0.0, 10.0 * scale, size=list(leaf.shape))
+        draws.append(paddle.to_tensor(noise.astype(leaf.numpy().dtype)))
+    return draws
+
+
 def _free_axes(bound: Callable[..., Any], args: tuple, kw: dict) -> Dict[int, Set[int]]:
     """For each float tensor argument (by leaf index): the axes (from 1) along which removing
     the last index leaves the method's result bit for bit the same, provided changing the
-    argument's values does too (it reads only its shape, e.g. to lay out anchors). Anything
-    else, or a method that does not repeat itself, frees nothing."""
+    argument's values does too, to an affine map of them and to large random values (it reads
+    only its shape, e.g. to lay out anchors). Anything else, a method that does not repeat
+    itself, or one whose result is empty or constant here (nothing to see a dependence in),
+    frees nothing."""
     tree = (list(args), dict(kw))
 
     def call(t: Any) -> Any:
@@ -165,16 +205,18 @@ def _free_axes(bound: Callable[..., Any], args: tuple, kw: dict) -> Dict[int, Se
 
     try:
         base = call(tree)
-        if not _same(base, call(tree)):
+        if not _same(base, call(tree)) or _degenerate(base):
             return {}
     except Exception:  # noqa: BLE001  (their code: nothing is free)
         return {}
+    rng = np.random.default_rng(0)
     out: Dict[int, Set[int]] = {}
     for i, leaf in enumerate(_flat(tree)):
         if not isinstance(leaf, paddle.Tensor) or not leaf.is_floating_point() or leaf.ndim < 2:
             continue
         try:
-            if not _same(base, call(_replace(tree, i, leaf * 1.5 + 0.25, [0]))):
+            if not all(_same(base, call(_replace(tree, i, v, [0])))
+                       for v in _perturbed(leaf, rng)):
                 continue
         except Exception:  # noqa: BLE001
             continue
@@ -221,6 +263,7 @@ def stubbed(net: nn.Layer, methods: Sequence[Tuple[str, str]], run: Callable[[],
     docstring); `run` makes the eager forward whose outputs the stubs imitate."""
     layers = dict(net.named_sublayers())
     chosen = {key: layers[key[0]] for key in methods}
+    own = {key: layer.__dict__.get(key[1], _MISSING) for key, layer in chosen.items()}
     try:
         examples, free = _capture(net, chosen, run) if chosen else ({}, {})
     except Exception as e:  # noqa: BLE001  (the eager forward itself fails: not a conversion)
@@ -236,8 +279,7 @@ def stubbed(net: nn.Layer, methods: Sequence[Tuple[str, str]], run: Callable[[],
     try:
         yield
     finally:
-        for key, layer in chosen.items():
-            layer.__dict__.pop(key[1], None)
+        _restore(chosen, own)
 
 
 def build_with_stubs(net: nn.Layer, build: Callable[[], Any], run: Callable[[], Any],

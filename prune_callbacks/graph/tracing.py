@@ -414,7 +414,7 @@ def build_program(net: paddle.nn.Layer, input_shape: Sequence[int],
             concrete = static.forward.concrete_program
         return concrete.main_program, flat_outputs(concrete.outputs)
     except OSError as e:  # inspect could not read forward's source
-        raise TypeError(
+        raise NoSourceError(
             f"cannot trace {type(net).__name__}: paddle.jit.to_static reads the source code of "
             "every forward() it converts, and this one has none (defined in an interactive "
             "session or by exec?). Define the network in a .py file.") from e
@@ -828,6 +828,11 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
     return state
 
 
+class NoSourceError(TypeError):
+    """`paddle.jit.to_static` cannot read a forward's source code (a class made by `exec` or
+    in an interactive session): no program of it can be built, in either mode."""
+
+
 def _trace_training_only(net: paddle.nn.Layer, input_shape: Sequence[int],
                          train_spec: Optional[List[Any]], train_example: Optional[List[Any]],
                          eval_error: "Exception | str") -> TraceState:
@@ -842,8 +847,8 @@ def _trace_training_only(net: paddle.nn.Layer, input_shape: Sequence[int],
     why = eval_error if isinstance(eval_error, str) else _last_line(eval_error)
     if train_spec is None:
         if is_shape_error(eval_error) or isinstance(eval_error.__cause__, TraceShapeError) \
-                or isinstance(eval_error, TraceShapeError):
-            raise eval_error
+                or isinstance(eval_error, (TraceShapeError, NoSourceError)):
+            raise eval_error  # training inputs would not help
         raise TypeError(
             f"cannot trace the eval forward of {type(net).__name__} from an input of shape "
             f"{list(input_shape)} ({_last_line(eval_error)}): pass train_inputs= (what the "

@@ -82,7 +82,7 @@ class ImportanceStats:
                 if isinstance(w, paddle.Tensor) and len(w.shape) >= 1:
                     key = f"{path}.weight"
                     self._handles.append(layer.register_forward_post_hook(
-                        self._activation_hook(key, _channel_axis(layer))))
+                        self._activation_hook(key, layer, _channel_axis(layer))))
         return self
 
     def stop(self) -> None:
@@ -110,8 +110,10 @@ class ImportanceStats:
             return None
         return hook
 
-    def _activation_hook(self, key: str, axis: int) -> Callable:
+    def _activation_hook(self, key: str, owner: nn.Layer, axis: int) -> Callable:
         def hook(layer: nn.Layer, inputs, output) -> None:
+            if layer is not owner:  # a deep copy of the network (a trial prune) carries the hook
+                return None
             if not layer.training or not isinstance(output, paddle.Tensor) or len(output.shape) < 2:
                 return None
             with paddle.no_grad():
