@@ -257,6 +257,36 @@ def test_latency_target_met_with_at_most_two_verification_exports() -> None:
     assert net[0].weight.shape[0] == 64  # copies only: the network itself is untouched
 
 
+def test_a_correction_below_the_tables_reach_plans_its_fastest_instead_of_failing(caplog) -> None:
+    """A first export far slower than the table predicted (0.97 measured where 0.79 was, as a
+    small ViT on Paddle Inference gave) makes the corrected aim negative: the second plan is the
+    fastest the table allows, with a warning, and the step goes on (it used to raise after the
+    whole training)."""
+    net = step_net()
+    pruner = FilterPruner(net, [1, 3, 8, 8])
+    clock, built = FakeClock(), []
+    options = LatencyOptions(backend="eager", warmup=1, repeats=3, tolerance=0.02)
+    table = measure_latency_table(pruner, options, round_to=16, clock=clock,
+                                  runner_factory=fake_factory(clock, built))
+    aims = []
+
+    def plan_at(share: float):
+        aims.append(share)
+        kept = pruner.plan_latency(share, table, strategy="uniform")
+        return kept, pruner.latency_share(table, kept)
+
+    def measure(copy_net: nn.Layer) -> float:  # a runtime much slower to gain than the table
+        return 0.97
+
+    with caplog.at_level(logging.WARNING):
+        found = verify_latency_plan(pruner, 0.5, plan_at, measure, tolerance=0.02)
+    assert len(found.trials) == 2 and not found.met
+    assert aims[0] == 0.5 and aims[-1] > aims[1]  # the corrected aim, then the table's fastest
+    assert "planning the fastest the table allows" in caplog.text
+    with pytest.raises(ValueError, match="cannot be reached by the measured table"):
+        pruner.plan_latency(0.01, table, strategy="uniform")  # the engine call still says so
+
+
 def pruned_net(pruner: FilterPruner, kept: Dict[int, Any]) -> nn.Layer:
     from prune_callbacks.deploy.latency import pruned_copy
     return pruned_copy(pruner, kept)

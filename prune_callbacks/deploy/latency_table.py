@@ -15,7 +15,7 @@ from typing import Any, Callable, Dict, List, Mapping, Optional, Protocol, Seque
 import paddle.nn as nn
 
 from ..planning.allocation import n_keep
-from ..planning.latency_allocation import LatencyTable, monotone
+from ..planning.latency_allocation import LatencyTable, UnreachableLatency, monotone
 from .latency import (CLOCKS, Clock, Kept, LatencyOptions, LatencySearch, RunnerFactory, SlicingPruner, Trial,
                       build_runner, check_latency_target, pruned_copy, time_runners)
 
@@ -134,8 +134,10 @@ def verify_latency_plan(pruner: TablePruner, target: float, plan_at: Callable[[f
     Returns:
         LatencySearch (`flops` is each plan's FLOPs cut; `trials` the verifications).
 
+    A target (or corrected aim) below the table's fastest plan plans that one, with a warning.
+
     Raises:
-        ValueError: bad arguments, or a target no plan from the table reaches.
+        ValueError: bad arguments.
     """
     target = check_latency_target(target)
     if max_verify not in (1, 2):
@@ -145,7 +147,13 @@ def verify_latency_plan(pruner: TablePruner, target: float, plan_at: Callable[[f
     measured: List[Tuple[float, Kept, float]] = []
     trials: List[Trial] = []
     for _ in range(max_verify):
-        kept, predicted = plan_at(aim)
+        try:
+            kept, predicted = plan_at(aim)
+        except UnreachableLatency as e:  # faster than the table's fastest plan: plan that one
+            logger.warning("latency plan: %s; planning the fastest the table allows (%.3f)", e,
+                           e.lowest)
+            aim = e.lowest
+            kept, predicted = plan_at(aim)
         cut = 1.0 - pruner.graph.flops({gi: len(k) for gi, k in kept.items()}) / base_flops
         share = float(measure(pruned_copy(pruner, kept)))
         trials.append(Trial(cut, share))

@@ -169,6 +169,14 @@ def predict_share(table: LatencyTable, widths: Mapping[str, int], groups: Sequen
     return 1.0 - (1.0 - additive) * joint / single if single > 0 else additive
 
 
+class UnreachableLatency(ValueError):
+    """A latency share below what the table predicts for its fastest plan (`lowest`)."""
+
+    def __init__(self, message: str, lowest: float) -> None:
+        super().__init__(message)
+        self.lowest = float(lowest)
+
+
 def plan_latency_widths(groups: Sequence[PlanGroup], table: LatencyTable, target: float,
                         curves: Optional[Mapping[str, Mapping[float, float]]] = None,
                         skip: Sequence[str] = (), max_ratio: float = 0.9,
@@ -246,9 +254,10 @@ def plan_latency_widths(groups: Sequence[PlanGroup], table: LatencyTable, target
             if best_cost is None or (cost, name) < best_cost:
                 best, best_cost = name, (cost, name)
         if best is None:
-            raise ValueError(f"a latency share of {target:.3f} cannot be reached by the measured table: "
-                             f"the lowest predicted is {share:.3f}; raise the target, skip fewer groups or "
-                             f"measure smaller widths")
+            raise UnreachableLatency(
+                f"a latency share of {target:.3f} cannot be reached by the measured table: the "
+                f"lowest predicted is {share:.3f}; raise the target, skip fewer groups or measure "
+                f"smaller widths", lowest=share)
         at[best] += 1
         share = predicted()
     logger.info("latency table plan: predicted share %.3f (target %.3f), %d of %d groups cut", share,
