@@ -162,7 +162,10 @@ def install_forwards(net: nn.Layer, input_shape: Sequence[int]) -> List[str]:
                 layer.forward = current
         names = sorted({type(layer).__name__ for _, layer, _ in swaps})
         warnings.warn(f"the registered forward of {', '.join(names)} is not used: with it "
-                      f"{failure}; the layers keep their own", stacklevel=3)
+                      f"{failure}; the layers keep their own. Fix the function given to "
+                      f"AttentionPruning(forward=...) so that it computes what the class's forward "
+                      f"computes (same outputs), or register the class without forward=",
+                      stacklevel=3)
         return []
     logger.debug("registered forwards run in %d layers", len(swaps))
     return [p for p, _, _ in swaps]
