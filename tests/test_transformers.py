@@ -602,3 +602,35 @@ def test_an_int_that_equals_the_width_and_an_input_size_is_not_rewritten():
     check_pruned(net, [1, 3, 32, 32], {"patch_embed": 0.25})
     assert net.pos_embed.shape == [1, 16, 24] and net.img_size == 32
     assert net.resized_pos_embed(64).shape == [1, 24, 8, 8]
+
+
+class _TrainOnlyMerge(paddle.nn.Layer):
+    """Heads merged with -1 in eval but with the input's width C in training (an attention
+    path used only while training): the eval trial passes, a training run does not."""
+
+    def __init__(self, dim: int = 32, heads: int = 4) -> None:
+        super().__init__()
+        self.patch_embed = paddle.nn.Conv2D(3, dim, 4, 4)
+        self.norm = paddle.nn.LayerNorm(dim)
+        self.num_heads = heads
+        self.qkv = paddle.nn.Linear(dim, 3 * dim)
+        self.proj = paddle.nn.Linear(dim, dim)
+        self.head = paddle.nn.Linear(dim, 10)
+
+    def forward(self, x):
+        x = self.patch_embed(x).flatten(2).transpose((0, 2, 1))
+        b, n, c = x.shape
+        qkv = self.qkv(self.norm(x)).reshape([b, n, 3, self.num_heads, -1])
+        qkv = qkv.transpose([2, 0, 3, 1, 4])
+        a = paddle.nn.functional.softmax(qkv[0] @ qkv[1].transpose([0, 1, 3, 2]), -1)
+        o = (a @ qkv[2]).transpose([0, 2, 1, 3])
+        o = o.reshape([b, n, c]) if self.training else o.reshape([b, n, -1])
+        return self.head((x + self.proj(o)).mean(1))
+
+
+def test_heads_whose_training_forward_writes_their_size_stay_whole():
+    paddle.seed(0)
+    pruner = _pruner(_TrainOnlyMerge(), [2, 3, 16, 16])
+    g = {g.name: g for g in pruner.groups}["qkv"]
+    assert pruner.graph.two_modes
+    assert not g.prunable and "training forward of a copy" in g.reason

@@ -738,7 +738,15 @@ def _forward_reads_training(net: paddle.nn.Layer) -> bool:
 
 
 def _op_names(program: Any) -> List[str]:
-    return [op.name() for op in program.global_block().ops]
+    """The program's ops, with the sizes written into it (`full_int_array`: reshape targets,
+    slice bounds): a training branch that only reshapes to other sizes differs too."""
+    out = []
+    for op in program.global_block().ops:
+        name = op.name()
+        if name == "pd_op.full_int_array":
+            name += repr(op.attrs().get("value"))
+        out.append(name)
+    return out
 
 
 class TraceModes(str, enum.Enum):
@@ -818,8 +826,12 @@ def trace_network(net: paddle.nn.Layer, input_shape: Sequence[int],
             n_members, n_macs = len(state.members), len(state.macs)
             state.stubs = train_stubs
             state.in_training = True
+            n_trials = len(state.trials)
             run_trace(train_program, train_outputs, state, warn=False)
             state.in_training = False
+            # sizes the training program reads that the eval one did not: a trial prune (eval)
+            # cannot see them, a training run of the pruned copy does
+            state.train_trials += state.trials[n_trials:]
             state.train_macs = state.macs[n_macs:]
             del state.macs[n_macs:]
             merge_training_members(state, n_members)
