@@ -739,3 +739,29 @@ def test_training_flops_when_only_the_training_program_is_traced():
     hw = 8 * 8
     assert pruner.graph.flops() == (8 * 3 * 9 + 4 * 8) * hw  # eval: body, head
     assert pruner.graph.flops(training=True) == (8 * 3 * 9 + 4 * 8 + 4 * 8 * 9) * hw  # + aux
+
+
+def test_a_fit_that_failed_before_training_leaves_no_check_behind():
+    """The first fit fails in another callback's on_train_begin, after the pruning callback
+    (skip naming a group that does not exist) armed its check for the first training step; the
+    next fit, with a corrected callback, must not run that stale check."""
+    class Broken(paddle.callbacks.Callback):
+        def on_train_begin(self, logs=None):
+            raise RuntimeError("another callback fails before the first step")
+
+    paddle.seed(0)
+    net = LossInside()
+    spec = paddle.static.InputSpec
+    model = paddle.Model(net, inputs=[spec([None, 3, 8, 8], "float32", "x"),
+                                      spec([None, 4, 8, 8], "float32", "t")])
+    model.prepare(paddle.optimizer.SGD(learning_rate=0.01, parameters=net.parameters()),
+                  loss=lambda loss: loss)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(RuntimeError, match="another callback fails"):
+            model.fit(_Images(), epochs=1, batch_size=4, verbose=0, callbacks=[
+                FilterPruneCallback(flops=0.3, at_epoch=0, input_shape=[1, 3, 8, 8],
+                                    skip=["bodyy"]), Broken()])
+        prune = FilterPruneCallback(flops=0.3, at_epoch=0, input_shape=[1, 3, 8, 8])
+        model.fit(_Images(), epochs=1, batch_size=4, verbose=0, callbacks=[prune])
+    assert len(prune.plans) == 1

@@ -198,10 +198,12 @@ class FilterPruneCallback(paddle.callbacks.Callback):
             self._pruner = self._new_pruner(later=True)
             if self._pruner.graph.train_failure is not None:  # its training forward needs targets:
                 self._pruner = None  # check on the real inputs, before the first step runs
-                watch_training_inputs(self.model, self._check_at_first_step)
+                watch_training_inputs(self.model, self._check_at_first_step,
+                                      self.params or None)
             else:
                 self._check_plan(self._pruner)
-        watch_training_inputs(self.model)  # the training graph is traced from what fit passes
+        # the training graph is traced from what fit passes
+        watch_training_inputs(self.model, fit=self.params or None)
 
     def _check_at_first_step(self) -> None:
         self._pruner = self._new_pruner()

@@ -152,10 +152,12 @@ class SensitivityCallback(paddle.callbacks.Callback):
         self.fallbacks = []
         pruner = self._pruner(later=True)  # checks input_shape and skip names before training
         if pruner.graph.train_failure is not None:  # its training forward needs targets: check
-            watch_training_inputs(self.model, self._check)  # on them, before the first step
+            # on them, before the first step
+            watch_training_inputs(self.model, self._check, self.params or None)
         else:
             self._check(pruner)
-        watch_training_inputs(self.model)  # the training graph is traced from what fit passes
+        # the training graph is traced from what fit passes
+        watch_training_inputs(self.model, fit=self.params or None)
         if self.eval_data is not None:
             self.eval_data.load()
 

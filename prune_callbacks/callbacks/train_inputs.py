@@ -15,16 +15,24 @@ import paddle.nn as nn
 
 # network -> the arguments of its first training call in the current fit
 _CAPTURED: "weakref.WeakKeyDictionary[nn.Layer, List[Any]]" = weakref.WeakKeyDictionary()
-# network -> (the hook's handle, what to call once they are recorded)
-_WATCHED: "weakref.WeakKeyDictionary[nn.Layer, Tuple[Any, List[Callable[[], None]]]]" = \
+# network -> (the hook's handle, what to call once they are recorded, the fit's token)
+_WATCHED: "weakref.WeakKeyDictionary[nn.Layer, Tuple[Any, List[Callable[[], None]], Any]]" = \
     weakref.WeakKeyDictionary()
 
 
-def watch_training_inputs(model: Any, then: Optional[Callable[[], None]] = None) -> None:
+def watch_training_inputs(model: Any, then: Optional[Callable[[], None]] = None,
+                          fit: Any = None) -> None:
     """Record the arguments of the network's next training-mode call (once per fit: callbacks
     call this in `on_train_begin`), then call `then` (before that forward runs, so a check it
-    makes still comes before the first training step)."""
+    makes still comes before the first training step).
+
+    `fit` identifies the fit (a callback's `params`: paddle gives every callback of one fit the
+    same dict, a new one per fit): a watch left by an earlier fit that failed before its first
+    training step, with its callbacks' checks, is dropped instead of firing in this one."""
     net = model.network
+    entry = _WATCHED.get(net)
+    if entry is not None and fit is not None and entry[2] is not None and entry[2] is not fit:
+        stop_watching(model)
     if net not in _WATCHED:
         _CAPTURED.pop(net, None)  # a new fit: its own inputs
         listeners: List[Callable[[], None]] = []
@@ -34,13 +42,13 @@ def watch_training_inputs(model: Any, then: Optional[Callable[[], None]] = None)
                 return None
             _CAPTURED[layer] = [v.detach() if isinstance(v, paddle.Tensor) else v
                                 for v in inputs]
-            handle, todo = _WATCHED.pop(layer)
+            handle, todo, _ = _WATCHED.pop(layer)
             handle.remove()
             for fn in todo:
                 fn()
             return None
 
-        _WATCHED[net] = (net.register_forward_pre_hook(hook), listeners)
+        _WATCHED[net] = (net.register_forward_pre_hook(hook), listeners, fit)
     if then is not None:
         _WATCHED[net][1].append(then)
 
