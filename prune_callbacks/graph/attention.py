@@ -350,17 +350,29 @@ def _random(state: TraceState, op: Any, ins: List[Val], outs: List[Val]) -> None
 _HEAD_ATTRS = ("num_heads", "n_heads", "heads", "_num_heads", "nhead", "num_attention_heads")
 
 
-def _head_count_of(g: Any, layers: Dict[str, Any]) -> Optional[Tuple[str, Any, str]]:
-    """(path, layer, attribute) of the int head count of head group `g`: on the nearest common
-    ancestor of its layers that holds one equal to its channels; None if none does."""
-    from ..layers.registry import AttentionPruning, layer_handler
-
+def _common_path(g: Any) -> List[str]:
+    """The path segments the layers of group `g` share (their nearest common ancestor)."""
     parts = [p.split(".") if p else [] for p in g.layers]
     common: List[str] = []
     for seg in zip(*parts):
         if len(set(seg)) != 1:
             break
         common.append(seg[0])
+    return common
+
+
+def _attention_owner(g: Any, layers: Dict[str, Any]) -> str:
+    """The class name of the nearest common ancestor of head group `g`'s layers."""
+    layer = layers.get(".".join(_common_path(g)))
+    return type(layer).__name__ if layer is not None else "<the attention class>"
+
+
+def _head_count_of(g: Any, layers: Dict[str, Any]) -> Optional[Tuple[str, Any, str]]:
+    """(path, layer, attribute) of the int head count of head group `g`: on the nearest common
+    ancestor of its layers that holds one equal to its channels; None if none does."""
+    from ..layers.registry import AttentionPruning, layer_handler
+
+    common = _common_path(g)
     for n in range(len(common), -1, -1):
         path = ".".join(common[:n])
         layer = layers.get(path)
@@ -407,9 +419,10 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
             # not theirs to set; the heads trial decides whether their forwards follow
             found = None
         if found is None:
-            hint = (" (these are attention heads: register the attention layer with "
-                    "prune_callbacks.layers.registry.AttentionPruning('<the name of its head "
-                    "count>'), or with AttentionPruning(forward=...), a forward that reads its "
+            owner = _attention_owner(g, layers)
+            hint = (f" (these are attention heads: register the attention layer, e.g. "
+                    f"register_layer_type({owner}, AttentionPruning('<the name of its head "
+                    "count>')), or with AttentionPruning(forward=...), a forward that reads its "
                     "sizes from its parameters)")
             if not g.prunable and "has no registered surgery" in g.reason:
                 g.reason += hint

@@ -193,7 +193,7 @@ def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
             continue  # plain per-channel parameters (a LayerScale): nothing to sync
         if not supports_layer(layer):
             raise TypeError(
-                f"layer {path!r} ({type(layer).__name__}) has no registered surgery: register "
+                f"layer {path or '<root>'!r} ({type(layer).__name__}) has no registered surgery: register "
                 "a LayerPruning for it with prune_callbacks.register_layer_type")
         layer_handler(layer).sync(layer, old)
     for (path, attr), (key, axis, per) in _COUNTS.get(net, {}).items():
