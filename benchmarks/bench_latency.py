@@ -16,6 +16,7 @@ percentiles. Goal: >= 0.95 (PaddleSlim 2.6's pruned MobileNetV1 got 0.83-0.90 on
     python benchmarks/bench_latency.py                           # everything: hours on 2 shared cores
     python benchmarks/bench_latency.py --models mobilenet_v1 --sizes 224 --batches 1 --backends ort
     python benchmarks/bench_latency.py --search 0.6 --models mobilenet_v1 --sizes 224 --round-to 16
+    python benchmarks/bench_latency.py --models vit_tiny --sizes 32 --backends pi-onednn ort --flops 0.4 0.6
 
 `--defaults` prunes MobileNetV1, MobileNetV2 and ResNet18 (10 classes) with every setting at its
 default (FilterPruner(net, shape, runtime=R).prune_to_flops(f): strategy uniform without curves,
@@ -66,6 +67,7 @@ import paddle
 from paddle.vision import models
 
 from prune_callbacks import FilterPruner
+from prune_callbacks.app.vit import vit_tiny
 from prune_callbacks.deploy.kernels import resolve_round_to
 from prune_callbacks.deploy.latency import (CLOCKS, LatencyMeter, LatencyOptions, LatencyStats, Runner, build_runner,
                                      plan_for_latency, time_runners)
@@ -78,6 +80,14 @@ BACKENDS: Dict[str, Tuple[str, bool]] = {  # name -> (latency backend, oneDNN)
 }
 QUICK = {"models": ["mobilenet_v1", "resnet18"], "sizes": [32], "flops": [0.4], "round_to": [1, 8, 16],
          "backends": ["pi-onednn", "ort", "pi"], "batches": [1, 64], "repeats": 15, "warmup": 3}
+
+
+def build_model(name: str, size: int, num_classes: int) -> paddle.nn.Layer:
+    """A `paddle.vision.models` network by name, or `vit_tiny` (the app's ViT: patch 4, width
+    64, 4 blocks of 4 heads) at `size`x`size`."""
+    if name == "vit_tiny":
+        return vit_tiny(num_classes=num_classes, image_size=size)
+    return getattr(models, name)(num_classes=num_classes)
 
 
 def _machine() -> str:
@@ -115,7 +125,7 @@ def _row(model: str, size: int, batch: int, backend: str, target: float, round_t
 def bench_model(name: str, size: int, args: argparse.Namespace) -> List[float]:
     """Print one row per (batch, backend, FLOPs cut, round_to); return the ratios."""
     paddle.seed(0)
-    net = getattr(models, name)(num_classes=1000 if size >= 224 else 10)
+    net = build_model(name, size, 1000 if size >= 224 else 10)
     net.eval()
     shape = [1, 3, size, size]
     pruned = {(f, r): _pruned(net, shape, f, r) for f in args.flops for r in args.round_to}
@@ -144,7 +154,7 @@ def defaults_model(name: str, args: argparse.Namespace) -> List[float]:
         if args.batches != [1, 64] and batch not in args.batches:
             continue
         paddle.seed(0)
-        net = getattr(models, name)(num_classes=10)
+        net = build_model(name, size, 10)
         net.eval()
         shape = [1, 3, size, size]
         for key in args.backends:
@@ -176,7 +186,7 @@ def latency_aware_model(name: str, args: argparse.Namespace) -> List[Tuple[float
         if args.batches != [1, 64] and batch not in args.batches:
             continue
         paddle.seed(0)
-        net = getattr(models, name)(num_classes=10)
+        net = build_model(name, size, 10)
         net.eval()
         shape = [1, 3, size, size]
         for key in args.backends:
@@ -214,7 +224,7 @@ def latency_aware_model(name: str, args: argparse.Namespace) -> List[Tuple[float
 def search_model(name: str, size: int, args: argparse.Namespace) -> None:
     """Run the latency search for each (batch, backend, round_to) and print what it cost."""
     paddle.seed(0)
-    net = getattr(models, name)(num_classes=1000 if size >= 224 else 10)
+    net = build_model(name, size, 1000 if size >= 224 else 10)
     shape = [1, 3, size, size]
     for batch in args.batches:
         for key in args.backends:
