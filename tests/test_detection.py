@@ -116,13 +116,7 @@ def test_convs_under_if_and_while_are_traced_and_counted(sign):
     # pruned equals masked whichever branch the data takes
     randomise(net)
     x = paddle.abs(paddle.randn(SHAPE)) * sign
-    ratios = {"stem": 0.5, "a": 0.5}
-    with pruner.mask(ratios):
-        masked = run(net, x)
-    predicted = pruner.flops(ratios)
-    pruner.prune(ratios)
-    assert rel_err(run(net, x)[0], masked[0]) <= 1e-4
-    assert count_flops(net, SHAPE) == predicted < full
+    assert _prunes_as_masked(pruner, net, {"stem": 0.5, "a": 0.5}, x) < full
 
 
 def test_a_branch_that_changes_channel_meaning_keeps_the_group_whole_and_counted():
@@ -258,6 +252,18 @@ class LossInside(nn.Layer):
             aux = self.aux(g)
             return ((out - targets) ** 2).mean() + ((aux - targets) ** 2).mean()
         return out
+
+
+def _prunes_as_masked(pruner, net, ratios, x, output=0):
+    """Prune `ratios`: output `output` on `x` equals the masked network's, and the counted FLOPs
+    equal the predicted ones (returned)."""
+    with pruner.mask(ratios):
+        masked = run(net, x)
+    predicted = pruner.flops(ratios)
+    pruner.prune(ratios)
+    assert rel_err(run(net, x)[output], masked[output]) <= 1e-4
+    assert count_flops(net, SHAPE) == predicted
+    return predicted
 
 
 def _batch(n=2):
@@ -530,14 +536,8 @@ def test_an_eval_forward_that_does_not_convert_is_traced_from_the_training_progr
     assert not by_name["cls.0"].prunable
     assert "assigner" in by_name["cls.0"].reason and "to_static" in by_name["cls.0"].reason
     assert pruner.flops() == count_flops(net, SHAPE)  # proj: weighed by what eval spends
-    ratios = {"stem": 0.5, "body": 0.5}
-    x = paddle.randn(SHAPE)
-    with pruner.mask(ratios):
-        masked = run(net, x)
-    predicted = pruner.flops(ratios)
-    pruner.prune(ratios)
-    assert rel_err(run(net, x)[1], masked[1]) <= 1e-4
-    assert count_flops(net, SHAPE) == predicted < count_flops(EagerOnlyDetector(), SHAPE)
+    predicted = _prunes_as_masked(pruner, net, {"stem": 0.5, "body": 0.5}, paddle.randn(SHAPE), 1)
+    assert predicted < count_flops(EagerOnlyDetector(), SHAPE)
     net.train()
     net(*batch).backward()
 
@@ -554,13 +554,7 @@ def test_without_training_inputs_a_sublayer_that_does_not_convert_is_stubbed():
     proj = _groups(pruner)["proj"]
     assert not proj.prunable and "post" in proj.reason and "to_static" in proj.reason
     assert pruner.flops() == count_flops(net, SHAPE)
-    x = paddle.randn(SHAPE)
-    with pruner.mask({"stem": 0.5}):
-        masked = run(net, x)
-    predicted = pruner.flops({"stem": 0.5})
-    pruner.prune({"stem": 0.5})
-    assert rel_err(run(net, x)[1], masked[1]) <= 1e-4
-    assert count_flops(net, SHAPE) == predicted
+    _prunes_as_masked(pruner, net, {"stem": 0.5}, paddle.randn(SHAPE), 1)
     net.train()
     net(*_det_batch()).backward()
 
@@ -615,16 +609,9 @@ def test_a_training_only_mask_shaped_like_its_input_is_verified_by_a_training_ru
         assert not c1.prunable and "sizes written into the code" in c1.reason
         return
     assert c1.prunable, c1.reason
-    x = paddle.randn(SHAPE)
-    with pruner.mask({"c1": 0.5}):
-        masked = run(net, x)
-    predicted = pruner.flops({"c1": 0.5})
-    pruner.prune({"c1": 0.5})
-    assert rel_err(run(net, x)[0], masked[0]) <= 1e-4
-    assert count_flops(net, SHAPE) == predicted
+    _prunes_as_masked(pruner, net, {"c1": 0.5}, paddle.randn(SHAPE))
     net.train()
     net(*batch).backward()
-
 
 
 def _pruner(net, shape, **kwargs):

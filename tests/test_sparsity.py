@@ -42,6 +42,19 @@ def _sparsity(net: nn.Layer, kind: Regulariser) -> GroupSparsity:
     return GroupSparsity(pruner.graph, dict(net.named_parameters()), groups, kind)
 
 
+def _hand_norms(w):
+    """Per-channel group norms of `_Net` by hand: every parameter at channel c of group c1 (its
+    filter and bias, BatchNorm scale and shift, and the inputs of c2 that read it: block c // 2
+    of c2's filters, input position c % 2), and of group c2 (its filters, bias, fc's columns)."""
+    c2_in = lambda c: w["c2.weight"][3 * (c // 2):3 * (c // 2 + 1), c % 2]  # noqa: E731
+    n1 = np.array([np.sqrt((w["c1.weight"][c] ** 2).sum() + w["c1.bias"][c] ** 2
+                           + w["b1.weight"][c] ** 2 + w["b1.bias"][c] ** 2
+                           + (c2_in(c) ** 2).sum() + EPS) for c in range(4)])
+    n2 = np.array([np.sqrt((w["c2.weight"][o] ** 2).sum() + w["c2.bias"][o] ** 2
+                           + (w["fc.weight"][o] ** 2).sum() + EPS) for o in range(6)])
+    return n1, n2
+
+
 def test_group_lasso_gradient_equals_hand_computation():
     paddle.seed(0)
     net = _randomised(_Net())
@@ -52,14 +65,7 @@ def test_group_lasso_gradient_equals_hand_computation():
     net.clear_gradients()
     reg.penalty(lam).backward()
     w = {k: p.numpy().astype(np.float64) for k, p in net.named_parameters()}
-    # every parameter at channel c of group c1: its filter and bias, BatchNorm scale and shift,
-    # and the inputs of c2 that read it (block c // 2 of c2's filters, input position c % 2)
-    c2_in = lambda c: w["c2.weight"][3 * (c // 2):3 * (c // 2 + 1), c % 2]  # noqa: E731
-    n1 = np.array([np.sqrt((w["c1.weight"][c] ** 2).sum() + w["c1.bias"][c] ** 2
-                           + w["b1.weight"][c] ** 2 + w["b1.bias"][c] ** 2
-                           + (c2_in(c) ** 2).sum() + EPS) for c in range(4)])
-    n2 = np.array([np.sqrt((w["c2.weight"][o] ** 2).sum() + w["c2.bias"][o] ** 2
-                           + (w["fc.weight"][o] ** 2).sum() + EPS) for o in range(6)])
+    n1, n2 = _hand_norms(w)
     want_value = (lam[0] * n1).sum() + (lam[1] * n2).sum()
     assert float(reg.penalty(lam)) == pytest.approx(want_value, rel=1e-5)
     k1 = lam[0] / n1  # d/dw of lam * sqrt(sum w^2) is lam * w / norm
@@ -99,19 +105,15 @@ def test_proximal_step_equals_hand_computation():
     net = _randomised(_Net())
     reg = _sparsity(net, Regulariser.GROUP)
     w = {k: p.numpy().astype(np.float64) for k, p in net.named_parameters()}
-    c2_in = lambda c: w["c2.weight"][3 * (c // 2):3 * (c // 2 + 1), c % 2]  # noqa: E731
-    n1 = np.array([np.sqrt((w["c1.weight"][c] ** 2).sum() + w["c1.bias"][c] ** 2
-                           + w["b1.weight"][c] ** 2 + w["b1.bias"][c] ** 2
-                           + (c2_in(c) ** 2).sum() + EPS) for c in range(4)])
-    n2 = np.array([np.sqrt((w["c2.weight"][o] ** 2).sum() + w["c2.bias"][o] ** 2
-                           + (w["fc.weight"][o] ** 2).sum() + EPS) for o in range(6)])
+    n1, n2 = _hand_norms(w)
     lr = 0.1
     lam = [n1 * np.array([2.0, 15.0, 5.0, 0.0]), n2 * np.array([1, 2, 3, 4, 5, 20.0])]
     s1 = np.clip(1 - lr * lam[0] / n1, 0, 1)  # 0.8, 0 (zeroed), 0.5, 1 (untouched)
     s2 = np.clip(1 - lr * lam[1] / n2, 0, 1)
     s1[np.argmax(n1)] = s2[np.argmax(n2)] = 1  # each group's strongest channel is left alone
     assert (s1 == 0).any() and (s2 == 0).any()
-    reg.proximal_step(lam, lr)
+    value = reg.proximal_step(lam, lr)
+    assert value == pytest.approx((lam[0] * n1).sum() + (lam[1] * n2).sum(), rel=1e-5)
     want = {"c1.weight": w["c1.weight"] * s1[:, None, None, None], "c1.bias": w["c1.bias"] * s1,
             "b1.weight": w["b1.weight"] * s1, "b1.bias": w["b1.bias"] * s1,
             "b1._mean": w["b1._mean"], "b1._variance": w["b1._variance"],

@@ -173,13 +173,13 @@ class SparsityCallback(paddle.callbacks.Callback):
         if not self.active or self.reg is None or self.method != "proximal" \
                 or not self.model.network.training:
             return
-        self._epoch_penalty.append(float(self.reg.penalty(self.strengths)))  # before the step
         opt = self.model._optimizer
         masters = getattr(opt, "_master_weights", None) or {}  # AMP O2: float32 copies
         net = self.model.network
         net = net._layers if isinstance(net, paddle.DataParallel) else net
         extra = {k: masters[p.name] for k, p in net.named_parameters() if p.name in masters}
-        self.reg.proximal_step(self.strengths, float(opt.get_lr()), extra)
+        self._epoch_penalty.append(  # the term before the step, as the gradient method logs it
+            self.reg.proximal_step(self.strengths, float(opt.get_lr()), extra))
 
     def on_epoch_begin(self, epoch: Optional[int] = None, logs: Optional[Dict] = None) -> None:
         epoch = self._current_epoch = epoch or 0

@@ -19,8 +19,8 @@ from typing import Any, Dict, List, Optional, Tuple
 import numpy as np
 
 from . import ops
-from .tracing import (OP_HANDLERS, SourceRec, TraceState, compress_ids, broadcast_ids, op_key, Val,
-                      register_op, unknown_op)
+from .tracing import (OP_HANDLERS, SourceRec, TraceState, Val, broadcast_ids, compress_ids,
+                      op_key, register_op, unknown_op)
 
 HEADS_TRIAL = ("attention heads (the forward must reshape q, k and v with the layer's head count "
                "and merge the heads with -1 or num_heads * head_dim, not with the input's "
@@ -35,10 +35,6 @@ _ON_THE_WAY = {"transpose", "slice", "split", "split_with_num", "builtin.split",
                "multiply", "divide", "cast", "unbind", "builtin.slice"}
 
 
-def _attention_ids(state: TraceState) -> np.ndarray:
-    return state.attention_ids
-
-
 def _mark_attention(state: TraceState, ids: np.ndarray) -> None:
     state.attention_ids = np.union1d(state.attention_ids, np.unique(ids))
 
@@ -47,7 +43,7 @@ def _in_attention(state: TraceState, ids: Optional[np.ndarray]) -> bool:
     """Whether the ids that vary in `ids` all come from an attention cut."""
     if ids is None or not any(s > 1 for s in ids.shape):
         return False
-    return bool(np.isin(np.unique(ids), _attention_ids(state)).all())
+    return bool(np.isin(np.unique(ids), state.attention_ids).all())
 
 
 def _is_parameter(value: Any) -> bool:
@@ -318,8 +314,10 @@ def _activation_matmul(state: TraceState, op: Any, ins: List[Val], outs: List[Va
                                              "several axes")
         return
     k = max(ia.shape[-1], ib.shape[-2])
-    ka = broadcast_ids(ia.reshape(-1), (k,)) if ia.shape[-1] > 1 else np.repeat(ia.reshape(-1)[:1], k)
-    kb = broadcast_ids(ib.reshape(-1), (k,)) if ib.shape[-2] > 1 else np.repeat(ib.reshape(-1)[:1], k)
+    ka = broadcast_ids(ia.reshape(-1), (k,)) if ia.shape[-1] > 1 \
+        else np.repeat(ia.reshape(-1)[:1], k)
+    kb = broadcast_ids(ib.reshape(-1), (k,)) if ib.shape[-2] > 1 \
+        else np.repeat(ib.reshape(-1)[:1], k)
     if a_k or b_k:
         state.uf.union_arrays(ka, kb)
     shape = [1] * nd
@@ -397,7 +395,7 @@ def attach_head_counts(graph: Any, net: Any, state: TraceState) -> None:
     from ..layers.registry import layer_handler
     from ..layers.surgery import track_count
 
-    att = _attention_ids(state)
+    att = state.attention_ids
     if not len(att):
         return
     head_groups = set()

@@ -27,8 +27,8 @@ from .routes import CopyProbe, RoutedGroup, Slices, Unroutable, group_lines
 from ..layers.surgery import (allow_plain_parameters, apply_slices, copy_for_pruning,
                               install_forwards, reset_counts, track_count, trial_prune,
                               trial_train_run, untrack_count)
-from .tracing import (MacKind, MacRec, MemberRec, Role, TraceModes, TraceState, connected_components, compress_ids,
-                      trace_network)
+from .tracing import (MacKind, MacRec, MemberRec, Role, TraceModes, TraceState, compress_ids,
+                      connected_components, trace_network)
 
 __all__ = ["ChannelGraph", "Group", "ParamAxis"]
 
@@ -134,13 +134,11 @@ class ChannelGraph:
                  train_inputs: Optional[TrainInputs] = None, layer_norm_widths: bool = True) -> None:
         self.layer_norm_widths = bool(layer_norm_widths)
         reset_counts(net)  # counts an earlier trace tracked describe the network as it was
-        if train_inputs is not None and train_inputs is not LATER:
-            # one batch for everything below: a callable draws a new one at every call
-            train_inputs = example_batch(train_inputs)
+        # one batch for everything below (a callable draws a new one at every call)
+        batch = example_batch(train_inputs)
         install_forwards(net, input_shape)  # registered forwards (AttentionPruning(forward=))
         with norms.layer_norm_widths(layer_norm_widths):
-            state = trace_network(net, input_shape, modes, example_spec(train_inputs),
-                                  example_batch(train_inputs))
+            state = trace_network(net, input_shape, modes, example_spec(batch), batch)
         self.train_failure = state.train_failure  # the training program could not be built
         self._modes = modes
         self.two_modes = state.two_modes
@@ -158,15 +156,14 @@ class ChannelGraph:
         attention.attach_head_counts(self, net, state)
         if train_inputs is not LATER:
             hold_train_only_feeders(self, net, state)
-        control_flow.weigh_conditional_macs(
-            self, net, state, example_batch(train_inputs) if state.eval_failure else None)
+        control_flow.weigh_conditional_macs(self, net, state,
+                                            batch if state.eval_failure else None)
         hold_eval_only_feeders(self, net, state)
         allow_plain_parameters(net, self.plain_params)
         # group index -> its routes, for groups that shuffles route differently at each width
         self.routed: Dict[int, RoutedGroup] = {}
         self._trial_split_groups(net)
-        self._trial_training_groups(net, example_batch(train_inputs)
-                                    if train_inputs is not LATER else None)
+        self._trial_training_groups(net, batch)
         self._route_groups(net, state)
 
     # -- construction ----------------------------------------------------------------------
@@ -327,19 +324,16 @@ class ChannelGraph:
             return
         args = example if example is not None else [paddle.zeros(list(self.input_shape))]
 
-        def keep_of(gis: List[int]) -> Dict[str, Dict[int, Any]]:
-            keep: Dict[str, Dict[int, Any]] = {}
-            for gi in gis:
-                mask = np.ones(self.groups[gi].channels, dtype=bool)
-                mask[-1] = False
-                for key, axes in self.group_slices(gi, mask)[0].items():
-                    keep.setdefault(key, {}).update(axes)
-            return keep
-
-        if trial_train_run(net, keep_of(todo), args) is None:
+        keeps = {}
+        for gi in todo:
+            mask = np.ones(self.groups[gi].channels, dtype=bool)
+            mask[-1] = False
+            keeps[gi] = self.group_slices(gi, mask)[0]
+        together = _merged(keeps.values())
+        if together is not None and trial_train_run(net, together, args) is None:
             return
         for gi in todo:
-            failure = trial_train_run(net, keep_of([gi]), args)
+            failure = trial_train_run(net, keeps[gi], args)
             if failure is not None:
                 g = self.groups[gi]
                 g.prunable = False
@@ -352,25 +346,18 @@ class ChannelGraph:
         tries them first: True when the copy reproduces masking (each group then passes alone as
         well: its sizes follow the tensor), else False with the ints left alone again (the groups
         are tried one by one)."""
-        keep: Slices = {}
-        drop: Slices = {}
-        for _, keep_sl, drop_sl in todo:
-            for out, part in ((keep, keep_sl), (drop, drop_sl)):
-                for key, axes in part.items():
-                    if set(axes) & set(out.get(key, {})):
-                        return False  # two groups cut one axis: only apart
-                    out.setdefault(key, {}).update(axes)
+        keep = _merged(k for _, k, _ in todo)
+        drop = _merged(d for _, _, d in todo)
+        if keep is None or drop is None:
+            return False  # two groups cut one axis: only apart
         ints = [i for gi, _, _ in todo if self.groups[gi].channels not in self.input_shape[2:]
                 for i in self._kept_ints.get(gi, [])]
-        for path, attr, key, axis in ints:
-            track_count(net, path, attr, key, axis, 1)
+        _sync_ints(net, ints, True)
         if trial_prune(net, self.input_shape, keep, drop) is None:
             if ints:
-                logger.info("%s kept equal to their widths as they prune", ", ".join(
-                    f"{path or '<root>'}.{attr}" for path, attr, _, _ in ints))
+                logger.info("%s kept equal to their widths as they prune", _int_names(ints))
             return True
-        for path, attr, _, _ in ints:
-            untrack_count(net, path, attr)
+        _sync_ints(net, ints, False)
         return False
 
     def _trial_kept_ints(self, net: paddle.nn.Layer, gi: int, keep_sl: Slices,
@@ -390,21 +377,15 @@ class ChannelGraph:
         ambiguous = self.groups[gi].channels in self.input_shape[2:]
         failures: List[str] = []
         for synced in ((False, True) if ambiguous else (True, False)):
-            for path, attr, key, axis in ints:
-                if synced:
-                    track_count(net, path, attr, key, axis, 1)
-                else:
-                    untrack_count(net, path, attr)
+            _sync_ints(net, ints, synced)
             failure = trial_prune(net, self.input_shape, keep_sl, drop_sl)
             if failure is None:
                 if synced:
                     logger.info("group %s: %s kept equal to its width as it prunes",
-                                self.groups[gi].name, ", ".join(
-                                    f"{path or '<root>'}.{attr}" for path, attr, _, _ in ints))
+                                self.groups[gi].name, _int_names(ints))
                 return None
             failures.append(failure)
-        for path, attr, _, _ in ints:
-            untrack_count(net, path, attr)
+        _sync_ints(net, ints, False)
         return failures[-1] if ambiguous else failures[0]
 
     def param_key(self, name: str) -> Optional[str]:
@@ -652,6 +633,34 @@ class _GroupParts:
                 self.producers[gi].append((key, axis))
             if role == Role.NORM and key.endswith("weight") and key not in self.norms[gi]:
                 self.norms[gi].append(key)
+
+
+def _merged(parts: Iterable[Slices]) -> Optional[Slices]:
+    """The slices of several groups as one (for a single trial of them together); None when
+    two of them cut the same parameter axis (they can only be tried apart)."""
+    out: Slices = {}
+    for part in parts:
+        for key, axes in part.items():
+            if set(axes) & set(out.get(key, {})):
+                return None
+            out.setdefault(key, {}).update(axes)
+    return out
+
+
+KeptInt = Tuple[str, str, str, int]  # layer path, attribute, parameter key, axis
+
+
+def _sync_ints(net: paddle.nn.Layer, ints: Sequence[KeptInt], synced: bool) -> None:
+    """Keep these ints in sync with their parameter axis when pruned (`track_count`), or not."""
+    for path, attr, key, axis in ints:
+        if synced:
+            track_count(net, path, attr, key, axis, 1)
+        else:
+            untrack_count(net, path, attr)
+
+
+def _int_names(ints: Sequence[KeptInt]) -> str:
+    return ", ".join(f"{path or '<root>'}.{attr}" for path, attr, _, _ in ints)
 
 
 def _blocked_channels(st: TraceState) -> List[Tuple[np.ndarray, str]]:

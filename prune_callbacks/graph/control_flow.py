@@ -19,8 +19,8 @@ import paddle
 import paddle.nn as nn
 
 from ..layers.registry import layer_handler, network_batch
-from .tracing import (MacKind, MacRec, SourceRec, TraceState, broadcast_ids, shape_of, trace_op, Val, register_op,
-                      unknown_op)
+from .tracing import (SourceRec, TraceState, Val, broadcast_ids, register_op,
+                      shape_of, trace_op, unknown_op)
 
 logger = logging.getLogger(__name__)
 
@@ -144,17 +144,6 @@ def _calls(net: nn.Layer, input_shape: List[int], params: set,
     return counts, macs
 
 
-def _full_macs(m: MacRec) -> int:
-    """A traced conv/linear op's MACs at full width."""
-    if m.kind == MacKind.DEPTHWISE:
-        inp = 1
-    elif m.kind == MacKind.GROUPED:
-        inp = int(m.in_ids.shape[-1])
-    else:
-        inp = int(m.in_ids.size)
-    return int(m.out_ids.size) * inp * m.kernel * m.spatial
-
-
 def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState,
                            example: Optional[List[Any]] = None) -> None:
     """Convs and linears inside control flow count as often as they run on the traced input:
@@ -186,7 +175,7 @@ def weigh_conditional_macs(graph: Any, net: nn.Layer, state: TraceState,
     traced: Dict[str, int] = {}
     for m in recs:
         if m.conditional:
-            traced[m.param] = traced.get(m.param, 0) + _full_macs(m)
+            traced[m.param] = traced.get(m.param, 0) + m.full_macs()
     for p, u in uses.items():
         if u[0] == 0 and traced.get(p) and p in eager_macs:
             weights[p] = eager_macs[p] / traced[p]

@@ -379,7 +379,8 @@ def _equal_parts(state: TraceState, ids: np.ndarray, axis: int, size: int, parts
     line = ids.reshape(-1) if _varying_axes(ids) == 1 and ids.shape[axis] > 1 else None
     if line is None or parts < 2 or size % parts:
         return False
-    state.partitions.append((broadcast_ids(line, (size,)).reshape(parts, size // parts).copy(), what))
+    runs = broadcast_ids(line, (size,)).reshape(parts, size // parts).copy()
+    state.partitions.append((runs, what))
     return True
 
 

@@ -2,8 +2,9 @@
 
 Clean-up ops on feature maps (`where`, `isnan`, comparisons, logical ops, `clip`, `sign`, `cast`
 ...) compute each output element from the same element of their inputs: a unary one passes its
-input's channels on; one with several inputs couples them like an add (`ops.trace_elementwise`, which
-also handles broadcasting and constants of fixed size). This module only registers handlers.
+input's channels on; one with several inputs couples them like an add
+(`ops.trace_elementwise`, which also handles broadcasting and constants of fixed size). This
+module only registers handlers.
 """
 from __future__ import annotations
 

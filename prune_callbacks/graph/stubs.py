@@ -178,12 +178,10 @@ def _degenerate(result: Any) -> bool:
 def _perturbed(leaf: paddle.Tensor, rng: np.random.Generator) -> List[paddle.Tensor]:
     """Values of `leaf`'s shape no thresholding can ignore: an affine map, and two draws of
     large random values (a local generator: the global seed is left alone)."""
-    scale = float(np.abs(leaf.numpy()).max()) + 1.0
-    draws = [leaf * 1.5 + 0.25]
-    for _ in range(2):
-        noise = rng.normal(0.0, 10.0 * scale, size=list(leaf.shape))
-        draws.append(paddle.to_tensor(noise.astype(leaf.numpy().dtype)))
-    return draws
+    arr = leaf.numpy()
+    scale = 10.0 * (float(np.abs(arr).max(initial=0.0)) + 1.0)
+    noise = [rng.normal(0.0, scale, arr.shape).astype(arr.dtype) for _ in range(2)]
+    return [leaf * 1.5 + 0.25] + [paddle.to_tensor(n) for n in noise]
 
 
 def _free_axes(bound: Callable[..., Any], args: tuple, kw: dict) -> Dict[int, Set[int]]:

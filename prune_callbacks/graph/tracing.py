@@ -196,6 +196,16 @@ class MacRec:
     kind: MacKind
     conditional: bool = False  # inside an `if`/`while` body: runs as often as the branch does
 
+    def full_macs(self) -> int:
+        """MACs at full width (what `ChannelGraph.flops` gives with nothing pruned)."""
+        if self.kind == MacKind.DEPTHWISE:
+            inp = 1
+        elif self.kind == MacKind.GROUPED:
+            inp = int(self.in_ids.shape[-1])
+        else:
+            inp = int(self.in_ids.size)
+        return int(self.out_ids.size) * inp * self.kernel * self.spatial
+
 
 class TraceState:
     """Mutable state the op handlers work on."""
@@ -318,7 +328,6 @@ def op_key(name: str) -> str:
     if name.startswith("builtin."):
         return "builtin." + short
     return short[:-1] if short.endswith("_") and short[:-1] in OP_HANDLERS else short
-
 
 
 def unknown_op(state: TraceState, op: Any, ins: List[Val], outs: List[Val],

@@ -193,7 +193,8 @@ def apply_slices(net: nn.Layer, slices: ParamSlices) -> None:
             continue  # plain per-channel parameters (a LayerScale): nothing to sync
         if not supports_layer(layer):
             raise TypeError(
-                f"layer {path or '<root>'!r} ({type(layer).__name__}) has no registered surgery: register "
+                f"layer {path or '<root>'!r} ({type(layer).__name__}) has no registered "
+                "surgery: register "
                 "a LayerPruning for it with prune_callbacks.register_layer_type")
         layer_handler(layer).sync(layer, old)
     for (path, attr), (key, axis, per) in _COUNTS.get(net, {}).items():
@@ -366,7 +367,7 @@ def trial_train_run(net: nn.Layer, keep: ParamSlices, args: Sequence[Any]) -> Op
         with paddle.no_grad():
             pruned_net(*args)
     except Exception as e:  # a size written into forward no longer fits: that is the answer
-        return f"{type(e).__name__}: {str(e).strip().splitlines()[-1] if str(e) else ''}"
+        return f"{type(e).__name__}: {_last_line(e)}"
     return None
 def _last_line(e: Exception) -> str:
     return str(e).strip().splitlines()[-1] if str(e).strip() else ""

@@ -73,7 +73,6 @@ class SensitivityResult:
         return res
 
 
-
 def read_result(path: str) -> Dict[str, Any]:
     """The content of a sensitivity file, checked to be one of this version, whole."""
     if os.path.isdir(path):

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from enum import Enum
-from typing import Dict, List, Mapping, Sequence, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import paddle
@@ -67,11 +67,9 @@ def _position_squares(w: paddle.Tensor, axis: int, blocks: int) -> paddle.Tensor
     return sq.sum(axis=dims) if dims else sq
 
 
-def _position_shape(w: paddle.Tensor, axis: int, blocks: int) -> List[int]:
-    """The shape of `_position_squares`' result before flattening."""
-    if blocks > 1:
-        return [blocks, int(w.shape[1])]
-    return [int(w.shape[axis])]
+def _positions(w: paddle.Tensor, axis: int, blocks: int) -> int:
+    """The length of `_position_squares`' result."""
+    return blocks * int(w.shape[1]) if blocks > 1 else int(w.shape[axis])
 
 
 def _scaled(w: paddle.Tensor, factor: np.ndarray, axis: int, blocks: int) -> np.ndarray:
@@ -164,7 +162,7 @@ class GroupSparsity:
         return total
 
     def proximal_step(self, strengths: Sequence[np.ndarray], lr: float,
-                      extra: Mapping[str, paddle.Tensor] = {}) -> None:
+                      extra: Optional[Mapping[str, paddle.Tensor]] = None) -> float:
         """One proximal step of the term, after the optimizer's: every channel's parameters are
         scaled by `max(0, 1 - lr * strength / magnitude)`, the proximal operator of the group
         lasso (`group`); for `bn_scale` each scale is soft-thresholded, `max(0, 1 - lr *
@@ -180,10 +178,15 @@ class GroupSparsity:
             lr: the optimizer's learning rate now.
             extra: structured name -> another copy of a parameter scaled alike (AMP O2's
                 float32 master weights).
+
+        Returns:
+            The term's value before the step (what `penalty` gives).
         """
+        extra = extra or {}
         with paddle.no_grad():
             mags = [m.numpy().astype(np.float64) for m in self.per_channel()]
-            for pieces, mag, lam, channels in zip(self._pieces, mags, strengths, self.channels):
+            value = float(sum((lam * mag).sum() for mag, lam in zip(mags, strengths)))
+            for pieces, mag, lam in zip(self._pieces, mags, strengths):
                 for pc in pieces:
                     w = self.params[pc.key]
                     if self.kind is Regulariser.BN_SCALE:
@@ -194,12 +197,12 @@ class GroupSparsity:
                     shrink[pc.channels == int(np.argmax(mag))] = 1.0  # the group never empties
                     if np.all(shrink == 1.0):
                         continue
-                    n = int(np.prod(_position_shape(w, pc.axis, pc.blocks)))
-                    factor = np.ones(n, dtype=np.float64)
+                    factor = np.ones(_positions(w, pc.axis, pc.blocks), dtype=np.float64)
                     factor[pc.positions] = shrink
                     for t in (w, extra.get(pc.key)):
                         if t is not None:
                             t.set_value(_scaled(t, factor, pc.axis, pc.blocks))
+        return value
 
     def magnitudes(self) -> Dict[str, np.ndarray]:
         """Group name -> per-channel magnitude now, as numpy (no gradient)."""
